@@ -1,0 +1,167 @@
+"""The one interface the trainer uses to drive a text-to-image flow-matching pipeline.
+
+An adapter wraps a diffusers pipeline object of one model family and exposes the few operations RL needs: encode
+prompts once, draw initial latents, get the noise schedule, predict a velocity at one step (with batched CFG),
+decode latents to PIL images, and save/load LoRA weights in the family's diffusers format. Nothing outside an
+adapter knows a family's call signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning for a batch: tensors keyed by the denoiser's argument names, batch dimension first."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def index(self, index: torch.Tensor | slice) -> PromptEmbeddings:
+        return PromptEmbeddings({k: v[index] for k, v in self.tensors.items()})
+
+    def expand(self, batch_size: int) -> PromptEmbeddings:
+        return PromptEmbeddings({k: v.expand(batch_size, *v.shape[1:]) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: list[PromptEmbeddings]) -> PromptEmbeddings:
+        return PromptEmbeddings({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
+
+
+class PipelineAdapter:
+    """Base class of the model-family adapters. Subclasses fill in the family-specific methods."""
+
+    #: Class names of the diffusers pipelines this adapter drives.
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: LoRA target modules used when a `peft_config` leaves `target_modules` unset.
+    default_lora_target_modules: ClassVar[list[str]] = []
+    #: Prefix of the denoiser's keys in the family's LoRA file (diffusers' `transformer_name`).
+    lora_prefix: ClassVar[str] = "transformer"
+    lora_weight_name: ClassVar[str] = "pytorch_lora_weights.safetensors"
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+        self.reference_denoiser: torch.nn.Module | None = None
+        self._use_reference = False
+        self.check_scheduler()
+
+    # ---- components -------------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
+    @property
+    def active_denoiser(self) -> torch.nn.Module:
+        """The module `predict_velocity` calls: the policy, or the reference inside `reference_policy()`."""
+        return self.reference_denoiser if self._use_reference else self.denoiser
+
+    @property
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules never trained (text encoders, VAE)."""
+        names = [n for n, c in self.pipeline.components.items() if isinstance(c, torch.nn.Module)]
+        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n) is not self.denoiser]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def check_scheduler(self) -> None:
+        scheduler = self.pipeline.scheduler
+        if not type(scheduler).__name__.startswith("FlowMatch"):
+            raise ValueError(
+                f"The pipeline's scheduler is {type(scheduler).__name__}, not a flow-matching scheduler. GRPO-Guard "
+                "trains flow-matching (rectified-flow) models: load a pipeline whose scheduler is, for example, "
+                "FlowMatchEulerDiscreteScheduler."
+            )
+
+    # ---- family-specific ----------------------------------------------------------------------------------------
+    def check_resolution(self, height: int, width: int) -> None:
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str], *, max_sequence_length: int) -> PromptEmbeddings:
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: PromptEmbeddings,
+        negative_embeds: PromptEmbeddings | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        raise NotImplementedError
+
+    # ---- LoRA ---------------------------------------------------------------------------------------------------
+    def add_lora(self, peft_config: Any) -> None:
+        if not peft_config.target_modules:
+            peft_config.target_modules = list(self.default_lora_target_modules)
+        self.denoiser.add_adapter(peft_config)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.denoiser, "peft_config", None))
+
+    @contextlib.contextmanager
+    def reference_policy(self):
+        """Run `predict_velocity` with the reference policy: LoRA disabled, or the frozen copy set as
+        `reference_denoiser` when the whole denoiser is trained."""
+        if self.has_lora:
+            self.denoiser.disable_adapters()
+            try:
+                yield
+            finally:
+                self.denoiser.enable_adapters()
+            return
+        if self.reference_denoiser is None:
+            raise RuntimeError("No reference policy: train with LoRA or set `reference_denoiser`.")
+        self._use_reference = True
+        try:
+            yield
+        finally:
+            self._use_reference = False
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.denoiser)
+
+    def save_lora(self, folder: str | os.PathLike) -> None:
+        """Write the LoRA so that the family's `Pipeline.load_lora_weights(folder)` accepts it."""
+        metadata = self.denoiser.peft_config["default"].to_dict()
+        type(self.pipeline).save_lora_weights(
+            folder,
+            transformer_lora_layers=self.lora_state_dict(),
+            transformer_lora_adapter_metadata=metadata,
+            weight_name=self.lora_weight_name,
+        )
+
+    def load_lora(self, folder: str | os.PathLike) -> None:
+        """Restore LoRA weights written by `save_lora` into the already-added adapter (used on resume)."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(folder, self.lora_weight_name))
+        prefix = f"{self.lora_prefix}."
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(self.denoiser, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"LoRA file in {folder} has keys this model does not: {unexpected[:5]}")

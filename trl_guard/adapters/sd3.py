@@ -1,0 +1,106 @@
+"""Stable Diffusion 3 / 3.5: MMDiT transformer, two CLIP encoders plus optional T5, 16-channel VAE latents."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from PIL import Image
+
+from .base import PipelineAdapter, PromptEmbeddings
+
+
+class SD3Adapter(PipelineAdapter):
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    # Flow-GRPO's choice for SD3.5: every attention projection of both streams.
+    default_lora_target_modules = [
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    ]
+
+    def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        factor = self.pipeline.vae_scale_factor
+        return height // factor, width // factor
+
+    def check_resolution(self, height: int, width: int) -> None:
+        config = self.denoiser.config
+        multiple = self.pipeline.vae_scale_factor * config.patch_size
+        largest = (config.pos_embed_max_size or 10**9) * multiple
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple != 0 or value > largest:
+                raise ValueError(
+                    f"{name}={value} does not fit this SD3 transformer: it takes multiples of {multiple} pixels "
+                    f"(VAE factor {self.pipeline.vae_scale_factor} x patch size {config.patch_size}) up to {largest}. "
+                    f"Set {name} to, for example, {min(largest, max(multiple, value // multiple * multiple))}."
+                )
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return (self.denoiser.config.in_channels, *self._latent_hw(height, width))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], *, max_sequence_length: int) -> PromptEmbeddings:
+        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return PromptEmbeddings({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled})
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        scheduler = self.pipeline.scheduler
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            h, w = self._latent_hw(height, width)
+            patch = self.denoiser.config.patch_size
+            kwargs["mu"] = calculate_shift(
+                (h // patch) * (w // patch),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
+        return scheduler.sigmas.detach().clone().float()
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: PromptEmbeddings,
+        negative_embeds: PromptEmbeddings | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        use_cfg = negative_embeds is not None and guidance_scale > 1.0
+        timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps
+        conditioning = prompt_embeds
+        if use_cfg:
+            # Unconditional and conditional branches in one batched forward.
+            conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
+            latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
+        denoiser = self.active_denoiser
+        dtype = denoiser.dtype
+        velocity = denoiser(
+            hidden_states=latents.to(dtype),
+            timestep=timestep.to(dtype),
+            **{k: v.to(dtype) for k, v in conditioning.tensors.items()},
+            return_dict=False,
+        )[0]
+        if use_cfg:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + guidance_scale * (cond - uncond)
+        return velocity
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(latents, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images, output_type="pil")

@@ -1,0 +1,198 @@
+"""Training arguments for online RL of flow-matching diffusion models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .losses import DEFAULT_EPSILON, LOSS_TYPES, SCALE_REWARDS
+from .sde import NOISE_SCHEDULES
+
+
+@dataclass
+class GuardConfig(TrainingArguments):
+    r"""
+    Configuration for [`GuardGRPODiffusionTrainer`]: GRPO-Guard and its baselines (Flow-GRPO, DanceGRPO,
+    TempFlow-GRPO reweighting and the paper's ablations) for flow-matching text-to-image pipelines.
+
+    Only the parameters specific to diffusion RL are listed here; every other field is a
+    [`~transformers.TrainingArguments`] field with the same meaning. Defaults that differ from
+    `TrainingArguments`: `learning_rate=1e-4`, `logging_steps=1`, `remove_unused_columns=False`.
+
+    Batch sizes follow TRL's `GRPOConfig`: `per_device_train_batch_size` counts *images* per device per micro-step.
+    One *generation batch* of `per_device_train_batch_size * num_processes * steps_per_generation` images is sampled
+    at once; it must divide into whole prompt groups of `num_generations`, and it is consumed in
+    `steps_per_generation` micro-steps (`num_iterations` times). An optimizer step happens every
+    `gradient_accumulation_steps` micro-steps, so the data is *off-policy*, and clipping can act, only when
+    `steps_per_generation > gradient_accumulation_steps` or `num_iterations > 1` (Flow-GRPO takes two optimizer
+    steps per sampling round). Within one micro-step every trained timestep gets its own backward pass, so memory
+    does not grow with `num_inference_steps`.
+
+    Parameters:
+        > Parameters that control the model
+
+        model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments for `DiffusionPipeline.from_pretrained`, used when the `model` argument of the trainer
+            is a string (for example `{"torch_dtype": "bfloat16", "variant": "fp16"}`). A JSON string is accepted
+            from the command line. `trust_remote_code` stays off unless set here explicitly.
+
+        > Parameters that control sampling
+
+        num_generations (`int`, *optional*, defaults to `8`):
+            Images sampled per prompt (the group size). The generation batch must be a multiple of it. Must be >= 2.
+        num_inference_steps (`int`, *optional*, defaults to `10`):
+            SDE sampling steps per rollout (the paper uses 10).
+        eval_num_inference_steps (`int`, *optional*, defaults to `40`):
+            ODE sampling steps used by `evaluate()`.
+        guidance_scale (`float`, *optional*, defaults to `4.5`):
+            Classifier-free guidance scale; `<= 1` disables CFG. With CFG the conditional and unconditional branches
+            run as one batched forward.
+        negative_prompt (`str`, *optional*, defaults to `""`):
+            Prompt of the unconditional branch of CFG.
+        height (`int`, *optional*, defaults to `512`):
+            Image height in pixels; must map to a latent size the transformer accepts.
+        width (`int`, *optional*, defaults to `512`):
+            Image width in pixels.
+        max_sequence_length (`int`, *optional*, defaults to `128`):
+            Maximum number of T5 tokens (Flow-GRPO uses 128; SD3's pipeline default is 256).
+        noise_level (`float`, *optional*, defaults to `0.7`):
+            SDE noise multiplier (`a` in Flow-GRPO, `eta` in DanceGRPO).
+        noise_schedule (`str`, *optional*, defaults to `"flow_grpo"`):
+            `"flow_grpo"`: `s = noise_level * sqrt(sigma / (1 - sigma))`; `"dance_grpo"`: constant `s = noise_level`.
+        init_same_noise (`bool`, *optional*, defaults to `False`):
+            Start every image of a prompt group from the same initial noise (DanceGRPO); groups still differ.
+
+        > Parameters that control the loss
+
+        loss_type (`str`, *optional*, defaults to `"grpo_guard"`):
+            `"flow_grpo"` (plain PPO-clipped log-ratio), `"temp_reweight"` (TempFlow-GRPO: per-step weight `std`),
+            `"mean_revised"` (log-ratio with its negative mean removed), `"ratio_norm"` (RatioNorm: the mean-revised
+            log-ratio times `std`) or `"grpo_guard"` (RatioNorm plus the per-step gradient reweighting).
+        epsilon (`float`, *optional*):
+            Clip range: ratios are clipped to `[1 - epsilon, 1 + epsilon]`. Log-probabilities are per-element MEANs
+            over the latent (not sums), so ratios sit within ~1e-3 of 1 and clip ranges are tiny. Defaults to `1e-4`
+            for `flow_grpo`, `temp_reweight` and `mean_revised`, and `2e-6` for `ratio_norm` and `grpo_guard` (the
+            papers' values; GRPO-Guard used `4e-6` for PickScore).
+        beta (`float`, *optional*, defaults to `0.0`):
+            Weight of the KL penalty to the reference policy (the transformer with LoRA disabled), computed in closed
+            form per step between the two Gaussians. `0` (GRPO-Guard's setting) skips the reference forward.
+        timestep_fraction (`float`, *optional*, defaults to `1.0`):
+            Fraction of the sampling steps trained on per rollout; the subset is drawn at random per rollout.
+        adv_clip_max (`float`, *optional*, defaults to `5.0`):
+            Advantages are clipped to `[-adv_clip_max, adv_clip_max]`.
+        scale_rewards (`str`, *optional*, defaults to `"group"`):
+            Advantage normalisation: divide by the group's reward std (`"group"`), by the whole generation batch's
+            std (`"batch"`) or not at all (`"none"`). Rewards are always centred per group.
+        reward_weights (`list[float]`, *optional*):
+            Weight of each reward function in the summed reward; all `1.0` if unset.
+        steps_per_generation (`int`, *optional*):
+            Micro-steps served by one generation batch; defaults to `gradient_accumulation_steps`.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Passes over each generation batch (PPO epochs; `mu` in the GRPO paper).
+
+        > Parameters that control logging
+
+        log_timestep_grad_norm (`bool`, *optional*, defaults to `True`):
+            Log the gradient norm of each timestep's loss (the paper's Fig. 3). Costs a copy of the trainable
+            gradients per timestep: cheap for LoRA, consider turning it off for full fine-tuning.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep dataset columns: reward functions receive them."}
+    )
+
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for `DiffusionPipeline.from_pretrained` (dict or JSON)."}
+    )
+
+    num_generations: int = field(default=8, metadata={"help": "Images sampled per prompt (group size)."})
+    num_inference_steps: int = field(default=10, metadata={"help": "SDE sampling steps per rollout."})
+    eval_num_inference_steps: int = field(default=40, metadata={"help": "ODE sampling steps in evaluation."})
+    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale; <= 1 disables CFG."})
+    negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
+    height: int = field(default=512, metadata={"help": "Image height in pixels."})
+    width: int = field(default=512, metadata={"help": "Image width in pixels."})
+    max_sequence_length: int = field(default=128, metadata={"help": "Maximum T5 tokens."})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise multiplier."})
+    noise_schedule: str = field(
+        default="flow_grpo", metadata={"help": "SDE noise schedule.", "choices": list(NOISE_SCHEDULES)}
+    )
+    init_same_noise: bool = field(default=False, metadata={"help": "Share the initial noise within a group."})
+
+    loss_type: str = field(default="grpo_guard", metadata={"help": "Policy loss variant.", "choices": list(LOSS_TYPES)})
+    epsilon: float | None = field(default=None, metadata={"help": "Clip range (default depends on loss_type)."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient to the reference policy."})
+    timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of sampling steps trained on."})
+    adv_clip_max: float = field(default=5.0, metadata={"help": "Advantage clip value."})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Advantage normalisation.", "choices": list(SCALE_REWARDS)}
+    )
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+    steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps per generation batch."})
+    num_iterations: int = field(default=1, metadata={"help": "Passes over each generation batch."})
+
+    log_timestep_grad_norm: bool = field(default=True, metadata={"help": "Log per-timestep gradient norms."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate()
+        if self.epsilon is None:
+            self.epsilon = DEFAULT_EPSILON[self.loss_type]
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"The generation batch (per_device_train_batch_size={self.per_device_train_batch_size} x "
+                f"{self.world_size} processes x steps_per_generation={self.steps_per_generation} = "
+                f"{self.generation_batch_size} images) must divide into whole prompt groups of "
+                f"num_generations={self.num_generations}. Change per_device_train_batch_size, steps_per_generation "
+                "or num_generations so that num_generations divides it."
+            )
+
+    def _validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is unknown; use one of {LOSS_TYPES}.")
+        check(
+            self.noise_schedule in NOISE_SCHEDULES,
+            f"noise_schedule={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.",
+        )
+        check(
+            self.scale_rewards in SCALE_REWARDS,
+            f"scale_rewards={self.scale_rewards!r} is unknown; use one of {SCALE_REWARDS}.",
+        )
+        check(
+            self.num_generations >= 2,
+            f"num_generations={self.num_generations}: group advantages need at least 2 images per prompt; "
+            "set num_generations >= 2.",
+        )
+        check(
+            self.epsilon is None or self.epsilon > 0,
+            f"epsilon={self.epsilon} must be > 0 (for example 2e-6 for grpo_guard, 1e-4 for flow_grpo).",
+        )
+        check(self.num_inference_steps >= 1, f"num_inference_steps={self.num_inference_steps} must be >= 1.")
+        check(
+            self.eval_num_inference_steps >= 1, f"eval_num_inference_steps={self.eval_num_inference_steps} must be >= 1."
+        )
+        check(
+            0 < self.timestep_fraction <= 1,
+            f"timestep_fraction={self.timestep_fraction} must be in (0, 1]; 1.0 trains on every sampling step.",
+        )
+        check(self.noise_level > 0, f"noise_level={self.noise_level} must be > 0 for a stochastic policy.")
+        check(self.beta >= 0, f"beta={self.beta} must be >= 0.")
+        check(self.adv_clip_max > 0, f"adv_clip_max={self.adv_clip_max} must be > 0.")
+        check(self.height > 0 and self.width > 0, f"height={self.height} and width={self.width} must be > 0.")
+        check(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
+        check(
+            self.steps_per_generation is None or self.steps_per_generation >= 1,
+            f"steps_per_generation={self.steps_per_generation} must be >= 1.",
+        )

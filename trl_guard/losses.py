@@ -1,0 +1,221 @@
+"""The GRPO policy-loss variants compared in the GRPO-Guard paper, group advantages and the KL penalty.
+
+With ``old_mean`` the mean of the policy that sampled ``x_next``, ``mean`` the current policy's mean,
+``d = old_mean - mean`` and ``eps = (x_next - old_mean) / std`` (the noise that was drawn):
+
+    log r = log p_new(x_next) - log p_old(x_next) = -MEAN(d**2) / (2 std**2) - MEAN(d * eps) / std
+
+Its expectation ``-MEAN(d**2) / (2 std**2)`` is negative: the ratio is shifted below 1 by an amount that depends
+on the timestep through ``std``. That is why PPO clipping fails for flow models. The variants (paper Table 2):
+
+=================  ================================================  =====================================
+``loss_type``      log-ratio used                                    weight per step
+=================  ================================================  =====================================
+``flow_grpo``      ``log r``                                         1
+``temp_reweight``  ``log r``                                         ``std``
+``mean_revised``   ``log r + MEAN(d**2) / (2 std**2)``               1
+``ratio_norm``     ``std * (log r + MEAN(d**2)/(2 std**2))``         1
+                   ``= -MEAN(d * eps)``
+``grpo_guard``     as ``ratio_norm``                                 ``1/(-dt)`` (flow_grpo schedule),
+                                                                     ``beta_t/(-dt)`` (dance_grpo schedule)
+=================  ================================================  =====================================
+
+The per-sample loss is ``weight * max(-A r, -A clip(r, 1 - epsilon, 1 + epsilon))`` with ``r = exp(log-ratio)``.
+Log-ratios are per-element MEANs, so clip ranges are tiny: see :mod:`trl_guard.sde`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sde import _mean_per_sample, sde_noise_scale
+
+LOSS_TYPES = ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard")
+SCALE_REWARDS = ("group", "batch", "none")
+
+# Clip ranges the papers use: ``log r`` is ~1e-3 wide, the std-normalised log-ratio ~100x narrower.
+DEFAULT_EPSILON = {
+    "flow_grpo": 1e-4,
+    "temp_reweight": 1e-4,
+    "mean_revised": 1e-4,
+    "ratio_norm": 2e-6,
+    "grpo_guard": 2e-6,
+}
+
+
+def policy_log_ratio(
+    mean: torch.Tensor, old_mean: torch.Tensor, prev_sample: torch.Tensor, std: torch.Tensor, *, loss_type: str
+) -> torch.Tensor:
+    """The per-sample log-ratio (B,) that ``loss_type`` clips, written so that cancellation cannot lose precision.
+
+    ``(x - mean)**2 - (x - old_mean)**2`` is factored as ``(old_mean - mean) * (2x - mean - old_mean)``, so
+    ``mean == old_mean`` gives exactly 0 (ratio exactly 1) and tiny ``d`` keeps full relative precision.
+    """
+    diff = mean - old_mean  # = -d
+    if loss_type in ("flow_grpo", "temp_reweight"):
+        return _mean_per_sample(diff * (2 * prev_sample - mean - old_mean) / (2 * std**2))
+    if loss_type == "mean_revised":
+        return _mean_per_sample(diff * (prev_sample - old_mean) / std**2)
+    if loss_type in ("ratio_norm", "grpo_guard"):
+        return _mean_per_sample(diff * (prev_sample - old_mean) / std)
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+
+
+def timestep_weight(
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    loss_type: str,
+    noise_level: float,
+    noise_schedule: str = "flow_grpo",
+) -> torch.Tensor:
+    """The per-step loss weight (B,) of ``loss_type`` (Table 2 of the GRPO-Guard paper)."""
+    if loss_type in ("flow_grpo", "mean_revised", "ratio_norm"):
+        return torch.ones_like(sigma)
+    neg_dt = sigma - sigma_next
+    if loss_type == "temp_reweight":
+        s = sde_noise_scale(sigma, sigma_next, noise_level=noise_level, noise_schedule=noise_schedule)
+        return s * torch.sqrt(neg_dt)
+    if loss_type == "grpo_guard":
+        if noise_schedule == "flow_grpo":
+            return 1 / neg_dt
+        if noise_schedule == "dance_grpo":
+            beta_t = 1 + noise_level**2 * (1 - sigma) / (2 * sigma)
+            return beta_t / neg_dt
+        raise ValueError(f"Unknown noise_schedule {noise_schedule!r}.")
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+
+
+def compute_policy_loss(
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    prev_sample: torch.Tensor,
+    std: torch.Tensor,
+    advantages: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    loss_type: str,
+    epsilon: float,
+    noise_level: float,
+    noise_schedule: str = "flow_grpo",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy loss of one sampling step, averaged over the batch.
+
+    Args:
+        mean: Current policy's mean of ``prev_sample`` (B, ...); carries the gradient.
+        old_mean: Mean under the policy that sampled ``prev_sample`` (B, ...), recorded at rollout.
+        prev_sample: The recorded next latents ``x_next`` (B, ...).
+        std: The noise std applied at this step, broadcastable to the sample.
+        advantages: Per-sample advantages (B,).
+        sigma: Noise level before the step (B,).
+        sigma_next: Noise level after the step (B,).
+        loss_type: One of ``"flow_grpo"``, ``"temp_reweight"``, ``"mean_revised"``, ``"ratio_norm"``,
+            ``"grpo_guard"``.
+        epsilon: Clip range; ``r`` is clipped to ``[1 - epsilon, 1 + epsilon]``. Log-ratios are per-element
+            means, so use ~1e-4 for ``flow_grpo`` and ~2e-6 for ``grpo_guard``.
+        noise_level: SDE noise multiplier used at sampling (for the per-step weights).
+        noise_schedule: ``"flow_grpo"`` or ``"dance_grpo"``.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss and detached diagnostics (each a scalar tensor): ``log_ratio_mean``
+        and ``log_ratio_std`` of the log-ratio used, ``raw_log_ratio_mean`` (plain ``log r``, whatever the
+        variant), ``clip_frac_high`` / ``clip_frac_low`` (fraction of samples with ``r > 1 + epsilon`` /
+        ``r < 1 - epsilon``) and ``weight``.
+
+    Example:
+        >>> import torch
+        >>> x_next, mean, std = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.full((4, 1, 1, 1), 0.3)
+        >>> sigma, sigma_next = torch.full((4,), 0.8), torch.full((4,), 0.7)
+        >>> loss, stats = compute_policy_loss(mean, mean, x_next, std, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        ...     sigma, sigma_next, loss_type="grpo_guard", epsilon=2e-6, noise_level=0.7)
+        >>> float(stats["log_ratio_mean"]), float(stats["clip_frac_high"])  # same policy: ratio exactly 1
+        (0.0, 0.0)
+    """
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}.")
+    advantages = advantages.to(device=mean.device, dtype=mean.dtype)
+    sigma = sigma.to(device=mean.device, dtype=mean.dtype)
+    sigma_next = sigma_next.to(device=mean.device, dtype=mean.dtype)
+    std = std.to(mean.dtype)
+
+    log_ratio = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type=loss_type)
+    weight = timestep_weight(
+        sigma, sigma_next, loss_type=loss_type, noise_level=noise_level, noise_schedule=noise_schedule
+    )
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    loss = (weight * torch.maximum(unclipped, clipped)).mean()
+
+    with torch.no_grad():
+        if loss_type in ("flow_grpo", "temp_reweight"):
+            raw = log_ratio
+        else:
+            raw = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type="flow_grpo")
+        stats = {
+            "log_ratio_mean": log_ratio.mean(),
+            "log_ratio_std": log_ratio.std(unbiased=False),
+            "raw_log_ratio_mean": raw.mean(),
+            "clip_frac_high": (ratio > 1 + epsilon).float().mean(),
+            "clip_frac_low": (ratio < 1 - epsilon).float().mean(),
+            "weight": weight.mean(),
+        }
+    return loss, stats
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Closed-form ``KL(N(mean, std**2) || N(ref_mean, std**2))`` per element, MEAN over elements and batch."""
+    return (_mean_per_sample((mean - ref_mean) ** 2 / (2 * std**2))).mean()
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    *,
+    scale_rewards: str = "group",
+    adv_clip_max: float | None = 5.0,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Group-relative advantages for rewards laid out as consecutive groups of ``num_generations``.
+
+    ``A = (R - mean_group(R)) / (std(R) + eps)``, with the standard deviation taken per group (``"group"``),
+    over the whole batch (``"batch"``, as Flow-GRPO's global-std option) or not at all (``"none"``). Standard
+    deviations are population ones (``ddof=0``), as in Flow-GRPO. A group of equal rewards gets ``A = 0``.
+
+    Example:
+        >>> import torch
+        >>> compute_advantages(torch.tensor([1.0, 3.0, 2.0, 2.0]), 2).tolist()
+        [-0.9999..., 0.9999..., 0.0, 0.0]
+    """
+    if rewards.ndim != 1 or rewards.numel() % num_generations != 0:
+        raise ValueError(
+            f"rewards must be a 1-D tensor whose length ({rewards.numel()}) is a multiple of num_generations "
+            f"({num_generations})."
+        )
+    grouped = rewards.view(-1, num_generations)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        advantages = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        advantages = centered / (rewards.std(unbiased=False) + eps)
+    elif scale_rewards == "none":
+        advantages = centered
+    else:
+        raise ValueError(f"Unknown scale_rewards {scale_rewards!r}; expected one of {SCALE_REWARDS}.")
+    advantages = advantages.reshape(-1)
+    if adv_clip_max is not None:
+        advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    return advantages
+
+
+__all__ = [
+    "DEFAULT_EPSILON",
+    "LOSS_TYPES",
+    "SCALE_REWARDS",
+    "compute_advantages",
+    "compute_policy_loss",
+    "gaussian_kl",
+    "policy_log_ratio",
+    "timestep_weight",
+]

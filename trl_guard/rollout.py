@@ -1,0 +1,98 @@
+"""Sampling trajectories with the SDE (recording everything training needs) and with the ODE (for evaluation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import PipelineAdapter, PromptEmbeddings
+from .sde import ode_step, sde_step_with_logprob
+
+
+@dataclass
+class Rollout:
+    """A batch of recorded SDE trajectories, float32.
+
+    Step ``i`` goes from ``latents[:, i]`` at ``sigmas[i]`` to ``latents[:, i + 1]`` at ``sigmas[i + 1]``; its
+    Gaussian had mean ``old_means[:, i]`` under the sampling policy. Keeping the means means training never
+    re-runs the sampling policy to get old log-probabilities.
+    """
+
+    latents: torch.Tensor  # (B, T + 1, ...)
+    old_means: torch.Tensor  # (B, T, ...)
+    log_probs: torch.Tensor  # (B, T)
+    sigmas: torch.Tensor  # (T + 1,)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def index(self, index: torch.Tensor | slice) -> Rollout:
+        return Rollout(self.latents[index], self.old_means[index], self.log_probs[index], self.sigmas)
+
+    @staticmethod
+    def cat(parts: list[Rollout]) -> Rollout:
+        return Rollout(
+            torch.cat([p.latents for p in parts]),
+            torch.cat([p.old_means for p in parts]),
+            torch.cat([p.log_probs for p in parts]),
+            parts[0].sigmas,
+        )
+
+
+@torch.no_grad()
+def sample_sde(
+    adapter: PipelineAdapter,
+    prompt_embeds: PromptEmbeddings,
+    negative_embeds: PromptEmbeddings | None,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    guidance_scale: float,
+    noise_level: float,
+    noise_schedule: str,
+    generators: list[torch.Generator] | None = None,
+) -> Rollout:
+    """Run the SDE from ``latents`` at ``sigmas[0]`` down to ``sigmas[-1]``, one generator per sample."""
+    batch = latents.shape[0]
+    all_latents, means, log_probs = [latents.float()], [], []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
+        velocity = adapter.predict_velocity(all_latents[-1], sigma, prompt_embeds, negative_embeds, guidance_scale)
+        next_latents, log_prob, mean, _ = sde_step_with_logprob(
+            velocity,
+            all_latents[-1],
+            sigma,
+            sigma_next,
+            noise_level=noise_level,
+            noise_schedule=noise_schedule,
+            generator=generators,
+        )
+        all_latents.append(next_latents)
+        means.append(mean)
+        log_probs.append(log_prob)
+    return Rollout(torch.stack(all_latents, 1), torch.stack(means, 1), torch.stack(log_probs, 1), sigmas)
+
+
+@torch.no_grad()
+def sample_ode(
+    adapter: PipelineAdapter,
+    prompt_embeds: PromptEmbeddings,
+    negative_embeds: PromptEmbeddings | None,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Deterministic Euler sampling of the probability-flow ODE; returns the final latents."""
+    latents = latents.float()
+    batch = latents.shape[0]
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
+        velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, negative_embeds, guidance_scale)
+        latents = ode_step(velocity, latents, sigma, sigma_next)
+    return latents

@@ -1,0 +1,545 @@
+"""GuardGRPODiffusionTrainer: online GRPO for flow-matching text-to-image pipelines, GRPO-Guard by default.
+
+One generation round: sample every prompt `num_generations` times with the SDE, recording each step's latents and
+old means (no forward pass is repeated later); decode and score the images; turn the rewards, gathered from all
+processes, into group advantages. Then train over (micro-batch, timestep) pairs with one backward per timestep,
+so memory does not grow with the number of sampling steps. Everything model-family specific goes through the
+pipeline adapter; the math lives in `sde.py` and `losses.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import DistributedType, gather_object
+from datasets import Dataset, IterableDataset
+from transformers import Trainer, TrainerCallback
+from trl.trainer.utils import RepeatSampler, identity
+
+from .adapters import PipelineAdapter, PromptEmbeddings, get_adapter
+from .config import GuardConfig
+from .losses import compute_advantages, compute_policy_loss, gaussian_kl
+from .rewards import resolve_reward_func, reward_func_name
+from .rollout import Rollout, sample_ode, sample_sde
+from .scoring import score_images
+from .sde import sde_step_with_logprob
+
+logger = logging.getLogger(__name__)
+
+# Streams of randomness, each seeded independently of how samples are spread over processes and batches.
+_INIT_NOISE, _SDE_NOISE, _TIMESTEPS, _EVAL_NOISE = range(4)
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator whose seed is a hash of `key`: the same key gives the same noise on any process or device."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_prompt_dataset(dataset: Any, name: str) -> None:
+    """Fail before any compute when a dataset cannot feed the trainer."""
+    if dataset is None:
+        return
+    columns = dataset.column_names if isinstance(dataset, (Dataset, IterableDataset)) else None
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {columns}). Rename the text column, for example "
+            f"`{name}.rename_column('text', 'prompt')`."
+        )
+    if isinstance(dataset, Dataset):
+        if len(dataset) == 0:
+            raise ValueError(f"{name} is empty: it needs at least one prompt.")
+        for i, prompt in enumerate(dataset["prompt"]):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{name}['prompt'][{i}] is {prompt!r}: every prompt must be a non-empty string.")
+
+
+def _load_pipeline(model: Any, args: GuardConfig) -> Any:
+    if not isinstance(model, str):
+        return model
+    from diffusers import DiffusionPipeline
+
+    kwargs = dict(args.model_init_kwargs or {})
+    if isinstance(kwargs.get("torch_dtype"), str) and kwargs["torch_dtype"] != "auto":
+        kwargs["torch_dtype"] = getattr(torch, kwargs["torch_dtype"])
+    return DiffusionPipeline.from_pretrained(model, **kwargs)
+
+
+class GuardGRPODiffusionTrainer(Trainer):
+    """Trainer for online RL of flow-matching text-to-image pipelines (GRPO-Guard, Flow-GRPO, DanceGRPO, ...).
+
+    Args:
+        model (`str` or `DiffusionPipeline`):
+            A Hub id or local folder loaded with `DiffusionPipeline.from_pretrained(model, **args.model_init_kwargs)`,
+            or a pipeline object. Only its denoiser is trained (LoRA if `peft_config` is given, else in full); text
+            encoders and VAE are frozen.
+        reward_funcs (callable, `str`, or a list of them):
+            Reward functions `f(prompts, images, **columns, trainer_state) -> list[float | None]`, a built-in reward
+            name, or a dotted import path. Rewards are summed with `args.reward_weights`.
+        args ([`GuardConfig`], *optional*):
+            Training configuration; defaults to `GuardConfig(f"{model_name}-GuardGRPO")`.
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Prompts in a `prompt` column; other columns are passed to the reward functions.
+        eval_dataset ([`~datasets.Dataset`], *optional*):
+            Prompts for `evaluate()`, which samples one image per prompt with the ODE and fixed seeds.
+        callbacks (list of [`~transformers.TrainerCallback`], *optional*):
+            Extra callbacks, as for `transformers.Trainer`.
+        optimizers (`tuple`, *optional*):
+            `(optimizer, lr_scheduler)`; created from `args` when `(None, None)`.
+        peft_config ([`~peft.LoraConfig`], *optional*):
+            LoRA configuration for the denoiser; `target_modules=None` picks the model family's default.
+
+    Example:
+        ```python
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
+        from trl_guard.rewards import jpeg_compressibility
+
+        trainer = GuardGRPODiffusionTrainer(
+            model="stabilityai/stable-diffusion-3.5-medium",
+            reward_funcs=[jpeg_compressibility],
+            args=GuardConfig(output_dir="sd35m-guard", num_generations=16, bf16=True),
+            train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"]}),
+            peft_config=LoraConfig(r=32, lora_alpha=64),
+        )
+        trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "trl-guard", "text-to-image"]
+
+    def __init__(
+        self,
+        model: str | Any,
+        reward_funcs: Callable | str | Sequence[Callable | str],
+        args: GuardConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        peft_config: Any | None = None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else type(model).__name__
+            args = GuardConfig(f"{model_name.rstrip('/').split('/')[-1]}-GuardGRPO")
+        if not isinstance(args, GuardConfig):
+            raise TypeError(f"args must be a GuardConfig, got {type(args).__name__}.")
+
+        # Everything that can be checked cheaply is checked before the pipeline is loaded.
+        if not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs:
+            raise ValueError("reward_funcs is empty: give at least one reward function.")
+        self.reward_funcs = [resolve_reward_func(f) for f in reward_funcs]
+        self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions; give one "
+                "weight per function."
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        _check_prompt_dataset(train_dataset, "train_dataset")
+        _check_prompt_dataset(eval_dataset, "eval_dataset")
+        groups_per_generation = args.generation_batch_size // args.num_generations
+        if isinstance(train_dataset, Dataset) and len(train_dataset) < groups_per_generation:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts but one generation batch needs "
+                f"{groups_per_generation} distinct prompts ({args.generation_batch_size} images / num_generations="
+                f"{args.num_generations}). Add prompts or lower per_device_train_batch_size / steps_per_generation."
+            )
+
+        pipeline = _load_pipeline(model, args)
+        self.adapter: PipelineAdapter = get_adapter(pipeline)
+        self.adapter.check_resolution(args.height, args.width)
+        self.pipeline = pipeline
+        denoiser = self._prepare_denoiser(peft_config, args)
+
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if self.accelerator.num_processes > 1 and self.accelerator.distributed_type not in (
+            DistributedType.MULTI_CPU,
+            DistributedType.MULTI_GPU,
+        ):
+            raise NotImplementedError(
+                f"{self.accelerator.distributed_type} is not supported yet; launch with plain DDP (multi-GPU or "
+                "multi-CPU) for now."
+            )
+        for module in self.adapter.frozen_modules:
+            module.to(self.accelerator.device)
+        if self.adapter.reference_denoiser is not None:
+            self.adapter.reference_denoiser.to(self.accelerator.device)
+
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._buffered_batches: list[dict[str, Any]] | None = None
+        self._step: int | None = None
+        self._negative_embeds: PromptEmbeddings | None = None
+
+    # ---- setup --------------------------------------------------------------------------------------------------
+    def _prepare_denoiser(self, peft_config: Any | None, args: GuardConfig) -> torch.nn.Module:
+        for module in self.adapter.frozen_modules:
+            module.requires_grad_(False)
+            module.eval()
+        denoiser = self.adapter.denoiser
+        if peft_config is not None:
+            denoiser.requires_grad_(False)
+            self.adapter.add_lora(peft_config)
+            # LoRA weights train in float32 even when the base model is loaded in half precision.
+            for param in denoiser.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            denoiser.requires_grad_(True)
+            if args.beta > 0:
+                self.adapter.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
+        if args.gradient_checkpointing:
+            # diffusers models expose `enable_gradient_checkpointing`, not the transformers hook the Trainer calls.
+            denoiser.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+        return denoiser
+
+    @property
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.adapter.denoiser.parameters() if p.requires_grad]
+
+    # ---- data: each prompt repeated num_generations times, each generation batch reused -----------------------
+    def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.args.num_generations,
+            batch_size=self.args.generation_batch_size // self.args.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    def get_train_dataloader(self):
+        if isinstance(self.train_dataset, IterableDataset):
+            raise NotImplementedError("Iterable train datasets are not supported yet; materialise the prompts first.")
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    # ---- generation round ---------------------------------------------------------------------------------------
+    def _negative_embeddings(self) -> PromptEmbeddings | None:
+        if self.args.guidance_scale <= 1.0:
+            return None
+        if self._negative_embeds is None:  # the text encoders are frozen: encode once per run
+            self._negative_embeds = self.adapter.encode_prompts(
+                [self.args.negative_prompt], max_sequence_length=self.args.max_sequence_length
+            )
+        return self._negative_embeds
+
+    def _initial_latents(self, global_indices: list[int], kind: int, rollout_index: int) -> torch.Tensor:
+        shape = self.adapter.latent_shape(self.args.height, self.args.width)
+        keys = global_indices
+        if self.args.init_same_noise and kind == _INIT_NOISE:
+            keys = [i // self.args.num_generations for i in global_indices]
+        noise = [torch.randn(shape, generator=_generator(self.args.seed, kind, rollout_index, k)) for k in keys]
+        return torch.stack(noise).to(self.accelerator.device)
+
+    def _generate_and_score(self, rows: list[dict[str, Any]], rollout_index: int) -> list[dict[str, Any]]:
+        args, adapter, device = self.args, self.adapter, self.accelerator.device
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        local_size = len(prompts)
+        offset = self.accelerator.process_index * local_size
+        global_indices = list(range(offset, offset + local_size))
+
+        # Text embeddings: once per distinct prompt of this round.
+        unique_prompts = list(dict.fromkeys(prompts))
+        prompt_index = torch.tensor([unique_prompts.index(p) for p in prompts], device=device)
+        unique_embeds = adapter.encode_prompts(unique_prompts, max_sequence_length=args.max_sequence_length)
+        negative_embeds = self._negative_embeddings()
+
+        sigmas = adapter.sigmas(args.num_inference_steps, args.height, args.width)
+        latents = self._initial_latents(global_indices, _INIT_NOISE, rollout_index)
+        step_generators = [_generator(args.seed, _SDE_NOISE, rollout_index, i) for i in global_indices]
+
+        # Sample in the micro-batches training will use: the first training pass then recomputes exactly the
+        # sampling forward, so its ratio is exactly 1.
+        batch_size = args.per_device_train_batch_size
+        rollouts: list[Rollout] = []
+        images = []
+        self.adapter.denoiser.eval()
+        for start in range(0, local_size, batch_size):
+            chunk = slice(start, start + batch_size)
+            rollout = sample_sde(
+                adapter,
+                unique_embeds.index(prompt_index[chunk]),
+                negative_embeds,
+                latents[chunk],
+                sigmas,
+                guidance_scale=args.guidance_scale,
+                noise_level=args.noise_level,
+                noise_schedule=args.noise_schedule,
+                generators=step_generators[chunk],
+            )
+            rollouts.append(rollout)
+            images.extend(adapter.decode(rollout.final_latents))
+
+        local_rewards = score_images(
+            self.reward_funcs, self.reward_func_names, prompts, images, columns, trainer_state=self.state
+        ).to(device)
+        missing = torch.isnan(local_rewards).all(dim=1)
+        if missing.any():
+            prompt = prompts[int(missing.nonzero()[0])]
+            raise ValueError(
+                f"Every reward function returned None for prompt {prompt!r}: at least one must score each sample."
+            )
+        rewards = self.accelerator.gather(local_rewards)  # (generation batch, num_funcs), in global order
+        total = (rewards * self.reward_weights.to(device)).nansum(dim=1)
+        advantages = compute_advantages(
+            total, args.num_generations, scale_rewards=args.scale_rewards, adv_clip_max=args.adv_clip_max
+        )
+        self._log_rewards(rewards, total, advantages)
+        local_advantages = advantages[offset : offset + local_size]
+
+        num_train_steps = max(1, int(args.num_inference_steps * args.timestep_fraction))
+        order = torch.randperm(args.num_inference_steps, generator=_generator(args.seed, _TIMESTEPS, rollout_index))
+        train_steps = sorted(order[:num_train_steps].tolist())
+
+        return [
+            {
+                "rollout": rollout,
+                "prompt_embeds": unique_embeds.index(prompt_index[start : start + batch_size]),
+                "negative_embeds": negative_embeds,
+                "advantages": local_advantages[start : start + batch_size],
+                "train_steps": train_steps,
+            }
+            for rollout, start in zip(rollouts, range(0, local_size, batch_size))
+        ]
+
+    def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
+        for j, name in enumerate(self.reward_func_names):
+            self._metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards[:, j]).item())
+            valid = rewards[:, j][~torch.isnan(rewards[:, j])]
+            self._metrics[f"rewards/{name}/std"].append(valid.std(unbiased=False).item() if len(valid) else 0.0)
+        grouped = total.view(-1, self.args.num_generations)
+        self._metrics["reward"].append(total.mean().item())
+        self._metrics["reward_std"].append(total.std(unbiased=False).item())
+        self._metrics["frac_reward_zero_std"].append((grouped.std(dim=1) == 0).float().mean().item())
+        self._metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
+        self._metrics["advantages/max"].append(advantages.max().item())
+        self._metrics["advantages/min"].append(advantages.min().item())
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def training_step(
+        self, model: torch.nn.Module, inputs: list[dict[str, Any]], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step is None:  # fresh start or resume: derive the micro-step counter from the restored state
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        if self._step % generate_every == 0 or self._buffered_batches is None:
+            self._buffered_batches = self._generate_and_score(inputs, rollout_index=self._step // generate_every)
+        batch = self._buffered_batches[self._step % self.args.steps_per_generation]
+        self._step += 1
+
+        self.adapter.denoiser.train()
+        loss = self._train_on_batch(batch)
+        if self.accelerator.sync_gradients:
+            self._all_reduce_gradients()
+        return loss
+
+    def _predict_mean(
+        self, batch: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rollout: Rollout = batch["rollout"]
+        size = len(rollout)
+        sigma, sigma_next = rollout.sigmas[step].expand(size), rollout.sigmas[step + 1].expand(size)
+        latents, next_latents = rollout.latents[:, step], rollout.latents[:, step + 1]
+        velocity = self.adapter.predict_velocity(
+            latents, sigma, batch["prompt_embeds"], batch["negative_embeds"], self.args.guidance_scale
+        )
+        _, _, mean, std = sde_step_with_logprob(
+            velocity,
+            latents,
+            sigma,
+            sigma_next,
+            noise_level=self.args.noise_level,
+            noise_schedule=self.args.noise_schedule,
+            prev_sample=next_latents,
+        )
+        return mean, std, sigma, sigma_next
+
+    def _train_on_batch(self, batch: dict[str, Any]) -> torch.Tensor:
+        args = self.args
+        rollout: Rollout = batch["rollout"]
+        train_steps: list[int] = batch["train_steps"]
+        # The loss is the mean over trained timesteps and accumulated micro-batches; each timestep backpropagates
+        # on its own so activations of only one step are alive at a time.
+        scale = 1.0 / (len(train_steps) * self.current_gradient_accumulation_steps)
+        params = self._trainable_parameters
+        total = torch.zeros((), device=self.accelerator.device)
+        for step in train_steps:
+            mean, std, sigma, sigma_next = self._predict_mean(batch, step)
+            loss, stats = compute_policy_loss(
+                mean,
+                rollout.old_means[:, step],
+                rollout.latents[:, step + 1],
+                std,
+                batch["advantages"],
+                sigma,
+                sigma_next,
+                loss_type=args.loss_type,
+                epsilon=args.epsilon,
+                noise_level=args.noise_level,
+                noise_schedule=args.noise_schedule,
+            )
+            if args.beta > 0:
+                with torch.no_grad(), self.adapter.reference_policy():
+                    ref_mean, _, _, _ = self._predict_mean(batch, step)
+                kl = gaussian_kl(mean, ref_mean, std)
+                loss = loss + args.beta * kl
+                stats["kl"] = kl.detach()
+
+            before = [p.grad.clone() if p.grad is not None else None for p in params]
+            before = before if args.log_timestep_grad_norm else None
+            self.accelerator.backward(loss * scale)
+            if before is not None:
+                stats["grad_norm"] = self._grad_norm_since(params, before) / scale
+
+            for key, value in stats.items():
+                value = float(value)
+                self._metrics[f"timestep/{step:02d}/{key}"].append(value)
+                self._metrics[key].append(value)
+            total += loss.detach()
+        return total * scale
+
+    @staticmethod
+    def _grad_norm_since(params: list[torch.nn.Parameter], before: list[torch.Tensor | None]) -> float:
+        squares = [
+            ((p.grad - g).float() if g is not None else p.grad.float()).pow(2).sum()
+            for p, g in zip(params, before)
+            if p.grad is not None
+        ]
+        return torch.stack(squares).sum().sqrt().item() if squares else 0.0
+
+    def _all_reduce_gradients(self) -> None:
+        """Average gradients over processes once per optimizer step.
+
+        The denoiser is called directly rather than through its DDP wrapper, so DDP's per-backward hooks never fire:
+        with one backward per timestep they would all-reduce `num_inference_steps` times per micro-batch.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        params = self._trainable_parameters
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p.grad))
+
+    def compute_loss(self, *args, **kwargs):
+        raise NotImplementedError("GuardGRPODiffusionTrainer computes its loss per timestep in `training_step`.")
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self,
+        eval_dataset: Dataset | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Sample one image per eval prompt with the ODE (`eval_num_inference_steps`, fixed seeds) and log the mean
+        of every reward function, `{prefix}_rewards/{name}`, and of their weighted sum, `{prefix}_reward`."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
+        _check_prompt_dataset(dataset, "eval_dataset")
+        args, adapter = self.args, self.adapter
+        indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
+        sigmas = adapter.sigmas(args.eval_num_inference_steps, args.height, args.width)
+        adapter.denoiser.eval()
+        scores = []
+        for start in range(0, len(indices), args.per_device_eval_batch_size):
+            chunk = indices[start : start + args.per_device_eval_batch_size]
+            rows = dataset.select(chunk)
+            prompts = rows["prompt"]
+            columns = {key: rows[key] for key in rows.column_names if key != "prompt"}
+            latents = sample_ode(
+                adapter,
+                adapter.encode_prompts(prompts, max_sequence_length=args.max_sequence_length),
+                self._negative_embeddings(),
+                self._initial_latents(chunk, _EVAL_NOISE, 0),
+                sigmas,
+                guidance_scale=args.guidance_scale,
+            )
+            images = adapter.decode(latents)
+            scores.extend(
+                score_images(
+                    self.reward_funcs, self.reward_func_names, prompts, images, columns, trainer_state=self.state
+                ).tolist()
+            )
+        scores = torch.tensor(gather_object(scores) if self.accelerator.num_processes > 1 else scores)
+        scores = scores.view(-1, len(self.reward_funcs))
+        metrics = {
+            f"{metric_key_prefix}_rewards/{name}": torch.nanmean(scores[:, j]).item()
+            for j, name in enumerate(self.reward_func_names)
+        }
+        metrics[f"{metric_key_prefix}_reward"] = (scores * self.reward_weights).nansum(dim=1).mean().item()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ---- logging ------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_eval = any(key.startswith("eval_") for key in logs)
+        if not is_eval and self._metrics:
+            logs = {**logs, **{key: sum(v) / len(v) for key, v in self._metrics.items()}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ---- saving -------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the LoRA in the family's diffusers format (or the full denoiser with `save_pretrained`)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if self.adapter.has_lora:
+            self.adapter.save_lora(output_dir)
+        else:
+            self.adapter.denoiser.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
+        # JSON rather than the Trainer's pickled training_args.bin: tokens are redacted and nothing needs unpickling.
+        with open(os.path.join(output_dir, "guard_config.json"), "w") as f:
+            f.write(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if self.adapter.has_lora:
+            self.adapter.load_lora(resume_from_checkpoint)
+            return
+        from safetensors.torch import load_file
+
+        folder = os.path.join(resume_from_checkpoint, "transformer")
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(folder, name)))
+        self.adapter.denoiser.load_state_dict(state)
+
+    def _load_best_model(self) -> None:
+        warnings.warn("load_best_model_at_end is not supported by GuardGRPODiffusionTrainer; keeping the last model.")
