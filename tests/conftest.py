@@ -1,0 +1,36 @@
+import copy
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from trl_guard.testing import build_tiny_sd3_pipeline
+
+
+@pytest.fixture(scope="session")
+def _base_pipeline():
+    return build_tiny_sd3_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_pipeline(_base_pipeline):
+    """A fresh copy of the tiny SD3 pipeline (training mutates the transformer)."""
+    return copy.deepcopy(_base_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(_base_pipeline, tmp_path_factory):
+    """The tiny pipeline written with `save_pretrained`, to load by path like a Hub checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    _base_pipeline.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def prompts():
+    return Dataset.from_dict({"prompt": [f"prompt number {i}" for i in range(8)], "label": list(range(8))})
+
+
+def blueness(prompts, images, **kwargs):
+    """Mean blue channel in [0, 1]: a reward the tiny model can learn quickly."""
+    return [float(np.asarray(image, dtype=np.float32)[..., 2].mean() / 255) for image in images]
