@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset, IterableDataset
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from trl.trainer.utils import RepeatSampler, identity
 
 from .adapters import PipelineAdapter, PromptEmbeddings, get_adapter
@@ -162,6 +162,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         self.adapter.check_resolution(args.height, args.width)
         self.pipeline = pipeline
+        set_seed(args.seed)  # LoRA initialisation draws from the global RNG
         denoiser = self._prepare_denoiser(peft_config, args)
 
         super().__init__(
@@ -478,8 +479,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             chunk = indices[start : start + args.per_device_eval_batch_size]
             rows = dataset.select(chunk)
-            prompts = rows["prompt"]
-            columns = {key: rows[key] for key in rows.column_names if key != "prompt"}
+            prompts = list(rows["prompt"])
+            columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
             latents = sample_ode(
                 adapter,
                 adapter.encode_prompts(prompts, max_sequence_length=args.max_sequence_length),
