@@ -50,9 +50,20 @@ def test_defaults_follow_the_papers():
 def test_parses_from_command_line_and_yaml(tmp_path):
     parser = HfArgumentParser(GuardConfig)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--loss_type", "flow_grpo", "--num_generations", "4",
-         "--per_device_train_batch_size", "4", "--model_init_kwargs", '{"torch_dtype": "float32"}',
-         "--report_to", "none"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--loss_type",
+            "flow_grpo",
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--model_init_kwargs",
+            '{"torch_dtype": "float32"}',
+            "--report_to",
+            "none",
+        ]
     )
     assert args.loss_type == "flow_grpo" and args.num_generations == 4
     assert args.model_init_kwargs == {"torch_dtype": "float32"}

@@ -31,7 +31,11 @@ def reference_loss64(mean, old_mean, x, std, adv, sigma, sigma_next, loss_type, 
     shift = (d**2).flatten(1).mean(1) / (2 * std64**2)
     sigma, sigma_next = sigma.double(), sigma_next.double()
     neg_dt = sigma - sigma_next
-    s = noise_level * torch.sqrt(sigma / (1 - sigma)) if schedule == "flow_grpo" else torch.full_like(sigma, noise_level)
+    s = (
+        noise_level * torch.sqrt(sigma / (1 - sigma))
+        if schedule == "flow_grpo"
+        else torch.full_like(sigma, noise_level)
+    )
     used = {
         "flow_grpo": log_r,
         "temp_reweight": log_r,
@@ -62,10 +66,21 @@ def test_policy_loss_matches_float64_reference(loss_type, schedule):
     # The std of the step must be the one its schedule implies, for temp_reweight's weight to be comparable.
     epsilon = 1e-4
     loss, stats = compute_policy_loss(
-        mean, old_mean, x, std, adv, sigma, sigma_next,
-        loss_type=loss_type, epsilon=epsilon, noise_level=0.7, noise_schedule=schedule,
+        mean,
+        old_mean,
+        x,
+        std,
+        adv,
+        sigma,
+        sigma_next,
+        loss_type=loss_type,
+        epsilon=epsilon,
+        noise_level=0.7,
+        noise_schedule=schedule,
     )
-    ref_loss, ref_used = reference_loss64(mean, old_mean, x, std, adv, sigma, sigma_next, loss_type, epsilon, 0.7, schedule)
+    ref_loss, ref_used = reference_loss64(
+        mean, old_mean, x, std, adv, sigma, sigma_next, loss_type, epsilon, 0.7, schedule
+    )
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-7)
     assert float(stats["log_ratio_mean"]) == pytest.approx(float(ref_used.mean()), rel=1e-3, abs=1e-8)
     r = torch.exp(ref_used)
@@ -77,12 +92,15 @@ def test_log_ratio_decomposition_and_ratio_norm_identity():
     mean, old_mean, x, std, eps = make_step(seed=5)
     d = old_mean - mean
     log_r = policy_log_ratio(mean, old_mean, x, std, loss_type="flow_grpo").double()
-    expected = -(d.double() ** 2).flatten(1).mean(1) / (2 * std.double().flatten() ** 2) - (
-        d.double() * eps.double()
-    ).flatten(1).mean(1) / std.double().flatten()
+    expected = (
+        -(d.double() ** 2).flatten(1).mean(1) / (2 * std.double().flatten() ** 2)
+        - (d.double() * eps.double()).flatten(1).mean(1) / std.double().flatten()
+    )
     torch.testing.assert_close(log_r, expected, rtol=1e-4, atol=1e-9)
     mean_revised = policy_log_ratio(mean, old_mean, x, std, loss_type="mean_revised").double()
-    torch.testing.assert_close(mean_revised, -(d * eps).double().flatten(1).mean(1) / std.double().flatten(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        mean_revised, -(d * eps).double().flatten(1).mean(1) / std.double().flatten(), rtol=1e-4, atol=1e-9
+    )
     ratio_norm = policy_log_ratio(mean, old_mean, x, std, loss_type="ratio_norm").double()
     torch.testing.assert_close(ratio_norm, -(d * eps).double().flatten(1).mean(1), rtol=1e-4, atol=1e-10)
 
@@ -123,8 +141,16 @@ def test_clipped_samples_get_no_gradient():
     current[0] = old_mean[0] + 0.05 * (x[0] - old_mean[0])
     current.requires_grad_(True)
     loss, stats = compute_policy_loss(
-        current, old_mean, x, std, torch.tensor([1.0, 1.0]), torch.full((2,), 0.5), torch.full((2,), 0.4),
-        loss_type="flow_grpo", epsilon=1e-4, noise_level=0.7,
+        current,
+        old_mean,
+        x,
+        std,
+        torch.tensor([1.0, 1.0]),
+        torch.full((2,), 0.5),
+        torch.full((2,), 0.4),
+        loss_type="flow_grpo",
+        epsilon=1e-4,
+        noise_level=0.7,
     )
     assert float(stats["clip_frac_high"]) == 0.5
     loss.backward()
@@ -135,11 +161,31 @@ def test_clipped_samples_get_no_gradient():
 def test_epsilon_must_be_positive():
     mean, old_mean, x, std, _ = make_step(batch=2)
     with pytest.raises(ValueError, match="epsilon"):
-        compute_policy_loss(mean, old_mean, x, std, torch.ones(2), torch.ones(2) * 0.5, torch.ones(2) * 0.4,
-                            loss_type="grpo_guard", epsilon=0.0, noise_level=0.7)
+        compute_policy_loss(
+            mean,
+            old_mean,
+            x,
+            std,
+            torch.ones(2),
+            torch.ones(2) * 0.5,
+            torch.ones(2) * 0.4,
+            loss_type="grpo_guard",
+            epsilon=0.0,
+            noise_level=0.7,
+        )
     with pytest.raises(ValueError, match="loss_type"):
-        compute_policy_loss(mean, old_mean, x, std, torch.ones(2), torch.ones(2) * 0.5, torch.ones(2) * 0.4,
-                            loss_type="ppo", epsilon=1e-4, noise_level=0.7)
+        compute_policy_loss(
+            mean,
+            old_mean,
+            x,
+            std,
+            torch.ones(2),
+            torch.ones(2) * 0.5,
+            torch.ones(2) * 0.4,
+            loss_type="ppo",
+            epsilon=1e-4,
+            noise_level=0.7,
+        )
 
 
 def test_group_advantages():

@@ -34,7 +34,9 @@ def test_sde_step_matches_float64_reference(schedule, first_step):
     x, v = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     sigma = torch.tensor([1.0, 1.0, 1.0]) if first_step else torch.tensor([0.9, 0.5, 0.2])
     sigma_next = torch.tensor([0.95, 0.8, 0.9]) if first_step else torch.tensor([0.7, 0.3, 0.0])
-    x_next, log_prob, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=0.7, noise_schedule=schedule)
+    x_next, log_prob, mean, std = sde_step_with_logprob(
+        v, x, sigma, sigma_next, noise_level=0.7, noise_schedule=schedule
+    )
     ref_mean, ref_std, ref_lp = reference_step(v, x, sigma, sigma_next, 0.7, schedule, x_next)
     assert torch.isfinite(log_prob).all()
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
@@ -60,7 +62,9 @@ def test_given_prev_sample_is_scored_not_resampled():
     # The drawn noise is standard normal: the log-prob of an exact sample averages -0.5 - log(std) - log(sqrt(2 pi)).
     big_x, big_v = torch.randn(4, 16, 32, 32), torch.randn(4, 16, 32, 32)
     s4, n4 = torch.full((4,), 0.8), torch.full((4,), 0.6)
-    _, lp, _, st = sde_step_with_logprob(big_v, big_x, s4, n4, noise_level=0.7, generator=torch.Generator().manual_seed(0))
+    _, lp, _, st = sde_step_with_logprob(
+        big_v, big_x, s4, n4, noise_level=0.7, generator=torch.Generator().manual_seed(0)
+    )
     expected = -0.5 - torch.log(st.flatten()) - 0.5 * math.log(2 * math.pi)
     torch.testing.assert_close(lp, expected, atol=0.02, rtol=0)
 
@@ -93,5 +97,7 @@ def test_ode_step_is_euler():
 
 def test_bf16_inputs_are_computed_in_float32():
     x, v = torch.randn(2, 4, 4, 4).bfloat16(), torch.randn(2, 4, 4, 4).bfloat16()
-    x_next, log_prob, mean, std = sde_step_with_logprob(v, x, torch.full((2,), 0.9), torch.full((2,), 0.8), noise_level=0.7)
+    x_next, log_prob, mean, std = sde_step_with_logprob(
+        v, x, torch.full((2,), 0.9), torch.full((2,), 0.8), noise_level=0.7
+    )
     assert mean.dtype == torch.float32 and log_prob.dtype == torch.float32

@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import blueness
-from datasets import Dataset
-from helpers import make_trainer, tiny_config
+from helpers import make_trainer
 
-from trl_guard import GuardGRPODiffusionTrainer
 from trl_guard.losses import LOSS_TYPES
 from trl_guard.trainer import _INIT_NOISE
 
@@ -37,8 +35,15 @@ def test_end_to_end_per_loss_type(loss_type, tiny_pipeline, prompts, tmp_path):
 
 def test_dance_grpo_schedule_with_kl_and_shared_noise(tiny_pipeline, prompts, tmp_path):
     trainer = make_trainer(
-        tiny_pipeline, [blueness], prompts, tmp_path, noise_schedule="dance_grpo", init_same_noise=True, beta=0.01,
-        timestep_fraction=0.5, guidance_scale=3.0,
+        tiny_pipeline,
+        [blueness],
+        prompts,
+        tmp_path,
+        noise_schedule="dance_grpo",
+        init_same_noise=True,
+        beta=0.01,
+        timestep_fraction=0.5,
+        guidance_scale=3.0,
     )
     trainer.train()
     kl = logged(trainer, "kl")
@@ -53,8 +58,9 @@ def test_dance_grpo_schedule_with_kl_and_shared_noise(tiny_pipeline, prompts, tm
 
 def test_first_pass_after_sampling_has_ratio_exactly_one(tiny_pipeline, prompts, tmp_path):
     # One micro-step per generation: every update is on-policy, so every ratio is exactly 1.
-    on_policy = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, steps_per_generation=1, max_steps=3,
-                             loss_type="flow_grpo")
+    on_policy = make_trainer(
+        tiny_pipeline, [blueness], prompts, tmp_path, steps_per_generation=1, max_steps=3, loss_type="flow_grpo"
+    )
     on_policy.train()
     for key in ("log_ratio_mean", "log_ratio_std", "raw_log_ratio_mean", "clip_frac_high", "clip_frac_low"):
         assert logged(on_policy, key) and all(v == 0.0 for v in logged(on_policy, key)), key
@@ -62,8 +68,9 @@ def test_first_pass_after_sampling_has_ratio_exactly_one(tiny_pipeline, prompts,
 
 def test_second_micro_step_is_off_policy(tiny_pipeline, prompts, tmp_path):
     # The counterpart of the test above: after an optimizer step the recorded means are stale and ratios move.
-    off_policy = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, steps_per_generation=2, max_steps=2,
-                              loss_type="flow_grpo")
+    off_policy = make_trainer(
+        tiny_pipeline, [blueness], prompts, tmp_path, steps_per_generation=2, max_steps=2, loss_type="flow_grpo"
+    )
     off_policy.train()
     assert logged(off_policy, "log_ratio_std")[1] > 0
 
@@ -117,7 +124,12 @@ def test_reward_weights_and_extra_columns(tiny_pipeline, prompts, tmp_path):
 
 def test_loads_from_a_folder_by_path(tiny_pipeline_dir, prompts, tmp_path):
     trainer = make_trainer(
-        tiny_pipeline_dir, [blueness], prompts, tmp_path, max_steps=1, model_init_kwargs={"torch_dtype": "float32", "text_encoder_3": None, "tokenizer_3": None},
+        tiny_pipeline_dir,
+        [blueness],
+        prompts,
+        tmp_path,
+        max_steps=1,
+        model_init_kwargs={"torch_dtype": "float32", "text_encoder_3": None, "tokenizer_3": None},
     )
     assert trainer.adapter.denoiser.dtype == torch.float32
     trainer.train()
@@ -125,8 +137,9 @@ def test_loads_from_a_folder_by_path(tiny_pipeline_dir, prompts, tmp_path):
 
 
 def test_evaluate_logs_reward_per_function(tiny_pipeline, prompts, tmp_path):
-    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, per_device_eval_batch_size=3,
-                           eval_num_inference_steps=3)
+    trainer = make_trainer(
+        tiny_pipeline, [blueness], prompts, tmp_path, per_device_eval_batch_size=3, eval_num_inference_steps=3
+    )
     metrics = trainer.evaluate(prompts)
     again = trainer.evaluate(prompts)
     assert set(metrics) >= {"eval_reward", "eval_rewards/blueness"}
@@ -134,8 +147,9 @@ def test_evaluate_logs_reward_per_function(tiny_pipeline, prompts, tmp_path):
 
 
 def test_full_finetuning_without_lora(tiny_pipeline, prompts, tmp_path):
-    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, peft_config=None, max_steps=1,
-                           learning_rate=1e-3, beta=0.1)
+    trainer = make_trainer(
+        tiny_pipeline, [blueness], prompts, tmp_path, peft_config=None, max_steps=1, learning_rate=1e-3, beta=0.1
+    )
     before = trainer.adapter.denoiser.proj_out.weight.detach().clone()
     trainer.train()
     assert not torch.equal(before, trainer.adapter.denoiser.proj_out.weight)

@@ -125,7 +125,9 @@ class GuardConfig(TrainingArguments):
     )
     init_same_noise: bool = field(default=False, metadata={"help": "Share the initial noise within a group."})
 
-    loss_type: str = field(default="grpo_guard", metadata={"help": "Policy loss variant.", "choices": list(LOSS_TYPES)})
+    loss_type: str = field(
+        default="grpo_guard", metadata={"help": "Policy loss variant.", "choices": list(LOSS_TYPES)}
+    )
     epsilon: float | None = field(default=None, metadata={"help": "Clip range (default depends on loss_type)."})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient to the reference policy."})
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of sampling steps trained on."})
@@ -181,7 +183,8 @@ class GuardConfig(TrainingArguments):
         )
         check(self.num_inference_steps >= 1, f"num_inference_steps={self.num_inference_steps} must be >= 1.")
         check(
-            self.eval_num_inference_steps >= 1, f"eval_num_inference_steps={self.eval_num_inference_steps} must be >= 1."
+            self.eval_num_inference_steps >= 1,
+            f"eval_num_inference_steps={self.eval_num_inference_steps} must be >= 1.",
         )
         check(
             0 < self.timestep_fraction <= 1,

@@ -123,7 +123,9 @@ def sde_step_with_logprob(
     return prev_sample, _mean_per_sample(log_density), mean, std
 
 
-def ode_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def ode_step(
+    velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
     """One deterministic Euler step of the probability-flow ODE (``noise_level = 0``), used for evaluation."""
     compute_dtype = torch.promote_types(sample.dtype, torch.float32)
     dt = _per_sample((sigma_next - sigma).to(device=sample.device, dtype=compute_dtype), sample)

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset, IterableDataset
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import ProgressCallback, Trainer, TrainerCallback, set_seed
 from trl.trainer.utils import RepeatSampler, identity
 
 from .adapters import PipelineAdapter, PromptEmbeddings, get_adapter
+from .callbacks import GuardProgressCallback
 from .config import GuardConfig
 from .losses import compute_advantages, compute_policy_loss, gaussian_kl
 from .rewards import resolve_reward_func, reward_func_name
@@ -182,6 +183,8 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"{self.accelerator.distributed_type} is not supported yet; launch with plain DDP (multi-GPU or "
                 "multi-CPU) for now."
             )
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(GuardProgressCallback)
         for module in self.adapter.frozen_modules:
             module.to(self.accelerator.device)
         if self.adapter.reference_denoiser is not None:
@@ -543,4 +546,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.adapter.denoiser.load_state_dict(state)
 
     def _load_best_model(self) -> None:
-        warnings.warn("load_best_model_at_end is not supported by GuardGRPODiffusionTrainer; keeping the last model.")
+        warnings.warn(
+            "load_best_model_at_end is not supported by GuardGRPODiffusionTrainer; keeping the last model.",
+            stacklevel=2,
+        )

@@ -50,6 +50,7 @@ def timestep_table(log_history: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     options = build_parser().parse_args(argv)
+    import diffusers
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\nper-timestep diagnostics (mean over the run; step 0 is the noisiest):")
     print(timestep_table(history))
 
+    diffusers.utils.logging.set_verbosity_error()  # silences "no LoRA keys for the text encoders" notices
+    base.set_progress_bar_config(disable=True)
     base.load_lora_weights(options.output_dir)
     generator = torch.Generator().manual_seed(0)
     kwargs = dict(height=32, width=32, num_inference_steps=8, guidance_scale=1.0, max_sequence_length=16)
@@ -109,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     base.unload_lora_weights()
     plain = base("a picture, take 0", generator=generator.manual_seed(0), output_type="np", **kwargs).images
     print(f"\nLoRA written to {os.path.abspath(options.output_dir)}; loaded into a fresh pipeline it changes the")
-    print(f"image by {np.abs(tuned - plain).mean():.4f} on average (blue channel {plain[..., 2].mean():.3f} -> "
-          f"{tuned[..., 2].mean():.3f}).")
+    print(
+        f"image by {np.abs(tuned - plain).mean():.4f} on average (blue channel {plain[..., 2].mean():.3f} -> "
+        f"{tuned[..., 2].mean():.3f})."
+    )
 
 
 if __name__ == "__main__":

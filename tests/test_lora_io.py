@@ -1,0 +1,91 @@
+"""The saved LoRA is what diffusers' pipelines load, and checkpoints resume."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import blueness
+from diffusers import StableDiffusion3Pipeline
+from helpers import make_trainer
+
+SAMPLE = dict(height=32, width=32, num_inference_steps=6, guidance_scale=1.0, max_sequence_length=16, output_type="np")
+
+
+def generate(pipeline, prompt="prompt number 1"):
+    return pipeline(prompt, generator=torch.Generator().manual_seed(0), **SAMPLE).images
+
+
+def test_saved_lora_loads_into_a_fresh_pipeline_and_changes_images(tiny_pipeline_dir, prompts, tmp_path):
+    load = dict(text_encoder_3=None, tokenizer_3=None)
+    trainer = make_trainer(
+        tiny_pipeline_dir, [blueness], prompts, tmp_path / "run", max_steps=4, model_init_kwargs=load
+    )
+    trainer.train()
+    trainer.save_model()
+    trained = generate(trainer.pipeline)
+
+    fresh = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir, **load)
+    base = generate(fresh)
+    fresh.load_lora_weights(str(tmp_path / "run"))
+    reloaded = generate(fresh)
+
+    assert np.abs(reloaded - base).mean() > 1e-3  # the LoRA changes the output...
+    np.testing.assert_allclose(reloaded, trained, atol=1e-5)  # ...into exactly what the trained model draws
+
+
+def test_checkpoints_are_diffusers_loras_and_training_resumes(tiny_pipeline, _base_pipeline, prompts, tmp_path):
+    import copy
+
+    run = tmp_path / "run"
+    full = make_trainer(
+        tiny_pipeline,
+        [blueness],
+        prompts,
+        run,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        steps_per_generation=1,
+    )
+    full.train()
+    checkpoint = run / "checkpoint-2"
+    assert (checkpoint / "pytorch_lora_weights.safetensors").exists()
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "guard_config.json").exists()
+    assert not (checkpoint / "training_args.bin").exists()  # no pickles in our output
+
+    calls = []
+
+    def counted_blueness(prompts, images, **kwargs):
+        calls.append(len(images))
+        return blueness(prompts, images)
+
+    counted_blueness.__name__ = "blueness"
+    resumed = make_trainer(
+        copy.deepcopy(_base_pipeline),
+        [counted_blueness],
+        prompts,
+        tmp_path / "resumed",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        steps_per_generation=1,
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    assert len(calls) == 2  # only steps 3 and 4 ran: the first two came from the checkpoint
+    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+
+
+def test_builtin_reward_by_name(tiny_pipeline, prompts, tmp_path):
+    trainer = make_trainer(tiny_pipeline, ["jpeg_compressibility"], prompts, tmp_path, max_steps=1)
+    trainer.train()
+    assert [e for e in trainer.state.log_history if "rewards/jpeg_compressibility/mean" in e]
+
+
+@pytest.mark.parametrize("name", ["jpeg_compressibility", "jpeg_incompressibility"])
+def test_builtin_rewards_resolve(name):
+    from trl_guard.rewards import resolve_reward_func
+
+    assert resolve_reward_func(name).__name__ == name
+    assert resolve_reward_func("trl_guard.rewards.compression." + name).__name__ == name
