@@ -116,8 +116,6 @@ class GuardGRPODiffusionTrainer(Trainer):
         ```
     """
 
-    _tag_names = ["trl", "trl-guard", "text-to-image"]
-
     def __init__(
         self,
         model: str | Any,
