@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -55,6 +56,34 @@ def timed(fn, repeats):
     return float(np.median(times)), result
 
 
+def measure(trainer, options) -> dict[str, float]:
+    """Median seconds of each phase of one generation round for this trainer."""
+    from trl_guard.rollout import sample_sde
+
+    adapter = trainer.adapter
+    rows = [{"prompt": p} for p in trainer.train_dataset["prompt"] for _ in range(4)]
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.current_gradient_accumulation_steps = 1
+    figures = {}
+    figures["round"], batches = timed(partial(trainer._generate_and_score, rows, rollout_index=0), options.repeats)
+    figures["train"], _ = timed(partial(trainer._train_on_batch, batches[0]), options.repeats)
+    embeds = adapter.encode_prompts([r["prompt"] for r in rows], max_sequence_length=16)
+    sample = partial(
+        sample_sde,
+        adapter,
+        embeds,
+        trainer._negative_embeddings(),
+        trainer._initial_latents(list(range(len(rows))), 0, 0),
+        adapter.sigmas(options.steps, 32, 32),
+        guidance_scale=4.5,
+        noise_level=0.7,
+        noise_schedule="flow_grpo",
+    )
+    figures["sample"], rollout = timed(sample, options.repeats)
+    figures["decode"], _ = timed(partial(adapter.decode, rollout.final_latents), options.repeats)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
@@ -63,52 +92,20 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(2)
     base = build_tiny_sd3_pipeline()
+    on = measure(make_trainer(copy.deepcopy(base), options, log_timestep_grad_norm=True), options)
+    off = measure(make_trainer(copy.deepcopy(base), options, log_timestep_grad_norm=False), options)
 
-    for log_norms in (True, False):
-        trainer = make_trainer(copy.deepcopy(base), options, log_timestep_grad_norm=log_norms)
-        rows = [{"prompt": p} for p in trainer.train_dataset["prompt"] for _ in range(4)]
-        trainer.create_optimizer_and_scheduler(num_training_steps=1)
-        trainer.current_gradient_accumulation_steps = 1
-        round_time, batches = timed(lambda: trainer._generate_and_score(rows, rollout_index=0), options.repeats)
-        train_time, _ = timed(lambda: trainer._train_on_batch(batches[0]), options.repeats)
-        trainer.adapter.denoiser.zero_grad()
-        if log_norms:
-            adapter = trainer.adapter
-            embeds = adapter.encode_prompts([r["prompt"] for r in rows], max_sequence_length=16)
-            latents = trainer._initial_latents(list(range(len(rows))), 0, 0)
-            sigmas = adapter.sigmas(options.steps, 32, 32)
-            from trl_guard.rollout import sample_sde
-
-            sample_time, rollout = timed(
-                lambda: sample_sde(
-                    adapter,
-                    embeds,
-                    trainer._negative_embeddings(),
-                    latents,
-                    sigmas,
-                    guidance_scale=4.5,
-                    noise_level=0.7,
-                    noise_schedule="flow_grpo",
-                ),
-                options.repeats,
-            )
-            decode_time, images = timed(lambda: adapter.decode(rollout.final_latents), options.repeats)
-            print(
-                f"{options.images} images x {options.steps} steps, CFG 4.5, tiny SD3, 2 threads (median of {options.repeats})"
-            )
-            print(
-                f"  SDE sampling:                 {sample_time:.3f} s ({sample_time / options.images * 1e3:.1f} ms/image)"
-            )
-            print(f"  VAE decode:                   {decode_time:.3f} s")
-            print(f"  whole round (sample+score):   {round_time:.3f} s")
-            print(
-                f"  training, all {options.steps} timesteps: {train_time:.3f} s  (train/sample = {train_time / sample_time:.2f})"
-            )
-            with_norms = train_time
-        else:
-            print(
-                f"  training without grad-norm logging: {train_time:.3f} s  (logging costs {with_norms / train_time - 1:+.1%})"
-            )
+    n, steps = options.images, options.steps
+    print(f"{n} images x {steps} steps, CFG 4.5, tiny SD3, 2 threads (median of {options.repeats})")
+    print(f"  SDE sampling:                   {on['sample']:.3f} s ({on['sample'] / n * 1e3:.1f} ms/image)")
+    print(f"  VAE decode:                     {on['decode']:.3f} s")
+    print(f"  whole round (sample + score):   {on['round']:.3f} s")
+    print(
+        f"  training, {steps} timesteps:         {on['train']:.3f} s (train / sample = {on['train'] / on['sample']:.2f})"
+    )
+    print(
+        f"  without grad-norm logging:      {off['train']:.3f} s (logging costs {on['train'] / off['train'] - 1:+.1%})"
+    )
 
 
 if __name__ == "__main__":
