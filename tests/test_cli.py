@@ -1,0 +1,63 @@
+"""`trl-guard grpo` trains from a YAML recipe, with flags overriding it."""
+
+import pytest
+from safetensors.torch import load_file
+
+from trl_guard.cli import main
+from trl_guard.scripts.grpo import load_prompts
+
+
+def write_recipe(tmp_path, pipeline_dir, prompts_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""
+model_name_or_path: {pipeline_dir}
+model_init_kwargs: {{"text_encoder_3": null, "tokenizer_3": null}}
+dataset_name: {prompts_file}
+reward_funcs: [jpeg_compressibility]
+output_dir: {tmp_path / "out"}
+use_peft: true
+lora_r: 4
+lora_alpha: 8
+lora_dropout: 0.0
+loss_type: grpo_guard
+num_generations: 4
+per_device_train_batch_size: 8
+max_steps: 5
+height: 32
+width: 32
+num_inference_steps: 3
+max_sequence_length: 16
+guidance_scale: 1.0
+report_to: none
+save_strategy: "no"
+disable_tqdm: true
+"""
+    )
+    return recipe
+
+
+def test_grpo_command_trains_from_a_recipe(tiny_pipeline_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(f"a drawing number {i}" for i in range(6)))
+    recipe = write_recipe(tmp_path, tiny_pipeline_dir, prompts_file)
+    main(["grpo", "--config", str(recipe), "--max_steps", "2"])  # the flag overrides the YAML's 5
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert any("lora_A" in key for key in lora)
+    state = (tmp_path / "out" / "guard_config.json").read_text()
+    assert '"max_steps": 2' in state and '"loss_type": "grpo_guard"' in state
+
+
+def test_missing_local_dataset_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing/prompts.txt"):
+        load_prompts(str(tmp_path / "missing" / "prompts.txt"))
+
+
+def test_unknown_yaml_key_is_an_error(tiny_pipeline_dir, tmp_path, capsys):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a cat\na dog\n")
+    recipe = write_recipe(tmp_path, tiny_pipeline_dir, prompts_file)
+    recipe.write_text(recipe.read_text() + "learnig_rate: 0.1\n")
+    with pytest.raises((SystemExit, ValueError)) as error:
+        main(["grpo", "--config", str(recipe)])
+    assert "learnig_rate" in str(error.value) + capsys.readouterr().err
