@@ -158,32 +158,23 @@ def test_clipped_samples_get_no_gradient():
     assert float(current.grad[1].abs().sum()) > 0.0
 
 
-def test_epsilon_must_be_positive():
+@pytest.mark.parametrize(
+    ("loss_type", "epsilon", "message"), [("grpo_guard", 0.0, "epsilon"), ("ppo", 1e-4, "loss_type")]
+)
+def test_bad_epsilon_or_loss_type_is_named(loss_type, epsilon, message):
     mean, old_mean, x, std, _ = make_step(batch=2)
-    with pytest.raises(ValueError, match="epsilon"):
+    sigma, sigma_next = torch.full((2,), 0.5), torch.full((2,), 0.4)
+    with pytest.raises(ValueError, match=message):
         compute_policy_loss(
             mean,
             old_mean,
             x,
             std,
             torch.ones(2),
-            torch.ones(2) * 0.5,
-            torch.ones(2) * 0.4,
-            loss_type="grpo_guard",
-            epsilon=0.0,
-            noise_level=0.7,
-        )
-    with pytest.raises(ValueError, match="loss_type"):
-        compute_policy_loss(
-            mean,
-            old_mean,
-            x,
-            std,
-            torch.ones(2),
-            torch.ones(2) * 0.5,
-            torch.ones(2) * 0.4,
-            loss_type="ppo",
-            epsilon=1e-4,
+            sigma,
+            sigma_next,
+            loss_type=loss_type,
+            epsilon=epsilon,
             noise_level=0.7,
         )
 

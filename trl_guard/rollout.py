@@ -31,18 +31,6 @@ class Rollout:
     def final_latents(self) -> torch.Tensor:
         return self.latents[:, -1]
 
-    def index(self, index: torch.Tensor | slice) -> Rollout:
-        return Rollout(self.latents[index], self.old_means[index], self.log_probs[index], self.sigmas)
-
-    @staticmethod
-    def cat(parts: list[Rollout]) -> Rollout:
-        return Rollout(
-            torch.cat([p.latents for p in parts]),
-            torch.cat([p.old_means for p in parts]),
-            torch.cat([p.log_probs for p in parts]),
-            parts[0].sigmas,
-        )
-
 
 @torch.no_grad()
 def sample_sde(

@@ -10,7 +10,6 @@ pipeline adapter; the math lives in `sde.py` and `losses.py`.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import warnings
 from collections import defaultdict
@@ -32,8 +31,6 @@ from .rewards import resolve_reward_func, reward_func_name
 from .rollout import Rollout, sample_ode, sample_sde
 from .scoring import score_images
 from .sde import sde_step_with_logprob
-
-logger = logging.getLogger(__name__)
 
 # Streams of randomness, each seeded independently of how samples are spread over processes and batches.
 _INIT_NOISE, _SDE_NOISE, _TIMESTEPS, _EVAL_NOISE = range(4)
@@ -281,14 +278,15 @@ class GuardGRPODiffusionTrainer(Trainer):
         # Sample in the micro-batches training will use: the first training pass then recomputes exactly the
         # sampling forward, so its ratio is exactly 1.
         batch_size = args.per_device_train_batch_size
-        rollouts: list[Rollout] = []
+        batches: list[dict[str, Any]] = []
         images = []
         self.adapter.denoiser.eval()
         for start in range(0, local_size, batch_size):
             chunk = slice(start, start + batch_size)
+            prompt_embeds = unique_embeds.index(prompt_index[chunk])
             rollout = sample_sde(
                 adapter,
-                unique_embeds.index(prompt_index[chunk]),
+                prompt_embeds,
                 negative_embeds,
                 latents[chunk],
                 sigmas,
@@ -297,7 +295,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 noise_schedule=args.noise_schedule,
                 generators=step_generators[chunk],
             )
-            rollouts.append(rollout)
+            batches.append({"rollout": rollout, "prompt_embeds": prompt_embeds, "negative_embeds": negative_embeds})
             images.extend(adapter.decode(rollout.final_latents))
 
         local_rewards = score_images(
@@ -321,16 +319,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         order = torch.randperm(args.num_inference_steps, generator=_generator(args.seed, _TIMESTEPS, rollout_index))
         train_steps = sorted(order[:num_train_steps].tolist())
 
-        return [
-            {
-                "rollout": rollout,
-                "prompt_embeds": unique_embeds.index(prompt_index[start : start + batch_size]),
-                "negative_embeds": negative_embeds,
-                "advantages": local_advantages[start : start + batch_size],
-                "train_steps": train_steps,
-            }
-            for rollout, start in zip(rollouts, range(0, local_size, batch_size))
-        ]
+        for batch, start in zip(batches, range(0, local_size, batch_size)):
+            batch["advantages"] = local_advantages[start : start + batch_size]
+            batch["train_steps"] = train_steps
+        return batches
 
     def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
         for j, name in enumerate(self.reward_func_names):
@@ -415,8 +407,9 @@ class GuardGRPODiffusionTrainer(Trainer):
                 loss = loss + args.beta * kl
                 stats["kl"] = kl.detach()
 
-            before = [p.grad.clone() if p.grad is not None else None for p in params]
-            before = before if args.log_timestep_grad_norm else None
+            before = None
+            if args.log_timestep_grad_norm:
+                before = [p.grad.clone() if p.grad is not None else None for p in params]
             self.accelerator.backward(loss * scale)
             if before is not None:
                 stats["grad_norm"] = self._grad_norm_since(params, before) / scale
