@@ -67,15 +67,14 @@ def measure(trainer, options) -> dict[str, float]:
     figures = {}
     figures["round"], batches = timed(partial(trainer._generate_and_score, rows, rollout_index=0), options.repeats)
     figures["train"], _ = timed(partial(trainer._train_on_batch, batches[0]), options.repeats)
-    embeds = adapter.encode_prompts([r["prompt"] for r in rows], max_sequence_length=16)
+    embeds = adapter.encode_prompts([r["prompt"] for r in rows])
     sample = partial(
         sample_sde,
         adapter,
         embeds,
         trainer._negative_embeddings(),
         trainer._initial_latents(list(range(len(rows))), 0, 0),
-        adapter.sigmas(options.steps, 32, 32),
-        guidance_scale=4.5,
+        adapter.sigmas(options.steps),
         noise_level=0.7,
         noise_schedule="flow_grpo",
     )

@@ -47,8 +47,12 @@ class GuardConfig(TrainingArguments):
         eval_num_inference_steps (`int`, *optional*, defaults to `40`):
             ODE sampling steps used by `evaluate()`.
         guidance_scale (`float`, *optional*, defaults to `4.5`):
-            Classifier-free guidance scale; `<= 1` disables CFG. With CFG the conditional and unconditional branches
-            run as one batched forward.
+            For SD3: the classifier-free guidance scale (`<= 1` disables CFG; with CFG both branches run as one
+            batched forward). For guidance-distilled models such as FLUX.1-dev: the value fed to the guidance
+            embedding (no CFG; DanceGRPO trains FLUX this way, typically at 3.5).
+        true_cfg_scale (`float`, *optional*, defaults to `1.0`):
+            Real classifier-free guidance for guidance-distilled families (FLUX), with `negative_prompt` as the
+            unconditional branch; `<= 1` disables it. Ignored by SD3, whose CFG is `guidance_scale`.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional branch of CFG.
         height (`int`, *optional*, defaults to `512`):
@@ -115,6 +119,7 @@ class GuardConfig(TrainingArguments):
     num_inference_steps: int = field(default=10, metadata={"help": "SDE sampling steps per rollout."})
     eval_num_inference_steps: int = field(default=40, metadata={"help": "ODE sampling steps in evaluation."})
     guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale; <= 1 disables CFG."})
+    true_cfg_scale: float = field(default=1.0, metadata={"help": "Real CFG scale for guidance-distilled models."})
     negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
     height: int = field(default=512, metadata={"help": "Image height in pixels."})
     width: int = field(default=512, metadata={"help": "Image width in pixels."})

@@ -40,7 +40,6 @@ def sample_sde(
     latents: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    guidance_scale: float,
     noise_level: float,
     noise_schedule: str,
     generators: list[torch.Generator] | None = None,
@@ -50,7 +49,7 @@ def sample_sde(
     all_latents, means, log_probs = [latents.float()], [], []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
-        velocity = adapter.predict_velocity(all_latents[-1], sigma, prompt_embeds, negative_embeds, guidance_scale)
+        velocity = adapter.predict_velocity(all_latents[-1], sigma, prompt_embeds, negative_embeds)
         next_latents, log_prob, mean, _ = sde_step_with_logprob(
             velocity,
             all_latents[-1],
@@ -73,14 +72,12 @@ def sample_ode(
     negative_embeds: PromptEmbeddings | None,
     latents: torch.Tensor,
     sigmas: torch.Tensor,
-    *,
-    guidance_scale: float,
 ) -> torch.Tensor:
     """Deterministic Euler sampling of the probability-flow ODE; returns the final latents."""
     latents = latents.float()
     batch = latents.shape[0]
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
-        velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, negative_embeds, guidance_scale)
+        velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, negative_embeds)
         latents = ode_step(velocity, latents, sigma, sigma_next)
     return latents

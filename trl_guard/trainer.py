@@ -23,7 +23,7 @@ from datasets import Dataset, IterableDataset
 from transformers import ProgressCallback, Trainer, TrainerCallback, set_seed
 from trl.trainer.utils import RepeatSampler, identity
 
-from .adapters import PipelineAdapter, PromptEmbeddings, get_adapter
+from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
 from .callbacks import GuardProgressCallback
 from .config import GuardConfig
 from .losses import compute_advantages, compute_policy_loss, gaussian_kl
@@ -156,7 +156,15 @@ class GuardGRPODiffusionTrainer(Trainer):
 
         pipeline = _load_pipeline(model, args)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
-        self.adapter.check_resolution(args.height, args.width)
+        self.adapter.configure(
+            SamplingSettings(
+                height=args.height,
+                width=args.width,
+                guidance_scale=args.guidance_scale,
+                true_cfg_scale=args.true_cfg_scale,
+                max_sequence_length=args.max_sequence_length,
+            )
+        )
         self.pipeline = pipeline
         set_seed(args.seed)  # LoRA initialisation draws from the global RNG
         denoiser = self._prepare_denoiser(peft_config, args)
@@ -241,16 +249,14 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     # ---- generation round ---------------------------------------------------------------------------------------
     def _negative_embeddings(self) -> PromptEmbeddings | None:
-        if self.args.guidance_scale <= 1.0:
+        if not self.adapter.uses_cfg:
             return None
         if self._negative_embeds is None:  # the text encoders are frozen: encode once per run
-            self._negative_embeds = self.adapter.encode_prompts(
-                [self.args.negative_prompt], max_sequence_length=self.args.max_sequence_length
-            )
+            self._negative_embeds = self.adapter.encode_prompts([self.args.negative_prompt])
         return self._negative_embeds
 
     def _initial_latents(self, global_indices: list[int], kind: int, rollout_index: int) -> torch.Tensor:
-        shape = self.adapter.latent_shape(self.args.height, self.args.width)
+        shape = self.adapter.latent_shape()
         keys = global_indices
         if self.args.init_same_noise and kind == _INIT_NOISE:
             keys = [i // self.args.num_generations for i in global_indices]
@@ -268,10 +274,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         # Text embeddings: once per distinct prompt of this round.
         unique_prompts = list(dict.fromkeys(prompts))
         prompt_index = torch.tensor([unique_prompts.index(p) for p in prompts], device=device)
-        unique_embeds = adapter.encode_prompts(unique_prompts, max_sequence_length=args.max_sequence_length)
+        unique_embeds = adapter.encode_prompts(unique_prompts)
         negative_embeds = self._negative_embeddings()
 
-        sigmas = adapter.sigmas(args.num_inference_steps, args.height, args.width)
+        sigmas = adapter.sigmas(args.num_inference_steps)
         latents = self._initial_latents(global_indices, _INIT_NOISE, rollout_index)
         step_generators = [_generator(args.seed, _SDE_NOISE, rollout_index, i) for i in global_indices]
 
@@ -290,7 +296,6 @@ class GuardGRPODiffusionTrainer(Trainer):
                 negative_embeds,
                 latents[chunk],
                 sigmas,
-                guidance_scale=args.guidance_scale,
                 noise_level=args.noise_level,
                 noise_schedule=args.noise_schedule,
                 generators=step_generators[chunk],
@@ -362,9 +367,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         size = len(rollout)
         sigma, sigma_next = rollout.sigmas[step].expand(size), rollout.sigmas[step + 1].expand(size)
         latents, next_latents = rollout.latents[:, step], rollout.latents[:, step + 1]
-        velocity = self.adapter.predict_velocity(
-            latents, sigma, batch["prompt_embeds"], batch["negative_embeds"], self.args.guidance_scale
-        )
+        velocity = self.adapter.predict_velocity(latents, sigma, batch["prompt_embeds"], batch["negative_embeds"])
         _, _, mean, std = sde_step_with_logprob(
             velocity,
             latents,
@@ -467,7 +470,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         _check_prompt_dataset(dataset, "eval_dataset")
         args, adapter = self.args, self.adapter
         indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
-        sigmas = adapter.sigmas(args.eval_num_inference_steps, args.height, args.width)
+        sigmas = adapter.sigmas(args.eval_num_inference_steps)
         adapter.denoiser.eval()
         scores = []
         for start in range(0, len(indices), args.per_device_eval_batch_size):
@@ -477,11 +480,10 @@ class GuardGRPODiffusionTrainer(Trainer):
             columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
             latents = sample_ode(
                 adapter,
-                adapter.encode_prompts(prompts, max_sequence_length=args.max_sequence_length),
+                adapter.encode_prompts(prompts),
                 self._negative_embeddings(),
                 self._initial_latents(chunk, _EVAL_NOISE, 0),
                 sigmas,
-                guidance_scale=args.guidance_scale,
             )
             images = adapter.decode(latents)
             scores.extend(

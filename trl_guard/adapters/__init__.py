@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import PipelineAdapter, PromptEmbeddings
+from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings
 from .sd3 import SD3Adapter
 
 ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter]
@@ -20,4 +20,4 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
     raise ValueError(f"{name} is not supported. Supported pipeline classes: {', '.join(supported)}.")
 
 
-__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeddings", "SD3Adapter", "get_adapter"]
+__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeddings", "SD3Adapter", "SamplingSettings", "get_adapter"]

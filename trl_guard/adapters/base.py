@@ -17,6 +17,21 @@ import torch
 from PIL import Image
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What an adapter needs to know about sampling, set once per run (from `GuardConfig`).
+
+    `guidance_scale` is classifier-free guidance for families without a guidance embedding (SD3) and the guidance
+    embedding's value for guidance-distilled ones (FLUX.1-dev); `true_cfg_scale` is real CFG for the latter.
+    """
+
+    height: int
+    width: int
+    guidance_scale: float = 1.0
+    true_cfg_scale: float = 1.0
+    max_sequence_length: int = 128
+
+
 @dataclass
 class PromptEmbeddings:
     """Text conditioning for a batch: tensors keyed by the denoiser's argument names, batch dimension first."""
@@ -50,9 +65,15 @@ class PipelineAdapter:
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
+        self.settings: SamplingSettings | None = None
         self.reference_denoiser: torch.nn.Module | None = None
         self._use_reference = False
         self.check_scheduler()
+
+    def configure(self, settings: SamplingSettings) -> None:
+        """Set the sampling settings, checking the resolution against the denoiser."""
+        self.check_resolution(settings.height, settings.width)
+        self.settings = settings
 
     # ---- components -------------------------------------------------------------------------------------------
     @property
@@ -84,16 +105,24 @@ class PipelineAdapter:
             )
 
     # ---- family-specific ----------------------------------------------------------------------------------------
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether `predict_velocity` needs negative-prompt embeddings (classifier-free guidance)."""
+        raise NotImplementedError
+
     def check_resolution(self, height: int, width: int) -> None:
         raise NotImplementedError
 
-    def encode_prompts(self, prompts: list[str], *, max_sequence_length: int) -> PromptEmbeddings:
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        """Text conditioning for `prompts`, computed without gradients."""
         raise NotImplementedError
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latents as the denoiser takes them (packed, for families that pack)."""
         raise NotImplementedError
 
-    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        """The (num_inference_steps + 1,) float32 noise levels from 1 down to 0, shifted as the family's pipeline does."""
         raise NotImplementedError
 
     def predict_velocity(
@@ -102,8 +131,8 @@ class PipelineAdapter:
         sigma: torch.Tensor,
         prompt_embeds: PromptEmbeddings,
         negative_embeds: PromptEmbeddings | None,
-        guidance_scale: float,
     ) -> torch.Tensor:
+        """The (guided) velocity at noise level `sigma` (B,), with CFG as one batched forward."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

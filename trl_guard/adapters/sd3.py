@@ -23,9 +23,13 @@ class SD3Adapter(PipelineAdapter):
         "attn.to_add_out",
     ]
 
-    def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
+    @property
+    def uses_cfg(self) -> bool:
+        return self.settings.guidance_scale > 1.0
+
+    def _latent_hw(self) -> tuple[int, int]:
         factor = self.pipeline.vae_scale_factor
-        return height // factor, width // factor
+        return self.settings.height // factor, self.settings.width // factor
 
     def check_resolution(self, height: int, width: int) -> None:
         config = self.denoiser.config
@@ -39,26 +43,26 @@ class SD3Adapter(PipelineAdapter):
                     f"Set {name} to, for example, {min(largest, max(multiple, value // multiple * multiple))}."
                 )
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        return (self.denoiser.config.in_channels, *self._latent_hw(height, width))
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.denoiser.config.in_channels, *self._latent_hw())
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], *, max_sequence_length: int) -> PromptEmbeddings:
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
             device=self.device,
             do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=self.settings.max_sequence_length,
         )
         return PromptEmbeddings({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled})
 
-    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
         scheduler = self.pipeline.scheduler
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
-            h, w = self._latent_hw(height, width)
+            h, w = self._latent_hw()
             patch = self.denoiser.config.patch_size
             kwargs["mu"] = calculate_shift(
                 (h // patch) * (w // patch),
@@ -76,9 +80,9 @@ class SD3Adapter(PipelineAdapter):
         sigma: torch.Tensor,
         prompt_embeds: PromptEmbeddings,
         negative_embeds: PromptEmbeddings | None,
-        guidance_scale: float,
     ) -> torch.Tensor:
-        use_cfg = negative_embeds is not None and guidance_scale > 1.0
+        guidance_scale = self.settings.guidance_scale
+        use_cfg = negative_embeds is not None and self.uses_cfg
         timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps
         conditioning = prompt_embeds
         if use_cfg:
