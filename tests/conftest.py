@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from trl_guard.testing import build_tiny_sd3_pipeline
+from trl_guard.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,23 @@ def tiny_pipeline_dir(_base_pipeline, tmp_path_factory):
     """The tiny pipeline written with `save_pretrained`, to load by path like a Hub checkpoint."""
     path = tmp_path_factory.mktemp("tiny-sd3")
     _base_pipeline.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def _base_flux_pipeline():
+    return build_tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_flux_pipeline(_base_flux_pipeline):
+    return copy.deepcopy(_base_flux_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(_base_flux_pipeline, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-flux")
+    _base_flux_pipeline.save_pretrained(path)
     return str(path)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter]
+ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter]
 
 
 def get_adapter(pipeline: Any) -> PipelineAdapter:
@@ -20,4 +21,12 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
     raise ValueError(f"{name} is not supported. Supported pipeline classes: {', '.join(supported)}.")
 
 
-__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeddings", "SD3Adapter", "SamplingSettings", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "FluxAdapter",
+    "PipelineAdapter",
+    "PromptEmbeddings",
+    "SD3Adapter",
+    "SamplingSettings",
+    "get_adapter",
+]

@@ -1,0 +1,130 @@
+"""FLUX.1: MMDiT with packed 2x2 latent patches, CLIP pooled + T5 sequence conditioning, dynamic timestep shift.
+
+The worked example of adding a family (docs/adding_a_model_family.md). What differs from SD3:
+- latents are packed: the denoiser takes (B, (H/2)(W/2), 4C) tokens with 3-D position ids (`img_ids`, `txt_ids`);
+- the schedule is `linspace(1, 1/N, N)` shifted by `mu`, which grows with the image's token count;
+- the transformer takes `timestep = sigma` (not `sigma * 1000`) and, for guidance-distilled checkpoints
+  (FLUX.1-dev, `config.guidance_embeds`), the guidance scale as an embedding instead of CFG;
+- real CFG is optional (`true_cfg_scale > 1` with a negative prompt), as in `FluxPipeline`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+
+from .base import PipelineAdapter, PromptEmbeddings
+
+
+class FluxAdapter(PipelineAdapter):
+    pipeline_classes = ("FluxPipeline",)
+    # Every attention projection of the double-stream and single-stream blocks.
+    default_lora_target_modules = [
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    ]
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.settings.true_cfg_scale > 1.0
+
+    @property
+    def _latent_hw(self) -> tuple[int, int]:
+        """Unpacked latent height and width: the VAE's factor, rounded down to even for 2x2 packing."""
+        factor = self.pipeline.vae_scale_factor * 2
+        return 2 * (self.settings.height // factor), 2 * (self.settings.width // factor)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        multiple = self.pipeline.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple != 0:
+                raise ValueError(
+                    f"{name}={value} does not fit FLUX: it takes multiples of {multiple} pixels (VAE factor "
+                    f"{self.pipeline.vae_scale_factor} x 2 for latent packing). Set {name} to, for example, "
+                    f"{max(multiple, value // multiple * multiple)}."
+                )
+
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self._latent_hw
+        return ((h // 2) * (w // 2), self.denoiser.config.in_channels)
+
+    def _image_ids(self) -> torch.Tensor:
+        h, w = self._latent_hw
+        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+        return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float().to(self.device)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=self.device,
+            max_sequence_length=self.settings.max_sequence_length,
+        )
+        return PromptEmbeddings({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled})
+
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        scheduler = self.pipeline.scheduler
+        mu = calculate_shift(
+            self.latent_shape()[0],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
+        return scheduler.sigmas.detach().clone().float()
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: PromptEmbeddings,
+        negative_embeds: PromptEmbeddings | None,
+    ) -> torch.Tensor:
+        use_cfg = negative_embeds is not None and self.uses_cfg
+        conditioning = prompt_embeds
+        if use_cfg:  # one batched forward for both branches
+            conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+        denoiser = self.active_denoiser
+        dtype = denoiser.dtype
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            guidance = torch.full_like(sigma, self.settings.guidance_scale, dtype=torch.float32)
+        text_ids = torch.zeros(conditioning.tensors["encoder_hidden_states"].shape[1], 3, device=latents.device)
+        velocity = denoiser(
+            hidden_states=latents.to(dtype),
+            timestep=sigma.to(dtype),
+            guidance=guidance,
+            txt_ids=text_ids,
+            img_ids=self._image_ids(),
+            **{k: v.to(dtype) for k, v in conditioning.tensors.items()},
+            return_dict=False,
+        )[0]
+        if use_cfg:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + self.settings.true_cfg_scale * (cond - uncond)
+        return velocity
+
+    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        h, w = self._latent_hw
+        batch, _, channels = latents.shape
+        latents = latents.view(batch, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(batch, channels // 4, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        latents = self._unpack(latents).to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images, output_type="pil")
