@@ -16,6 +16,7 @@ def config(**kwargs):
         ("loss_type", "ppo"),
         ("noise_schedule", "ddpm"),
         ("scale_rewards", "global"),
+        ("dance_weighting", "both"),
         ("num_generations", 1),
         ("epsilon", 0.0),
         ("epsilon", -1e-4),

@@ -198,6 +198,20 @@ def test_group_advantages():
         compute_advantages(torch.ones(4), 4, scale_rewards="global")
 
 
+def test_dance_grpo_weightings():
+    from trl_guard.losses import timestep_weight
+
+    sigma, sigma_next = torch.tensor([0.8, 0.3]), torch.tensor([0.6, 0.1])
+    beta_t = 1 + 0.7**2 * (1 - sigma) / (2 * sigma)
+    kwargs = dict(loss_type="grpo_guard", noise_level=0.7, noise_schedule="dance_grpo")
+    torch.testing.assert_close(timestep_weight(sigma, sigma_next, **kwargs), beta_t / 0.2)
+    torch.testing.assert_close(
+        timestep_weight(sigma, sigma_next, dance_weighting="inverse", **kwargs), 1 / (beta_t * 0.2)
+    )
+    with pytest.raises(ValueError, match="dance_weighting"):
+        timestep_weight(sigma, sigma_next, dance_weighting="both", **kwargs)
+
+
 def test_gaussian_kl_closed_form():
     mean, ref_mean = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.3)
     std = torch.full((2, 1, 1, 1), 0.5)

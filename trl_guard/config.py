@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import DEFAULT_EPSILON, LOSS_TYPES, SCALE_REWARDS
+from .losses import DANCE_WEIGHTINGS, DEFAULT_EPSILON, LOSS_TYPES, SCALE_REWARDS
 from .sde import NOISE_SCHEDULES
 
 
@@ -79,6 +79,9 @@ class GuardConfig(TrainingArguments):
             over the latent (not sums), so ratios sit within ~1e-3 of 1 and clip ranges are tiny. Defaults to `1e-4`
             for `flow_grpo`, `temp_reweight` and `mean_revised`, and `2e-6` for `ratio_norm` and `grpo_guard` (the
             papers' values; GRPO-Guard used `4e-6` for PickScore).
+        dance_weighting (`str`, *optional*, defaults to `"paper"`):
+            GRPO-Guard's per-step weight under `noise_schedule="dance_grpo"`: `"paper"` is `beta_t / (-dt)` as printed
+            in the paper, `"inverse"` is `1 / (beta_t * (-dt))`. See docs/dance_grpo_weighting.md for the measurement.
         beta (`float`, *optional*, defaults to `0.0`):
             Weight of the KL penalty to the reference policy (the transformer with LoRA disabled), computed in closed
             form per step between the two Gaussians. `0` (GRPO-Guard's setting) skips the reference forward.
@@ -134,6 +137,10 @@ class GuardConfig(TrainingArguments):
         default="grpo_guard", metadata={"help": "Policy loss variant.", "choices": list(LOSS_TYPES)}
     )
     epsilon: float | None = field(default=None, metadata={"help": "Clip range (default depends on loss_type)."})
+    dance_weighting: str = field(
+        default="paper",
+        metadata={"help": "GRPO-Guard weight under the dance_grpo schedule.", "choices": list(DANCE_WEIGHTINGS)},
+    )
     beta: float = field(default=0.0, metadata={"help": "KL coefficient to the reference policy."})
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of sampling steps trained on."})
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantage clip value."})
@@ -172,6 +179,10 @@ class GuardConfig(TrainingArguments):
         check(
             self.noise_schedule in NOISE_SCHEDULES,
             f"noise_schedule={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.",
+        )
+        check(
+            self.dance_weighting in DANCE_WEIGHTINGS,
+            f"dance_weighting={self.dance_weighting!r} is unknown; use one of {DANCE_WEIGHTINGS}.",
         )
         check(
             self.scale_rewards in SCALE_REWARDS,

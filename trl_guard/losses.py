@@ -32,6 +32,9 @@ from .sde import _mean_per_sample, sde_noise_scale
 
 LOSS_TYPES = ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard")
 SCALE_REWARDS = ("group", "batch", "none")
+# GRPO-Guard's weight under the constant-noise (DanceGRPO) schedule: the paper prints beta_t / (-dt); the inverse,
+# 1 / (beta_t * (-dt)), is the other reading. docs/dance_grpo_weighting.md measures both.
+DANCE_WEIGHTINGS = ("paper", "inverse")
 
 # Clip ranges the papers use: ``log r`` is ~1e-3 wide, the std-normalised log-ratio ~100x narrower.
 DEFAULT_EPSILON = {
@@ -68,8 +71,13 @@ def timestep_weight(
     loss_type: str,
     noise_level: float,
     noise_schedule: str = "flow_grpo",
+    dance_weighting: str = "paper",
 ) -> torch.Tensor:
-    """The per-step loss weight (B,) of ``loss_type`` (Table 2 of the GRPO-Guard paper)."""
+    """The per-step loss weight (B,) of ``loss_type`` (Table 2 of the GRPO-Guard paper).
+
+    ``dance_weighting`` picks GRPO-Guard's weight under the ``"dance_grpo"`` schedule: ``"paper"`` is
+    ``beta_t / (-dt)`` as printed, ``"inverse"`` is ``1 / (beta_t * (-dt))``.
+    """
     if loss_type in ("flow_grpo", "mean_revised", "ratio_norm"):
         return torch.ones_like(sigma)
     neg_dt = sigma - sigma_next
@@ -81,7 +89,11 @@ def timestep_weight(
             return 1 / neg_dt
         if noise_schedule == "dance_grpo":
             beta_t = 1 + noise_level**2 * (1 - sigma) / (2 * sigma)
-            return beta_t / neg_dt
+            if dance_weighting == "paper":
+                return beta_t / neg_dt
+            if dance_weighting == "inverse":
+                return 1 / (beta_t * neg_dt)
+            raise ValueError(f"Unknown dance_weighting {dance_weighting!r}; expected one of {DANCE_WEIGHTINGS}.")
         raise ValueError(f"Unknown noise_schedule {noise_schedule!r}.")
     raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
 
@@ -99,6 +111,7 @@ def compute_policy_loss(
     epsilon: float,
     noise_level: float,
     noise_schedule: str = "flow_grpo",
+    dance_weighting: str = "paper",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss of one sampling step, averaged over the batch.
 
@@ -116,6 +129,7 @@ def compute_policy_loss(
             means, so use ~1e-4 for ``flow_grpo`` and ~2e-6 for ``grpo_guard``.
         noise_level: SDE noise multiplier used at sampling (for the per-step weights).
         noise_schedule: ``"flow_grpo"`` or ``"dance_grpo"``.
+        dance_weighting: ``"paper"`` or ``"inverse"``; see :func:`timestep_weight`.
 
     Returns:
         ``(loss, stats)``: the scalar loss and detached diagnostics (each a scalar tensor): ``log_ratio_mean``
@@ -141,7 +155,12 @@ def compute_policy_loss(
 
     log_ratio = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type=loss_type)
     weight = timestep_weight(
-        sigma, sigma_next, loss_type=loss_type, noise_level=noise_level, noise_schedule=noise_schedule
+        sigma,
+        sigma_next,
+        loss_type=loss_type,
+        noise_level=noise_level,
+        noise_schedule=noise_schedule,
+        dance_weighting=dance_weighting,
     )
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -210,6 +229,7 @@ def compute_advantages(
 
 
 __all__ = [
+    "DANCE_WEIGHTINGS",
     "DEFAULT_EPSILON",
     "LOSS_TYPES",
     "SCALE_REWARDS",

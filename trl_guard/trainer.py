@@ -402,6 +402,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 epsilon=args.epsilon,
                 noise_level=args.noise_level,
                 noise_schedule=args.noise_schedule,
+                dance_weighting=args.dance_weighting,
             )
             if args.beta > 0:
                 with torch.no_grad(), self.adapter.reference_policy():
