@@ -99,6 +99,17 @@ class GuardConfig(TrainingArguments):
         num_iterations (`int`, *optional*, defaults to `1`):
             Passes over each generation batch (PPO epochs; `mu` in the GRPO paper).
 
+        > Parameters that control memory
+
+        offload_frozen_modules (`bool`, *optional*, defaults to `False`):
+            Keep the text encoders and the VAE on the CPU, moving each to the accelerator only while it encodes or
+            decodes. Saves their memory (T5-XXL alone is ~9 GB in bf16) at the cost of transfers every round.
+        precompute_prompt_embeds (`bool`, *optional*, defaults to `False`):
+            Encode every distinct prompt of the train and eval datasets once, before training, and keep the
+            embeddings on the CPU; rounds then never run the text encoders. Combine with `offload_frozen_modules`.
+            Gradient checkpointing of the transformer is the Trainer's `gradient_checkpointing`; bf16 autocast is
+            `bf16=True` (the SDE math always runs in float32, where Flow-GRPO saw bf16 overflow).
+
         > Parameters that control logging
 
         log_timestep_grad_norm (`bool`, *optional*, defaults to `True`):
@@ -150,6 +161,9 @@ class GuardConfig(TrainingArguments):
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
     steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps per generation batch."})
     num_iterations: int = field(default=1, metadata={"help": "Passes over each generation batch."})
+
+    offload_frozen_modules: bool = field(default=False, metadata={"help": "Text encoders and VAE on CPU."})
+    precompute_prompt_embeds: bool = field(default=False, metadata={"help": "Encode dataset prompts once."})
 
     log_timestep_grad_norm: bool = field(default=True, metadata={"help": "Log per-timestep gradient norms."})
 

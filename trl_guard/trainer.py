@@ -25,6 +25,7 @@ from trl.trainer.utils import RepeatSampler, identity
 
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
 from .callbacks import GuardProgressCallback
+from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
 from .losses import compute_advantages, compute_policy_loss, gaussian_kl
 from .rewards import resolve_reward_func, reward_func_name
@@ -188,8 +189,9 @@ class GuardGRPODiffusionTrainer(Trainer):
             )
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(GuardProgressCallback)
-        for module in self.adapter.frozen_modules:
-            module.to(self.accelerator.device)
+        if not args.offload_frozen_modules:
+            for module in self.adapter.frozen_modules:
+                module.to(self.accelerator.device)
         if self.adapter.reference_denoiser is not None:
             self.adapter.reference_denoiser.to(self.accelerator.device)
 
@@ -197,6 +199,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._buffered_batches: list[dict[str, Any]] | None = None
         self._step: int | None = None
         self._negative_embeds: PromptEmbeddings | None = None
+        self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, args.offload_frozen_modules)
+        if args.precompute_prompt_embeds:
+            datasets = [d for d in (train_dataset, eval_dataset) if isinstance(d, Dataset)]
+            self.prompt_encoder.precompute(p for d in datasets for p in d["prompt"])
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def _prepare_denoiser(self, peft_config: Any | None, args: GuardConfig) -> torch.nn.Module:
@@ -252,8 +258,12 @@ class GuardGRPODiffusionTrainer(Trainer):
         if not self.adapter.uses_cfg:
             return None
         if self._negative_embeds is None:  # the text encoders are frozen: encode once per run
-            self._negative_embeds = self.adapter.encode_prompts([self.args.negative_prompt])
+            self._negative_embeds, _ = self.prompt_encoder([self.args.negative_prompt])
         return self._negative_embeds
+
+    def _decode(self, latents: torch.Tensor) -> list:
+        with on_device([self.pipeline.vae], self.accelerator.device, self.args.offload_frozen_modules):
+            return self.adapter.decode(latents)
 
     def _initial_latents(self, global_indices: list[int], kind: int, rollout_index: int) -> torch.Tensor:
         shape = self.adapter.latent_shape()
@@ -271,10 +281,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         offset = self.accelerator.process_index * local_size
         global_indices = list(range(offset, offset + local_size))
 
-        # Text embeddings: once per distinct prompt of this round.
-        unique_prompts = list(dict.fromkeys(prompts))
-        prompt_index = torch.tensor([unique_prompts.index(p) for p in prompts], device=device)
-        unique_embeds = adapter.encode_prompts(unique_prompts)
+        unique_embeds, prompt_index = self.prompt_encoder(prompts)  # once per distinct prompt
         negative_embeds = self._negative_embeddings()
 
         sigmas = adapter.sigmas(args.num_inference_steps)
@@ -301,7 +308,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 generators=step_generators[chunk],
             )
             batches.append({"rollout": rollout, "prompt_embeds": prompt_embeds, "negative_embeds": negative_embeds})
-            images.extend(adapter.decode(rollout.final_latents))
+            images.extend(self._decode(rollout.final_latents))
 
         local_rewards = score_images(
             self.reward_funcs, self.reward_func_names, prompts, images, columns, trainer_state=self.state
@@ -479,14 +486,15 @@ class GuardGRPODiffusionTrainer(Trainer):
             rows = dataset.select(chunk)
             prompts = list(rows["prompt"])
             columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
+            prompt_embeds, prompt_index = self.prompt_encoder(prompts)
             latents = sample_ode(
                 adapter,
-                adapter.encode_prompts(prompts),
+                prompt_embeds.index(prompt_index),
                 self._negative_embeddings(),
                 self._initial_latents(chunk, _EVAL_NOISE, 0),
                 sigmas,
             )
-            images = adapter.decode(latents)
+            images = self._decode(latents)
             scores.extend(
                 score_images(
                     self.reward_funcs, self.reward_func_names, prompts, images, columns, trainer_state=self.state

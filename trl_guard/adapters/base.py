@@ -92,6 +92,14 @@ class PipelineAdapter:
         return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n) is not self.denoiser]
 
     @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [
+            module
+            for name, module in self.pipeline.components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        ]
+
+    @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
