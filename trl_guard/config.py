@@ -107,7 +107,8 @@ class GuardConfig(TrainingArguments):
         precompute_prompt_embeds (`bool`, *optional*, defaults to `False`):
             Encode every distinct prompt of the train and eval datasets once, before training, and keep the
             embeddings on the CPU; rounds then never run the text encoders. Combine with `offload_frozen_modules`.
-            Gradient checkpointing of the transformer is the Trainer's `gradient_checkpointing`; bf16 autocast is
+            Gradient checkpointing of the transformer is the Trainer's `activation_checkpointing` (or its alias
+            `gradient_checkpointing`); bf16 autocast is
             `bf16=True` (the SDE math always runs in float32, where Flow-GRPO saw bf16 overflow).
 
         > Parameters that control logging

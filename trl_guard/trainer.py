@@ -202,7 +202,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, args.offload_frozen_modules)
         if args.precompute_prompt_embeds:
             datasets = [d for d in (train_dataset, eval_dataset) if isinstance(d, Dataset)]
-            self.prompt_encoder.precompute(p for d in datasets for p in d["prompt"])
+            negative = [args.negative_prompt] if self.adapter.uses_cfg else []
+            self.prompt_encoder.precompute([p for d in datasets for p in d["prompt"]] + negative)
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def _prepare_denoiser(self, peft_config: Any | None, args: GuardConfig) -> torch.nn.Module:
@@ -221,10 +222,12 @@ class GuardGRPODiffusionTrainer(Trainer):
             denoiser.requires_grad_(True)
             if args.beta > 0:
                 self.adapter.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        if args.gradient_checkpointing:
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             # diffusers models expose `enable_gradient_checkpointing`, not the transformers hook the Trainer calls.
             denoiser.enable_gradient_checkpointing()
             args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
         return denoiser
 
     @property
