@@ -77,6 +77,7 @@ def test_policy_loss_matches_float64_reference(loss_type, schedule):
         epsilon=epsilon,
         noise_level=0.7,
         noise_schedule=schedule,
+        dance_weighting="paper",
     )
     ref_loss, ref_used = reference_loss64(
         mean, old_mean, x, std, adv, sigma, sigma_next, loss_type, epsilon, 0.7, schedule
@@ -204,9 +205,10 @@ def test_dance_grpo_weightings():
     sigma, sigma_next = torch.tensor([0.8, 0.3]), torch.tensor([0.6, 0.1])
     beta_t = 1 + 0.7**2 * (1 - sigma) / (2 * sigma)
     kwargs = dict(loss_type="grpo_guard", noise_level=0.7, noise_schedule="dance_grpo")
-    torch.testing.assert_close(timestep_weight(sigma, sigma_next, **kwargs), beta_t / 0.2)
+    torch.testing.assert_close(timestep_weight(sigma, sigma_next, dance_weighting="paper", **kwargs), beta_t / 0.2)
     torch.testing.assert_close(
-        timestep_weight(sigma, sigma_next, dance_weighting="inverse", **kwargs), 1 / (beta_t * 0.2)
+        timestep_weight(sigma, sigma_next, **kwargs),
+        1 / (beta_t * 0.2),  # the default
     )
     with pytest.raises(ValueError, match="dance_weighting"):
         timestep_weight(sigma, sigma_next, dance_weighting="both", **kwargs)
