@@ -38,3 +38,22 @@ def test_flux_resolution_must_pack():
     adapter = get_adapter(build_tiny_flux_pipeline())
     with pytest.raises(ValueError, match="width=30"):
         adapter.configure(SamplingSettings(32, 30))
+
+
+def test_a_new_family_registers_by_subclassing():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from trl_guard.adapters import ADAPTERS, PipelineAdapter
+
+    class MyPipeline:
+        scheduler = FlowMatchEulerDiscreteScheduler()
+
+    class MyAdapter(PipelineAdapter):
+        pipeline_classes = ("MyPipeline",)
+
+    try:
+        assert isinstance(get_adapter(MyPipeline()), MyAdapter)
+    finally:
+        ADAPTERS.remove(MyAdapter)
+    with pytest.raises(ValueError, match="FluxPipeline, StableDiffusion3Pipeline"):
+        get_adapter(MyPipeline())

@@ -48,6 +48,27 @@ def test_grpo_command_trains_from_a_recipe(tiny_pipeline_dir, tmp_path):
     assert '"max_steps": 2' in state and '"loss_type": "grpo_guard"' in state
 
 
+def test_same_recipe_trains_flux_by_changing_model_and_schedule(tiny_pipeline_dir, tiny_flux_pipeline_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(f"a drawing number {i}" for i in range(6)))
+    recipe = write_recipe(tmp_path, tiny_pipeline_dir, prompts_file)
+    main(
+        [
+            "grpo",
+            "--config",
+            str(recipe),
+            "--max_steps",
+            "1",
+            "--model_name_or_path",
+            tiny_flux_pipeline_dir,
+            "--noise_schedule",
+            "dance_grpo",
+        ]
+    )
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert any("single_transformer_blocks" in key for key in lora)  # a FLUX-only module
+
+
 def test_missing_local_dataset_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing/prompts.txt"):
         load_prompts(str(tmp_path / "missing" / "prompts.txt"))

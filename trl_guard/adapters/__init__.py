@@ -1,14 +1,22 @@
-"""Model-family adapters, picked from the pipeline's class."""
+"""Model-family adapters, picked from the pipeline's class.
+
+Every module in this package is imported here, and every `PipelineAdapter` subclass that names its
+`pipeline_classes` registers itself: adding a family is adding one file (docs/adding_a_model_family.md).
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings
-from .flux import FluxAdapter
-from .sd3 import SD3Adapter
+from .base import ADAPTERS, PipelineAdapter, PromptEmbeddings, SamplingSettings
 
-ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .flux import FluxAdapter  # noqa: E402
+from .sd3 import SD3Adapter  # noqa: E402
 
 
 def get_adapter(pipeline: Any) -> PipelineAdapter:

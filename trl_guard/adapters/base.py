@@ -52,8 +52,17 @@ class PromptEmbeddings:
         return PromptEmbeddings({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
+#: Every adapter class that names its pipeline classes, in definition order (see `get_adapter`).
+ADAPTERS: list[type[PipelineAdapter]] = []
+
+
 class PipelineAdapter:
     """Base class of the model-family adapters. Subclasses fill in the family-specific methods."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.pipeline_classes:
+            ADAPTERS.append(cls)
 
     #: Class names of the diffusers pipelines this adapter drives.
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
