@@ -1,5 +1,7 @@
 """`trl-guard grpo` trains from a YAML recipe, with flags overriding it."""
 
+from pathlib import Path
+
 import pytest
 from safetensors.torch import load_file
 
@@ -82,3 +84,17 @@ def test_unknown_yaml_key_is_an_error(tiny_pipeline_dir, tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as error:
         main(["grpo", "--config", str(recipe)])
     assert "learnig_rate" in str(error.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "examples" / "recipes").glob("*.yaml")))
+def test_example_recipes_parse(recipe):
+    from trl import ModelConfig, TrlParser
+
+    from trl_guard import GuardConfig
+    from trl_guard.scripts.grpo import GuardScriptArguments
+
+    parser = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig))
+    # bf16 needs the GPU the recipes are written for; everything else is checked as on that machine.
+    script_args, config, model_args = parser.parse_args_and_config(["--config", str(recipe), "--bf16", "false"])
+    assert script_args.reward_funcs and model_args.model_name_or_path and model_args.use_peft
+    assert config.generation_batch_size % config.num_generations == 0
