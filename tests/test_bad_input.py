@@ -61,7 +61,7 @@ def test_unsupported_pipeline_class_names_the_supported_ones():
 @pytest.mark.parametrize(
     ("returned", "message"),
     [
-        (lambda n: [0.5] * (n - 1), "returned 15 values for 16 images"),
+        (lambda n: [0.5] * (n - 1), "returned 7 values for 8 images"),
         (lambda n: ["high"] * n, "returned a str for prompt"),
         (lambda n: [float("nan")] * n, "returned nan for prompt 'prompt number"),
         (lambda n: [0.1] * (n - 1) + [float("inf")], "returned inf for prompt"),

@@ -105,7 +105,8 @@ def test_reward_weights_and_extra_columns(tiny_pipeline, prompts, tmp_path):
     seen = {}
 
     def uses_label(prompts, images, label, trainer_state, **kwargs):
-        seen["label"], seen["state"] = label, trainer_state
+        seen.setdefault("label", []).extend(label)  # called once per micro-batch of 8
+        seen["state"] = trainer_state
         return [float(x) for x in label]
 
     def skips_odd(prompts, images, label, **kwargs):

@@ -97,6 +97,9 @@ class GuardConfig(TrainingArguments):
             std (`"batch"`) or not at all (`"none"`). Rewards are always centred per group.
         reward_weights (`list[float]`, *optional*):
             Weight of each reward function in the summed reward; all `1.0` if unset.
+        overlap_reward_scoring (`bool`, *optional*, defaults to `True`):
+            Score each micro-batch's images in a worker thread while the next micro-batch is sampled (Flow-GRPO
+            does the same). Reward functions are still called one at a time, in order.
         steps_per_generation (`int`, *optional*):
             Micro-steps served by one generation batch; defaults to `gradient_accumulation_steps`.
         num_iterations (`int`, *optional*, defaults to `1`):
@@ -163,6 +166,7 @@ class GuardConfig(TrainingArguments):
         default="group", metadata={"help": "Advantage normalisation.", "choices": list(SCALE_REWARDS)}
     )
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
+    overlap_reward_scoring: bool = field(default=True, metadata={"help": "Score in a thread while sampling."})
     steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps per generation batch."})
     num_iterations: int = field(default=1, metadata={"help": "Passes over each generation batch."})
 

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .rewards import resolve_reward_func, reward_func_name
+
 
 def _as_float(value: Any) -> float | None:
     if value is None:
@@ -62,3 +64,45 @@ def score_images(
             if number is not None:
                 scores[i, j] = number
     return scores
+
+
+class RewardSet:
+    """Reward functions resolved from callables, built-in names, URLs or import paths, with unique log names and
+    weights. Calling it scores a batch with every function (see `score_images`)."""
+
+    def __init__(self, reward_funcs: Any, weights: Sequence[float] | None = None, *, field: str = "reward_funcs"):
+        if not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs:
+            raise ValueError(f"{field} is empty: give at least one reward function.")
+        self.funcs = [resolve_reward_func(f) for f in reward_funcs]
+        self.names: list[str] = []
+        for func in self.funcs:
+            name = reward_func_name(func)
+            # Two functions with one name (say two remote scorers) would overwrite each other's logs.
+            self.names.append(name if name not in self.names else f"{name}_{len(self.names)}")
+        weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
+        if len(weights) != len(self.funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} values for {len(self.funcs)} reward functions; give one weight "
+                "per function."
+            )
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.funcs)
+
+    def place(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        """Put model-based rewards on the trainer's device (they load there lazily, on first call)."""
+        for func in self.funcs:
+            if hasattr(func, "place"):
+                func.place(device, dtype)
+
+    def __call__(
+        self, prompts: list[str], images: list[Image.Image], columns: dict[str, list] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        return score_images(self.funcs, self.names, prompts, images, columns, **kwargs)
+
+    def total(self, scores: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over functions; a function's `None` (NaN) counts as missing, not as 0."""
+        return (scores * self.weights.to(scores.device)).nansum(dim=1)

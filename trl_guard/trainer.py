@@ -14,6 +14,8 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,10 +29,10 @@ from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_a
 from .callbacks import GuardProgressCallback
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
+from .images import log_image_grid
 from .losses import compute_advantages, compute_policy_loss, gaussian_kl
-from .rewards import resolve_reward_func, reward_func_name
 from .rollout import Rollout, sample_ode, sample_sde
-from .scoring import score_images
+from .scoring import RewardSet
 from .sde import sde_step_with_logprob
 
 # Streams of randomness, each seeded independently of how samples are spread over processes and batches.
@@ -124,6 +126,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         peft_config: Any | None = None,
+        gold_reward_funcs: Callable | str | Sequence[Callable | str] | None = None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else type(model).__name__
@@ -132,19 +135,8 @@ class GuardGRPODiffusionTrainer(Trainer):
             raise TypeError(f"args must be a GuardConfig, got {type(args).__name__}.")
 
         # Everything that can be checked cheaply is checked before the pipeline is loaded.
-        if not isinstance(reward_funcs, (list, tuple)):
-            reward_funcs = [reward_funcs]
-        if not reward_funcs:
-            raise ValueError("reward_funcs is empty: give at least one reward function.")
-        self.reward_funcs = [resolve_reward_func(f) for f in reward_funcs]
-        self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
-        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions; give one "
-                "weight per function."
-            )
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.rewards = RewardSet(reward_funcs, args.reward_weights)
+        self.gold_rewards = RewardSet(gold_reward_funcs, field="gold_reward_funcs") if gold_reward_funcs else None
         _check_prompt_dataset(train_dataset, "train_dataset")
         _check_prompt_dataset(eval_dataset, "eval_dataset")
         groups_per_generation = args.generation_batch_size // args.num_generations
@@ -194,11 +186,16 @@ class GuardGRPODiffusionTrainer(Trainer):
                 module.to(self.accelerator.device)
         if self.adapter.reference_denoiser is not None:
             self.adapter.reference_denoiser.to(self.accelerator.device)
+        reward_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        for rewards in (self.rewards, self.gold_rewards):
+            if rewards is not None:
+                rewards.place(self.accelerator.device, reward_dtype)
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._buffered_batches: list[dict[str, Any]] | None = None
         self._step: int | None = None
         self._negative_embeds: PromptEmbeddings | None = None
+        self._scoring_pool = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
         self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, args.offload_frozen_modules)
         if args.precompute_prompt_embeds:
             datasets = [d for d in (train_dataset, eval_dataset) if isinstance(d, Dataset)]
@@ -295,7 +292,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         # sampling forward, so its ratio is exactly 1.
         batch_size = args.per_device_train_batch_size
         batches: list[dict[str, Any]] = []
-        images = []
+        scored: list = []  # futures or score tensors, one per micro-batch
         self.adapter.denoiser.eval()
         for start in range(0, local_size, batch_size):
             chunk = slice(start, start + batch_size)
@@ -311,11 +308,16 @@ class GuardGRPODiffusionTrainer(Trainer):
                 generators=step_generators[chunk],
             )
             batches.append({"rollout": rollout, "prompt_embeds": prompt_embeds, "negative_embeds": negative_embeds})
-            images.extend(self._decode(rollout.final_latents))
-
-        local_rewards = score_images(
-            self.reward_funcs, self.reward_func_names, prompts, images, columns, trainer_state=self.state
-        ).to(device)
+            score = partial(
+                self.rewards,
+                prompts[chunk],
+                self._decode(rollout.final_latents),
+                {key: values[chunk] for key, values in columns.items()},
+                trainer_state=self.state,
+            )
+            # Scoring a micro-batch in the worker thread overlaps it with sampling the next one (as Flow-GRPO does).
+            scored.append(self._scoring_pool.submit(score) if self._scoring_pool else score())
+        local_rewards = torch.cat([s.result() if isinstance(s, Future) else s for s in scored]).to(device)
         missing = torch.isnan(local_rewards).all(dim=1)
         if missing.any():
             prompt = prompts[int(missing.nonzero()[0])]
@@ -323,7 +325,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"Every reward function returned None for prompt {prompt!r}: at least one must score each sample."
             )
         rewards = self.accelerator.gather(local_rewards)  # (generation batch, num_funcs), in global order
-        total = (rewards * self.reward_weights.to(device)).nansum(dim=1)
+        total = self.rewards.total(rewards)
         advantages = compute_advantages(
             total, args.num_generations, scale_rewards=args.scale_rewards, adv_clip_max=args.adv_clip_max
         )
@@ -340,7 +342,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         return batches
 
     def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
-        for j, name in enumerate(self.reward_func_names):
+        for j, name in enumerate(self.rewards.names):
             self._metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards[:, j]).item())
             valid = rewards[:, j][~torch.isnan(rewards[:, j])]
             self._metrics[f"rewards/{name}/std"].append(valid.std(unbiased=False).item() if len(valid) else 0.0)
@@ -473,17 +475,20 @@ class GuardGRPODiffusionTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Sample one image per eval prompt with the ODE (`eval_num_inference_steps`, fixed seeds) and log the mean
-        of every reward function, `{prefix}_rewards/{name}`, and of their weighted sum, `{prefix}_reward`."""
+        """Sample one image per eval prompt with the ODE (`eval_num_inference_steps`, seeds fixed by the prompt's
+        row) and log the mean of each training reward, `{prefix}_rewards/{name}`, of their weighted sum,
+        `{prefix}_reward`, and of each gold reward, `{prefix}_gold/{name}`. A grid of the first images is written to
+        `{output_dir}/eval_images/` and sent to the trackers that take images (tensorboard, wandb)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         _check_prompt_dataset(dataset, "eval_dataset")
         args, adapter = self.args, self.adapter
+        reward_sets = [self.rewards] + ([self.gold_rewards] if self.gold_rewards is not None else [])
         indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
         sigmas = adapter.sigmas(args.eval_num_inference_steps)
         adapter.denoiser.eval()
-        scores = []
+        rows_scores, grid_images = [], []
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             chunk = indices[start : start + args.per_device_eval_batch_size]
             rows = dataset.select(chunk)
@@ -498,18 +503,27 @@ class GuardGRPODiffusionTrainer(Trainer):
                 sigmas,
             )
             images = self._decode(latents)
-            scores.extend(
-                score_images(
-                    self.reward_funcs, self.reward_func_names, prompts, images, columns, trainer_state=self.state
-                ).tolist()
-            )
-        scores = torch.tensor(gather_object(scores) if self.accelerator.num_processes > 1 else scores)
-        scores = scores.view(-1, len(self.reward_funcs))
+            grid_images.extend(images[: max(0, 16 - len(grid_images))])
+            scores = [rewards(prompts, images, columns, trainer_state=self.state) for rewards in reward_sets]
+            rows_scores.extend(torch.cat(scores, dim=1).tolist())
+        if self.accelerator.num_processes > 1:
+            rows_scores = gather_object(rows_scores)
+        scores = torch.tensor(rows_scores, dtype=torch.float32).view(-1, sum(len(r) for r in reward_sets))
+        proxy, gold = scores[:, : len(self.rewards)], scores[:, len(self.rewards) :]
         metrics = {
-            f"{metric_key_prefix}_rewards/{name}": torch.nanmean(scores[:, j]).item()
-            for j, name in enumerate(self.reward_func_names)
+            f"{metric_key_prefix}_rewards/{n}": torch.nanmean(proxy[:, j]).item()
+            for j, n in enumerate(self.rewards.names)
         }
-        metrics[f"{metric_key_prefix}_reward"] = (scores * self.reward_weights).nansum(dim=1).mean().item()
+        metrics[f"{metric_key_prefix}_reward"] = self.rewards.total(proxy).mean().item()
+        if self.gold_rewards is not None:
+            metrics.update(
+                {
+                    f"{metric_key_prefix}_gold/{n}": torch.nanmean(gold[:, j]).item()
+                    for j, n in enumerate(self.gold_rewards.names)
+                }
+            )
+        if self.is_world_process_zero() and grid_images:
+            log_image_grid(self, grid_images, f"{metric_key_prefix}_images")
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -1,0 +1,191 @@
+"""CLIP-based rewards: PickScore, CLIP score and the LAION aesthetic predictor, all transformers-native.
+
+Each loads a `CLIPModel` and its processor with `from_pretrained` (a Hub id or a local folder, safetensors,
+`trust_remote_code` off) once, on first call, on the device and dtype the trainer places it on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .base import ModelReward
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+CLIP_MODEL = "openai/clip-vit-large-patch14"
+AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
+AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+
+
+def _features(output) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projected embedding; 4.x returned the tensor
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipEmbeddingReward(ModelReward):
+    """A reward computed from the L2-normalised CLIP embeddings of each image and its prompt."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        processor_name_or_path: str | None = None,
+        *,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.model_name_or_path = model_name_or_path
+        self.processor_name_or_path = processor_name_or_path or model_name_or_path
+        self.revision = revision
+
+    def _load(self) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.processor = CLIPProcessor.from_pretrained(self.processor_name_or_path, revision=self.revision)
+        self.model = CLIPModel.from_pretrained(
+            self.model_name_or_path, revision=self.revision, dtype=self.dtype, use_safetensors=True
+        )
+        self.model.requires_grad_(False).eval()
+        self._move()
+
+    def _move(self) -> None:
+        self.model.to(device=self.device, dtype=self.dtype)
+
+    def embed_images(self, images: list) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        features = _features(self.model.get_image_features(pixel_values=pixels)).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.processor(text=prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        features = _features(
+            self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        ).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def cosine(self, prompts: list[str], images: list) -> torch.Tensor:
+        return (self.embed_images(images) * self.embed_texts(prompts)).sum(dim=-1)
+
+
+class PickScoreReward(ClipEmbeddingReward):
+    """PickScore (Kirstain et al., 2023): a CLIP-H fine-tuned on human preferences (Pick-a-Pic).
+
+    Score = `logit_scale.exp() * cos(image, prompt)`, the raw PickScore (about 18-24 for typical images; Flow-GRPO
+    trains on this divided by 26). Weights: `yuvalkirstain/PickScore_v1` (MIT), processor from
+    `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`.
+
+    Example:
+        ```python
+        reward = PickScoreReward()  # or PickScoreReward("/path/to/PickScore_v1", "/path/to/processor")
+        reward(prompts=["a cat"], images=[image])  # -> [21.7]
+        ```
+    """
+
+    __name__ = "pickscore"
+
+    def __init__(self, model_name_or_path: str = PICKSCORE_MODEL, processor_name_or_path: str | None = None, **kwargs):
+        super().__init__(model_name_or_path, processor_name_or_path or PICKSCORE_PROCESSOR, **kwargs)
+
+    def _score(self, prompts, images):
+        return (self.model.logit_scale.exp().float() * self.cosine(prompts, images)).tolist()
+
+
+class ClipScoreReward(ClipEmbeddingReward):
+    """CLIP score (Hessel et al., 2021, in torchmetrics' form): `max(100 * cos(image, prompt), 0)`.
+
+    Default weights `openai/clip-vit-large-patch14` (MIT); any CLIP checkpoint in transformers format works.
+
+    Example:
+        ```python
+        reward = ClipScoreReward("openai/clip-vit-base-patch32")
+        reward(prompts=["a cat"], images=[image])  # -> [31.2]
+        ```
+    """
+
+    __name__ = "clip_score"
+
+    def __init__(self, model_name_or_path: str = CLIP_MODEL, processor_name_or_path: str | None = None, **kwargs):
+        super().__init__(model_name_or_path, processor_name_or_path, **kwargs)
+
+    def _score(self, prompts, images):
+        return (100 * self.cosine(prompts, images)).clamp(min=0).tolist()
+
+
+class AestheticHead(nn.Module):
+    """The LAION improved aesthetic predictor's MLP on normalised CLIP ViT-L/14 image embeddings (key names kept so
+    the published state dict loads as is)."""
+
+    def __init__(self, input_dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings)
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a PyTorch pickle loaded with `weights_only=True` (tensors only)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class AestheticReward(ClipEmbeddingReward):
+    """LAION aesthetic predictor v2 (Schuhmann et al.): an MLP on CLIP ViT-L/14 image embeddings, about 1-10.
+
+    `head` is a local `.safetensors` / `.pth` file or `"repo_id/filename"` on the Hub (default: the published
+    `sac+logos+ava1-l14-linearMSE.pth`, Apache-2.0, read with `torch.load(weights_only=True)`). The prompt is unused.
+
+    Example:
+        ```python
+        reward = AestheticReward()
+        reward(prompts=["a cat"], images=[image])  # -> [5.9]
+        ```
+    """
+
+    __name__ = "aesthetic"
+
+    def __init__(
+        self,
+        model_name_or_path: str = CLIP_MODEL,
+        head: str = f"{AESTHETIC_HEAD_REPO}/{AESTHETIC_HEAD_FILE}",
+        processor_name_or_path: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(model_name_or_path, processor_name_or_path, **kwargs)
+        self.head_path = head
+
+    def _load(self) -> None:
+        super()._load()
+        path = self.head_path
+        if not os.path.exists(path):
+            from huggingface_hub import hf_hub_download
+
+            repo_id, _, filename = path.rpartition("/")
+            path = hf_hub_download(repo_id, filename)
+        self.head = AestheticHead(self.model.config.projection_dim)
+        self.head.load_state_dict(load_state_dict(path))
+        self.head.requires_grad_(False).eval()
+        self._move()
+
+    def _move(self) -> None:
+        super()._move()
+        if hasattr(self, "head"):
+            self.head.to(device=self.device, dtype=torch.float32)
+
+    def _score(self, prompts, images):
+        return self.head(self.embed_images(images)).squeeze(-1).tolist()
