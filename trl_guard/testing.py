@@ -169,3 +169,38 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
+
+
+def build_tiny_clip(folder: str, seed: int = 0, projection_dim: int = 16) -> str:
+    """Write a tiny random `CLIPModel` and its `CLIPProcessor` to `folder` (the real architecture, for reward tests)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=projection_dim,
+            **special,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=projection_dim,
+        ),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
