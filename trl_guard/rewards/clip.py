@@ -16,8 +16,10 @@ from .base import ModelReward
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
-AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
-AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+# The published head, in the predictor's own repository (a PyTorch pickle of tensors, read with weights_only=True)
+AESTHETIC_HEAD_URL = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+)
 
 
 def _features(output) -> torch.Tensor:
@@ -135,6 +137,27 @@ class AestheticHead(nn.Module):
         return self.layers(embeddings)
 
 
+def _fetch(location: str) -> str:
+    """A local path for a file given as a path, an https URL (cached under ~/.cache/trl_guard) or a Hub file."""
+    if os.path.exists(location):
+        return location
+    if location.startswith("https://"):
+        import urllib.parse
+        import urllib.request
+
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "trl_guard")
+        path = os.path.join(cache, urllib.parse.unquote(location.rsplit("/", 1)[-1]))
+        if not os.path.exists(path):
+            os.makedirs(cache, exist_ok=True)
+            urllib.request.urlretrieve(location, path + ".part")
+            os.replace(path + ".part", path)  # a killed download never leaves a truncated file under the real name
+        return path
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, filename = location.rpartition("/")
+    return hf_hub_download(repo_id, filename)
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a PyTorch pickle loaded with `weights_only=True` (tensors only)."""
     if path.endswith(".safetensors"):
@@ -147,8 +170,9 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
 class AestheticReward(ClipEmbeddingReward):
     """LAION aesthetic predictor v2 (Schuhmann et al.): an MLP on CLIP ViT-L/14 image embeddings, about 1-10.
 
-    `head` is a local `.safetensors` / `.pth` file or `"repo_id/filename"` on the Hub (default: the published
-    `sac+logos+ava1-l14-linearMSE.pth`, Apache-2.0, read with `torch.load(weights_only=True)`). The prompt is unused.
+    `head` is a local `.safetensors` / `.pth` file, `"repo_id/filename"` on the Hub, or an https URL downloaded once
+    to `~/.cache/trl_guard` (default: the published `sac+logos+ava1-l14-linearMSE.pth` from the predictor's
+    repository). `.pth` files are read with `torch.load(weights_only=True)`. The prompt is unused.
 
     Example:
         ```python
@@ -162,7 +186,7 @@ class AestheticReward(ClipEmbeddingReward):
     def __init__(
         self,
         model_name_or_path: str = CLIP_MODEL,
-        head: str = f"{AESTHETIC_HEAD_REPO}/{AESTHETIC_HEAD_FILE}",
+        head: str = AESTHETIC_HEAD_URL,
         processor_name_or_path: str | None = None,
         **kwargs,
     ):
@@ -171,12 +195,7 @@ class AestheticReward(ClipEmbeddingReward):
 
     def _load(self) -> None:
         super()._load()
-        path = self.head_path
-        if not os.path.exists(path):
-            from huggingface_hub import hf_hub_download
-
-            repo_id, _, filename = path.rpartition("/")
-            path = hf_hub_download(repo_id, filename)
+        path = _fetch(self.head_path)
         self.head = AestheticHead(self.model.config.projection_dim)
         self.head.load_state_dict(load_state_dict(path))
         self.head.requires_grad_(False).eval()
