@@ -89,3 +89,48 @@ def test_builtin_rewards_resolve(name):
 
     assert resolve_reward_func(name).__name__ == name
     assert resolve_reward_func("trl_guard.rewards.compression." + name).__name__ == name
+
+
+def test_a_run_killed_while_saving_loses_nothing(tiny_pipeline, prompts, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run = tmp_path / "run"
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, str(tests / "checkpoint_kill_run.py"), str(run)],
+        env={**os.environ, "PYTHONPATH": str(tests)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert not (run / "checkpoint-4").exists()  # the interrupted checkpoint never appears under its real name
+    previous = run / "checkpoint-2"
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state.pth",
+    ):
+        assert (previous / name).exists(), name
+    assert get_last_checkpoint(str(run)) == str(previous)
+
+    resumed = make_trainer(
+        tiny_pipeline,
+        [blueness],
+        prompts,
+        run,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=2,
+        steps_per_generation=1,
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6
+    assert (run / "checkpoint-6").exists() and not (run / ".staging").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import ProgressCallback, Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler, identity
 
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
@@ -37,6 +39,7 @@ from .sde import sde_step_with_logprob
 
 # Streams of randomness, each seeded independently of how samples are spread over processes and batches.
 _INIT_NOISE, _SDE_NOISE, _TIMESTEPS, _EVAL_NOISE = range(4)
+_STAGING = ".staging"  # checkpoints are written here first, then moved into place
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -195,6 +198,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._buffered_batches: list[dict[str, Any]] | None = None
         self._step: int | None = None
         self._negative_embeds: PromptEmbeddings | None = None
+        self._staging_checkpoint = False
         self._scoring_pool = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
         self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, args.offload_frozen_modules)
         if args.precompute_prompt_embeds:
@@ -550,6 +554,30 @@ class GuardGRPODiffusionTrainer(Trainer):
         # JSON rather than the Trainer's pickled training_args.bin: tokens are redacted and nothing needs unpickling.
         with open(os.path.join(output_dir, "guard_config.json"), "w") as f:
             f.write(self.args.to_json_string())
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, _STAGING) if self._staging_checkpoint else run_dir
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write the checkpoint under `{output_dir}/.staging/` and move it into place only once complete, so a run
+        killed while saving leaves the previous checkpoints untouched and no half-written `checkpoint-N`."""
+        run_dir = self._get_output_dir(trial)
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_checkpoint = False
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):  # saved again at the same step: the new one replaces it
+                shutil.rmtree(final)
+            os.replace(os.path.join(run_dir, _STAGING, name), final)
+            shutil.rmtree(os.path.join(run_dir, _STAGING), ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if self.adapter.has_lora:
