@@ -40,11 +40,22 @@ def lora_config(**overrides) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-def make_trainer(model, reward_funcs, dataset, output_dir, peft_config="default", **overrides):
+def make_trainer(
+    model,
+    reward_funcs,
+    dataset,
+    output_dir,
+    peft_config="default",
+    eval_dataset=None,
+    gold_reward_funcs=None,
+    **overrides,
+):
     return GuardGRPODiffusionTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=tiny_config(output_dir, **overrides),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         peft_config=lora_config() if peft_config == "default" else peft_config,
+        gold_reward_funcs=gold_reward_funcs,
     )

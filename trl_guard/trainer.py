@@ -31,6 +31,7 @@ from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_a
 from .callbacks import GuardProgressCallback
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
+from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid
 from .losses import compute_advantages, compute_policy_loss, gaussian_kl
 from .rollout import Rollout, sample_ode, sample_sde
@@ -150,7 +151,9 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"{args.num_generations}). Add prompts or lower per_device_train_batch_size / steps_per_generation."
             )
 
+        check_hub_setup(args)
         pipeline = _load_pipeline(model, args)
+        self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         self.adapter.configure(
             SamplingSettings(
@@ -591,6 +594,24 @@ class GuardGRPODiffusionTrainer(Trainer):
         for name in files:
             state.update(load_file(os.path.join(folder, name)))
         self.adapter.denoiser.load_state_dict(state)
+
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Write the diffusers-flavoured model card (`README.md`) into `output_dir`."""
+        if self.is_world_process_zero():
+            write_model_card(self, self.args.output_dir, self._base_model, type(self.pipeline).__name__)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """Upload the LoRA (diffusers format), `guard_config.json`, the model card and sample images. A failed upload
+        leaves `output_dir` as it is and says so."""
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        except Exception as error:
+            repo = self.hub_model_id or self.args.hub_model_id
+            raise RuntimeError(
+                f"Uploading {self.args.output_dir} to the Hub repository {repo!r} failed ({type(error).__name__}: "
+                f"{error}). The trained model and its card are intact in {self.args.output_dir}; retry with "
+                "trainer.push_to_hub() or `hf upload`."
+            ) from error
 
     def _load_best_model(self) -> None:
         warnings.warn(
