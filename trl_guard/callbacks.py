@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from transformers.trainer_callback import ProgressCallback
 
 _POSTFIX = {"reward": "reward", "clip_frac_high": "clip>", "clip_frac_low": "clip<", "loss": "loss"}
@@ -20,3 +22,29 @@ class GuardProgressCallback(ProgressCallback):
         if "train_runtime" in logs or any(key.startswith("eval_") for key in logs):
             summary = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items() if k != "total_flos"}
             self.training_bar.write(str(summary))
+
+
+def _tensorboard_callback_cls():
+    from transformers.integrations import TensorBoardCallback
+
+    class DiffusersTensorBoardCallback(TensorBoardCallback):
+        """transformers' TensorBoard callback, which writes `model.config.to_json_string()` at train start: a
+        diffusers config is a dict without that method, so the config is written as JSON here instead."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            model = kwargs.pop("model", None)
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.tb_writer is not None and model is not None and isinstance(getattr(model, "config", None), dict):
+                self.tb_writer.add_text("model_config", json.dumps(dict(model.config), default=str, indent=2))
+
+    return TensorBoardCallback, DiffusersTensorBoardCallback
+
+
+def adapt_tracker_callbacks(trainer) -> None:
+    """Swap the console progress bar and the tracker callbacks that assume a transformers model."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(GuardProgressCallback)
+    if any(type(cb).__name__ == "TensorBoardCallback" for cb in trainer.callback_handler.callbacks):
+        original, replacement = _tensorboard_callback_cls()
+        trainer.pop_callback(original)
+        trainer.add_callback(replacement)

@@ -33,7 +33,7 @@ def log_image_grid(trainer: Any, images: list[Image.Image], key: str) -> str:
     grid.save(path)
     for callback in trainer.callback_handler.callbacks:
         name = type(callback).__name__
-        if name == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is not None:
+        if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
             callback.tb_writer.add_image(key, np.asarray(grid), step, dataformats="HWC")
         elif name == "WandbCallback" and getattr(callback, "_wandb", None) is not None and callback._initialized:
             callback._wandb.log({key: callback._wandb.Image(grid)}, step=step)

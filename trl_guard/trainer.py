@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset, IterableDataset
-from transformers import ProgressCallback, Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler, identity
 
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
-from .callbacks import GuardProgressCallback
+from .callbacks import adapt_tracker_callbacks
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
 from .hub import check_hub_setup, write_model_card
@@ -185,8 +185,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"{self.accelerator.distributed_type} is not supported yet; launch with plain DDP (multi-GPU or "
                 "multi-CPU) for now."
             )
-        if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(GuardProgressCallback)
+        adapt_tracker_callbacks(self)
         if not args.offload_frozen_modules:
             for module in self.adapter.frozen_modules:
                 module.to(self.accelerator.device)
