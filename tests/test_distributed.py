@@ -1,7 +1,7 @@
 """A recipe run with `accelerate launch` on two CPU processes (gloo) ends where the one-process run ends.
 
-`accelerate launch --multi_gpu` starts the torch.distributed processes; with ACCELERATE_USE_CPU=true and no visible
-GPU, Accelerate runs them as MULTI_CPU over gloo. Optimizer SGD, so that weight differences stay proportional to
+The shipped examples/accelerate_configs/ddp_cpu.yaml makes `accelerate launch` start the torch.distributed processes;
+with ACCELERATE_USE_CPU=true and no visible GPU, Accelerate runs them as MULTI_CPU over gloo. Optimizer SGD, so that weight differences stay proportional to
 gradient differences (Adam's first step is a sign step and would amplify float noise in near-zero gradients).
 """
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,15 +90,8 @@ def test_two_processes_match_one(recipe, tmp_path):
             sys.executable,
             "-m",
             "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            "--config_file",
+            str(Path(__file__).parents[1] / "examples" / "accelerate_configs" / "ddp_cpu.yaml"),
             "-m",
             "trl_guard.scripts.grpo",
             "--config",
