@@ -1,8 +1,9 @@
 """A recipe run with `accelerate launch` on two CPU processes (gloo) ends where the one-process run ends.
 
-The shipped examples/accelerate_configs/ddp_cpu.yaml makes `accelerate launch` start the torch.distributed processes;
-with ACCELERATE_USE_CPU=true and no visible GPU, Accelerate runs them as MULTI_CPU over gloo. Optimizer SGD, so that weight differences stay proportional to
-gradient differences (Adam's first step is a sign step and would amplify float noise in near-zero gradients).
+The shipped examples/accelerate_configs/ddp_cpu.yaml makes `accelerate launch` start the torch.distributed
+processes; with ACCELERATE_USE_CPU=true and no visible GPU, Accelerate runs them as MULTI_CPU over gloo. Optimizer
+SGD, so that weight differences stay proportional to gradient differences (Adam's first step is a sign step and
+would amplify float noise in near-zero gradients).
 """
 
 import json

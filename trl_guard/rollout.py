@@ -81,3 +81,57 @@ def sample_ode(
         velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, negative_embeds)
         latents = ode_step(velocity, latents, sigma, sigma_next)
     return latents
+
+
+def save_rollout_buffer(batches: list[dict], path: str) -> None:
+    """Write a generation round's training micro-batches (trajectories, text embeddings, advantages, trained steps)
+    to one safetensors file, so a run resumed in the middle of the round trains on exactly the same data."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, batch in enumerate(batches):
+        rollout: Rollout = batch["rollout"]
+        tensors.update(
+            {
+                f"{i}.latents": rollout.latents,
+                f"{i}.old_means": rollout.old_means,
+                f"{i}.log_probs": rollout.log_probs,
+                f"{i}.sigmas": rollout.sigmas,
+                f"{i}.advantages": batch["advantages"],
+                f"{i}.train_steps": torch.tensor(batch["train_steps"]),
+            }
+        )
+        tensors.update({f"{i}.prompt.{k}": v for k, v in batch["prompt_embeds"].tensors.items()})
+        if batch["negative_embeds"] is not None:
+            tensors.update({f"{i}.negative.{k}": v for k, v in batch["negative_embeds"].tensors.items()})
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, path)  # clone: sigmas are shared
+
+
+def load_rollout_buffer(path: str, device: torch.device) -> list[dict]:
+    """Read what `save_rollout_buffer` wrote, onto `device`."""
+    from safetensors.torch import load_file
+
+    tensors = {k: v.to(device) for k, v in load_file(path).items()}
+    batches = []
+    for i in range(len({k.split(".")[0] for k in tensors})):
+
+        def group(prefix: str, i: int = i) -> dict[str, torch.Tensor]:
+            start = f"{i}.{prefix}."
+            return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
+
+        negative = group("negative")
+        batches.append(
+            {
+                "rollout": Rollout(
+                    tensors[f"{i}.latents"],
+                    tensors[f"{i}.old_means"],
+                    tensors[f"{i}.log_probs"],
+                    tensors[f"{i}.sigmas"],
+                ),
+                "prompt_embeds": PromptEmbeddings(group("prompt")),
+                "negative_embeds": PromptEmbeddings(negative) if negative else None,
+                "advantages": tensors[f"{i}.advantages"],
+                "train_steps": tensors[f"{i}.train_steps"].tolist(),
+            }
+        )
+    return batches

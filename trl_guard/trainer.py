@@ -34,7 +34,7 @@ from .config import GuardConfig
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid
 from .losses import compute_advantages, compute_policy_loss, gaussian_kl
-from .rollout import Rollout, sample_ode, sample_sde
+from .rollout import Rollout, load_rollout_buffer, sample_ode, sample_sde, save_rollout_buffer
 from .scoring import RewardSet
 from .sde import sde_step_with_logprob
 
@@ -570,9 +570,17 @@ class GuardGRPODiffusionTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_checkpoint = False
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._buffered_batches is not None and self._step % generate_every != 0:
+            # Saved in the middle of a generation round: keep the round's data so a resume trains on it unchanged
+            # instead of resampling it with the already-updated policy.
+            rank = self.accelerator.process_index
+            save_rollout_buffer(
+                self._buffered_batches, os.path.join(run_dir, _STAGING, name, f"rollout_buffer_{rank}.safetensors")
+            )
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
         if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             final = os.path.join(run_dir, name)
             if os.path.exists(final):  # saved again at the same step: the new one replaces it
                 shutil.rmtree(final)
@@ -582,6 +590,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        buffer = os.path.join(resume_from_checkpoint, f"rollout_buffer_{self.accelerator.process_index}.safetensors")
+        if os.path.exists(buffer):
+            self._buffered_batches = load_rollout_buffer(buffer, self.accelerator.device)
         if self.adapter.has_lora:
             self.adapter.load_lora(resume_from_checkpoint)
             return
