@@ -137,3 +137,11 @@ def test_gold_rewards_are_logged_in_evaluate_and_during_training(tiny_pipeline, 
         assert {"eval_rewards/blueness", "eval_gold/pickscore", "eval_gold/jpeg_compressibility"} <= set(entry)
     assert (tmp_path / "eval_images" / "step-000002.png").exists()
     assert trainer.gold_rewards.funcs[0].model.device.type == "cpu"
+
+
+def test_ocr_reward_by_name_trains(tiny_pipeline, tmp_path):
+    quoted = Dataset.from_dict({"prompt": [f'a sign that says "WORD{i}"' for i in range(8)]})
+    trainer = make_trainer(tiny_pipeline, ["ocr"], quoted, tmp_path, max_steps=1)
+    trainer.train()
+    scores = [e["rewards/ocr/mean"] for e in trainer.state.log_history if "rewards/ocr/mean" in e]
+    assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0  # random 32 px images read as (almost) nothing
