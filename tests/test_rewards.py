@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import blueness
 from datasets import Dataset
+from helpers import make_trainer
 from PIL import Image
 from safetensors.torch import save_file
 
