@@ -19,8 +19,9 @@ name                     callable                                        needs
 ``jpeg_incompressibility`` :func:`jpeg_incompressibility`                core
 ======================== =============================================== ======================================
 
-A string starting with ``http://`` or ``https://`` becomes a :class:`RemoteReward` for that URL, and any other
-string with a dot is imported as ``package.module.function``.
+A string starting with ``http://`` or ``https://`` becomes a :class:`RemoteReward` for that URL (its module docstring
+specifies the JSON protocol a scoring server implements), and any other string with a dot is imported as
+``package.module.function``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .base import ModelReward
 from .clip import AestheticReward, ClipScoreReward, PickScoreReward
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .external import HPSv2Reward, ImageRewardReward
+from .remote import RemoteReward
 
 RewardFunc = Callable[..., list]
 
@@ -64,8 +66,6 @@ def resolve_reward_func(reward: str | RewardFunc) -> RewardFunc:
     if reward in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[reward]()
     if reward.startswith(("http://", "https://")):
-        from .remote import RemoteReward
-
         return RemoteReward(reward)
     if "." in reward:
         module_name, _, attr = reward.rpartition(".")
@@ -95,6 +95,7 @@ __all__ = [
     "ImageRewardReward",
     "ModelReward",
     "PickScoreReward",
+    "RemoteReward",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "resolve_reward_func",
