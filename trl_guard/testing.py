@@ -171,36 +171,41 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     )
 
 
-def build_tiny_clip(folder: str, seed: int = 0, projection_dim: int = 16) -> str:
-    """Write a tiny random `CLIPModel` and its `CLIPProcessor` to `folder` (the real architecture, for reward tests)."""
+# Sizes of the CLIP towers the built-in rewards use, as (hidden, layers, heads, MLP width) for text and vision; the
+# real ones see 224 px images in 14 px patches. "tiny" is for tests.
+CLIP_SIZES = {
+    "tiny": dict(text=(32, 2, 4, 37), vision=(32, 2, 4, 37), patch=8, image=32, projection=16),
+    "vit-l-14": dict(text=(768, 12, 12, 3072), vision=(1024, 24, 16, 4096), patch=14, image=224, projection=768),
+    "vit-h-14": dict(text=(1024, 24, 16, 4096), vision=(1280, 32, 16, 5120), patch=14, image=224, projection=1024),
+}
+
+
+def build_tiny_clip(folder: str, seed: int = 0, size: str = "tiny") -> str:
+    """Write a random `CLIPModel` and its `CLIPProcessor` to `folder`: the real architecture at a size from
+    `CLIP_SIZES` (random weights, byte-level tokenizer), for reward tests and speed measurements without downloads."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
+    spec = CLIP_SIZES[size]
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+
+    def tower(hidden: int, layers: int, heads: int, mlp: int) -> dict:
+        return dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=mlp,
+            projection_dim=spec["projection"],
+        )
+
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=projection_dim,
-            **special,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=projection_dim,
-        ),
-        projection_dim=projection_dim,
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **tower(*spec["text"]), **special),
+        vision_config=dict(image_size=spec["image"], patch_size=spec["patch"], **tower(*spec["vision"])),
+        projection_dim=spec["projection"],
     )
     CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    side = spec["image"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
