@@ -146,3 +146,27 @@ def test_ocr_reward_by_name_trains(tiny_pipeline, tmp_path):
     trainer.train()
     scores = [e["rewards/ocr/mean"] for e in trainer.state.log_history if "rewards/ocr/mean" in e]
     assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0  # random 32 px images read as (almost) nothing
+
+
+def test_pickscore_by_name_trains_from_a_yaml_recipe(tiny_pipeline_dir, clip_dir, tmp_path, monkeypatch):
+    """`reward_funcs: [pickscore]` with the default checkpoint pointed at a local copy (as an offline cache would)."""
+    import trl_guard.rewards.clip as clip_module
+    from trl_guard.cli import main
+
+    monkeypatch.setattr(clip_module, "PICKSCORE_MODEL", clip_dir)
+    monkeypatch.setattr(clip_module, "PICKSCORE_PROCESSOR", clip_dir)
+    (tmp_path / "prompts.txt").write_text("\n".join(f"prompt {i}" for i in range(4)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {tiny_pipeline_dir}\n"
+        'model_init_kwargs: {"text_encoder_3": null, "tokenizer_3": null}\n'
+        f"dataset_name: {tmp_path / 'prompts.txt'}\nreward_funcs: [pickscore, jpeg_compressibility]\n"
+        f"output_dir: {tmp_path / 'out'}\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\n"
+        "num_generations: 4\nper_device_train_batch_size: 8\nmax_steps: 1\nheight: 32\nwidth: 32\n"
+        "num_inference_steps: 3\nmax_sequence_length: 16\nguidance_scale: 1.0\nreport_to: none\nsave_strategy: 'no'\n"
+        "reward_weights: [1.0, 0.1]\n"
+    )
+    main(["grpo", "--config", str(recipe)])
+    config = (tmp_path / "out" / "guard_config.json").read_text()
+    assert '"reward_weights": [\n    1.0,\n    0.1\n  ]' in config
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()

@@ -88,8 +88,11 @@ class PickScoreReward(ClipEmbeddingReward):
 
     __name__ = "pickscore"
 
-    def __init__(self, model_name_or_path: str = PICKSCORE_MODEL, processor_name_or_path: str | None = None, **kwargs):
-        super().__init__(model_name_or_path, processor_name_or_path or PICKSCORE_PROCESSOR, **kwargs)
+    def __init__(self, model_name_or_path: str | None = None, processor_name_or_path: str | None = None, **kwargs):
+        # Defaults are read at call time, so `reward_funcs=["pickscore"]` follows a changed module default.
+        super().__init__(
+            model_name_or_path or PICKSCORE_MODEL, processor_name_or_path or PICKSCORE_PROCESSOR, **kwargs
+        )
 
     def _score(self, prompts, images):
         return (self.model.logit_scale.exp().float() * self.cosine(prompts, images)).tolist()
@@ -109,8 +112,8 @@ class ClipScoreReward(ClipEmbeddingReward):
 
     __name__ = "clip_score"
 
-    def __init__(self, model_name_or_path: str = CLIP_MODEL, processor_name_or_path: str | None = None, **kwargs):
-        super().__init__(model_name_or_path, processor_name_or_path, **kwargs)
+    def __init__(self, model_name_or_path: str | None = None, processor_name_or_path: str | None = None, **kwargs):
+        super().__init__(model_name_or_path or CLIP_MODEL, processor_name_or_path, **kwargs)
 
     def _score(self, prompts, images):
         return (100 * self.cosine(prompts, images)).clamp(min=0).tolist()
@@ -185,13 +188,13 @@ class AestheticReward(ClipEmbeddingReward):
 
     def __init__(
         self,
-        model_name_or_path: str = CLIP_MODEL,
-        head: str = AESTHETIC_HEAD_URL,
+        model_name_or_path: str | None = None,
+        head: str | None = None,
         processor_name_or_path: str | None = None,
         **kwargs,
     ):
-        super().__init__(model_name_or_path, processor_name_or_path, **kwargs)
-        self.head_path = head
+        super().__init__(model_name_or_path or CLIP_MODEL, processor_name_or_path, **kwargs)
+        self.head_path = head or AESTHETIC_HEAD_URL
 
     def _load(self) -> None:
         super()._load()
