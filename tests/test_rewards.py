@@ -148,8 +148,9 @@ def test_ocr_reward_by_name_trains(tiny_pipeline, tmp_path):
     assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0  # random 32 px images read as (almost) nothing
 
 
-def test_pickscore_by_name_trains_from_a_yaml_recipe(tiny_pipeline_dir, clip_dir, tmp_path, monkeypatch):
-    """`reward_funcs: [pickscore]` with the default checkpoint pointed at a local copy (as an offline cache would)."""
+def test_pickscore_and_ocr_by_name_train_from_a_yaml_recipe(tiny_pipeline_dir, clip_dir, tmp_path, monkeypatch):
+    """`reward_funcs: [pickscore, ..., ocr]`, PickScore's default checkpoint pointed at a local copy (as an offline
+    cache would be); the prompts quote nothing, so OCR answers None and the other rewards carry the samples."""
     import trl_guard.rewards.clip as clip_module
     from trl_guard.cli import main
 
@@ -160,13 +161,13 @@ def test_pickscore_by_name_trains_from_a_yaml_recipe(tiny_pipeline_dir, clip_dir
     recipe.write_text(
         f"model_name_or_path: {tiny_pipeline_dir}\n"
         'model_init_kwargs: {"text_encoder_3": null, "tokenizer_3": null}\n'
-        f"dataset_name: {tmp_path / 'prompts.txt'}\nreward_funcs: [pickscore, jpeg_compressibility]\n"
+        f"dataset_name: {tmp_path / 'prompts.txt'}\nreward_funcs: [pickscore, jpeg_compressibility, ocr]\n"
         f"output_dir: {tmp_path / 'out'}\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\n"
         "num_generations: 4\nper_device_train_batch_size: 8\nmax_steps: 1\nheight: 32\nwidth: 32\n"
         "num_inference_steps: 3\nmax_sequence_length: 16\nguidance_scale: 1.0\nreport_to: none\nsave_strategy: 'no'\n"
-        "reward_weights: [1.0, 0.1]\n"
+        "reward_weights: [1.0, 0.1, 1.0]\n"
     )
     main(["grpo", "--config", str(recipe)])
     config = (tmp_path / "out" / "guard_config.json").read_text()
-    assert '"reward_weights": [\n    1.0,\n    0.1\n  ]' in config
+    assert '"reward_weights": [\n    1.0,\n    0.1,\n    1.0\n  ]' in config
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
