@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -11,8 +12,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trl-guard", description="GRPO-Guard for flow-matching diffusion models.")
     parser.add_argument(
         "command",
-        choices=["demo", "grpo"],
-        help="demo: a short offline training run on a tiny pipeline; grpo: train from a YAML recipe and flags",
+        choices=["demo", "grpo", "report"],
+        help="demo: a short offline training run on a tiny pipeline; grpo: train from a YAML recipe and flags; "
+        "report: plots and an HTML page from one or more run folders",
     )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -27,6 +29,20 @@ def main(argv: list[str] | None = None) -> None:
         from .scripts.grpo import main as grpo
 
         grpo(rest)
+    elif command == "report":
+        report(rest)
+
+
+def report(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="trl-guard report", description="Draw a run's logged diagnostics.")
+    parser.add_argument("run_dirs", nargs="+", help="output_dir of each run to compare")
+    parser.add_argument("--output", default=None, help="report folder (default: RUN_DIR/report for one run)")
+    parser.add_argument("--labels", nargs="*", default=None, help="a name per run (default: folder names)")
+    options = parser.parse_args(argv)
+    from .report import build_report
+
+    output = options.output or os.path.join(options.run_dirs[0], "report")
+    print(build_report(options.run_dirs, output, options.labels))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ pipeline adapter; the math lives in `sde.py` and `losses.py`.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import warnings
@@ -556,6 +557,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         # JSON rather than the Trainer's pickled training_args.bin: tokens are redacted and nothing needs unpickling.
         with open(os.path.join(output_dir, "guard_config.json"), "w") as f:
             f.write(self.args.to_json_string())
+        with open(os.path.join(output_dir, "log_history.json"), "w") as f:  # what `trl-guard report` draws
+            json.dump(self.state.log_history, f)
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
