@@ -23,15 +23,46 @@ def tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def _tiny_clip_text_config(tokenizer):
+    """A 2-layer, 32-wide CLIP text tower for the byte-level tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=77,
+    )
+
+
+def _tiny_vae(latent_channels: int):
+    """A two-block AutoencoderKL (downsampling by 2) with SD3's shift and scaling factors."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def build_tiny_sd3_pipeline(seed: int = 0):
     """An SD3 pipeline of ~80k transformer parameters (latents 4 x H/2 x W/2, patch 2) for 4-64 px images."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -48,32 +79,9 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         pos_embed_max_size=32,
     )
     tokenizer = tiny_clip_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        projection_dim=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=77,
-    )
-    text_encoder = CLIPTextModelWithProjection(text_config)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer))
+    vae = _tiny_vae(latent_channels=4)
     for module in (transformer, text_encoder, text_encoder_2, vae):
         module.eval()
     return StableDiffusion3Pipeline(
@@ -101,8 +109,8 @@ def tiny_t5_tokenizer():
 
 def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     """A FLUX pipeline of ~0.1M transformer parameters (1-channel VAE latents at H/2, packed 2x2) for 8-64 px."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -118,20 +126,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         axes_dims_rope=(4, 4, 8),
     )
     tokenizer = tiny_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=37,
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
     tokenizer_2 = tiny_t5_tokenizer()
     text_encoder_2 = T5EncoderModel(
         T5Config(
@@ -146,18 +141,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
             eos_token_id=1,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=1,
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _tiny_vae(latent_channels=1)
     for module in (transformer, text_encoder, text_encoder_2, vae):
         module.eval()
     return FluxPipeline(

@@ -52,6 +52,19 @@ class PromptEmbeddings:
         return PromptEmbeddings({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
+#: LoRA targets for MMDiT denoisers (SD3, FLUX): every attention projection of the image and text streams, as
+#: Flow-GRPO trains SD3.5.
+ATTENTION_PROJECTIONS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+
 #: Every adapter class that names its pipeline classes, in definition order (see `get_adapter`).
 ADAPTERS: list[type[PipelineAdapter]] = []
 
@@ -123,9 +136,14 @@ class PipelineAdapter:
 
     # ---- family-specific ----------------------------------------------------------------------------------------
     @property
-    def uses_cfg(self) -> bool:
-        """Whether `predict_velocity` needs negative-prompt embeddings (classifier-free guidance)."""
+    def cfg_scale(self) -> float:
+        """The classifier-free guidance scale; CFG is off at or below 1."""
         raise NotImplementedError
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether `predict_velocity` needs negative-prompt embeddings."""
+        return self.cfg_scale > 1.0
 
     def check_resolution(self, height: int, width: int) -> None:
         raise NotImplementedError
@@ -142,6 +160,12 @@ class PipelineAdapter:
         """The (num_inference_steps + 1,) float32 noise levels from 1 down to 0, shifted as the family's pipeline does."""
         raise NotImplementedError
 
+    def forward(
+        self, denoiser: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, conditioning: PromptEmbeddings
+    ) -> torch.Tensor:
+        """One call of the family's denoiser at noise levels `sigma` (B,): the only place its signature appears."""
+        raise NotImplementedError
+
     def predict_velocity(
         self,
         latents: torch.Tensor,
@@ -149,8 +173,17 @@ class PipelineAdapter:
         prompt_embeds: PromptEmbeddings,
         negative_embeds: PromptEmbeddings | None,
     ) -> torch.Tensor:
-        """The (guided) velocity at noise level `sigma` (B,), with CFG as one batched forward."""
-        raise NotImplementedError
+        """The (guided) velocity at noise level `sigma` (B,); with CFG both branches run as one batched forward."""
+        use_cfg = negative_embeds is not None and self.uses_cfg
+        conditioning = prompt_embeds
+        if use_cfg:
+            conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+        velocity = self.forward(self.active_denoiser, latents, sigma, conditioning)
+        if use_cfg:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + self.cfg_scale * (cond - uncond)
+        return velocity
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         raise NotImplementedError

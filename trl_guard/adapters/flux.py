@@ -15,26 +15,16 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from .base import PipelineAdapter, PromptEmbeddings
+from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings
 
 
 class FluxAdapter(PipelineAdapter):
     pipeline_classes = ("FluxPipeline",)
-    # Every attention projection of the double-stream and single-stream blocks.
-    default_lora_target_modules = [
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    ]
+    default_lora_target_modules = ATTENTION_PROJECTIONS  # matches both the double- and single-stream blocks
 
     @property
-    def uses_cfg(self) -> bool:
-        return self.settings.true_cfg_scale > 1.0
+    def cfg_scale(self) -> float:
+        return self.settings.true_cfg_scale  # guidance_scale feeds the guidance embedding instead
 
     @property
     def _latent_hw(self) -> tuple[int, int]:
@@ -84,25 +74,13 @@ class FluxAdapter(PipelineAdapter):
         scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
         return scheduler.sigmas.detach().clone().float()
 
-    def predict_velocity(
-        self,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        prompt_embeds: PromptEmbeddings,
-        negative_embeds: PromptEmbeddings | None,
-    ) -> torch.Tensor:
-        use_cfg = negative_embeds is not None and self.uses_cfg
-        conditioning = prompt_embeds
-        if use_cfg:  # one batched forward for both branches
-            conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
-            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
-        denoiser = self.active_denoiser
+    def forward(self, denoiser, latents, sigma, conditioning):
         dtype = denoiser.dtype
         guidance = None
         if denoiser.config.guidance_embeds:
             guidance = torch.full_like(sigma, self.settings.guidance_scale, dtype=torch.float32)
         text_ids = torch.zeros(conditioning.tensors["encoder_hidden_states"].shape[1], 3, device=latents.device)
-        velocity = denoiser(
+        return denoiser(
             hidden_states=latents.to(dtype),
             timestep=sigma.to(dtype),
             guidance=guidance,
@@ -111,10 +89,6 @@ class FluxAdapter(PipelineAdapter):
             **{k: v.to(dtype) for k, v in conditioning.tensors.items()},
             return_dict=False,
         )[0]
-        if use_cfg:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + self.settings.true_cfg_scale * (cond - uncond)
-        return velocity
 
     def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
         h, w = self._latent_hw

@@ -6,26 +6,16 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from PIL import Image
 
-from .base import PipelineAdapter, PromptEmbeddings
+from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings
 
 
 class SD3Adapter(PipelineAdapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
-    # Flow-GRPO's choice for SD3.5: every attention projection of both streams.
-    default_lora_target_modules = [
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    ]
+    default_lora_target_modules = ATTENTION_PROJECTIONS
 
     @property
-    def uses_cfg(self) -> bool:
-        return self.settings.guidance_scale > 1.0
+    def cfg_scale(self) -> float:
+        return self.settings.guidance_scale
 
     def _latent_hw(self) -> tuple[int, int]:
         factor = self.pipeline.vae_scale_factor
@@ -74,33 +64,15 @@ class SD3Adapter(PipelineAdapter):
         scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
         return scheduler.sigmas.detach().clone().float()
 
-    def predict_velocity(
-        self,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        prompt_embeds: PromptEmbeddings,
-        negative_embeds: PromptEmbeddings | None,
-    ) -> torch.Tensor:
-        guidance_scale = self.settings.guidance_scale
-        use_cfg = negative_embeds is not None and self.uses_cfg
-        timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps
-        conditioning = prompt_embeds
-        if use_cfg:
-            # Unconditional and conditional branches in one batched forward.
-            conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
-            latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
-        denoiser = self.active_denoiser
+    def forward(self, denoiser, latents, sigma, conditioning):
         dtype = denoiser.dtype
-        velocity = denoiser(
+        timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps
+        return denoiser(
             hidden_states=latents.to(dtype),
             timestep=timestep.to(dtype),
             **{k: v.to(dtype) for k, v in conditioning.tensors.items()},
             return_dict=False,
         )[0]
-        if use_cfg:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + guidance_scale * (cond - uncond)
-        return velocity
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
