@@ -59,3 +59,8 @@ def make_trainer(
         peft_config=lora_config() if peft_config == "default" else peft_config,
         gold_reward_funcs=gold_reward_funcs,
     )
+
+
+def logged(trainer, key):
+    """Every logged value of `key`, in order."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]

@@ -7,16 +7,12 @@ import pytest
 import torch
 from conftest import blueness
 from diffusers import FluxPipeline
-from helpers import lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer
 
 from trl_guard.losses import LOSS_TYPES
 from trl_guard.trainer import _INIT_NOISE
 
 FLUX = dict(noise_schedule="dance_grpo", guidance_scale=3.5, init_same_noise=True)
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -5,11 +5,7 @@ import math
 import pytest
 import torch
 from conftest import blueness
-from helpers import make_trainer
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
+from helpers import logged, make_trainer
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

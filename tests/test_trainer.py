@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blueness
-from helpers import make_trainer
+from helpers import logged, make_trainer
 
 from trl_guard.losses import LOSS_TYPES
 from trl_guard.trainer import _INIT_NOISE
@@ -14,10 +14,6 @@ STAT_KEYS = ("log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low
 
 def trained_keys(trainer):
     return {k for entry in trainer.state.log_history for k in entry}
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
