@@ -32,3 +32,25 @@ def test_tensorboard_gets_rewards_diagnostics_and_images(tiny_pipeline, prompts,
         "eval/reward",
     } <= scalars
     assert "eval_images" in events.Tags()["images"]
+
+
+def test_progress_bar_shows_phases_and_reward(tiny_pipeline, prompts, tmp_path):
+    from trl_guard.callbacks import GuardProgressCallback
+
+    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, max_steps=2, disable_tqdm=False)
+    bar = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GuardProgressCallback))
+    phases, postfixes = [], []
+    original_on_log = bar.on_log
+
+    def record_phase(phase):
+        phases.append(phase)
+
+    def record_log(args, state, control, logs=None, **kwargs):
+        original_on_log(args, state, control, logs=logs, **kwargs)
+        if bar.training_bar is not None:
+            postfixes.append(str(bar.training_bar.postfix))
+
+    bar.set_phase, bar.on_log = record_phase, record_log
+    trainer.train()
+    assert phases[:3] == ["sampling", "scoring", "training"] and phases.count("training") == 2
+    assert any("reward=" in p and "clip>" in p for p in postfixes)

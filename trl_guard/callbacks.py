@@ -13,6 +13,11 @@ class GuardProgressCallback(ProgressCallback):
     """Like transformers' ProgressCallback, but the per-timestep diagnostics go to trackers, not the console:
     the bar shows the latest reward and clip fractions, and only the end-of-training summary is printed."""
 
+    def set_phase(self, phase: str) -> None:
+        """Show what the current optimizer step is doing ("sampling", "scoring", "training") left of the bar."""
+        if self.training_bar is not None:
+            self.training_bar.set_description(phase, refresh=True)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return

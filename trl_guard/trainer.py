@@ -280,8 +280,14 @@ class GuardGRPODiffusionTrainer(Trainer):
         noise = [torch.randn(shape, generator=_generator(self.args.seed, kind, rollout_index, k)) for k in keys]
         return torch.stack(noise).to(self.accelerator.device)
 
+    def _show_phase(self, phase: str) -> None:
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "set_phase"):
+                callback.set_phase(phase)
+
     def _generate_and_score(self, rows: list[dict[str, Any]], rollout_index: int) -> list[dict[str, Any]]:
         args, adapter, device = self.args, self.adapter, self.accelerator.device
+        self._show_phase("sampling")
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         local_size = len(prompts)
@@ -324,6 +330,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             )
             # Scoring a micro-batch in the worker thread overlaps it with sampling the next one (as Flow-GRPO does).
             scored.append(self._scoring_pool.submit(score) if self._scoring_pool else score())
+        self._show_phase("scoring")
         local_rewards = torch.cat([s.result() if isinstance(s, Future) else s for s in scored]).to(device)
         missing = torch.isnan(local_rewards).all(dim=1)
         if missing.any():
@@ -374,6 +381,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._step += 1
 
         self.adapter.denoiser.train()
+        self._show_phase("training")
         loss = self._train_on_batch(batch)
         if self.accelerator.sync_gradients:
             self._all_reduce_gradients()
