@@ -14,7 +14,13 @@ from .sde import NOISE_SCHEDULES, ode_step, sde_step_with_logprob
 
 __version__ = "0.1.0"
 
-_LAZY = {"GuardConfig": ".config", "GuardGRPODiffusionTrainer": ".trainer"}
+_LAZY = {
+    "GuardConfig": ".config",
+    "GuardGRPODiffusionTrainer": ".trainer",
+    # toy-world model classes, named by the toy pipeline's model_index.json
+    "PixelSpaceAutoencoder": ".toy.model",
+    "XPredictionSD3Transformer": ".toy.model",
+}
 
 if TYPE_CHECKING:
     from .config import GuardConfig
