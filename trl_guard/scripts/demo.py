@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 DIAGNOSTICS = ("log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low", "grad_norm")
-TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "pretrained")
+TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "pretrained")  # = toy.model.PRETRAINED
 
 
 def blueness(prompts, images, **kwargs):
@@ -77,16 +77,15 @@ def tiny_world() -> World:
 
 
 def toy_world() -> World:
-    from diffusers import DiffusionPipeline
-
     from trl_guard.toy import caption_fidelity, cleanliness, colour_proxy, seed_diversity
+    from trl_guard.toy.model import load_toy_pipeline
     from trl_guard.toy.train import MAX_SEQUENCE_LENGTH, all_captions
 
     captions = all_captions()
     rng = random.Random(0)
     train, held_out = rng.sample(captions, 64), rng.sample(captions, 16)
     return World(
-        build_pipeline=lambda: DiffusionPipeline.from_pretrained(TOY_MODEL, text_encoder_3=None, tokenizer_3=None),
+        build_pipeline=lambda: load_toy_pipeline(TOY_MODEL),
         # seed_diversity rides along with weight 0: logged for every rollout, never trained on
         reward_funcs=[colour_proxy, seed_diversity],
         reward_weights=[1.0, 0.0],

@@ -11,6 +11,8 @@ Both are exported from `trl_guard`, which is the library name `model_index.json`
 
 from __future__ import annotations
 
+import os
+
 import torch
 from diffusers import ConfigMixin, ModelMixin, SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
@@ -54,3 +56,14 @@ class XPredictionSD3Transformer(SD3Transformer2DModel):
         sigma = (timestep.float() / 1000).clamp(min=MIN_SIGMA).view(-1, *([1] * (hidden_states.ndim - 1)))
         velocity = ((hidden_states.float() - clean.float()) / sigma).to(clean.dtype)
         return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
+
+
+PRETRAINED = os.path.join(os.path.dirname(__file__), "pretrained")
+
+
+def load_toy_pipeline(path: str = PRETRAINED, **kwargs):
+    """Load the toy pipeline with `DiffusionPipeline.from_pretrained`. Diffusers only builds classes from modules that
+    are already imported (it will not import code a checkpoint names); importing this module is that step."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, **kwargs)
