@@ -7,7 +7,7 @@ report compares runs side by side:
 - per-timestep mean and spread of the clipped log-ratio, and of plain `log r` (Fig. 2);
 - per-timestep fractions of ratios above `1 + epsilon` and below `1 - epsilon` (Fig. 12);
 - per-timestep gradient norms (Fig. 3);
-- the last evaluation image grid of each run.
+- every evaluation's image grid of each run (the same prompts and seeds at several steps, the paper's Fig. 8).
 
 It writes PNGs, the numbers behind them (`metrics.json`, `timesteps.csv`), and a self-contained `index.html`.
 """
@@ -165,11 +165,10 @@ def build_report(run_dirs: list[str], output_dir: str, labels: list[str] | None 
             for step in sorted({t for s in table.values() for t in s}):
                 writer.writerow([label, step, *[table.get(s, {}).get(step, "") for s in stats]])
 
-    grids = []
+    grids = []  # every evaluation's grid: the same prompts and seeds at several steps (the paper's Fig. 8)
     for label, run_dir in zip(labels, run_dirs):
-        images = sorted(glob.glob(os.path.join(run_dir, "eval_images", "*.png")))
-        if images:
-            grids.append((f"{label}: {os.path.basename(images[-1])}", images[-1]))
+        for image in sorted(glob.glob(os.path.join(run_dir, "eval_images", "*.png"))):
+            grids.append((f"{label}: {os.path.basename(image)[:-4]}", image))
     return _write_html(output_dir, figures, grids, summary)
 
 
@@ -199,7 +198,7 @@ def _write_html(output_dir: str, figures, grids, summary) -> str:
     for title, path in figures:
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{_embed(path)}'>"]
     if grids:
-        parts.append("<h2>Last evaluation images</h2>")
+        parts.append("<h2>Evaluation images (same prompts and seeds at every evaluation)</h2>")
         for title, path in grids:
             parts += [
                 f"<h3>{html.escape(title)}</h3>",

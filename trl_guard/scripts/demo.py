@@ -169,9 +169,10 @@ def train_one(loss_type: str, world: World, options) -> str:
         gold_reward_funcs=world.gold_reward_funcs,
     )
     start = time.time()
-    trainer.evaluate()  # the base model's scores, at step 0
+    base_scores = trainer.evaluate()  # the base model's scores; train() starts a fresh log, so keep them
     trainer.train()
     elapsed = time.time() - start
+    trainer.state.log_history.insert(0, {**base_scores, "step": 0})
     trainer.save_model()
 
     history = trainer.state.log_history
