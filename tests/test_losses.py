@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trl_guard import compute_advantages, compute_policy_loss, gaussian_kl
+from trl_guard import compute_advantages, compute_kl, compute_policy_loss
 from trl_guard.losses import LOSS_TYPES, policy_log_ratio
 
 
@@ -214,7 +214,9 @@ def test_dance_grpo_weightings():
         timestep_weight(sigma, sigma_next, dance_weighting="both", **kwargs)
 
 
-def test_gaussian_kl_closed_form():
+def test_exact_kl_closed_form():
     mean, ref_mean = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.3)
     std = torch.full((2, 1, 1, 1), 0.5)
-    assert float(gaussian_kl(mean, ref_mean, std)) == pytest.approx(0.09 / (2 * 0.25))
+    sigma, sigma_next = torch.full((2,), 0.5), torch.full((2,), 0.4)
+    kl = compute_kl(mean, ref_mean, std, sigma, sigma_next, kl_type="exact")
+    assert float(kl) == pytest.approx(0.09 / (2 * 0.25))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .losses import LOSS_TYPES, compute_advantages, compute_policy_loss, gaussian_kl
+from .losses import KL_TYPES, LOSS_TYPES, compute_advantages, compute_kl, compute_policy_loss
 from .sde import NOISE_SCHEDULES, ode_step, sde_step_with_logprob
 
 __version__ = "0.1.0"
@@ -40,7 +40,8 @@ __all__ = [
     "GuardGRPODiffusionTrainer",
     "compute_advantages",
     "compute_policy_loss",
-    "gaussian_kl",
+    "compute_kl",
+    "KL_TYPES",
     "ode_step",
     "sde_step_with_logprob",
 ]

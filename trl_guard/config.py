@@ -7,8 +7,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import DANCE_WEIGHTINGS, DEFAULT_EPSILON, LOSS_TYPES, SCALE_REWARDS
-from .sde import NOISE_SCHEDULES
+from .losses import DANCE_WEIGHTINGS, DEFAULT_EPSILON, KL_TYPES, LOSS_TYPES, SCALE_REWARDS
+from .sde import CPS_LOG_PROBS, NOISE_SCHEDULES
+
+TIMESTEP_SELECTIONS = ("first", "random")
 
 
 @dataclass
@@ -64,7 +66,13 @@ class GuardConfig(TrainingArguments):
         noise_level (`float`, *optional*, defaults to `0.7`):
             SDE noise multiplier (`a` in Flow-GRPO, `eta` in DanceGRPO).
         noise_schedule (`str`, *optional*, defaults to `"flow_grpo"`):
-            `"flow_grpo"`: `s = noise_level * sqrt(sigma / (1 - sigma))`; `"dance_grpo"`: constant `s = noise_level`.
+            `"flow_grpo"`: `s = noise_level * sqrt(sigma / (1 - sigma))`; `"dance_grpo"`: constant `s = noise_level`;
+            `"cps"`: Coefficients-Preserving Sampling (Flow-GRPO's `sde_type="cps"`), noise std
+            `sigma_next * sin(noise_level * pi / 2)`, no noise at the last step (which is then never trained).
+        cps_log_prob (`str`, *optional*, defaults to `"official"`):
+            The log-probability under `noise_schedule="cps"`: `"official"` is Flow-GRPO's `-MEAN((x_next - mean)**2)`
+            (constants and variance dropped; its CPS configs clip at `1e-5`), `"gaussian"` the normalised density
+            (whose log-ratios are the official ones divided by `2 std**2`). docs/fidelity.md compares the two.
         init_same_noise (`bool`, *optional*, defaults to `False`):
             Start every image of a prompt group from the same initial noise (DanceGRPO); groups still differ.
 
@@ -86,10 +94,19 @@ class GuardConfig(TrainingArguments):
             RatioNorm gradient, and it evened out per-timestep gradient norms (max/min 1.3x against 5.8x) on a tiny
             FLUX; docs/dance_grpo_weighting.md has the measurement.
         beta (`float`, *optional*, defaults to `0.0`):
-            Weight of the KL penalty to the reference policy (the transformer with LoRA disabled), computed in closed
-            form per step between the two Gaussians. `0` (GRPO-Guard's setting) skips the reference forward.
+            Weight of the KL penalty to the reference policy (the transformer with LoRA disabled, or a frozen copy of
+            the starting weights for full fine-tuning). `0` (GRPO-Guard's setting) skips the reference forward.
+        kl_type (`str`, *optional*, defaults to `"flow_grpo"`):
+            `"flow_grpo"`: Flow-GRPO's per-step KL, `MEAN((mean - ref_mean)**2) / (2 s**2)` with `s` the diffusion
+            coefficient, that is the exact Gaussian KL times `(-dt)`, so β values from its configs (0.01-0.04) carry
+            over. `"exact"`: the closed-form KL between the two Gaussians of the step.
         timestep_fraction (`float`, *optional*, defaults to `1.0`):
-            Fraction of the sampling steps trained on per rollout; the subset is drawn at random per rollout.
+            Fraction of the sampling steps trained on per rollout: `max(1, int(num_inference_steps *
+            timestep_fraction))` steps. Flow-GRPO's configs use `0.99`, which with 10 steps trains steps 0-8.
+        timestep_selection (`str`, *optional*, defaults to `"first"`):
+            Which steps `timestep_fraction` keeps: `"first"` (the official rule: the first steps, in sampling order,
+            so `0.99` leaves out the last, least noisy step) or `"random"` (a subset drawn per rollout from the
+            seed, shared by every sample of the rollout). Steps without noise (CPS's last) are never trained.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to `[-adv_clip_max, adv_clip_max]`.
         scale_rewards (`str`, *optional*, defaults to `"group"`):
@@ -104,6 +121,17 @@ class GuardConfig(TrainingArguments):
             Micro-steps served by one generation batch; defaults to `gradient_accumulation_steps`.
         num_iterations (`int`, *optional*, defaults to `1`):
             Passes over each generation batch (PPO epochs; `mu` in the GRPO paper).
+
+        > Parameters that control the exponential moving average (EMA) of the weights
+
+        ema_decay (`float`, *optional*, defaults to `0.0`):
+            `0` turns the EMA off. Otherwise an EMA of the trained weights is kept and used by `evaluate()`,
+            `save_model()`, the model weights of every checkpoint and `push_to_hub`; training itself continues from
+            the live weights, which checkpoints keep in `training_weights.safetensors` so that resume is exact. Every
+            official Flow-GRPO and GRPO-Guard SD3.5 config uses `0.9`. The decay applied at optimizer step `n` is
+            `min(ema_decay, n / (n + 9))`, as Flow-GRPO's, so early updates follow the weights closely.
+        ema_update_interval (`int`, *optional*, defaults to `8`):
+            Update the EMA every this many optimizer steps (Flow-GRPO: 8).
 
         > Parameters that control memory
 
@@ -159,8 +187,15 @@ class GuardConfig(TrainingArguments):
         default="inverse",
         metadata={"help": "GRPO-Guard weight under the dance_grpo schedule.", "choices": list(DANCE_WEIGHTINGS)},
     )
+    cps_log_prob: str = field(
+        default="official", metadata={"help": "Log-probability under CPS.", "choices": list(CPS_LOG_PROBS)}
+    )
     beta: float = field(default=0.0, metadata={"help": "KL coefficient to the reference policy."})
+    kl_type: str = field(default="flow_grpo", metadata={"help": "KL definition.", "choices": list(KL_TYPES)})
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of sampling steps trained on."})
+    timestep_selection: str = field(
+        default="first", metadata={"help": "Which steps are trained.", "choices": list(TIMESTEP_SELECTIONS)}
+    )
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantage clip value."})
     scale_rewards: str = field(
         default="group", metadata={"help": "Advantage normalisation.", "choices": list(SCALE_REWARDS)}
@@ -169,6 +204,9 @@ class GuardConfig(TrainingArguments):
     overlap_reward_scoring: bool = field(default=True, metadata={"help": "Score in a thread while sampling."})
     steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps per generation batch."})
     num_iterations: int = field(default=1, metadata={"help": "Passes over each generation batch."})
+
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the weights; 0 turns the EMA off."})
+    ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
 
     offload_frozen_modules: bool = field(default=False, metadata={"help": "Text encoders and VAE on CPU."})
     precompute_prompt_embeds: bool = field(default=False, metadata={"help": "Encode dataset prompts once."})
@@ -206,6 +244,17 @@ class GuardConfig(TrainingArguments):
             self.dance_weighting in DANCE_WEIGHTINGS,
             f"dance_weighting={self.dance_weighting!r} is unknown; use one of {DANCE_WEIGHTINGS}.",
         )
+        for name, value, allowed in (
+            ("kl_type", self.kl_type, KL_TYPES),
+            ("timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS),
+            ("cps_log_prob", self.cps_log_prob, CPS_LOG_PROBS),
+        ):
+            check(value in allowed, f"{name}={value!r} is unknown; use one of {allowed}.")
+        check(
+            0 <= self.ema_decay < 1,
+            f"ema_decay={self.ema_decay} must be in [0, 1): 0 turns the EMA off, Flow-GRPO's configs use 0.9.",
+        )
+        check(self.ema_update_interval >= 1, f"ema_update_interval={self.ema_update_interval} must be >= 1.")
         check(
             self.scale_rewards in SCALE_REWARDS,
             f"scale_rewards={self.scale_rewards!r} is unknown; use one of {SCALE_REWARDS}.",
@@ -229,6 +278,11 @@ class GuardConfig(TrainingArguments):
             f"timestep_fraction={self.timestep_fraction} must be in (0, 1]; 1.0 trains on every sampling step.",
         )
         check(self.noise_level > 0, f"noise_level={self.noise_level} must be > 0 for a stochastic policy.")
+        check(
+            self.noise_schedule != "cps" or self.noise_level <= 1,
+            f"noise_level={self.noise_level} with noise_schedule='cps' must be <= 1: CPS's noise std is "
+            "sigma_next * sin(noise_level * pi / 2), which is largest at 1 (Flow-GRPO's CPS configs use 0.7-0.8).",
+        )
         check(self.beta >= 0, f"beta={self.beta} must be >= 0.")
         check(self.adv_clip_max > 0, f"adv_clip_max={self.adv_clip_max} must be > 0.")
         check(self.height > 0 and self.width > 0, f"height={self.height} and width={self.width} must be > 0.")

@@ -18,8 +18,13 @@ on the timestep through ``std``. That is why PPO clipping fails for flow models.
                    ``= -MEAN(d * eps)``
 ``grpo_guard``     as ``ratio_norm``                                 ``1/(-dt)`` (flow_grpo schedule),
                                                                      ``1/(beta_t (-dt))`` (dance_grpo; the
-                                                                     paper prints ``beta_t/(-dt)``)
+                                                                     paper prints ``beta_t/(-dt)``),
+                                                                     ``1/|d mean/d v|`` (cps)
 =================  ================================================  =====================================
+
+Under CPS with its official log-probability ``-MEAN((x_next - mean)**2)`` (no variance), the log-ratios of
+``flow_grpo`` and ``mean_revised`` are the Gaussian ones times ``2 std**2``; RatioNorm is ``-MEAN(d * eps)`` either
+way. A step without noise (CPS's last) has log-ratio 0 and no gradient.
 
 The per-sample loss is ``weight * max(-A r, -A clip(r, 1 - epsilon, 1 + epsilon))`` with ``r = exp(log-ratio)``.
 Log-ratios are per-element MEANs, so clip ranges are tiny: see :mod:`trl_guard.sde`.
@@ -29,9 +34,10 @@ from __future__ import annotations
 
 import torch
 
-from .sde import _mean_per_sample, sde_noise_scale
+from .sde import _mean_per_sample, _safe_divide, sde_std, velocity_coefficient
 
 LOSS_TYPES = ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard")
+KL_TYPES = ("flow_grpo", "exact")
 SCALE_REWARDS = ("group", "batch", "none")
 # GRPO-Guard's weight under the constant-noise (DanceGRPO) schedule. The paper prints beta_t / (-dt) ("paper"); the
 # RatioNorm log-ratio's gradient with respect to the velocity scales with beta_t * (-dt), so 1 / (beta_t * (-dt))
@@ -50,7 +56,14 @@ DEFAULT_EPSILON = {
 
 
 def policy_log_ratio(
-    mean: torch.Tensor, old_mean: torch.Tensor, prev_sample: torch.Tensor, std: torch.Tensor, *, loss_type: str
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    prev_sample: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    loss_type: str,
+    noise_schedule: str = "flow_grpo",
+    cps_log_prob: str = "official",
 ) -> torch.Tensor:
     """The per-sample log-ratio (B,) that ``loss_type`` clips, written so that cancellation cannot lose precision.
 
@@ -58,12 +71,15 @@ def policy_log_ratio(
     ``mean == old_mean`` gives exactly 0 (ratio exactly 1) and tiny ``d`` keeps full relative precision.
     """
     diff = mean - old_mean  # = -d
+    # The log-density's scale: 1 / (2 std**2) for a Gaussian, 1 for CPS's official variance-free form.
+    official_cps = noise_schedule == "cps" and cps_log_prob == "official"
+    scale = torch.ones_like(std) if official_cps else _safe_divide(torch.ones_like(std), 2 * std**2)
     if loss_type in ("flow_grpo", "temp_reweight"):
-        return _mean_per_sample(diff * (2 * prev_sample - mean - old_mean) / (2 * std**2))
+        return _mean_per_sample(scale * diff * (2 * prev_sample - mean - old_mean))
     if loss_type == "mean_revised":
-        return _mean_per_sample(diff * (prev_sample - old_mean) / std**2)
+        return _mean_per_sample(scale * 2 * diff * (prev_sample - old_mean))
     if loss_type in ("ratio_norm", "grpo_guard"):
-        return _mean_per_sample(diff * (prev_sample - old_mean) / std)
+        return _mean_per_sample(_safe_divide(diff * (prev_sample - old_mean), std))
     raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
 
 
@@ -79,17 +95,20 @@ def timestep_weight(
     """The per-step loss weight (B,) of ``loss_type`` (Table 2 of the GRPO-Guard paper).
 
     ``dance_weighting`` picks GRPO-Guard's weight under the ``"dance_grpo"`` schedule: ``"inverse"`` (default) is
-    ``1 / (beta_t * (-dt))``, ``"paper"`` is ``beta_t / (-dt)`` as printed in the paper.
+    ``1 / (beta_t * (-dt))``, ``"paper"`` is ``beta_t / (-dt)`` as printed in the paper. Under ``"cps"`` the weight is
+    ``1 / |d mean / d v|`` (see :func:`trl_guard.sde.velocity_coefficient`), the same rule that gives ``1 / (-dt)`` for
+    an Euler step.
     """
     if loss_type in ("flow_grpo", "mean_revised", "ratio_norm"):
         return torch.ones_like(sigma)
     neg_dt = sigma - sigma_next
     if loss_type == "temp_reweight":
-        s = sde_noise_scale(sigma, sigma_next, noise_level=noise_level, noise_schedule=noise_schedule)
-        return s * torch.sqrt(neg_dt)
+        return sde_std(sigma, sigma_next, noise_level=noise_level, noise_schedule=noise_schedule)
     if loss_type == "grpo_guard":
         if noise_schedule == "flow_grpo":
             return 1 / neg_dt
+        if noise_schedule == "cps":
+            return -1 / velocity_coefficient(sigma, sigma_next, noise_level=noise_level, noise_schedule="cps")
         if noise_schedule == "dance_grpo":
             beta_t = 1 + noise_level**2 * (1 - sigma) / (2 * sigma)
             if dance_weighting == "paper":
@@ -115,6 +134,7 @@ def compute_policy_loss(
     noise_level: float,
     noise_schedule: str = "flow_grpo",
     dance_weighting: str = "inverse",
+    cps_log_prob: str = "official",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss of one sampling step, averaged over the batch.
 
@@ -131,8 +151,10 @@ def compute_policy_loss(
         epsilon: Clip range; ``r`` is clipped to ``[1 - epsilon, 1 + epsilon]``. Log-ratios are per-element
             means, so use ~1e-4 for ``flow_grpo`` and ~2e-6 for ``grpo_guard``.
         noise_level: SDE noise multiplier used at sampling (for the per-step weights).
-        noise_schedule: ``"flow_grpo"`` or ``"dance_grpo"``.
+        noise_schedule: ``"flow_grpo"``, ``"dance_grpo"`` or ``"cps"``.
         dance_weighting: ``"inverse"`` or ``"paper"``; see :func:`timestep_weight`.
+        cps_log_prob: ``"official"`` or ``"gaussian"``, the log-density used under ``"cps"``; see
+            :func:`trl_guard.sde.sde_step_with_logprob`.
 
     Returns:
         ``(loss, stats)``: the scalar loss and detached diagnostics (each a scalar tensor): ``log_ratio_mean``
@@ -156,7 +178,8 @@ def compute_policy_loss(
     sigma_next = sigma_next.to(device=mean.device, dtype=mean.dtype)
     std = std.to(mean.dtype)
 
-    log_ratio = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type=loss_type)
+    forms = dict(noise_schedule=noise_schedule, cps_log_prob=cps_log_prob)
+    log_ratio = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type=loss_type, **forms)
     weight = timestep_weight(
         sigma,
         sigma_next,
@@ -174,7 +197,7 @@ def compute_policy_loss(
         if loss_type in ("flow_grpo", "temp_reweight"):
             raw = log_ratio
         else:
-            raw = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type="flow_grpo")
+            raw = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type="flow_grpo", **forms)
         stats = {
             "log_ratio_mean": log_ratio.mean(),
             "log_ratio_std": log_ratio.std(unbiased=False),
@@ -186,9 +209,50 @@ def compute_policy_loss(
     return loss, stats
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Closed-form ``KL(N(mean, std**2) || N(ref_mean, std**2))`` per element, MEAN over elements and batch."""
-    return (_mean_per_sample((mean - ref_mean) ** 2 / (2 * std**2))).mean()
+def compute_kl(
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    kl_type: str = "flow_grpo",
+    noise_schedule: str = "flow_grpo",
+) -> torch.Tensor:
+    """KL penalty of one sampling step to the reference policy, a scalar: MEAN over elements, then over the batch.
+
+    Both policies share the step's noise ``std``, so the exact KL between the two Gaussians is
+    ``MEAN((mean - ref_mean)**2) / (2 std**2)`` (``kl_type="exact"``). Flow-GRPO divides by the squared diffusion
+    coefficient ``s**2`` instead (``std = s * sqrt(-dt)``), which is the exact KL times ``(-dt)``; that is
+    ``kl_type="flow_grpo"``, the default, so that β values from its configs mean the same here. Under ``"cps"``,
+    which has no diffusion coefficient, Flow-GRPO divides by ``std**2``: the two types agree. A noiseless step
+    (CPS's last) contributes 0.
+
+    Args:
+        mean: Current policy's mean (B, ...), carrying the gradient.
+        ref_mean: Reference policy's mean (B, ...).
+        std: The step's noise std, broadcastable to the sample.
+        sigma: Noise level before the step (B,).
+        sigma_next: Noise level after the step (B,).
+        kl_type: ``"flow_grpo"`` or ``"exact"``.
+        noise_schedule: ``"flow_grpo"``, ``"dance_grpo"`` or ``"cps"``.
+
+    Example:
+        >>> import torch
+        >>> mean, ref_mean, std = torch.full((1, 4), 0.3), torch.zeros(1, 4), torch.full((1, 1), 0.5)
+        >>> sigma, sigma_next = torch.tensor([0.6]), torch.tensor([0.5])
+        >>> round(float(compute_kl(mean, ref_mean, std, sigma, sigma_next, kl_type="exact")), 4)
+        0.18
+        >>> round(float(compute_kl(mean, ref_mean, std, sigma, sigma_next)), 4)  # times -dt = 0.1
+        0.018
+    """
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"Unknown kl_type {kl_type!r}; expected one of {KL_TYPES}.")
+    exact = _mean_per_sample(_safe_divide((mean - ref_mean) ** 2, 2 * std**2))
+    if kl_type == "exact" or noise_schedule == "cps":
+        return exact.mean()
+    neg_dt = (sigma - sigma_next).to(device=exact.device, dtype=exact.dtype)
+    return (exact * neg_dt).mean()
 
 
 def compute_advantages(
@@ -237,8 +301,9 @@ __all__ = [
     "LOSS_TYPES",
     "SCALE_REWARDS",
     "compute_advantages",
+    "KL_TYPES",
+    "compute_kl",
     "compute_policy_loss",
-    "gaussian_kl",
     "policy_log_ratio",
     "timestep_weight",
 ]

@@ -42,6 +42,7 @@ def sample_sde(
     *,
     noise_level: float,
     noise_schedule: str,
+    cps_log_prob: str = "official",
     generators: list[torch.Generator] | None = None,
 ) -> Rollout:
     """Run the SDE from ``latents`` at ``sigmas[0]`` down to ``sigmas[-1]``, one generator per sample."""
@@ -57,6 +58,7 @@ def sample_sde(
             sigma_next,
             noise_level=noise_level,
             noise_schedule=noise_schedule,
+            cps_log_prob=cps_log_prob,
             generator=generators,
         )
         all_latents.append(next_latents)
@@ -81,6 +83,32 @@ def sample_ode(
         velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, negative_embeds)
         latents = ode_step(velocity, latents, sigma, sigma_next)
     return latents
+
+
+def select_train_steps(
+    noise_std: torch.Tensor, fraction: float, selection: str, *, generator: torch.Generator | None = None
+) -> list[int]:
+    """The sampling steps one rollout trains on, in order.
+
+    ``max(1, int(T * fraction))`` of the ``T`` steps: the first ones (``"first"``, Flow-GRPO's rule; ``0.99`` of 10
+    is steps 0-8) or a random subset from ``generator`` (``"random"``). Steps whose noise std is 0 (CPS's last) are
+    deterministic, carry no policy gradient and are never chosen.
+
+    Example:
+        >>> import torch
+        >>> select_train_steps(torch.ones(10), 0.99, "first")
+        [0, 1, 2, 3, 4, 5, 6, 7, 8]
+        >>> select_train_steps(torch.tensor([0.5, 0.3, 0.0]), 1.0, "first")
+        [0, 1]
+    """
+    stochastic = [i for i, std in enumerate(noise_std.flatten().tolist()) if std > 0]
+    count = min(len(stochastic), max(1, int(len(noise_std) * fraction)))
+    if selection == "first":
+        return stochastic[:count]
+    if selection == "random":
+        order = torch.randperm(len(stochastic), generator=generator)[:count]
+        return sorted(stochastic[i] for i in order.tolist())
+    raise ValueError(f"Unknown timestep_selection {selection!r}; expected 'first' or 'random'.")
 
 
 def save_rollout_buffer(batches: list[dict], path: str) -> None:

@@ -9,6 +9,7 @@ pipeline adapter; the math lives in `sde.py` and `losses.py`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -32,16 +33,18 @@ from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_a
 from .callbacks import adapt_tracker_callbacks
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
+from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid
-from .losses import compute_advantages, compute_policy_loss, gaussian_kl
-from .rollout import Rollout, load_rollout_buffer, sample_ode, sample_sde, save_rollout_buffer
+from .losses import compute_advantages, compute_kl, compute_policy_loss
+from .rollout import Rollout, load_rollout_buffer, sample_ode, sample_sde, save_rollout_buffer, select_train_steps
 from .scoring import RewardSet
-from .sde import sde_step_with_logprob
+from .sde import sde_std, sde_step_with_logprob
 
 # Streams of randomness, each seeded independently of how samples are spread over processes and batches.
 _INIT_NOISE, _SDE_NOISE, _TIMESTEPS, _EVAL_NOISE = range(4)
 _STAGING = ".staging"  # checkpoints are written here first, then moved into place
+EMA_STATE_NAME = "ema_state.safetensors"  # live weights and their EMA, in checkpoints when ema_decay > 0
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -77,6 +80,16 @@ def _load_pipeline(model: Any, args: GuardConfig) -> Any:
     if isinstance(kwargs.get("torch_dtype"), str) and kwargs["torch_dtype"] != "auto":
         kwargs["torch_dtype"] = getattr(torch, kwargs["torch_dtype"])
     return DiffusionPipeline.from_pretrained(model, **kwargs)
+
+
+class _EMAUpdate(TrainerCallback):
+    """Folds the weights into the EMA after each optimizer step (before that step's evaluation or checkpoint)."""
+
+    def __init__(self, ema: EMAWeights):
+        self.ema = ema
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.step(state.global_step)
 
 
 class GuardGRPODiffusionTrainer(Trainer):
@@ -187,6 +200,11 @@ class GuardGRPODiffusionTrainer(Trainer):
                 "multi-CPU) for now."
             )
         adapt_tracker_callbacks(self)
+        self.ema: EMAWeights | None = None
+        if args.ema_decay > 0:
+            trainable = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
+            self.ema = EMAWeights(trainable, decay=args.ema_decay, update_interval=args.ema_update_interval)
+            self.add_callback(_EMAUpdate(self.ema))
         if not args.offload_frozen_modules:
             for module in self.adapter.frozen_modules:
                 module.to(self.accelerator.device)
@@ -318,6 +336,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 sigmas,
                 noise_level=args.noise_level,
                 noise_schedule=args.noise_schedule,
+                cps_log_prob=args.cps_log_prob,
                 generators=step_generators[chunk],
             )
             batches.append({"rollout": rollout, "prompt_embeds": prompt_embeds, "negative_embeds": negative_embeds})
@@ -346,9 +365,13 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._log_rewards(rewards, total, advantages)
         local_advantages = advantages[offset : offset + local_size]
 
-        num_train_steps = max(1, int(args.num_inference_steps * args.timestep_fraction))
-        order = torch.randperm(args.num_inference_steps, generator=_generator(args.seed, _TIMESTEPS, rollout_index))
-        train_steps = sorted(order[:num_train_steps].tolist())
+        noise_std = sde_std(sigmas[:-1], sigmas[1:], noise_level=args.noise_level, noise_schedule=args.noise_schedule)
+        train_steps = select_train_steps(
+            noise_std,
+            args.timestep_fraction,
+            args.timestep_selection,
+            generator=_generator(args.seed, _TIMESTEPS, rollout_index),
+        )
 
         for batch, start in zip(batches, range(0, local_size, batch_size)):
             batch["advantages"] = local_advantages[start : start + batch_size]
@@ -430,11 +453,14 @@ class GuardGRPODiffusionTrainer(Trainer):
                 noise_level=args.noise_level,
                 noise_schedule=args.noise_schedule,
                 dance_weighting=args.dance_weighting,
+                cps_log_prob=args.cps_log_prob,
             )
             if args.beta > 0:
                 with torch.no_grad(), self.adapter.reference_policy():
                     ref_mean, _, _, _ = self._predict_mean(batch, step)
-                kl = gaussian_kl(mean, ref_mean, std)
+                kl = compute_kl(
+                    mean, ref_mean, std, sigma, sigma_next, kl_type=args.kl_type, noise_schedule=args.noise_schedule
+                )
                 loss = loss + args.beta * kl
                 stats["kl"] = kl.detach()
 
@@ -498,6 +524,17 @@ class GuardGRPODiffusionTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         _check_prompt_dataset(dataset, "eval_dataset")
+        with self._ema_weights():
+            metrics = self._evaluate_dataset(dataset, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _ema_weights(self):
+        """The EMA weights in the model for the duration of a block (nothing changes without an EMA)."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
+    def _evaluate_dataset(self, dataset: Dataset, metric_key_prefix: str) -> dict[str, float]:
         args, adapter = self.args, self.adapter
         reward_sets = [self.rewards] + ([self.gold_rewards] if self.gold_rewards is not None else [])
         indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
@@ -539,8 +576,6 @@ class GuardGRPODiffusionTrainer(Trainer):
             )
         if self.is_world_process_zero() and grid_images:
             log_image_grid(self, grid_images, f"{metric_key_prefix}_images")
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     # ---- logging ------------------------------------------------------------------------------------------------
@@ -558,10 +593,11 @@ class GuardGRPODiffusionTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if self.adapter.has_lora:
-            self.adapter.save_lora(output_dir)
-        else:
-            self.adapter.denoiser.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
+        with self._ema_weights():  # with an EMA, saved models are the averaged weights
+            if self.adapter.has_lora:
+                self.adapter.save_lora(output_dir)
+            else:
+                self.adapter.denoiser.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
         # JSON rather than the Trainer's pickled training_args.bin: tokens are redacted and nothing needs unpickling.
         with open(os.path.join(output_dir, "guard_config.json"), "w") as f:
             f.write(self.args.to_json_string())
@@ -590,6 +626,11 @@ class GuardGRPODiffusionTrainer(Trainer):
             save_rollout_buffer(
                 self._buffered_batches, os.path.join(run_dir, _STAGING, name, f"rollout_buffer_{rank}.safetensors")
             )
+        if self.ema is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            # The model files hold the EMA; training resumes from the live weights kept here.
+            save_file(self.ema.state_dict(), os.path.join(run_dir, _STAGING, name, EMA_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
         if self.args.should_save:
             final = os.path.join(run_dir, name)
@@ -601,20 +642,26 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        from safetensors.torch import load_file
+
         buffer = os.path.join(resume_from_checkpoint, f"rollout_buffer_{self.accelerator.process_index}.safetensors")
         if os.path.exists(buffer):
             self._buffered_batches = load_rollout_buffer(buffer, self.accelerator.device)
         if self.adapter.has_lora:
             self.adapter.load_lora(resume_from_checkpoint)
-            return
-        from safetensors.torch import load_file
-
-        folder = os.path.join(resume_from_checkpoint, "transformer")
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(folder, name)))
-        self.adapter.denoiser.load_state_dict(state)
+        else:
+            folder = os.path.join(resume_from_checkpoint, "transformer")
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            state = {}
+            for name in files:
+                state.update(load_file(os.path.join(folder, name)))
+            self.adapter.denoiser.load_state_dict(state)
+        if self.ema is not None:
+            ema_state = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
+            if os.path.exists(ema_state):
+                self.ema.load_state_dict(load_file(ema_state, device=str(self.accelerator.device)))
+            else:  # a checkpoint written without an EMA: start averaging from its weights
+                self.ema.reset()
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
         """Write the diffusers-flavoured model card (`README.md`) into `output_dir`."""
