@@ -151,3 +151,14 @@ def test_resume_with_ema_is_exact(tiny_pipeline, _base_pipeline, prompts, tmp_pa
     # the checkpoint's model file is the EMA at step 3, not the live weights
     at_three = load_file(str(checkpoint / "ema_state.safetensors"))
     assert any(not torch.equal(at_three[f"live/{n}"], at_three[f"ema/{n}"]) for n in full.ema.parameters)
+
+
+def test_eval_kl_is_zero_for_the_base_policy_and_grows_with_training(tiny_pipeline, prompts, tmp_path):
+    eval_prompts = Dataset.from_dict({"prompt": ["prompt number 0", "prompt number 1", "prompt number 2"]})
+    trainer = make_trainer(
+        tiny_pipeline, [blueness], prompts, tmp_path, eval_dataset=eval_prompts, eval_kl=True, max_steps=2
+    )
+    assert trainer.evaluate()["eval_kl"] == 0.0  # a fresh LoRA (B = 0) is the base policy
+    trainer.train()
+    after = trainer.evaluate()["eval_kl"]
+    assert after > 0 and math.isfinite(after)

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "GuardConfig": ".config",
     "GuardGRPODiffusionTrainer": ".trainer",
+    "OverOptimizationCallback": ".overoptimization",
     # toy-world model classes, named by the toy pipeline's model_index.json
     "PixelSpaceAutoencoder": ".toy.model",
     "XPredictionSD3Transformer": ".toy.model",
@@ -24,6 +25,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .config import GuardConfig
+    from .overoptimization import OverOptimizationCallback
     from .trainer import GuardGRPODiffusionTrainer
 
 
@@ -38,6 +40,7 @@ __all__ = [
     "NOISE_SCHEDULES",
     "GuardConfig",
     "GuardGRPODiffusionTrainer",
+    "OverOptimizationCallback",
     "compute_advantages",
     "compute_policy_loss",
     "compute_kl",

@@ -122,6 +122,15 @@ class GuardConfig(TrainingArguments):
         num_iterations (`int`, *optional*, defaults to `1`):
             Passes over each generation batch (PPO epochs; `mu` in the GRPO paper).
 
+        > Parameters that control evaluation
+
+        eval_kl (`bool`, *optional*, defaults to `False`):
+            Also log `eval_kl`, the KL of the policy from the base policy (LoRA disabled, or the starting weights when
+            training in full) on the eval prompts: one SDE trajectory per prompt is sampled from the policy, and the
+            exact Gaussian KL of each trained-kind step (per-element MEAN, as the log-probabilities) is summed over
+            the steps and averaged over prompts. It costs about two extra sampling passes per evaluation. Reward
+            over-optimisation is usually plotted against `sqrt(eval_kl)` (Gao et al., 2022).
+
         > Parameters that control the exponential moving average (EMA) of the weights
 
         ema_decay (`float`, *optional*, defaults to `0.0`):
@@ -205,6 +214,7 @@ class GuardConfig(TrainingArguments):
     steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps per generation batch."})
     num_iterations: int = field(default=1, metadata={"help": "Passes over each generation batch."})
 
+    eval_kl: bool = field(default=False, metadata={"help": "Log the policy's KL from the base policy in evaluation."})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the weights; 0 turns the EMA off."})
     ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
 

@@ -218,6 +218,7 @@ def compute_kl(
     *,
     kl_type: str = "flow_grpo",
     noise_schedule: str = "flow_grpo",
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """KL penalty of one sampling step to the reference policy, a scalar: MEAN over elements, then over the batch.
 
@@ -236,6 +237,7 @@ def compute_kl(
         sigma_next: Noise level after the step (B,).
         kl_type: ``"flow_grpo"`` or ``"exact"``.
         noise_schedule: ``"flow_grpo"``, ``"dance_grpo"`` or ``"cps"``.
+        reduction: ``"mean"`` over the batch (a scalar) or ``"none"`` (one value per sample, (B,)).
 
     Example:
         >>> import torch
@@ -248,11 +250,12 @@ def compute_kl(
     """
     if kl_type not in KL_TYPES:
         raise ValueError(f"Unknown kl_type {kl_type!r}; expected one of {KL_TYPES}.")
-    exact = _mean_per_sample(_safe_divide((mean - ref_mean) ** 2, 2 * std**2))
-    if kl_type == "exact" or noise_schedule == "cps":
-        return exact.mean()
-    neg_dt = (sigma - sigma_next).to(device=exact.device, dtype=exact.dtype)
-    return (exact * neg_dt).mean()
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"Unknown reduction {reduction!r}; expected 'mean' or 'none'.")
+    kl = _mean_per_sample(_safe_divide((mean - ref_mean) ** 2, 2 * std**2))
+    if kl_type == "flow_grpo" and noise_schedule != "cps":
+        kl = kl * (sigma - sigma_next).to(device=kl.device, dtype=kl.dtype)
+    return kl.mean() if reduction == "mean" else kl
 
 
 def compute_advantages(

@@ -37,6 +37,7 @@ from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid
 from .losses import compute_advantages, compute_kl, compute_policy_loss
+from .overoptimization import OverOptimizationCallback
 from .rollout import Rollout, load_rollout_buffer, sample_ode, sample_sde, save_rollout_buffer, select_train_steps
 from .scoring import RewardSet
 from .sde import sde_std, sde_step_with_logprob
@@ -242,7 +243,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                     param.data = param.data.float()
         else:
             denoiser.requires_grad_(True)
-            if args.beta > 0:
+            if args.beta > 0 or args.eval_kl:
                 self.adapter.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             # diffusers models expose `enable_gradient_checkpointing`, not the transformers hook the Trainer calls.
@@ -505,6 +506,16 @@ class GuardGRPODiffusionTrainer(Trainer):
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p.grad))
 
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        restored = any(
+            isinstance(cb, OverOptimizationCallback) and cb.restore_best and cb.stop_reason is not None
+            for cb in self.callback_handler.callbacks
+        )
+        if restored and self.ema is not None:
+            self.ema.reset()  # the restored weights were the evaluated EMA: keep averaging from them
+        return output
+
     def compute_loss(self, *args, **kwargs):
         raise NotImplementedError("GuardGRPODiffusionTrainer computes its loss per timestep in `training_step`.")
 
@@ -524,10 +535,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         _check_prompt_dataset(dataset, "eval_dataset")
-        with self._ema_weights():
+        with self._ema_weights():  # callbacks see the weights that were evaluated
             metrics = self._evaluate_dataset(dataset, metric_key_prefix)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def _ema_weights(self):
@@ -540,7 +551,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
         sigmas = adapter.sigmas(args.eval_num_inference_steps)
         adapter.denoiser.eval()
-        rows_scores, grid_images = [], []
+        rows_scores, grid_images, rows_kl = [], [], []
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             chunk = indices[start : start + args.per_device_eval_batch_size]
             rows = dataset.select(chunk)
@@ -558,8 +569,10 @@ class GuardGRPODiffusionTrainer(Trainer):
             grid_images.extend(images[: max(0, 16 - len(grid_images))])
             scores = [rewards(prompts, images, columns, trainer_state=self.state) for rewards in reward_sets]
             rows_scores.extend(torch.cat(scores, dim=1).tolist())
+            if args.eval_kl:
+                rows_kl.extend(self._kl_to_reference(prompt_embeds.index(prompt_index), chunk).tolist())
         if self.accelerator.num_processes > 1:
-            rows_scores = gather_object(rows_scores)
+            rows_scores, rows_kl = gather_object(rows_scores), gather_object(rows_kl)
         scores = torch.tensor(rows_scores, dtype=torch.float32).view(-1, sum(len(r) for r in reward_sets))
         proxy, gold = scores[:, : len(self.rewards)], scores[:, len(self.rewards) :]
         metrics = {
@@ -574,9 +587,47 @@ class GuardGRPODiffusionTrainer(Trainer):
                     for j, n in enumerate(self.gold_rewards.names)
                 }
             )
+        if rows_kl:
+            metrics[f"{metric_key_prefix}_kl"] = float(np.mean(rows_kl))
         if self.is_world_process_zero() and grid_images:
             log_image_grid(self, grid_images, f"{metric_key_prefix}_images")
         return metrics
+
+    def _kl_to_reference(self, prompt_embeds: PromptEmbeddings, indices: list[int]) -> torch.Tensor:
+        """Per prompt: sum over the noisy steps of the exact KL between the policy's and the reference's step
+        Gaussians, along one SDE trajectory sampled from the policy with fixed noise."""
+        args, adapter = self.args, self.adapter
+        sigmas = adapter.sigmas(args.num_inference_steps)
+        rollout = sample_sde(
+            adapter,
+            prompt_embeds,
+            self._negative_embeddings(),
+            self._initial_latents(indices, _EVAL_NOISE, 0),
+            sigmas,
+            noise_level=args.noise_level,
+            noise_schedule=args.noise_schedule,
+            generators=[_generator(args.seed, _EVAL_NOISE, 1, i) for i in indices],
+        )
+        total = torch.zeros(len(indices), device=rollout.latents.device)
+        with torch.no_grad(), adapter.reference_policy():
+            for step in range(args.num_inference_steps):
+                size = len(indices)
+                sigma, sigma_next = sigmas[step].expand(size), sigmas[step + 1].expand(size)
+                latents = rollout.latents[:, step]
+                velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, self._negative_embeddings())
+                _, _, ref_mean, std = sde_step_with_logprob(
+                    velocity,
+                    latents,
+                    sigma,
+                    sigma_next,
+                    noise_level=args.noise_level,
+                    noise_schedule=args.noise_schedule,
+                    prev_sample=rollout.latents[:, step + 1],
+                )
+                total += compute_kl(
+                    rollout.old_means[:, step], ref_mean, std, sigma, sigma_next, kl_type="exact", reduction="none"
+                )
+        return total.cpu()
 
     # ---- logging ------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,0 +1,222 @@
+"""Does GRPO-Guard protect the gold score? Multi-seed over-optimisation study on the toy world.
+
+    python benchmarks/overoptimization.py sweep      # one seed, three learning rates per method
+    python benchmarks/overoptimization.py study      # every method at its best rate, --seeds seeds each
+    python benchmarks/overoptimization.py analyse    # tables, the verdict and the plots from the results files
+
+Every method trains the pretrained toy model (`trl_guard/toy/pretrained`) on the hackable colour proxy and is
+evaluated every 10 optimizer steps (and before training) on 64 held-out captions, the same for every seed and method,
+disjoint from the 64 training captions: the proxy, the gold scores (caption fidelity, cleanliness) and the KL of the
+policy from the base policy (`GuardConfig.eval_kl`). The baselines are the official ones: Flow-GRPO's KL definition
+(`kl_type="flow_grpo"`, beta 0.04 as its OCR and GenEval configs) and the first `int(10 * 0.99)` = 9 sampling steps
+trained (`timestep_selection="first"`). No EMA: with 100 optimizer steps, the official EMA (decay 0.9 every 8 steps)
+would average over most of the run.
+
+Each finished run is appended at once to its results file (`docs/results/overoptimization_sweep.json`,
+`docs/results/overoptimization.json`); runs already there are skipped, so a stopped study resumes where it was.
+The best learning rate of a method is the one with the highest mean proxy over its last three evaluations in the
+sweep (what a practitioner tuning for the reward would pick); the KL variants use their base method's rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
+STUDY_FILE = os.path.join(RESULTS, "overoptimization.json")
+SWEEP_FILE = os.path.join(RESULTS, "overoptimization_sweep.json")
+
+METHODS = {
+    "flow_grpo": dict(loss_type="flow_grpo", beta=0.0),
+    "flow_grpo_kl": dict(loss_type="flow_grpo", beta=0.04),
+    "grpo_guard": dict(loss_type="grpo_guard", beta=0.0),
+    "grpo_guard_kl": dict(loss_type="grpo_guard", beta=0.04),
+    "ratio_norm": dict(loss_type="ratio_norm", beta=0.0),
+    "temp_reweight": dict(loss_type="temp_reweight", beta=0.0),
+}
+# The paper lowers GRPO-Guard's rate 3x against Flow-GRPO's: the grids are offset by the same factor.
+SWEEP_RATES = {
+    "flow_grpo": [1e-3, 3e-3, 1e-2],
+    "grpo_guard": [3e-4, 1e-3, 3e-3],
+    "ratio_norm": [1e-3, 3e-3, 1e-2],
+    "temp_reweight": [1e-3, 3e-3, 1e-2],
+}
+BASE_METHOD = {"flow_grpo_kl": "flow_grpo", "grpo_guard_kl": "grpo_guard"}
+PROXY, GOLD = "eval_reward", "eval_gold/caption_fidelity"
+
+
+def captions() -> tuple[list[str], list[str]]:
+    """64 training and 64 held-out captions, disjoint, fixed for every seed and method."""
+    from trl_guard.toy.train import all_captions
+
+    shuffled = all_captions()
+    random.Random(2026).shuffle(shuffled)
+    return shuffled[:64], shuffled[64:128]
+
+
+def load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"runs": []}
+
+
+def append(path: str, run: dict) -> None:
+    """Add one finished run and rewrite the file atomically, so a kill never leaves it half-written."""
+    results = load(path)
+    results["runs"].append(run)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def done(path: str, method: str, seed: int, learning_rate: float) -> bool:
+    return any(
+        r["method"] == method and r["seed"] == seed and np.isclose(r["learning_rate"], learning_rate)
+        for r in load(path)["runs"]
+    )
+
+
+def train_run(method: str, seed: int, learning_rate: float, steps: int, output_dir: str) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
+    from trl_guard.callbacks import GuardProgressCallback
+    from trl_guard.toy import caption_fidelity, cleanliness, colour_proxy
+    from trl_guard.toy.model import load_toy_pipeline
+    from trl_guard.toy.train import MAX_SEQUENCE_LENGTH
+
+    train_captions, eval_captions = captions()
+    settings = METHODS[method]
+    args = GuardConfig(
+        output_dir=output_dir,
+        loss_type=settings["loss_type"],
+        beta=settings["beta"],
+        kl_type="flow_grpo",
+        timestep_fraction=0.99,
+        timestep_selection="first",
+        num_generations=8,
+        per_device_train_batch_size=32,
+        steps_per_generation=2,  # two optimizer steps per round, as Flow-GRPO
+        num_inference_steps=10,
+        eval_num_inference_steps=10,
+        noise_level=0.7,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        eval_strategy="steps",
+        eval_steps=10,
+        per_device_eval_batch_size=64,
+        eval_kl=True,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+    )
+    trainer = GuardGRPODiffusionTrainer(
+        model=load_toy_pipeline(),
+        reward_funcs=[colour_proxy],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": train_captions}),
+        eval_dataset=Dataset.from_dict({"prompt": eval_captions}),
+        peft_config=LoraConfig(r=16, lora_alpha=32, init_lora_weights="gaussian"),
+        gold_reward_funcs=[caption_fidelity, cleanliness],
+    )
+    for callback in (PrinterCallback, ProgressCallback, GuardProgressCallback):
+        trainer.remove_callback(callback)
+    start = time.time()
+    base = trainer.evaluate()
+    trainer.train()
+    history = [{**base, "step": 0}] + [e for e in trainer.state.log_history if PROXY in e]
+    evals = [
+        {
+            "step": e["step"],
+            "proxy": e[PROXY],
+            "gold": e[GOLD],
+            "kl": e["eval_kl"],
+            "cleanliness": e["eval_gold/cleanliness"],
+        }
+        for e in history
+    ]
+    train_rewards = [{"step": e["step"], "reward": e["reward"]} for e in trainer.state.log_history if "reward" in e]
+    return {
+        "method": method,
+        "loss_type": settings["loss_type"],
+        "seed": seed,
+        "learning_rate": learning_rate,
+        "beta": settings["beta"],
+        "minutes": round((time.time() - start) / 60, 2),
+        "evals": evals,
+        "train_rewards": train_rewards,
+    }
+
+
+def run_all(path: str, plan: list[tuple[str, int, float]], steps: int) -> None:
+    for method, seed, learning_rate in plan:
+        if done(path, method, seed, learning_rate):
+            continue
+        print(f"{method} seed {seed} lr {learning_rate:g} ...", flush=True)
+        run = train_run(method, seed, learning_rate, steps, f"/tmp/overoptimization/{method}-{seed}-{learning_rate:g}")
+        append(path, run)
+        last = run["evals"][-1]
+        print(
+            f"  {run['minutes']:.1f} min; step {last['step']}: proxy {last['proxy']:.3f}, gold {last['gold']:.3f} "
+            f"(base {run['evals'][0]['gold']:.3f}), kl {last['kl']:.3g}",
+            flush=True,
+        )
+
+
+def best_rates(sweep: dict) -> dict[str, float]:
+    """Per swept method, the rate with the highest mean proxy over its last three evaluations."""
+    scores: dict[str, dict[float, float]] = {}
+    for run in sweep["runs"]:
+        scores.setdefault(run["method"], {})[run["learning_rate"]] = float(
+            np.mean([e["proxy"] for e in run["evals"][-3:]])
+        )
+    best = {method: max(by_rate, key=by_rate.get) for method, by_rate in scores.items()}
+    for method, base in BASE_METHOD.items():
+        if base in best:
+            best[method] = best[base]
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["sweep", "study", "analyse"])
+    parser.add_argument("--methods", nargs="+", default=["flow_grpo", "grpo_guard", "flow_grpo_kl", "grpo_guard_kl"])
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=100)
+    options = parser.parse_args(argv)
+    if options.phase == "sweep":
+        swept = [m for m in options.methods if m in SWEEP_RATES]
+        run_all(SWEEP_FILE, [(m, 0, lr) for m in swept for lr in SWEEP_RATES[m]], options.steps)
+    elif options.phase == "study":
+        rates = best_rates(load(SWEEP_FILE))
+        missing = [m for m in options.methods if m not in rates]
+        if missing:
+            raise SystemExit(f"No swept learning rate for {missing}: run the sweep phase for them first.")
+        # seed-major order: every method gets its first seeds before any gets its last
+        plan = [(m, seed, rates[m]) for seed in range(1, options.seeds + 1) for m in options.methods]
+        run_all(STUDY_FILE, plan, options.steps)
+    else:
+        from overoptimization_analysis import analyse
+
+        analyse(load(STUDY_FILE), load(SWEEP_FILE))
+
+
+if __name__ == "__main__":
+    main()

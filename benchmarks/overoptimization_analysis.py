@@ -1,0 +1,169 @@
+"""Analysis of the over-optimisation study (`benchmarks/overoptimization.py analyse`): tables, verdict, plots.
+
+Intervals are 95% percentile bootstrap intervals over seeds (2,000 resamples). "Gold at matched proxy" reads, for each
+run, the gold score where its evaluation proxy first reaches a level (linear interpolation between the two evaluations
+around the crossing); runs that never reach a level are left out of it, and the tables say how many reached it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
+
+
+def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its 95% percentile bootstrap interval."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return (np.nan, np.nan, np.nan)
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(resamples, len(values)), replace=True).mean(axis=1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def bootstrap_difference(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0):
+    """Mean of a minus mean of b, with its 95% bootstrap interval (seeds resampled independently per method)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) == 0 or len(b) == 0:
+        return (np.nan, np.nan, np.nan)
+    rng = np.random.default_rng(seed)
+    diffs = rng.choice(a, (resamples, len(a))).mean(1) - rng.choice(b, (resamples, len(b))).mean(1)
+    return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def gold_at_proxy(run: dict, level: float) -> float | None:
+    """The gold score where the run's proxy first reaches `level`, interpolated; None if it never does."""
+    evals = run["evals"]
+    for before, after in zip(evals, evals[1:]):
+        if before["proxy"] >= level:
+            return before["gold"]
+        if after["proxy"] >= level:
+            t = (level - before["proxy"]) / (after["proxy"] - before["proxy"])
+            return before["gold"] + t * (after["gold"] - before["gold"])
+    return None
+
+
+def fmt(mean_low_high: tuple[float, float, float], digits: int = 3) -> str:
+    mean, low, high = mean_low_high
+    return "n/a" if np.isnan(mean) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def by_method(study: dict) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for run in study["runs"]:
+        runs.setdefault(run["method"], []).append(run)
+    return runs
+
+
+def matched_levels(runs: dict[str, list[dict]], count: int = 4) -> list[float]:
+    """Proxy levels between the base models' proxy and the level every method's median run reaches."""
+    base = np.mean([r["evals"][0]["proxy"] for group in runs.values() for r in group])
+    reach = min(np.median([max(e["proxy"] for e in r["evals"]) for r in group]) for group in runs.values())
+    return [float(x) for x in np.linspace(base, reach, count + 2)[1:-1]] if reach > base else []
+
+
+def analyse(study: dict, sweep: dict | None = None) -> str:
+    runs = by_method(study)
+    lines = ["## Over-optimisation study", ""]
+    if sweep and sweep["runs"]:
+        lines += ["Learning-rate sweep (seed 0; mean proxy over the last three evaluations, final gold):", ""]
+        lines += [
+            "| method | learning rate | proxy (last 3) | gold at the end | gold at step 0 |",
+            "|---|---|---|---|---|",
+        ]
+        for run in sorted(sweep["runs"], key=lambda r: (r["method"], r["learning_rate"])):
+            proxy = np.mean([e["proxy"] for e in run["evals"][-3:]])
+            lines.append(
+                f"| {run['method']} | {run['learning_rate']:g} | {proxy:.3f} | {run['evals'][-1]['gold']:.3f} | "
+                f"{run['evals'][0]['gold']:.3f} |"
+            )
+        lines.append("")
+    lines += ["Per method, mean over seeds with 95% bootstrap intervals:", ""]
+    lines += ["| method | lr | seeds | step | proxy | gold (caption fidelity) | cleanliness | KL to base |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for method, group in runs.items():
+        steps = sorted({e["step"] for r in group for e in r["evals"]})
+        for step in (steps[0], steps[len(steps) // 2], steps[-1]):
+            at = [
+                next(e for e in r["evals"] if e["step"] == step)
+                for r in group
+                if any(e["step"] == step for e in r["evals"])
+            ]
+            lines.append(
+                f"| {method} | {group[0]['learning_rate']:g} | {len(at)} | {step} | {fmt(bootstrap([e['proxy'] for e in at]))} | "
+                f"{fmt(bootstrap([e['gold'] for e in at]))} | {fmt(bootstrap([e['cleanliness'] for e in at]))} | "
+                f"{fmt(bootstrap([e['kl'] for e in at]), 4)} |"
+            )
+    levels = matched_levels(runs)
+    lines += ["", "Gold at matched proxy (runs that reached the level / all runs):", ""]
+    lines += ["| proxy level | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    at_level: dict[float, dict[str, list[float]]] = {}
+    for level in levels:
+        at_level[level] = {
+            m: [g for g in (gold_at_proxy(r, level) for r in group) if g is not None] for m, group in runs.items()
+        }
+        cells = [f"{fmt(bootstrap(at_level[level][m]))} ({len(at_level[level][m])}/{len(runs[m])})" for m in runs]
+        lines.append(f"| {level:.3f} | " + " | ".join(cells) + " |")
+    pairs = [("grpo_guard", "flow_grpo"), ("grpo_guard_kl", "flow_grpo_kl"), ("grpo_guard", "flow_grpo_kl")]
+    pairs = [(a, b) for a, b in pairs if a in runs and b in runs]
+    if pairs and levels:
+        lines += ["", "Differences in gold at matched proxy (first minus second; 95% bootstrap interval):", ""]
+        lines += [
+            "| proxy level | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
+            "|---" * (len(pairs) + 1) + "|",
+        ]
+        for level in levels:
+            cells = [fmt(bootstrap_difference(at_level[level][a], at_level[level][b])) for a, b in pairs]
+            lines.append(f"| {level:.3f} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    plot(runs, levels)
+    return text
+
+
+def plot(runs: dict[str, list[dict]], levels: list[float]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return
+    colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for method, group in runs.items():
+        for run in group:  # every run appears, thin
+            proxy, gold = [e["proxy"] for e in run["evals"]], [e["gold"] for e in run["evals"]]
+            kl = [np.sqrt(max(e["kl"], 0.0)) for e in run["evals"]]
+            axes[0].plot(proxy, gold, color=colours[method], alpha=0.3, lw=0.8)
+            axes[1].plot(kl, gold, color=colours[method], alpha=0.3, lw=0.8)
+        steps = sorted({e["step"] for r in group for e in r["evals"]})
+        mean = {
+            key: [np.mean([e[key] for r in group for e in r["evals"] if e["step"] == s]) for s in steps]
+            for key in ("proxy", "gold", "kl")
+        }
+        axes[0].plot(
+            mean["proxy"],
+            mean["gold"],
+            "o-",
+            color=colours[method],
+            lw=2,
+            ms=3,
+            label=f"{method} (mean of {len(group)})",
+        )
+        axes[1].plot(np.sqrt(mean["kl"]), mean["gold"], "o-", color=colours[method], lw=2, ms=3, label=method)
+    for level in levels:
+        axes[0].axvline(level, color="grey", lw=0.5, ls=":")
+    axes[0].set(xlabel="proxy (colour, evaluated)", ylabel="gold (caption fidelity)", title="gold against proxy")
+    axes[1].set(xlabel="sqrt(KL to the base policy)", ylabel="gold (caption fidelity)", title="gold against sqrt(KL)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "overoptimization.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\nplot: {path}")
