@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         plan = [(m, seed, rates[m]) for seed in range(1, options.seeds + 1) for m in options.methods]
         run_all(STUDY_FILE, plan, options.steps)
     else:
-        from overoptimization_analysis import analyse
+        from trl_guard.report.overoptimization import analyse
 
-        analyse(load(STUDY_FILE), load(SWEEP_FILE))
+        print(analyse(load(STUDY_FILE), load(SWEEP_FILE), plot_dir=RESULTS))
 
 
 if __name__ == "__main__":

@@ -55,3 +55,55 @@ def test_shortened_toy_demo_writes_every_plot(tmp_path, capsys):
         assert {"eval_gold/caption_fidelity", "eval_gold/cleanliness", "rewards/colour_proxy/mean"} <= set(
             run["final"]
         )
+
+
+def test_over_optimisation_alarm_stops_a_hacking_run_with_the_best_gold_weights(tmp_path):
+    """Flow-GRPO at a high rate hacks the colour proxy; the alarm stops it and training ends with the weights of the
+    best-gold evaluation, which re-evaluate to the best gold."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_guard import GuardConfig, GuardGRPODiffusionTrainer, OverOptimizationCallback
+    from trl_guard.toy import caption_fidelity, colour_proxy
+    from trl_guard.toy.model import load_toy_pipeline
+    from trl_guard.toy.train import MAX_SEQUENCE_LENGTH, all_captions
+
+    captions = all_captions()
+    alarm = OverOptimizationCallback("gold/caption_fidelity", tolerance=0.02, patience=2)
+    trainer = GuardGRPODiffusionTrainer(
+        model=load_toy_pipeline(TOY_MODEL),
+        reward_funcs=[colour_proxy],
+        args=GuardConfig(
+            output_dir=str(tmp_path),
+            loss_type="flow_grpo",
+            learning_rate=2e-2,
+            num_generations=4,
+            per_device_train_batch_size=16,
+            steps_per_generation=2,
+            num_inference_steps=6,
+            eval_num_inference_steps=6,
+            height=32,
+            width=32,
+            guidance_scale=1.0,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            max_steps=40,
+            eval_strategy="steps",
+            eval_steps=2,
+            per_device_eval_batch_size=32,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": captions[::8]}),
+        eval_dataset=Dataset.from_dict({"prompt": captions[3::8]}),
+        peft_config=LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian"),
+        gold_reward_funcs=[caption_fidelity],
+        callbacks=[alarm],
+    )
+    trainer.train()
+    assert alarm.stop_reason is not None, "the run did not over-optimise within 40 steps"
+    assert trainer.state.global_step < 40
+    golds = [e["eval_gold/caption_fidelity"] for e in trainer.state.log_history if "eval_gold/caption_fidelity" in e]
+    assert golds[-1] < alarm.best_gold - alarm.tolerance  # it stopped on a real drop...
+    assert trainer.evaluate()["eval_gold/caption_fidelity"] == pytest.approx(alarm.best_gold)  # ...with the best back

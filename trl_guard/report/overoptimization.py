@@ -1,4 +1,7 @@
-"""Analysis of the over-optimisation study (`benchmarks/overoptimization.py analyse`): tables, verdict, plots.
+"""Over-optimisation analysis of runs evaluated on a proxy and a gold score: tables, intervals and plots.
+
+Used by `benchmarks/overoptimization.py analyse` (the multi-seed study) and the demo (its short form). A run is a
+dict with `method` and `evals`, a list of `{"step", "proxy", "gold", "kl", ...}` evaluations in step order.
 
 Intervals are 95% percentile bootstrap intervals over seeds (2,000 resamples). "Gold at matched proxy" reads, for each
 run, the gold score where its evaluation proxy first reaches a level (linear interpolation between the two evaluations
@@ -10,8 +13,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
 
 
 def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -65,7 +66,7 @@ def matched_levels(runs: dict[str, list[dict]], count: int = 4) -> list[float]:
     return [float(x) for x in np.linspace(base, reach, count + 2)[1:-1]] if reach > base else []
 
 
-def analyse(study: dict, sweep: dict | None = None) -> str:
+def analyse(study: dict, sweep: dict | None = None, plot_dir: str | None = None) -> str:
     runs = by_method(study)
     lines = ["## Over-optimisation study", ""]
     if sweep and sweep["runs"]:
@@ -119,20 +120,20 @@ def analyse(study: dict, sweep: dict | None = None) -> str:
             cells = [fmt(bootstrap_difference(at_level[level][a], at_level[level][b])) for a, b in pairs]
             lines.append(f"| {level:.3f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
-    print(text)
-    plot(runs, levels)
+    if plot_dir is not None:
+        plot(runs, levels, plot_dir)
     return text
 
 
-def plot(runs: dict[str, list[dict]], levels: list[float]) -> None:
+def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str) -> str | None:
+    """Gold against proxy and against sqrt(KL): every run thin, each method's mean over seeds thick."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plots")
-        return
+        return None
     colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for method, group in runs.items():
@@ -162,8 +163,8 @@ def plot(runs: dict[str, list[dict]], levels: list[float]) -> None:
     axes[1].set(xlabel="sqrt(KL to the base policy)", ylabel="gold (caption fidelity)", title="gold against sqrt(KL)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "overoptimization.png")
+    os.makedirs(plot_dir, exist_ok=True)
+    path = os.path.join(plot_dir, "overoptimization.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    print(f"\nplot: {path}")
+    return path

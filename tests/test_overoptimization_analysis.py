@@ -1,0 +1,50 @@
+"""The study's statistics: matched-proxy interpolation, bootstrap intervals, and the tables on synthetic runs."""
+
+import numpy as np
+import pytest
+
+from trl_guard.report.overoptimization import analyse, bootstrap, bootstrap_difference, gold_at_proxy
+
+
+def run(method, seed, slope):
+    """Proxy rises linearly; gold falls with the proxy at `slope` (per unit of proxy), plus seed noise."""
+    rng = np.random.default_rng(seed)
+    proxies = np.linspace(0.1, 0.3, 11)
+    evals = [
+        {"step": 10 * i, "proxy": float(p), "gold": float(0.6 - slope * (p - 0.1) + rng.normal(0, 0.005)), "kl": 0.01 * i,
+         "cleanliness": 0.99}
+        for i, p in enumerate(proxies)
+    ]  # fmt: skip
+    return {"method": method, "seed": seed, "learning_rate": 1e-3, "evals": evals}
+
+
+def test_gold_at_proxy_interpolates_the_first_crossing():
+    r = {"evals": [{"proxy": 0.1, "gold": 0.6}, {"proxy": 0.3, "gold": 0.4}, {"proxy": 0.2, "gold": 0.1}]}
+    assert gold_at_proxy(r, 0.2) == pytest.approx(0.5)  # the crossing between the first two, not the third
+    assert gold_at_proxy(r, 0.05) == pytest.approx(0.6)
+    assert gold_at_proxy(r, 0.35) is None
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_seeds():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1, 1, 4), rng.normal(1, 1, 400)
+    for values in (small, large):
+        mean, low, high = bootstrap(values)
+        assert low <= mean <= high
+    assert bootstrap(large)[2] - bootstrap(large)[1] < bootstrap(small)[2] - bootstrap(small)[1]
+    diff, low, high = bootstrap_difference([1.0, 1.1, 0.9, 1.0], [0.0, 0.1, -0.1, 0.0])
+    assert diff == pytest.approx(1.0) and low > 0.8 and high < 1.2
+
+
+def test_analysis_separates_a_protective_method_from_a_hacking_one(tmp_path):
+    study = {
+        "runs": [run("flow_grpo", s, slope=2.0) for s in range(4)] + [run("grpo_guard", s, 0.5) for s in range(4)]
+    }
+    text = analyse(study, plot_dir=str(tmp_path))
+    rows = [line for line in text.splitlines() if line.startswith("| 0.") and "[" in line]
+    differences = [row for row in rows if row.count("|") == 3]  # the grpo_guard - flow_grpo table
+    assert differences
+    for row in differences:
+        low = float(row.split("[")[1].split(",")[0])
+        assert low > 0  # guard's gold is higher at every matched level, interval above 0
+    assert (tmp_path / "overoptimization.png").exists()
