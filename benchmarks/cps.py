@@ -86,12 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--variants", nargs="+", type=int, help="indices into the list above (default: all)")
     options = parser.parse_args()
     base = load_toy_pipeline()
     base.set_progress_bar_config(disable=True)
     prompts = random.Random(0).sample(all_captions(), 16)
     print(f"toy world, CPS noise_level 0.7, 10 steps, {options.steps} optimizer steps x {options.seeds} seeds")
-    for name, variant in VARIANTS.items():
+    chosen = [list(VARIANTS)[i] for i in options.variants] if options.variants else list(VARIANTS)
+    for name in chosen:
+        variant = VARIANTS[name]
         runs = [run(base, prompts, options, seed, **variant) for seed in range(options.seeds)]
         steps = sorted(runs[0]["grad_norm"])
         print(f"\n{name}")

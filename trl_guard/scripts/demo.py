@@ -223,7 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from trl_guard.report import build_report
 
-        print("\nreport:", build_report(runs, os.path.join(options.output_dir, "report")))
+        report = build_report(runs, os.path.join(options.output_dir, "report"))
+        with open(os.path.join(os.path.dirname(report), "verdict.txt")) as f:
+            verdict = f.read()
+        if verdict:
+            print(f"\nverdict of this demo (one seed, {options.steps or world.steps} steps per method):\n{verdict}")
+            print(
+                "The multi-seed answer, with intervals, is in docs/reproducing_the_paper.md "
+                "(benchmarks/overoptimization.py reruns it)."
+            )
+        print("\nreport:", report)
     except ImportError as error:
         print(f"\nno report: {error}")
 
