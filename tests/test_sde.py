@@ -7,7 +7,7 @@ from trl_guard import ode_step, sde_step_with_logprob
 
 
 def reference_step(v, x, sigma, sigma_next, noise_level, schedule, x_next):
-    """DESIGN.md section 2 written out in float64, independently of the library."""
+    """The SDE step of docs/method.md written out in float64, independently of the library."""
     v, x, x_next = v.double(), x.double(), x_next.double()
     out_mean, out_std, out_lp = [], [], []
     for b in range(x.shape[0]):

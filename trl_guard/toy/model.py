@@ -4,7 +4,8 @@
   pipeline, our adapter and the trainer run unchanged.
 - `XPredictionSD3Transformer` is an `SD3Transformer2DModel` whose network predicts the clean image `x0`; its forward
   returns the velocity `(x_t - x0) / max(sigma, 0.05)`, so diffusers' scheduler and the RL trainer see an ordinary
-  velocity model. Predicting `x0` is what made a small model draw crisp shapes in a CPU budget (see DESIGN.md).
+  velocity model. Predicting `x0` is what made a small model draw crisp shapes in a CPU budget: with velocity
+  prediction, the same model and time drew colour-correct blobs but not crisp shapes.
 
 Both are exported from `trl_guard`, which is the library name `model_index.json` records for them.
 """

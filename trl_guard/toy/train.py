@@ -1,12 +1,13 @@
 """Pretrain the toy world's text-to-image model by flow matching, on CPU, and save it as a diffusers pipeline.
 
-    python -m trl_guard.toy.train --output-dir trl_guard/toy/pretrained --minutes 25
+    python -m trl_guard.toy.train --output-dir trl_guard/toy/pretrained --steps 5400 --minutes 60 --lr-schedule cosine
 
-The recipe follows what worked on this machine (DESIGN.md): a pixel-space SD3 transformer (patch 4, 6 layers,
+The recipe is what worked on a 2-core CPU: a pixel-space SD3 transformer (patch 4, 6 layers,
 4 heads x 32, about 3.5M parameters) with adaLN modulation and output projection zero-initialised, predicting the
 clean image (x-prediction, velocity derived in `forward`). It is conditioned on two frozen, randomly initialised tiny
-CLIP text encoders, with every caption's embedding computed once. Training uses logit-normal noise levels, 10%
-caption dropout, AdamW 6e-4, batch 64 and an EMA of 0.998 on freshly drawn scenes. Seeded: a rerun with the same
+CLIP text encoders (one token per word of the world by default), with every caption's embedding computed once.
+Training uses logit-normal noise levels, 10% caption dropout, AdamW 6e-4 (100 warm-up steps, then constant or a cosine
+down to 0.1x over `--steps`), batch 64 and an EMA of 0.998 on freshly drawn scenes. Seeded: a rerun with the same
 arguments and step count gives the same weights. The run ends after `--steps` or `--minutes`, whichever comes first,
 then measures how often the model's images match their captions and writes that to `metrics.json`.
 """
