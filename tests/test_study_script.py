@@ -1,0 +1,45 @@
+"""The over-optimisation study's bookkeeping: resume by skipping finished runs, and each method's best rate."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "overoptimization_study", Path(__file__).parents[1] / "benchmarks" / "overoptimization.py"
+)
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def run(method, lr, proxies, seed=0):
+    return {"method": method, "seed": seed, "learning_rate": lr, "evals": [{"proxy": p} for p in proxies]}
+
+
+def test_finished_runs_are_skipped_and_appends_keep_earlier_runs(tmp_path):
+    path = str(tmp_path / "results.json")
+    assert not study.done(path, "flow_grpo", 0, 1e-3)
+    study.append(path, run("flow_grpo", 1e-3, [0.1]))
+    study.append(path, run("grpo_guard", 1e-3, [0.1]))
+    assert study.done(path, "flow_grpo", 0, 1e-3) and study.done(path, "grpo_guard", 0, 1e-3)
+    assert not study.done(path, "flow_grpo", 1, 1e-3) and not study.done(path, "flow_grpo", 0, 3e-3)
+    assert len(study.load(path)["runs"]) == 2
+
+
+def test_best_rate_is_the_highest_late_proxy_and_kl_variants_inherit_it():
+    sweep = {
+        "runs": [
+            run("flow_grpo", 1e-3, [0.1, 0.12, 0.13, 0.14]),
+            run("flow_grpo", 1e-2, [0.1, 0.3, 0.1, 0.05, 0.05]),  # peaked early, ends low
+            run("grpo_guard", 3e-4, [0.1, 0.2, 0.2, 0.2]),
+        ]
+    }
+    best = study.best_rates(sweep)
+    assert best["flow_grpo"] == pytest.approx(1e-3)
+    assert best["flow_grpo_kl"] == best["flow_grpo"] and best["grpo_guard_kl"] == pytest.approx(3e-4)
+
+
+def test_captions_are_disjoint_and_fixed():
+    train, held_out = study.captions()
+    assert len(train) == len(held_out) == 64 and not set(train) & set(held_out)
+    assert study.captions() == (train, held_out)
