@@ -80,3 +80,101 @@ def test_bad_reward_values_name_the_function_and_prompt(returned, message, tiny_
         assert "faulty_reward" in str(error.value)
     after = trainer.adapter.lora_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("returned", [{"a": 1.0}, {0.1, 0.2}, "0.5", 0.5])
+def test_rewards_must_return_a_sequence(returned, tiny_pipeline, prompts, tmp_path):
+    def dict_reward(prompts, images, **kwargs):
+        return returned
+
+    trainer = make_trainer(tiny_pipeline, [dict_reward], prompts, tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match="it must return a list"):
+        trainer.train()
+
+
+def test_rewards_may_return_arrays_and_tensors(tiny_pipeline, prompts, tmp_path):
+    import numpy as np
+
+    def array_reward(prompts, images, **kwargs):
+        return np.asarray(blueness(prompts, images))
+
+    def tensor_reward(prompts, images, **kwargs):
+        return torch.tensor(blueness(prompts, images))
+
+    make_trainer(tiny_pipeline, [array_reward, tensor_reward], prompts, tmp_path, max_steps=1).train()
+
+
+def test_reward_without_kwargs_fails_at_construction(prompts, tmp_path):
+    def strict_reward(prompts, images):
+        return [0.0] * len(images)
+
+    with pytest.raises(ValueError, match=r"no \*\*kwargs"):
+        make_trainer(MISSING, [strict_reward], prompts, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"prompt": "a cat"}, {"prompt": None}] * 4, r"\['prompt'\]\[1\] is None"),
+        ([{"prompt": "a cat"}, {"prompt": " "}] * 4, r"\['prompt'\]\[1\]"),
+        ([{"prompt": "a cat"}, {"text": "a dog"}] * 4, r"train_dataset\[1\]"),
+        ([], "empty"),
+    ],
+)
+def test_list_of_dicts_is_validated(rows, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(MISSING, [blueness], rows, tmp_path)
+
+
+def test_list_of_dicts_trains(tiny_pipeline, tmp_path):
+    rows = [{"prompt": f"prompt number {i}", "label": i} for i in range(8)]
+    trainer = make_trainer(tiny_pipeline, [blueness], rows, tmp_path, max_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_iterable_dataset_is_refused_at_construction(prompts, tmp_path):
+    with pytest.raises(ValueError, match="IterableDataset"):
+        make_trainer(MISSING, [blueness], prompts.to_iterable_dataset(), tmp_path)
+
+
+def test_missing_local_path_says_it_does_not_exist(prompts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_trainer(str(tmp_path / "no" / "such" / "pipeline"), [blueness], prompts, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(per_device_train_batch_size=0), "per_device_train_batch_size=0"),
+        (dict(model_init_kwargs='{"torch_dtype": bfloat16}'), "model_init_kwargs=.*not valid JSON"),
+        (dict(model_init_kwargs='{"torch_dtype": "bf16"}'), "torch_dtype='bf16' is unknown"),
+        (dict(model_init_kwargs="[1, 2]"), "must be a JSON object"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message, tmp_path):
+    from helpers import tiny_config
+
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **overrides)
+
+
+def test_report_on_a_missing_folder_and_a_named_checkpoint(tmp_path):
+    import json
+
+    from trl_guard.report import load_log_history
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_log_history(str(tmp_path / "nothing-here"))
+    for name, history in (("checkpoint-best", [{"step": 1}]), ("checkpoint-4", [{"step": 4}])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert load_log_history(str(tmp_path)) == [{"step": 4}]
+
+
+def test_demo_refuses_zero_steps(capsys):
+    from trl_guard.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", "0"])
+    assert "must be >= 1" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +225,7 @@ class GuardConfig(TrainingArguments):
     log_timestep_grad_norm: bool = field(default=True, metadata={"help": "Log per-timestep gradient norms."})
 
     def __post_init__(self):
+        self.model_init_kwargs = _parse_model_init_kwargs(self.model_init_kwargs)
         super().__post_init__()
         self._validate()
         if self.epsilon is None:
@@ -298,6 +300,39 @@ class GuardConfig(TrainingArguments):
         check(self.height > 0 and self.width > 0, f"height={self.height} and width={self.width} must be > 0.")
         check(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
         check(
+            self.per_device_train_batch_size >= 1,
+            f"per_device_train_batch_size={self.per_device_train_batch_size} must be >= 1: it counts the images each "
+            "device samples and trains on per micro-step.",
+        )
+        check(
             self.steps_per_generation is None or self.steps_per_generation >= 1,
             f"steps_per_generation={self.steps_per_generation} must be >= 1.",
         )
+
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+
+
+def _parse_model_init_kwargs(value: Any) -> dict[str, Any] | None:
+    """`model_init_kwargs` as a dict: a JSON string from the command line is parsed, and `torch_dtype` checked, with
+    errors that name the field."""
+    if value is None or isinstance(value, dict):
+        kwargs = value
+    elif isinstance(value, str):
+        try:
+            kwargs = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"model_init_kwargs={value!r} is not valid JSON ({error.msg}). Write it as a JSON object, for example "
+                '\'{"torch_dtype": "bfloat16"}\'.'
+            ) from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(
+                f"model_init_kwargs={value!r} must be a JSON object (a dict), not {type(kwargs).__name__}."
+            )
+    else:
+        raise ValueError(f"model_init_kwargs must be a dict or a JSON string, got {type(value).__name__}.")
+    dtype = (kwargs or {}).get("torch_dtype")
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        raise ValueError(f"model_init_kwargs torch_dtype={dtype!r} is unknown; use one of {_DTYPES}.")
+    return kwargs

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -40,10 +42,14 @@ def score_images(
     scores = torch.full((len(images), len(reward_funcs)), float("nan"))
     for j, (func, name) in enumerate(zip(reward_funcs, reward_names)):
         values = func(prompts=prompts, images=images, **columns, **kwargs)
-        if isinstance(values, torch.Tensor):
+        if isinstance(values, (torch.Tensor, np.ndarray)):
             values = values.tolist()
-        if not isinstance(values, Sequence) and not hasattr(values, "__len__"):
-            raise ValueError(f"Reward function {name!r} returned {type(values).__name__}; it must return a list.")
+        # A dict or a set has a length too, but iterating it gives keys in no set order: never scores.
+        if not isinstance(values, (list, tuple)):
+            raise ValueError(
+                f"Reward function {name!r} returned a {type(values).__name__}; it must return a list (or tuple, "
+                "array or tensor) of one float or None per image, in the order of the images."
+            )
         if len(values) != len(images):
             raise ValueError(
                 f"Reward function {name!r} returned {len(values)} values for {len(images)} images; it must return "
@@ -66,6 +72,22 @@ def score_images(
     return scores
 
 
+def _check_signature(func: Any, field: str) -> None:
+    """Reward functions are called as `f(prompts=..., images=..., **columns, trainer_state=...)`: refuse, before any
+    compute, one that cannot take those keywords."""
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables have no signature: let the call decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    name = reward_func_name(func)
+    raise ValueError(
+        f"{field}: the reward function {name!r} has no **kwargs. It is called with prompts=, images=, every other "
+        f"dataset column and trainer_state= as keywords; define it as `def {name}(prompts, images, **kwargs)`."
+    )
+
+
 class RewardSet:
     """Reward functions resolved from callables, built-in names, URLs or import paths, with unique log names and
     weights. Calling it scores a batch with every function (see `score_images`)."""
@@ -76,6 +98,8 @@ class RewardSet:
         if not reward_funcs:
             raise ValueError(f"{field} is empty: give at least one reward function.")
         self.funcs = [resolve_reward_func(f) for f in reward_funcs]
+        for func in self.funcs:
+            _check_signature(func, field)
         self.names: list[str] = []
         for func in self.funcs:
             name = reward_func_name(func)

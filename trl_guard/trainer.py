@@ -58,18 +58,45 @@ def _check_prompt_dataset(dataset: Any, name: str) -> None:
     """Fail before any compute when a dataset cannot feed the trainer."""
     if dataset is None:
         return
-    columns = dataset.column_names if isinstance(dataset, (Dataset, IterableDataset)) else None
-    if columns is not None and "prompt" not in columns:
+    if isinstance(dataset, IterableDataset):
         raise ValueError(
-            f"{name} has no 'prompt' column (columns: {columns}). Rename the text column, for example "
-            f"`{name}.rename_column('text', 'prompt')`."
+            f"{name} is an IterableDataset, which the trainer cannot sample prompt groups from yet. Materialise the "
+            f"prompts first, for example `Dataset.from_list(list({name}))`."
         )
     if isinstance(dataset, Dataset):
-        if len(dataset) == 0:
-            raise ValueError(f"{name} is empty: it needs at least one prompt.")
-        for i, prompt in enumerate(dataset["prompt"]):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{name}['prompt'][{i}] is {prompt!r}: every prompt must be a non-empty string.")
+        columns = dataset.column_names
+        if "prompt" not in columns:
+            raise ValueError(
+                f"{name} has no 'prompt' column (columns: {columns}). Rename the text column, for example "
+                f"`{name}.rename_column('text', 'prompt')`."
+            )
+        prompts = dataset["prompt"]
+    elif isinstance(dataset, Sequence) and not isinstance(dataset, str):
+        for i, row in enumerate(dataset):
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError(
+                    f"{name}[{i}] is {row!r}: every row must be a dict with a 'prompt' key, or pass a "
+                    "datasets.Dataset with a 'prompt' column."
+                )
+        prompts = [row["prompt"] for row in dataset]
+    else:
+        raise ValueError(f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}.")
+    if len(prompts) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one prompt.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{name}['prompt'][{i}] is {prompt!r}: every prompt must be a non-empty string.")
+
+
+def _check_model_path(model: str) -> None:
+    """A string that can only be a local path (absolute, `./`, `../`, `~`, or more than one `/`) must exist: the Hub
+    would otherwise report it as a malformed repository id."""
+    local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+    if local and not os.path.exists(os.path.expanduser(model)):
+        raise FileNotFoundError(
+            f"model={model!r} looks like a local path, and it does not exist. Give an existing pipeline folder (one "
+            "with model_index.json) or a Hub id such as 'stabilityai/stable-diffusion-3.5-medium'."
+        )
 
 
 def _load_pipeline(model: Any, args: GuardConfig) -> Any:
@@ -106,9 +133,10 @@ class GuardGRPODiffusionTrainer(Trainer):
             name, or a dotted import path. Rewards are summed with `args.reward_weights`.
         args ([`GuardConfig`], *optional*):
             Training configuration; defaults to `GuardConfig(f"{model_name}-GuardGRPO")`.
-        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
-            Prompts in a `prompt` column; other columns are passed to the reward functions.
-        eval_dataset ([`~datasets.Dataset`], *optional*):
+        train_dataset ([`~datasets.Dataset`] or `list[dict]`):
+            Prompts in a `prompt` column; other columns are passed to the reward functions. A list of dicts is checked
+            and turned into a `Dataset`. An `IterableDataset` is refused (prompt groups are sampled by index).
+        eval_dataset ([`~datasets.Dataset`] or `list[dict]`, *optional*):
             Prompts for `evaluate()`, which samples one image per prompt with the ODE and fixed seeds.
         callbacks (list of [`~transformers.TrainerCallback`], *optional*):
             Extra callbacks, as for `transformers.Trainer`.
@@ -140,8 +168,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         model: str | Any,
         reward_funcs: Callable | str | Sequence[Callable | str],
         args: GuardConfig | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | None = None,
+        train_dataset: Dataset | list[dict] | None = None,
+        eval_dataset: Dataset | list[dict] | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         peft_config: Any | None = None,
@@ -158,6 +186,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.gold_rewards = RewardSet(gold_reward_funcs, field="gold_reward_funcs") if gold_reward_funcs else None
         _check_prompt_dataset(train_dataset, "train_dataset")
         _check_prompt_dataset(eval_dataset, "eval_dataset")
+        train_dataset, eval_dataset = (
+            Dataset.from_list(d) if isinstance(d, list) else d for d in (train_dataset, eval_dataset)
+        )
         groups_per_generation = args.generation_batch_size // args.num_generations
         if isinstance(train_dataset, Dataset) and len(train_dataset) < groups_per_generation:
             raise ValueError(
@@ -167,6 +198,8 @@ class GuardGRPODiffusionTrainer(Trainer):
             )
 
         check_hub_setup(args)
+        if isinstance(model, str):
+            _check_model_path(model)
         pipeline = _load_pipeline(model, args)
         self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
@@ -269,8 +302,6 @@ class GuardGRPODiffusionTrainer(Trainer):
         )
 
     def get_train_dataloader(self):
-        if isinstance(self.train_dataset, IterableDataset):
-            raise NotImplementedError("Iterable train datasets are not supported yet; materialise the prompts first.")
         return self._get_dataloader(
             dataset=self.train_dataset,
             description="Training",

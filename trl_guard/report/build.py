@@ -33,14 +33,18 @@ TIMESTEP_STATS = {
 
 def load_log_history(run_dir: str) -> list[dict]:
     """The run's logged entries: `log_history.json`, else the newest checkpoint's `trainer_state.json`."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} does not exist (or is not a folder): give a trl_guard output_dir.")
     path = os.path.join(run_dir, "log_history.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    states = sorted(
-        glob.glob(os.path.join(run_dir, "checkpoint-*", "trainer_state.json")),
-        key=lambda p: int(p.split("checkpoint-")[-1].split(os.sep)[0]),
-    )
+
+    def step(state_path: str) -> int:  # checkpoint-<step>; other names (checkpoint-best) sort first
+        suffix = os.path.basename(os.path.dirname(state_path)).split("checkpoint-")[-1]
+        return int(suffix) if suffix.isdigit() else -1
+
+    states = sorted(glob.glob(os.path.join(run_dir, "checkpoint-*", "trainer_state.json")), key=step)
     if not states:
         raise FileNotFoundError(
             f"{run_dir} has no log_history.json and no checkpoint-*/trainer_state.json: is it a trl_guard output_dir?"

@@ -105,6 +105,13 @@ def toy_world() -> World:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="trl-guard demo", description=__doc__)
     parser.add_argument(
@@ -115,7 +122,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--output-dir", default="outputs/demo", help="One folder per method, and report/.")
     parser.add_argument("--loss-types", nargs="+", default=["flow_grpo", "grpo_guard"], help="GuardConfig.loss_type")
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per method (world's default).")
+    parser.add_argument(
+        "--steps", type=_positive_int, default=None, help="Optimizer steps per method (world's default)."
+    )
     parser.add_argument("--learning-rate", type=float, default=None, help="World's default if unset.")
     parser.add_argument("--seed", type=int, default=1)
     return parser
