@@ -86,6 +86,14 @@ def test_unknown_yaml_key_is_an_error(tiny_pipeline_dir, tmp_path, capsys):
     assert "learnig_rate" in str(error.value) + capsys.readouterr().err
 
 
+def test_yaml_typo_is_named_before_other_fields_are_checked(tmp_path):
+    recipe = write_recipe(tmp_path, str(tmp_path / "no-model"), tmp_path / "prompts.txt")
+    # num_generation (no s) would leave num_generations at 8, which 8 images per round cannot hold
+    recipe.write_text(recipe.read_text().replace("num_generations: 4", "num_generation: 4"))
+    with pytest.raises(ValueError, match="'num_generation' \\(did you mean 'num_generations'\\?\\)"):
+        main(["grpo", "--config", str(recipe)])
+
+
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "examples" / "recipes").glob("*.yaml")))
 def test_example_recipes_parse(recipe):
     from trl import ModelConfig, TrlParser

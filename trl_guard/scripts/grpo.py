@@ -11,7 +11,9 @@ first update after sampling is no longer exactly on-policy.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
@@ -56,8 +58,34 @@ def load_prompts(name: str, split: str = "train", config: str | None = None):
     return dataset
 
 
+def check_recipe_keys(argv: list[str], dataclass_types: tuple) -> None:
+    """Refuse a YAML recipe with keys no argument class knows, before any of them is built: a typo such as
+    `num_generation: 2` otherwise surfaces as another field's error (the default it left in place)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return
+    import difflib
+
+    import yaml
+
+    with open(argv[argv.index("--config") + 1]) as f:
+        recipe = yaml.safe_load(f) or {}
+    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(key, known, n=1))
+            else repr(key)
+            for key in unknown
+        ]
+        raise ValueError(f"Unknown keys in {argv[argv.index('--config') + 1]}: {', '.join(hints)}.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig), prog="trl-guard grpo")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    types = (GuardScriptArguments, GuardConfig, ModelConfig)
+    check_recipe_keys(argv, types)
+    parser = TrlParser(types, prog="trl-guard grpo")
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if not script_args.dataset_name:
         parser.error("dataset_name is required (a Hub id, a local folder or a prompt file).")
