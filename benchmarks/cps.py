@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-from collections import defaultdict
 
 import numpy as np
 from datasets import Dataset
@@ -27,6 +26,7 @@ from peft import LoraConfig
 from transformers.trainer_callback import PrinterCallback
 
 from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
+from trl_guard.metrics import timestep_values
 from trl_guard.toy import colour_proxy
 from trl_guard.toy.model import load_toy_pipeline
 from trl_guard.toy.train import MAX_SEQUENCE_LENGTH, all_captions
@@ -71,14 +71,10 @@ def run(base, prompts: list[str], options, seed: int, **variant) -> dict[str, di
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    values: dict[str, dict[int, list[float]]] = {stat: defaultdict(list) for stat in STATS}
-    for entry in trainer.state.log_history:
-        off_policy = entry.get("step", 0) % 2 == 0
-        for key, value in entry.items():
-            if key.startswith("timestep/"):
-                _, step, stat = key.split("/")
-                if stat == "grad_norm" or (stat in STATS and off_policy):
-                    values[stat][int(step)].append(value)
+    # every update's gradient norm; clip fractions of the off-policy updates only (the second of each round)
+    everything = timestep_values(trainer.state.log_history)
+    off_policy = timestep_values(trainer.state.log_history, keep=lambda entry: entry.get("step", 0) % 2 == 0)
+    values = {stat: (everything if stat == "grad_norm" else off_policy)[stat] for stat in STATS}
     return {stat: {t: float(np.mean(v)) for t, v in sorted(by_step.items())} for stat, by_step in values.items()}
 
 

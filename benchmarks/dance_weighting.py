@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections import defaultdict
 
 import numpy as np
 from datasets import Dataset
 from peft import LoraConfig
 
 from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
+from trl_guard.metrics import timestep_values
 from trl_guard.testing import build_tiny_flux_pipeline
 
 VARIANTS = {
@@ -63,11 +63,7 @@ def per_timestep_grad_norms(base, options, seed: int, **variant) -> np.ndarray:
         copy.deepcopy(base), [blueness], args=args, train_dataset=prompts, peft_config=lora
     )
     trainer.train()
-    norms = defaultdict(list)
-    for entry in trainer.state.log_history:
-        for key, value in entry.items():
-            if key.startswith("timestep/") and key.endswith("/grad_norm"):
-                norms[int(key.split("/")[1])].append(value)
+    norms = timestep_values(trainer.state.log_history)["grad_norm"]
     return np.array([np.mean(norms[t]) for t in sorted(norms)])
 
 

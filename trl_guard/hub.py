@@ -6,6 +6,8 @@ import os
 import shutil
 from typing import Any
 
+from . import metrics as names
+
 CITATIONS = """```bibtex
 @article{wang2025grpoguard,
   title   = {GRPO-Guard: Mitigating Implicit Over-Optimization in Flow Matching via Regulated Clipping},
@@ -99,8 +101,12 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
 
     history = trainer.state.log_history
-    proxy = {k: v for k, v in _last(history, "rewards/").items() if k.endswith("/mean")}
-    evaluation = {**_last(history, "eval_reward"), **_last(history, "eval_rewards/"), **_last(history, "eval_gold/")}
+    proxy = {k: v for k, v in _last(history, names.REWARDS).items() if k.endswith("/mean")}
+    evaluation = {
+        **_last(history, names.EVAL_REWARD),
+        **_last(history, names.EVAL_REWARDS),
+        **_last(history, names.EVAL_GOLD),
+    }
     metrics = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in {**proxy, **evaluation}.items()) or "| (none logged) | |"
 
     sample = ""

@@ -37,6 +37,7 @@ from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid
 from .losses import compute_advantages, compute_kl, compute_policy_loss
+from .metrics import eval_gold_key, eval_kl_key, eval_reward_key, eval_rewards_key, reward_key, timestep_key
 from .overoptimization import OverOptimizationCallback
 from .rollout import Rollout, load_rollout_buffer, sample_ode, sample_sde, save_rollout_buffer, select_train_steps
 from .scoring import RewardSet
@@ -412,9 +413,9 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
         for j, name in enumerate(self.rewards.names):
-            self._metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards[:, j]).item())
+            self._metrics[reward_key(name, "mean")].append(torch.nanmean(rewards[:, j]).item())
             valid = rewards[:, j][~torch.isnan(rewards[:, j])]
-            self._metrics[f"rewards/{name}/std"].append(valid.std(unbiased=False).item() if len(valid) else 0.0)
+            self._metrics[reward_key(name, "std")].append(valid.std(unbiased=False).item() if len(valid) else 0.0)
         grouped = total.view(-1, self.args.num_generations)
         self._metrics["reward"].append(total.mean().item())
         self._metrics["reward_std"].append(total.std(unbiased=False).item())
@@ -505,7 +506,7 @@ class GuardGRPODiffusionTrainer(Trainer):
 
             for key, value in stats.items():
                 value = float(value)
-                self._metrics[f"timestep/{step:02d}/{key}"].append(value)
+                self._metrics[timestep_key(step, key)].append(value)
                 self._metrics[key].append(value)
             total += loss.detach()
         return total * scale
@@ -607,19 +608,19 @@ class GuardGRPODiffusionTrainer(Trainer):
         scores = torch.tensor(rows_scores, dtype=torch.float32).view(-1, sum(len(r) for r in reward_sets))
         proxy, gold = scores[:, : len(self.rewards)], scores[:, len(self.rewards) :]
         metrics = {
-            f"{metric_key_prefix}_rewards/{n}": torch.nanmean(proxy[:, j]).item()
+            eval_rewards_key(n, metric_key_prefix): torch.nanmean(proxy[:, j]).item()
             for j, n in enumerate(self.rewards.names)
         }
-        metrics[f"{metric_key_prefix}_reward"] = self.rewards.total(proxy).mean().item()
+        metrics[eval_reward_key(metric_key_prefix)] = self.rewards.total(proxy).mean().item()
         if self.gold_rewards is not None:
             metrics.update(
                 {
-                    f"{metric_key_prefix}_gold/{n}": torch.nanmean(gold[:, j]).item()
+                    eval_gold_key(n, metric_key_prefix): torch.nanmean(gold[:, j]).item()
                     for j, n in enumerate(self.gold_rewards.names)
                 }
             )
         if rows_kl:
-            metrics[f"{metric_key_prefix}_kl"] = float(np.mean(rows_kl))
+            metrics[eval_kl_key(metric_key_prefix)] = float(np.mean(rows_kl))
         if self.is_world_process_zero() and grid_images:
             log_image_grid(self, grid_images, f"{metric_key_prefix}_images")
         return metrics

@@ -21,7 +21,9 @@ import glob
 import html
 import json
 import os
-from collections import defaultdict
+
+from .. import metrics
+from ..metrics import timestep_values
 
 TIMESTEP_STATS = {
     "log_ratio": ("log_ratio_mean", "log_ratio_std"),
@@ -60,12 +62,7 @@ def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def timestep_table(history: list[dict]) -> dict[str, dict[int, float]]:
     """`{stat: {timestep: mean over the run}}` for every per-timestep statistic that was logged."""
-    values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for entry in history:
-        for key, value in entry.items():
-            if key.startswith("timestep/"):
-                _, step, stat = key.split("/")
-                values[stat][int(step)].append(value)
+    values = timestep_values(history)
     return {stat: {t: sum(v) / len(v) for t, v in sorted(by_step.items())} for stat, by_step in values.items()}
 
 
@@ -109,7 +106,7 @@ def build_report(run_dirs: list[str], output_dir: str, labels: list[str] | None 
             for e in h
             for k in e
             if k == "reward"
-            or k.startswith(("rewards/", "eval_reward", "eval_rewards/", "eval_gold/"))
+            or k.startswith((metrics.REWARDS, metrics.EVAL_REWARD, metrics.EVAL_REWARDS, metrics.EVAL_GOLD))
             and not k.endswith("/std")
         }
     )
@@ -204,15 +201,15 @@ def _grid_step(path: str) -> int:
 
 def _eval_runs(histories: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Per run, its evaluations that logged the proxy and exactly one chosen gold score, in step order."""
-    golds = sorted({k for h in histories.values() for e in h for k in e if k.startswith("eval_gold/")})
+    golds = sorted({k for h in histories.values() for e in h for k in e if k.startswith(metrics.EVAL_GOLD)})
     if not golds:
         return {}
     gold = golds[0]
     return {
         label: [
-            {"step": e.get("step", 0), "proxy": e["eval_reward"], "gold": e[gold]}
+            {"step": e.get("step", 0), "proxy": e[metrics.EVAL_REWARD], "gold": e[gold]}
             for e in history
-            if "eval_reward" in e and gold in e
+            if metrics.EVAL_REWARD in e and gold in e
         ]
         for label, history in histories.items()
     }
@@ -225,7 +222,7 @@ def _verdict(histories: dict[str, list[dict]], output_dir: str, plt) -> tuple[st
     runs = {label: evals for label, evals in _eval_runs(histories).items() if len(evals) >= 2}
     if not runs:
         return "", None
-    gold_name = next(k for h in histories.values() for e in h for k in e if k.startswith("eval_gold/"))
+    gold_name = next(k for h in histories.values() for e in h for k in e if k.startswith(metrics.EVAL_GOLD))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for label, evals in runs.items():
         ax.plot([e["proxy"] for e in evals], [e["gold"] for e in evals], "o-", ms=4, label=label)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from trl_guard import metrics
+
 DIAGNOSTICS = ("log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low", "grad_norm")
 TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "pretrained")  # = toy.model.PRETRAINED
 
@@ -189,7 +191,7 @@ def train_one(loss_type: str, world: World, options) -> str:
     print(f"\nloss_type={loss_type}: {steps} optimizer steps in {elapsed:.1f} s")
     print("proxy reward by step: " + ", ".join(f"{step}: {reward:.4f}" for step, reward in rewards))
     for entry in history:
-        gold = {k: v for k, v in entry.items() if k.startswith(("eval_gold/", "eval_reward"))}
+        gold = {k: v for k, v in entry.items() if k.startswith((metrics.EVAL_GOLD, metrics.EVAL_REWARD))}
         if gold:
             print(f"  eval at step {entry['step']}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in gold.items()))
     print("per-timestep diagnostics (mean over the run; step 0 is the noisiest):")

@@ -1,0 +1,79 @@
+"""The names the trainer logs under, in one place: the trainer writes them; the report, the model card, the demo,
+the benchmarks and the tests read them.
+
+======================================  ======================================================================
+name                                    what
+======================================  ======================================================================
+``timestep/{i:02d}/{stat}``             a per-step diagnostic at sampling step ``i`` (``log_ratio_mean``, ...)
+``rewards/{name}/mean``, ``/std``       each reward function over a generation round
+``{prefix}_reward``                     evaluation: the weighted sum of the reward functions (the proxy)
+``{prefix}_rewards/{name}``             evaluation: each reward function
+``{prefix}_gold/{name}``                evaluation: each gold reward (never trained on)
+``{prefix}_kl``                         evaluation: the policy's KL from the base policy (``eval_kl``)
+======================================  ======================================================================
+
+``prefix`` is ``evaluate()``'s ``metric_key_prefix``, ``"eval"`` by default.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+TIMESTEP = "timestep/"
+REWARDS = "rewards/"
+EVAL_REWARD = "eval_reward"
+EVAL_REWARDS = "eval_rewards/"
+EVAL_GOLD = "eval_gold/"
+EVAL_KL = "eval_kl"
+
+
+def timestep_key(step: int, stat: str) -> str:
+    """``timestep_key(3, "grad_norm") == "timestep/03/grad_norm"``."""
+    return f"{TIMESTEP}{step:02d}/{stat}"
+
+
+def parse_timestep_key(key: str) -> tuple[int, str] | None:
+    """``(step, stat)`` of a per-step key, or None for any other key.
+
+    Example:
+        >>> parse_timestep_key("timestep/03/grad_norm"), parse_timestep_key("reward")
+        ((3, 'grad_norm'), None)
+    """
+    if not key.startswith(TIMESTEP):
+        return None
+    _, step, stat = key.split("/", 2)
+    return int(step), stat
+
+
+def reward_key(name: str, stat: str) -> str:
+    return f"{REWARDS}{name}/{stat}"
+
+
+def eval_reward_key(prefix: str = "eval") -> str:
+    return f"{prefix}_reward"
+
+
+def eval_rewards_key(name: str, prefix: str = "eval") -> str:
+    return f"{prefix}_rewards/{name}"
+
+
+def eval_gold_key(name: str, prefix: str = "eval") -> str:
+    return f"{prefix}_gold/{name}"
+
+
+def eval_kl_key(prefix: str = "eval") -> str:
+    return f"{prefix}_kl"
+
+
+def timestep_values(history: Iterable[dict], keep=lambda entry: True) -> dict[str, dict[int, list[float]]]:
+    """``{stat: {step: [values]}}`` of every per-step diagnostic in the logged entries that ``keep`` accepts."""
+    values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for entry in history:
+        if not keep(entry):
+            continue
+        for key, value in entry.items():
+            parsed = parse_timestep_key(key)
+            if parsed is not None:
+                values[parsed[1]][parsed[0]].append(value)
+    return values
