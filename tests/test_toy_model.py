@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 # Documented in docs/reproducing_the_paper.md: the base model's mean caption fidelity on these 48 captions, ODE
 # 10 steps, seed 0, must stay above this.
-FIDELITY_THRESHOLD = 0.35  # measured 0.455 for the committed model
+FIDELITY_THRESHOLD = 0.45  # measured 0.521 for the committed model (0.455 for the first one)
 
 
 def test_toy_model_loads_and_draws_its_captions():
