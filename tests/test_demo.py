@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from trl_guard.cli import main
 
 
+@pytest.mark.slow
 def test_demo_on_the_tiny_world_writes_loras_and_the_report(tmp_path, capsys):
     main(["demo", "--world", "tiny", "--steps", "4", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out

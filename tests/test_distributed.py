@@ -71,6 +71,7 @@ def recipe(tiny_pipeline_dir, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(recipe, tmp_path):
     launch(
         [

@@ -91,6 +91,7 @@ def test_builtin_rewards_resolve(name):
     assert resolve_reward_func("trl_guard.rewards.compression." + name).__name__ == name
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_saving_loses_nothing(tiny_pipeline, prompts, tmp_path):
     import os
     import subprocess

@@ -42,6 +42,7 @@ def test_toy_model_loads_and_draws_its_captions():
     assert sizes < 20 * 2**20
 
 
+@pytest.mark.slow
 def test_shortened_toy_demo_writes_every_plot(tmp_path, capsys):
     from trl_guard.cli import main
 
@@ -57,6 +58,7 @@ def test_shortened_toy_demo_writes_every_plot(tmp_path, capsys):
         )
 
 
+@pytest.mark.slow
 def test_over_optimisation_alarm_stops_a_hacking_run_with_the_best_gold_weights(tmp_path):
     """Flow-GRPO at a high rate hacks the colour proxy; the alarm stops it and training ends with the weights of the
     best-gold evaluation, which re-evaluate to the best gold."""
