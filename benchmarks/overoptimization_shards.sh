@@ -13,7 +13,9 @@ shard() {
   until [ "$(python -c 'import json; print(len(json.load(open("docs/results/overoptimization_sweep.json"))["runs"]))' 2>/dev/null)" = "$SWEEP_RUNS" ]; do
     sleep 30
   done
-  python benchmarks/overoptimization.py study --seeds 4 --shard "$1/2"
+  # Flow-GRPO and GRPO-Guard get all their seeds before the KL variants start
+  python benchmarks/overoptimization.py study --seeds 4 --methods flow_grpo grpo_guard --shard "$1/2"
+  python benchmarks/overoptimization.py study --seeds 4 --methods flow_grpo_kl grpo_guard_kl --shard "$1/2"
 }
 for i in 0 1; do
   shard "$i" > "outputs/study/shard_$i.log" 2>&1 &

@@ -178,3 +178,15 @@ def test_demo_refuses_zero_steps(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_unreachable_remote_reward_fails_at_construction(prompts, tmp_path):
+    import socket
+
+    from trl_guard.rewards.remote import RemoteRewardError
+
+    with socket.socket() as probe:  # a port nothing listens on: bound, then released
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RemoteRewardError, match=rf"gold_reward_funcs: .*127.0.0.1:{port}/score is unreachable"):
+        make_trainer(MISSING, [blueness], prompts, tmp_path, gold_reward_funcs=[f"http://127.0.0.1:{port}/score"])

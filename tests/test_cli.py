@@ -1,5 +1,8 @@
 """`trl-guard grpo` trains from a YAML recipe, with flags overriding it."""
 
+import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,7 @@ from safetensors.torch import load_file
 
 from trl_guard.cli import main
 from trl_guard.scripts.grpo import load_prompts
+from trl_guard.scripts.grpo import main as grpo_main
 
 
 def write_recipe(tmp_path, pipeline_dir, prompts_file):
@@ -106,3 +110,98 @@ def test_example_recipes_parse(recipe):
     script_args, config, model_args = parser.parse_args_and_config(["--config", str(recipe), "--bf16", "false"])
     assert script_args.reward_funcs and model_args.model_name_or_path and model_args.use_peft
     assert config.generation_batch_size % config.num_generations == 0
+
+
+def prompt_files(tmp_path):
+    train, evaluation = tmp_path / "prompts.txt", tmp_path / "eval_prompts.txt"
+    train.write_text("\n".join(f"a drawing number {i}" for i in range(6)))
+    evaluation.write_text("a red square\na blue circle\n")
+    return train, evaluation
+
+
+def test_killed_run_resumes_from_the_command_line_and_trains_only_the_rest(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from collections import Counter
+
+    train, _ = prompt_files(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_pipeline_dir, train)
+    flags = ["--config", str(recipe), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    flags += ["--reward_funcs", "cli_rewards.step_recording_blueness"]
+    tests_dir = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=tests_dir, REWARD_LOG=str(tmp_path / "killed.log"), KILL_AT_STEP="3")
+    killed = subprocess.run([sys.executable, "-m", "trl_guard.scripts.grpo", *flags], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]  # SIGKILLed while scoring step 4's round
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
+    first = Counter(int(line) for line in (tmp_path / "killed.log").read_text().split())
+
+    # a fresh start over the killed run's checkpoint refuses, before the model loads
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        grpo_main([*flags, "--model_name_or_path", str(tmp_path / "no-such-model")])
+
+    monkeypatch.setenv("REWARD_LOG", str(tmp_path / "resumed.log"))
+    monkeypatch.delenv("KILL_AT_STEP", raising=False)
+    trainer = grpo_main([*flags, "--resume_from_checkpoint", "true"])
+    resumed = Counter(int(line) for line in (tmp_path / "resumed.log").read_text().split())
+    assert trainer.state.global_step == 4
+    assert resumed == {2: first[0], 3: first[0]}  # only steps 3 and 4, each scored as often as step 1 was
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+
+
+def test_resume_under_another_loss_type_is_refused_from_the_command_line(tiny_pipeline_dir, tmp_path):
+    train, _ = prompt_files(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_pipeline_dir, train)
+    flags = ["--config", str(recipe), "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]
+    grpo_main(flags)
+    with pytest.raises(ValueError, match="loss_type: 'grpo_guard' in the checkpoint, 'flow_grpo' now"):
+        grpo_main([*flags, "--max_steps", "2", "--resume_from_checkpoint", "true", "--loss_type", "flow_grpo"])
+
+
+def test_command_line_run_evaluates_with_gold_rewards_and_the_alarm(tiny_pipeline_dir, tmp_path):
+    from trl_guard import OverOptimizationCallback
+
+    train, evaluation = prompt_files(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_pipeline_dir, train)
+    flags = ["--config", str(recipe), "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1"]
+    flags += ["--eval_dataset_name", str(evaluation), "--eval_num_inference_steps", "2"]
+    flags += ["--gold_reward_funcs", "jpeg_incompressibility", "conftest.blueness"]
+    flags += ["--overoptimization_gold_metric", "gold/blueness", "--overoptimization_patience", "3"]
+    trainer = grpo_main(flags)
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    evals = [entry for entry in history if "eval_reward" in entry]
+    assert [entry["step"] for entry in evals] == [1, 2]
+    assert all(
+        0 <= entry["eval_gold/blueness"] <= 1 and entry["eval_gold/jpeg_incompressibility"] > 0 for entry in evals
+    )
+    alarm = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, OverOptimizationCallback))
+    assert (alarm.gold_metric, alarm.patience) == ("eval_gold/blueness", 3)
+    assert alarm.best_gold == max(entry["eval_gold/blueness"] for entry in evals)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--eval_strategy", "steps", "--eval_steps", "1"], "no eval prompts: dataset_name=.*is a file"),
+        (["--gold_reward_funcs", "jpeg_incompressibility"], "gold_reward_funcs and overoptimization_gold_metric act"),
+    ],
+)
+def test_evaluation_settings_without_what_they_need(extra, message, tmp_path, capsys):
+    train, _ = prompt_files(tmp_path)
+    recipe = write_recipe(tmp_path, str(tmp_path / "no-such-model"), train)
+    with pytest.raises((SystemExit, ValueError)) as error:
+        grpo_main(["--config", str(recipe), *extra])
+    assert re.search(message, str(error.value) + capsys.readouterr().err)
+
+
+def test_help_lists_the_reward_forms():
+    from trl import ModelConfig, TrlParser
+
+    from trl_guard import GuardConfig
+    from trl_guard.rewards import BUILTIN_REWARDS
+    from trl_guard.scripts.grpo import GuardScriptArguments
+
+    parser = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig))
+    text = " ".join(parser.format_help().split())  # renders: no stray % in any help text
+    reward_help = next(a.help for a in parser._actions if a.dest == "reward_funcs")
+    assert all(f"`{name}`" in reward_help for name in BUILTIN_REWARDS)
+    assert "http://" in reward_help and "dotted import path" in reward_help and "--reward_funcs" in text

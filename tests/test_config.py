@@ -79,3 +79,51 @@ def test_parses_from_command_line_and_yaml(tmp_path):
     (args,) = TrlParser((GuardConfig,)).parse_args_and_config(["--config", str(recipe), "--num_generations", "2"])
     assert args.loss_type == "ratio_norm" and args.noise_schedule == "dance_grpo"
     assert args.num_generations == 2  # the command line overrides the YAML
+
+
+@pytest.mark.parametrize("cls_path", ["trl_guard.config.GuardConfig", "trl_guard.scripts.grpo.GuardScriptArguments"])
+def test_command_line_help_is_the_docstring_entry(cls_path):
+    import dataclasses
+    import importlib
+
+    from trl_guard.config import docstring_entries
+
+    module, _, name = cls_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    entries = docstring_entries(cls.__doc__)
+    parents = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    helps = {action.dest: action.help for action in HfArgumentParser(cls)._actions}
+    own = [f.name for f in dataclasses.fields(cls) if f.name not in parents or f.name in entries]
+    assert own, "no fields of its own?"
+    for field_name in own:
+        assert entries.get(field_name), f"{field_name} has no docstring entry"
+        assert helps[field_name].replace("%%", "%") == entries[field_name], field_name
+
+
+def test_docstring_entries_are_read_whole():
+    from trl_guard.config import docstring_entries
+
+    entries = docstring_entries(GuardConfig.__doc__)
+    assert entries["num_generations"] == (
+        "Images sampled per prompt (the group size). The generation batch must be a multiple of it. Must be >= 2."
+    )
+    assert entries["log_timestep_grad_norm"].endswith("consider turning it off for full fine-tuning.")
+
+
+def test_an_undocumented_field_fails_at_definition():
+    from dataclasses import dataclass
+
+    from trl_guard.config import document_fields
+
+    with pytest.raises(TypeError, match="Settings.undocumented has no entry"):
+
+        @document_fields
+        @dataclass
+        class Settings:
+            """Args:
+            documented (`int`):
+                Has an entry.
+            """
+
+            documented: int = 1
+            undocumented: int = 2

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from transformers import TrainingArguments
@@ -13,7 +16,46 @@ from .sde import CPS_LOG_PROBS, NOISE_SCHEDULES
 
 TIMESTEP_SELECTIONS = ("first", "random")
 
+_ENTRY = re.compile(r"^(\s+)(\w+) \(`[^\n]*\):$")
 
+
+def docstring_entries(doc: str) -> dict[str, str]:
+    """The `name (`type`, ...):` entries of a Google-style docstring, each description joined into one line."""
+    entries: dict[str, str] = {}
+    lines = (doc or "").splitlines()
+    for i, line in enumerate(lines):
+        match = _ENTRY.match(line)
+        if not match:
+            continue
+        indent, description = len(match.group(1)), []
+        for following in lines[i + 1 :]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            description.append(following.strip())
+        entries[match.group(2)] = " ".join(" ".join(description).split())
+    return entries
+
+
+def document_fields(cls: type) -> type:
+    """Give each field a dataclass adds to its parents (or redefines and documents) the command-line help of its
+    docstring entry, so `--help` and the documentation cannot drift apart; a new field without an entry fails at
+    import."""
+    entries = docstring_entries(cls.__doc__)
+    inherited = {
+        f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)
+    }
+    redefined = set(cls.__dict__.get("__annotations__", {}))
+    for f in dataclasses.fields(cls):
+        if f.name in inherited and not (f.name in redefined and entries.get(f.name)):
+            continue  # a parent's field keeps its parent's help unless this class documents it anew
+        if not entries.get(f.name):
+            raise TypeError(f"{cls.__name__}.{f.name} has no entry in the class docstring: document it there.")
+        # argparse formats help with %, so a literal % must be doubled
+        f.metadata = MappingProxyType({**f.metadata, "help": entries[f.name].replace("%", "%%")})
+    return cls
+
+
+@document_fields
 @dataclass
 class GuardConfig(TrainingArguments):
     r"""
@@ -137,7 +179,7 @@ class GuardConfig(TrainingArguments):
         ema_decay (`float`, *optional*, defaults to `0.0`):
             `0` turns the EMA off. Otherwise an EMA of the trained weights is kept and used by `evaluate()`,
             `save_model()`, the model weights of every checkpoint and `push_to_hub`; training itself continues from
-            the live weights, which checkpoints keep in `training_weights.safetensors` so that resume is exact. Every
+            the live weights, which checkpoints keep in `ema_state.safetensors` (with the EMA) so that resume is exact. Every
             official Flow-GRPO and GRPO-Guard SD3.5 config uses `0.9`. The decay applied at optimizer step `n` is
             `min(ema_decay, n / (n + 9))`, as Flow-GRPO's, so early updates follow the weights closely.
         ema_update_interval (`int`, *optional*, defaults to `8`):
@@ -155,6 +197,13 @@ class GuardConfig(TrainingArguments):
             `gradient_checkpointing`); bf16 autocast is
             `bf16=True` (the SDE math always runs in float32, where Flow-GRPO saw bf16 overflow).
 
+        > Parameters that control saving
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Let a fresh run (no `resume_from_checkpoint`) start in an `output_dir` that already holds `checkpoint-N`
+            folders. Off, such a run is refused before its first step, so an earlier run's checkpoints are never
+            written over by mistake. (transformers 5 dropped this `TrainingArguments` field; it is ours now.)
+
         > Parameters that control logging
 
         log_timestep_grad_norm (`bool`, *optional*, defaults to `True`):
@@ -170,59 +219,46 @@ class GuardConfig(TrainingArguments):
         default=False, metadata={"help": "Keep dataset columns: reward functions receive them."}
     )
 
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for `DiffusionPipeline.from_pretrained` (dict or JSON)."}
-    )
+    model_init_kwargs: dict[str, Any] | str | None = None
 
-    num_generations: int = field(default=8, metadata={"help": "Images sampled per prompt (group size)."})
-    num_inference_steps: int = field(default=10, metadata={"help": "SDE sampling steps per rollout."})
-    eval_num_inference_steps: int = field(default=40, metadata={"help": "ODE sampling steps in evaluation."})
-    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale; <= 1 disables CFG."})
-    true_cfg_scale: float = field(default=1.0, metadata={"help": "Real CFG scale for guidance-distilled models."})
-    negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
-    height: int = field(default=512, metadata={"help": "Image height in pixels."})
-    width: int = field(default=512, metadata={"help": "Image width in pixels."})
-    max_sequence_length: int = field(default=128, metadata={"help": "Maximum T5 tokens."})
-    noise_level: float = field(default=0.7, metadata={"help": "SDE noise multiplier."})
-    noise_schedule: str = field(
-        default="flow_grpo", metadata={"help": "SDE noise schedule.", "choices": list(NOISE_SCHEDULES)}
-    )
-    init_same_noise: bool = field(default=False, metadata={"help": "Share the initial noise within a group."})
+    num_generations: int = 8
+    num_inference_steps: int = 10
+    eval_num_inference_steps: int = 40
+    guidance_scale: float = 4.5
+    true_cfg_scale: float = 1.0
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 512
+    max_sequence_length: int = 128
+    noise_level: float = 0.7
+    noise_schedule: str = field(default="flow_grpo", metadata={"choices": list(NOISE_SCHEDULES)})
+    init_same_noise: bool = False
 
-    loss_type: str = field(
-        default="grpo_guard", metadata={"help": "Policy loss variant.", "choices": list(LOSS_TYPES)}
-    )
-    epsilon: float | None = field(default=None, metadata={"help": "Clip range (default depends on loss_type)."})
-    dance_weighting: str = field(
-        default="inverse",
-        metadata={"help": "GRPO-Guard weight under the dance_grpo schedule.", "choices": list(DANCE_WEIGHTINGS)},
-    )
-    cps_log_prob: str = field(
-        default="official", metadata={"help": "Log-probability under CPS.", "choices": list(CPS_LOG_PROBS)}
-    )
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient to the reference policy."})
-    kl_type: str = field(default="flow_grpo", metadata={"help": "KL definition.", "choices": list(KL_TYPES)})
-    timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of sampling steps trained on."})
-    timestep_selection: str = field(
-        default="first", metadata={"help": "Which steps are trained.", "choices": list(TIMESTEP_SELECTIONS)}
-    )
-    adv_clip_max: float = field(default=5.0, metadata={"help": "Advantage clip value."})
-    scale_rewards: str = field(
-        default="group", metadata={"help": "Advantage normalisation.", "choices": list(SCALE_REWARDS)}
-    )
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the reward functions."})
-    overlap_reward_scoring: bool = field(default=True, metadata={"help": "Score in a thread while sampling."})
-    steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps per generation batch."})
-    num_iterations: int = field(default=1, metadata={"help": "Passes over each generation batch."})
+    loss_type: str = field(default="grpo_guard", metadata={"choices": list(LOSS_TYPES)})
+    epsilon: float | None = None
+    dance_weighting: str = field(default="inverse", metadata={"choices": list(DANCE_WEIGHTINGS)})
+    cps_log_prob: str = field(default="official", metadata={"choices": list(CPS_LOG_PROBS)})
+    beta: float = 0.0
+    kl_type: str = field(default="flow_grpo", metadata={"choices": list(KL_TYPES)})
+    timestep_fraction: float = 1.0
+    timestep_selection: str = field(default="first", metadata={"choices": list(TIMESTEP_SELECTIONS)})
+    adv_clip_max: float = 5.0
+    scale_rewards: str = field(default="group", metadata={"choices": list(SCALE_REWARDS)})
+    reward_weights: list[float] | None = None
+    overlap_reward_scoring: bool = True
+    steps_per_generation: int | None = None
+    num_iterations: int = 1
 
-    eval_kl: bool = field(default=False, metadata={"help": "Log the policy's KL from the base policy in evaluation."})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the weights; 0 turns the EMA off."})
-    ema_update_interval: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
+    eval_kl: bool = False
+    ema_decay: float = 0.0
+    ema_update_interval: int = 8
 
-    offload_frozen_modules: bool = field(default=False, metadata={"help": "Text encoders and VAE on CPU."})
-    precompute_prompt_embeds: bool = field(default=False, metadata={"help": "Encode dataset prompts once."})
+    offload_frozen_modules: bool = False
+    precompute_prompt_embeds: bool = False
 
-    log_timestep_grad_norm: bool = field(default=True, metadata={"help": "Log per-timestep gradient norms."})
+    overwrite_output_dir: bool = False
+
+    log_timestep_grad_norm: bool = True
 
     def __post_init__(self):
         self.model_init_kwargs = _parse_model_init_kwargs(self.model_init_kwargs)

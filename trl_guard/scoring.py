@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .rewards import resolve_reward_func, reward_func_name
+from .rewards.remote import RemoteReward, RemoteRewardError
 
 
 def _as_float(value: Any) -> float | None:
@@ -100,6 +101,11 @@ class RewardSet:
         self.funcs = [resolve_reward_func(f) for f in reward_funcs]
         for func in self.funcs:
             _check_signature(func, field)
+            if isinstance(func, RemoteReward):
+                try:
+                    func.check_reachable()
+                except RemoteRewardError as error:
+                    raise RemoteRewardError(f"{field}: {error}", url=error.url, attempts=1) from None
         self.names: list[str] = []
         for func in self.funcs:
             name = reward_func_name(func)

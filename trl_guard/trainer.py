@@ -31,6 +31,7 @@ from trl.trainer.utils import RepeatSampler, identity
 
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
 from .callbacks import adapt_tracker_callbacks
+from .checkpoints import check_run_settings, resolve_resume, write_run_settings
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
 from .ema import EMAWeights
@@ -538,8 +539,14 @@ class GuardGRPODiffusionTrainer(Trainer):
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p.grad))
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`transformers.Trainer.train`, which refuses before any step to start afresh over `output_dir`'s
+        checkpoints (unless `args.overwrite_output_dir`) or to resume under settings that change what the checkpoint
+        means (model, loss type, group size, LoRA rank or targets)."""
+        checkpoint = resolve_resume(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
+        if checkpoint is not None:
+            check_run_settings(checkpoint, self.run_settings())
+        output = super().train(checkpoint, *args, **kwargs)
         restored = any(
             isinstance(cb, OverOptimizationCallback) and cb.restore_best and cb.stop_reason is not None
             for cb in self.callback_handler.callbacks
@@ -670,6 +677,20 @@ class GuardGRPODiffusionTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- saving -------------------------------------------------------------------------------------------------
+    def run_settings(self) -> dict[str, Any]:
+        """What a checkpoint of this run only makes sense under; a resume compares it with the checkpoint's."""
+        lora = getattr(self.adapter.denoiser, "peft_config", {}).get("default")
+        settings = {
+            "model": self._base_model if isinstance(self._base_model, str) else None,
+            "model_family": type(self.adapter).__name__,
+            "loss_type": self.args.loss_type,
+            "num_generations": self.args.num_generations,
+            "lora_r": lora.r if lora is not None else None,
+            "lora_target_modules": sorted(lora.target_modules) if lora is not None else None,
+            "trains_lora": lora is not None,
+        }
+        return json.loads(json.dumps(settings))  # as it reads back from the checkpoint
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the LoRA in the family's diffusers format (or the full denoiser with `save_pretrained`)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -709,6 +730,8 @@ class GuardGRPODiffusionTrainer(Trainer):
             save_rollout_buffer(
                 self._buffered_batches, os.path.join(run_dir, _STAGING, name, f"rollout_buffer_{rank}.safetensors")
             )
+        if self.args.should_save:
+            write_run_settings(os.path.join(run_dir, _STAGING, name), self.run_settings())
         if self.ema is not None and self.args.should_save:
             from safetensors.torch import save_file
 

@@ -79,6 +79,7 @@ import io
 import json
 import logging
 import math
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -202,6 +203,21 @@ class RemoteReward:
         # secret is replaced inside a longer one and leaves the rest of it readable.
         parts_of_secrets = [word for secret in secrets for word in secret.split() if len(word) >= _MIN_SECRET_PART]
         self._secrets = sorted({s for s in secrets + parts_of_secrets if s}, key=len, reverse=True)
+
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Open (and close) a TCP connection to the server, so a wrong host or port fails in seconds, before a
+        model is loaded, rather than after the first rollout. Sends no request: the protocol has no health call."""
+        parts = urllib.parse.urlsplit(self._request_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        except OSError as error:
+            raise RemoteRewardError(
+                f"The remote reward at {self.url} is unreachable ({self._redact(str(error)) or type(error).__name__}). "
+                "Start its server, or fix the host and port.",
+                url=self.url,
+                attempts=1,
+            ) from None
 
     def __repr__(self) -> str:
         return f"RemoteReward({self.url!r}, name={self.__name__!r}, batch_size={self.batch_size})"
