@@ -110,6 +110,11 @@ def test_example_recipes_parse(recipe):
     script_args, config, model_args = parser.parse_args_and_config(["--config", str(recipe), "--bf16", "false"])
     assert script_args.reward_funcs and model_args.model_name_or_path and model_args.use_peft
     assert config.generation_batch_size % config.num_generations == 0
+    if recipe.name.startswith("sd35m"):  # evaluated on the official test prompts with gold rewards
+        assert script_args.eval_dataset_name.endswith(("_test.txt", "_test.jsonl")) and script_args.gold_reward_funcs
+        assert config.eval_strategy == "steps" and not set(script_args.gold_reward_funcs) & set(
+            script_args.reward_funcs
+        )
 
 
 def prompt_files(tmp_path):
