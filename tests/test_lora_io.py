@@ -153,3 +153,33 @@ def test_resume_in_the_middle_of_a_generation_round_is_exact(tiny_pipeline, _bas
     final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
     for key in final_full:
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+
+
+def test_rollout_buffer_round_trips_train_batches(tmp_path):
+    import torch
+
+    from trl_guard.adapters import PromptEmbeddings
+    from trl_guard.rollout import Rollout, TrainBatch, load_rollout_buffer, save_rollout_buffer
+
+    def batch(seed, negative):
+        g = torch.Generator().manual_seed(seed)
+        rollout = Rollout(
+            torch.randn(2, 4, 3, generator=g),
+            torch.randn(2, 3, 3, generator=g),
+            torch.randn(2, 3, generator=g),
+            torch.linspace(1, 0, 4),
+        )
+        embeds = PromptEmbeddings({"prompt_embeds": torch.randn(2, 5, 8, generator=g)})
+        return TrainBatch(rollout, embeds, embeds if negative else None, torch.randn(2, generator=g), [0, 2])
+
+    batches = [batch(0, negative=True), batch(1, negative=False)]
+    save_rollout_buffer(batches, str(tmp_path / "buffer.safetensors"))
+    loaded = load_rollout_buffer(str(tmp_path / "buffer.safetensors"), torch.device("cpu"))
+    assert len(loaded) == 2 and loaded[1].negative_embeds is None and loaded[0].train_steps == [0, 2]
+    for original, back in zip(batches, loaded):
+        for name in ("latents", "old_means", "log_probs", "sigmas"):
+            torch.testing.assert_close(getattr(back.rollout, name), getattr(original.rollout, name), rtol=0, atol=0)
+        torch.testing.assert_close(back.advantages, original.advantages, rtol=0, atol=0)
+        torch.testing.assert_close(back.prompt_embeds.tensors, original.prompt_embeds.tensors, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only once its round is scored"):
+        TrainBatch(batches[0].rollout, batches[0].prompt_embeds, None).state_dict()

@@ -56,8 +56,8 @@ def test_bf16_autocast_keeps_the_sde_math_in_float32(tiny_pipeline, prompts, tmp
     batches = trainer._generate_and_score(
         [{"prompt": p} for p in prompts["prompt"][:4] for _ in range(4)], rollout_index=0
     )
-    assert batches[0]["rollout"].latents.dtype == torch.float32
-    assert batches[0]["rollout"].old_means.dtype == torch.float32
+    assert batches[0].rollout.latents.dtype == torch.float32
+    assert batches[0].rollout.old_means.dtype == torch.float32
     trainer.train()
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
 

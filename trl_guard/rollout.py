@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -111,55 +111,65 @@ def select_train_steps(
     raise ValueError(f"Unknown timestep_selection {selection!r}; expected 'first' or 'random'.")
 
 
-def save_rollout_buffer(batches: list[dict], path: str) -> None:
-    """Write a generation round's training micro-batches (trajectories, text embeddings, advantages, trained steps)
-    to one safetensors file, so a run resumed in the middle of the round trains on exactly the same data."""
+@dataclass
+class TrainBatch:
+    """One training micro-batch of a generation round: its recorded trajectories, the text embeddings they were
+    sampled with, and, once the whole round is scored, the advantages and the sampling steps to train on."""
+
+    rollout: Rollout
+    prompt_embeds: PromptEmbeddings
+    negative_embeds: PromptEmbeddings | None
+    advantages: torch.Tensor | None = None  # (B,)
+    train_steps: list[int] = field(default_factory=list)
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flat tensors for safetensors, keyed ``{prefix}{name}``; `from_state_dict` reads them back."""
+        if self.advantages is None:
+            raise ValueError("A TrainBatch is saved only once its round is scored (advantages set).")
+        rollout = self.rollout
+        state = {
+            "latents": rollout.latents,
+            "old_means": rollout.old_means,
+            "log_probs": rollout.log_probs,
+            "sigmas": rollout.sigmas,
+            "advantages": self.advantages,
+            "train_steps": torch.tensor(self.train_steps, dtype=torch.long),
+        }
+        state.update({f"prompt.{k}": v for k, v in self.prompt_embeds.tensors.items()})
+        if self.negative_embeds is not None:
+            state.update({f"negative.{k}": v for k, v in self.negative_embeds.tensors.items()})
+        return {prefix + k: v for k, v in state.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "") -> TrainBatch:
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+        def group(name: str) -> dict[str, torch.Tensor]:
+            return {k[len(name) + 1 :]: v for k, v in own.items() if k.startswith(f"{name}.")}
+
+        negative = group("negative")
+        return cls(
+            rollout=Rollout(own["latents"], own["old_means"], own["log_probs"], own["sigmas"]),
+            prompt_embeds=PromptEmbeddings(group("prompt")),
+            negative_embeds=PromptEmbeddings(negative) if negative else None,
+            advantages=own["advantages"],
+            train_steps=own["train_steps"].tolist(),
+        )
+
+
+def save_rollout_buffer(batches: list[TrainBatch], path: str) -> None:
+    """Write a generation round's training micro-batches to one safetensors file, so a run resumed in the middle of
+    the round trains on exactly the same data."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for i, batch in enumerate(batches):
-        rollout: Rollout = batch["rollout"]
-        tensors.update(
-            {
-                f"{i}.latents": rollout.latents,
-                f"{i}.old_means": rollout.old_means,
-                f"{i}.log_probs": rollout.log_probs,
-                f"{i}.sigmas": rollout.sigmas,
-                f"{i}.advantages": batch["advantages"],
-                f"{i}.train_steps": torch.tensor(batch["train_steps"]),
-            }
-        )
-        tensors.update({f"{i}.prompt.{k}": v for k, v in batch["prompt_embeds"].tensors.items()})
-        if batch["negative_embeds"] is not None:
-            tensors.update({f"{i}.negative.{k}": v for k, v in batch["negative_embeds"].tensors.items()})
+    tensors = {k: v for i, batch in enumerate(batches) for k, v in batch.state_dict(prefix=f"{i}.").items()}
     save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, path)  # clone: sigmas are shared
 
 
-def load_rollout_buffer(path: str, device: torch.device) -> list[dict]:
+def load_rollout_buffer(path: str, device: torch.device) -> list[TrainBatch]:
     """Read what `save_rollout_buffer` wrote, onto `device`."""
     from safetensors.torch import load_file
 
     tensors = {k: v.to(device) for k, v in load_file(path).items()}
-    batches = []
-    for i in range(len({k.split(".")[0] for k in tensors})):
-
-        def group(prefix: str, i: int = i) -> dict[str, torch.Tensor]:
-            start = f"{i}.{prefix}."
-            return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
-
-        negative = group("negative")
-        batches.append(
-            {
-                "rollout": Rollout(
-                    tensors[f"{i}.latents"],
-                    tensors[f"{i}.old_means"],
-                    tensors[f"{i}.log_probs"],
-                    tensors[f"{i}.sigmas"],
-                ),
-                "prompt_embeds": PromptEmbeddings(group("prompt")),
-                "negative_embeds": PromptEmbeddings(negative) if negative else None,
-                "advantages": tensors[f"{i}.advantages"],
-                "train_steps": tensors[f"{i}.train_steps"].tolist(),
-            }
-        )
-    return batches
+    count = len({k.split(".")[0] for k in tensors})
+    return [TrainBatch.from_state_dict(tensors, prefix=f"{i}.") for i in range(count)]

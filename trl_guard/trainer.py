@@ -40,7 +40,14 @@ from .images import log_image_grid
 from .losses import compute_advantages, compute_kl, compute_policy_loss
 from .metrics import eval_gold_key, eval_kl_key, eval_reward_key, eval_rewards_key, reward_key, timestep_key
 from .overoptimization import OverOptimizationCallback
-from .rollout import Rollout, load_rollout_buffer, sample_ode, sample_sde, save_rollout_buffer, select_train_steps
+from .rollout import (
+    TrainBatch,
+    load_rollout_buffer,
+    sample_ode,
+    sample_sde,
+    save_rollout_buffer,
+    select_train_steps,
+)
 from .scoring import RewardSet
 from .sde import sde_std, sde_step_with_logprob
 
@@ -252,7 +259,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 rewards.place(self.accelerator.device, reward_dtype)
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._buffered_batches: list[dict[str, Any]] | None = None
+        self._buffered_batches: list[TrainBatch] | None = None
         self._step: int | None = None
         self._negative_embeds: PromptEmbeddings | None = None
         self._staging_checkpoint = False
@@ -337,7 +344,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             if hasattr(callback, "set_phase"):
                 callback.set_phase(phase)
 
-    def _generate_and_score(self, rows: list[dict[str, Any]], rollout_index: int) -> list[dict[str, Any]]:
+    def _generate_and_score(self, rows: list[dict[str, Any]], rollout_index: int) -> list[TrainBatch]:
         args, adapter, device = self.args, self.adapter, self.accelerator.device
         self._show_phase("sampling")
         prompts = [row["prompt"] for row in rows]
@@ -356,7 +363,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         # Sample in the micro-batches training will use: the first training pass then recomputes exactly the
         # sampling forward, so its ratio is exactly 1.
         batch_size = args.per_device_train_batch_size
-        batches: list[dict[str, Any]] = []
+        batches: list[TrainBatch] = []
         scored: list = []  # futures or score tensors, one per micro-batch
         self.adapter.denoiser.eval()
         for start in range(0, local_size, batch_size):
@@ -373,7 +380,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 cps_log_prob=args.cps_log_prob,
                 generators=step_generators[chunk],
             )
-            batches.append({"rollout": rollout, "prompt_embeds": prompt_embeds, "negative_embeds": negative_embeds})
+            batches.append(TrainBatch(rollout, prompt_embeds, negative_embeds))
             score = partial(
                 self.rewards,
                 prompts[chunk],
@@ -408,8 +415,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         )
 
         for batch, start in zip(batches, range(0, local_size, batch_size)):
-            batch["advantages"] = local_advantages[start : start + batch_size]
-            batch["train_steps"] = train_steps
+            batch.advantages = local_advantages[start : start + batch_size]
+            batch.train_steps = train_steps
         return batches
 
     def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
@@ -445,13 +452,13 @@ class GuardGRPODiffusionTrainer(Trainer):
         return loss
 
     def _predict_mean(
-        self, batch: dict[str, Any], step: int
+        self, batch: TrainBatch, step: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        rollout: Rollout = batch["rollout"]
+        rollout = batch.rollout
         size = len(rollout)
         sigma, sigma_next = rollout.sigmas[step].expand(size), rollout.sigmas[step + 1].expand(size)
         latents, next_latents = rollout.latents[:, step], rollout.latents[:, step + 1]
-        velocity = self.adapter.predict_velocity(latents, sigma, batch["prompt_embeds"], batch["negative_embeds"])
+        velocity = self.adapter.predict_velocity(latents, sigma, batch.prompt_embeds, batch.negative_embeds)
         _, _, mean, std = sde_step_with_logprob(
             velocity,
             latents,
@@ -463,10 +470,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         )
         return mean, std, sigma, sigma_next
 
-    def _train_on_batch(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _train_on_batch(self, batch: TrainBatch) -> torch.Tensor:
         args = self.args
-        rollout: Rollout = batch["rollout"]
-        train_steps: list[int] = batch["train_steps"]
+        rollout = batch.rollout
+        train_steps = batch.train_steps
         # The loss is the mean over trained timesteps and accumulated micro-batches; each timestep backpropagates
         # on its own so activations of only one step are alive at a time.
         scale = 1.0 / (len(train_steps) * self.current_gradient_accumulation_steps)
@@ -479,7 +486,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 rollout.old_means[:, step],
                 rollout.latents[:, step + 1],
                 std,
-                batch["advantages"],
+                batch.advantages,
                 sigma,
                 sigma_next,
                 loss_type=args.loss_type,
