@@ -38,7 +38,7 @@ def main() -> None:
         height=512,
         width=512,
         bf16=True,
-        model_init_kwargs={"torch_dtype": "bfloat16"},
+        model_init_kwargs={"dtype": "bfloat16"},
         max_steps=1000,
         save_steps=100,
         report_to="tensorboard",

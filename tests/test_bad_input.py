@@ -148,7 +148,7 @@ def test_missing_local_path_says_it_does_not_exist(prompts, tmp_path):
     [
         (dict(per_device_train_batch_size=0), "per_device_train_batch_size=0"),
         (dict(model_init_kwargs='{"torch_dtype": bfloat16}'), "model_init_kwargs=.*not valid JSON"),
-        (dict(model_init_kwargs='{"torch_dtype": "bf16"}'), "torch_dtype='bf16' is unknown"),
+        (dict(model_init_kwargs='{"torch_dtype": "bf16"}'), "dtype='bf16' is unknown"),
         (dict(model_init_kwargs="[1, 2]"), "must be a JSON object"),
     ],
 )

@@ -67,7 +67,7 @@ def test_parses_from_command_line_and_yaml(tmp_path):
         ]
     )
     assert args.loss_type == "flow_grpo" and args.num_generations == 4
-    assert args.model_init_kwargs == {"torch_dtype": "float32"}
+    assert args.model_init_kwargs == {"dtype": "float32"}  # the deprecated key, renamed
 
     from trl import TrlParser
 

@@ -64,7 +64,8 @@ class GuardConfig(TrainingArguments):
 
     Only the parameters specific to diffusion RL are listed here; every other field is a
     [`~transformers.TrainingArguments`] field with the same meaning. Defaults that differ from
-    `TrainingArguments`: `learning_rate=1e-4`, `logging_steps=1`, `remove_unused_columns=False`.
+    `TrainingArguments`: `learning_rate=1e-4`, `logging_steps=1`, `remove_unused_columns=False`,
+    `dataloader_pin_memory=False` (the data loader yields prompt strings: there is nothing to pin).
 
     Batch sizes follow TRL's `GRPOConfig`: `per_device_train_batch_size` counts *images* per device per micro-step.
     One *generation batch* of `per_device_train_batch_size * num_processes * steps_per_generation` images is sampled
@@ -80,7 +81,8 @@ class GuardConfig(TrainingArguments):
 
         model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments for `DiffusionPipeline.from_pretrained`, used when the `model` argument of the trainer
-            is a string (for example `{"torch_dtype": "bfloat16", "variant": "fp16"}`). A JSON string is accepted
+            is a string (for example `{"dtype": "bfloat16", "variant": "fp16"}`; the older key `torch_dtype`, which
+            diffusers deprecates, is read as `dtype`). A JSON string is accepted
             from the command line. `trust_remote_code` stays off unless set here explicitly.
 
         > Parameters that control sampling
@@ -218,6 +220,9 @@ class GuardConfig(TrainingArguments):
     remove_unused_columns: bool | None = field(
         default=False, metadata={"help": "Keep dataset columns: reward functions receive them."}
     )
+    dataloader_pin_memory: bool = field(
+        default=False, metadata={"help": "Pin dataloader memory; the loader yields prompt strings, nothing to pin."}
+    )
 
     model_init_kwargs: dict[str, Any] | str | None = None
 
@@ -350,7 +355,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 
 
 def _parse_model_init_kwargs(value: Any) -> dict[str, Any] | None:
-    """`model_init_kwargs` as a dict: a JSON string from the command line is parsed, and `torch_dtype` checked, with
+    """`model_init_kwargs` as a dict: a JSON string from the command line is parsed, and `dtype` checked, with
     errors that name the field."""
     if value is None or isinstance(value, dict):
         kwargs = value
@@ -360,7 +365,7 @@ def _parse_model_init_kwargs(value: Any) -> dict[str, Any] | None:
         except json.JSONDecodeError as error:
             raise ValueError(
                 f"model_init_kwargs={value!r} is not valid JSON ({error.msg}). Write it as a JSON object, for example "
-                '\'{"torch_dtype": "bfloat16"}\'.'
+                '\'{"dtype": "bfloat16"}\'.'
             ) from None
         if not isinstance(kwargs, dict):
             raise ValueError(
@@ -368,7 +373,11 @@ def _parse_model_init_kwargs(value: Any) -> dict[str, Any] | None:
             )
     else:
         raise ValueError(f"model_init_kwargs must be a dict or a JSON string, got {type(value).__name__}.")
-    dtype = (kwargs or {}).get("torch_dtype")
+    if kwargs and "torch_dtype" in kwargs:
+        if "dtype" in kwargs:
+            raise ValueError("model_init_kwargs sets both dtype and torch_dtype; keep only dtype.")
+        kwargs = {("dtype" if k == "torch_dtype" else k): v for k, v in kwargs.items()}
+    dtype = (kwargs or {}).get("dtype")
     if isinstance(dtype, str) and dtype not in _DTYPES:
-        raise ValueError(f"model_init_kwargs torch_dtype={dtype!r} is unknown; use one of {_DTYPES}.")
+        raise ValueError(f"model_init_kwargs dtype={dtype!r} is unknown; use one of {_DTYPES}.")
     return kwargs

@@ -147,7 +147,7 @@ trainer for flow-matching models.
 import torch
 from diffusers import {pipeline_class}
 
-pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = {pipeline_class}.from_pretrained("{base_model}", dtype=torch.bfloat16).to("cuda")
 {load}
 image = pipe("a photo of a cat holding a sign that says \\"hello\\"").images[0]
 ```

@@ -114,8 +114,8 @@ def _load_pipeline(model: Any, args: GuardConfig) -> Any:
     from diffusers import DiffusionPipeline
 
     kwargs = dict(args.model_init_kwargs or {})
-    if isinstance(kwargs.get("torch_dtype"), str) and kwargs["torch_dtype"] != "auto":
-        kwargs["torch_dtype"] = getattr(torch, kwargs["torch_dtype"])
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     return DiffusionPipeline.from_pretrained(model, **kwargs)
 
 
