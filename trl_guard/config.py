@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from .losses import DANCE_WEIGHTINGS, DEFAULT_EPSILON, KL_TYPES, LOSS_TYPES, SCALE_REWARDS
 from .sde import CPS_LOG_PROBS, NOISE_SCHEDULES
 
 TIMESTEP_SELECTIONS = ("first", "random")
+SDE_WINDOW_SCHEDULES = ("random", "sliding")
 
 _ENTRY = re.compile(r"^(\s+)(\w+) \(`[^\n]*\):$")
 
@@ -120,6 +122,22 @@ class GuardConfig(TrainingArguments):
             (whose log-ratios are the official ones divided by `2 std**2`). docs/fidelity.md compares the two.
         init_same_noise (`bool`, *optional*, defaults to `False`):
             Start every image of a prompt group from the same initial noise (DanceGRPO); groups still differ.
+
+        sde_window_size (`int`, *optional*, defaults to `0`):
+            `0` samples every step with the SDE. Otherwise Flow-GRPO-Fast's (and MixGRPO's) SDE window: each round,
+            only `sde_window_size` consecutive steps are SDE steps and the others deterministic ODE steps; only the
+            window's steps are recorded and trained (`timestep_fraction` does not apply), so memory and training
+            time scale with the window, not with `num_inference_steps`. Flow-GRPO-Fast trains windows of 2.
+        sde_window_range (`list[int]`, *optional*):
+            `[start, end)`: the sampling steps the window may cover; defaults to `[0, num_inference_steps // 2]`,
+            the noisier half. The window's first step is drawn per round as set by `sde_window_schedule`.
+        sde_window_schedule (`str`, *optional*, defaults to `"random"`):
+            `"random"`: the window's first step is drawn uniformly from `[start, end - sde_window_size]` each round,
+            from the seed and the round index, so every process draws the same and a resumed run the same again.
+            `"sliding"` (MixGRPO): it starts at `start` and moves one step later every `sde_window_shift_interval`
+            rounds, stopping at `end - sde_window_size`.
+        sde_window_shift_interval (`int`, *optional*, defaults to `25`):
+            Rounds between two moves of a `"sliding"` window.
 
         > Parameters that control the loss
 
@@ -238,6 +256,10 @@ class GuardConfig(TrainingArguments):
     noise_level: float = 0.7
     noise_schedule: str = field(default="flow_grpo", metadata={"choices": list(NOISE_SCHEDULES)})
     init_same_noise: bool = False
+    sde_window_size: int = 0
+    sde_window_range: list[int] | None = None
+    sde_window_schedule: str = field(default="random", metadata={"choices": list(SDE_WINDOW_SCHEDULES)})
+    sde_window_shift_interval: int = 25
 
     loss_type: str = field(default="grpo_guard", metadata={"choices": list(LOSS_TYPES)})
     epsilon: float | None = None
@@ -336,6 +358,7 @@ class GuardConfig(TrainingArguments):
             f"noise_level={self.noise_level} with noise_schedule='cps' must be <= 1: CPS's noise std is "
             "sigma_next * sin(noise_level * pi / 2), which is largest at 1 (Flow-GRPO's CPS configs use 0.7-0.8).",
         )
+        self._validate_sde_window()
         check(self.beta >= 0, f"beta={self.beta} must be >= 0.")
         check(self.adv_clip_max > 0, f"adv_clip_max={self.adv_clip_max} must be > 0.")
         check(self.height > 0 and self.width > 0, f"height={self.height} and width={self.width} must be > 0.")
@@ -349,6 +372,47 @@ class GuardConfig(TrainingArguments):
             self.steps_per_generation is None or self.steps_per_generation >= 1,
             f"steps_per_generation={self.steps_per_generation} must be >= 1.",
         )
+
+    def _validate_sde_window(self) -> None:
+        if self.sde_window_size < 0:
+            raise ValueError(f"sde_window_size={self.sde_window_size} must be >= 0 (0 turns the window off).")
+        if self.sde_window_schedule not in SDE_WINDOW_SCHEDULES:
+            raise ValueError(
+                f"sde_window_schedule={self.sde_window_schedule!r} is unknown; use one of {SDE_WINDOW_SCHEDULES}."
+            )
+        if self.sde_window_shift_interval < 1:
+            raise ValueError(f"sde_window_shift_interval={self.sde_window_shift_interval} must be >= 1.")
+        if self.sde_window_size == 0:
+            return
+        if self.sde_window_range is None:
+            self.sde_window_range = [0, self.num_inference_steps // 2]
+        window = list(self.sde_window_range)
+        if not (len(window) == 2 and 0 <= window[0] < window[1] <= self.num_inference_steps) or (
+            window[1] - window[0] < self.sde_window_size
+        ):
+            raise ValueError(
+                f"sde_window_range={self.sde_window_range} must be [start, end) with 0 <= start < end <= "
+                f"num_inference_steps={self.num_inference_steps} and room for sde_window_size={self.sde_window_size} "
+                "steps (end - start >= sde_window_size)."
+            )
+        if self.noise_schedule == "cps" and self.sde_window_size == 1 and window[1] == self.num_inference_steps:
+            raise ValueError(
+                f"sde_window_size=1 with sde_window_range={window} can fall on CPS's last step, which has no noise and "
+                "nothing to train: end the range at num_inference_steps - 1 or widen the window."
+            )
+
+    def sde_window(self, rollout_index: int, generator: torch.Generator | None = None) -> range | None:
+        """The sampling steps of round `rollout_index` that are SDE steps, recorded and trained; `None` without a
+        window (every step). `generator` draws a `"random"` window's start."""
+        if self.sde_window_size == 0:
+            return None
+        start, end = self.sde_window_range
+        last_start = end - self.sde_window_size
+        if self.sde_window_schedule == "sliding":
+            first = min(start + rollout_index // self.sde_window_shift_interval, last_start)
+        else:
+            first = start + int(torch.randint(last_start - start + 1, (1,), generator=generator))
+        return range(first, first + self.sde_window_size)
 
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")

@@ -14,22 +14,37 @@ from .sde import ode_step, sde_step_with_logprob
 class Rollout:
     """A batch of recorded SDE trajectories, float32.
 
-    Step ``i`` goes from ``latents[:, i]`` at ``sigmas[i]`` to ``latents[:, i + 1]`` at ``sigmas[i + 1]``; its
-    Gaussian had mean ``old_means[:, i]`` under the sampling policy. Keeping the means means training never
-    re-runs the sampling policy to get old log-probabilities.
+    The recorded steps are sampling steps ``start, start + 1, ...`` (all of them, ``start = 0``, unless an SDE window
+    recorded only some). Recorded step ``j`` goes from ``latents[:, j]`` at ``sigmas[j]`` to ``latents[:, j + 1]`` at
+    ``sigmas[j + 1]``; its Gaussian had mean ``old_means[:, j]`` under the sampling policy. Keeping the means means
+    training never re-runs the sampling policy to get old log-probabilities.
     """
 
-    latents: torch.Tensor  # (B, T + 1, ...)
-    old_means: torch.Tensor  # (B, T, ...)
-    log_probs: torch.Tensor  # (B, T)
-    sigmas: torch.Tensor  # (T + 1,)
+    latents: torch.Tensor  # (B, W + 1, ...)
+    old_means: torch.Tensor  # (B, W, ...)
+    log_probs: torch.Tensor  # (B, W)
+    sigmas: torch.Tensor  # (W + 1,)
+    start: int = 0
+    final: torch.Tensor | None = None  # the sample, when the trajectory went on (with the ODE) after the record
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     @property
     def final_latents(self) -> torch.Tensor:
-        return self.latents[:, -1]
+        return self.final if self.final is not None else self.latents[:, -1]
+
+    @property
+    def steps(self) -> range:
+        """The sampling-step indices recorded."""
+        return range(self.start, self.start + self.old_means.shape[1])
+
+    def step(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampling step ``i`` as recorded: ``(latents, next_latents, old_mean, sigma, sigma_next)``."""
+        if i not in self.steps:
+            raise IndexError(f"Sampling step {i} was not recorded (recorded: {list(self.steps)}).")
+        j = i - self.start
+        return self.latents[:, j], self.latents[:, j + 1], self.old_means[:, j], self.sigmas[j], self.sigmas[j + 1]
 
 
 @torch.no_grad()
@@ -44,16 +59,28 @@ def sample_sde(
     noise_schedule: str,
     cps_log_prob: str = "official",
     generators: list[torch.Generator] | None = None,
+    sde_steps: range | None = None,
 ) -> Rollout:
-    """Run the SDE from ``latents`` at ``sigmas[0]`` down to ``sigmas[-1]``, one generator per sample."""
+    """Sample from ``latents`` at ``sigmas[0]`` down to ``sigmas[-1]``, one generator per sample.
+
+    Every step is an SDE step and recorded, unless ``sde_steps`` names a window: then only those steps are SDE steps
+    and recorded, and the others are deterministic ODE steps (Flow-GRPO-Fast, MixGRPO).
+    """
+    num_steps = len(sigmas) - 1
+    sde_steps = range(num_steps) if sde_steps is None else sde_steps
     batch = latents.shape[0]
-    all_latents, means, log_probs = [latents.float()], [], []
-    for i in range(len(sigmas) - 1):
+    latents = latents.float()
+    recorded, means, log_probs = [], [], []
+    for i in range(num_steps):
         sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
-        velocity = adapter.predict_velocity(all_latents[-1], sigma, prompt_embeds, negative_embeds)
-        next_latents, log_prob, mean, _ = sde_step_with_logprob(
+        velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, negative_embeds)
+        if i not in sde_steps:
+            latents = ode_step(velocity, latents, sigma, sigma_next)
+            continue
+        recorded.append(latents)
+        latents, log_prob, mean, _ = sde_step_with_logprob(
             velocity,
-            all_latents[-1],
+            latents,
             sigma,
             sigma_next,
             noise_level=noise_level,
@@ -61,10 +88,19 @@ def sample_sde(
             cps_log_prob=cps_log_prob,
             generator=generators,
         )
-        all_latents.append(next_latents)
         means.append(mean)
         log_probs.append(log_prob)
-    return Rollout(torch.stack(all_latents, 1), torch.stack(means, 1), torch.stack(log_probs, 1), sigmas)
+        if i == sde_steps[-1]:
+            recorded.append(latents)
+    window_is_all = sde_steps[0] == 0 and sde_steps[-1] == num_steps - 1
+    return Rollout(
+        torch.stack(recorded, 1),
+        torch.stack(means, 1),
+        torch.stack(log_probs, 1),
+        sigmas[sde_steps[0] : sde_steps[-1] + 2],
+        start=sde_steps[0],
+        final=None if window_is_all else latents,
+    )
 
 
 @torch.no_grad()
@@ -134,7 +170,10 @@ class TrainBatch:
             "sigmas": rollout.sigmas,
             "advantages": self.advantages,
             "train_steps": torch.tensor(self.train_steps, dtype=torch.long),
+            "start": torch.tensor(rollout.start),
         }
+        if rollout.final is not None:
+            state["final"] = rollout.final
         state.update({f"prompt.{k}": v for k, v in self.prompt_embeds.tensors.items()})
         if self.negative_embeds is not None:
             state.update({f"negative.{k}": v for k, v in self.negative_embeds.tensors.items()})
@@ -149,7 +188,14 @@ class TrainBatch:
 
         negative = group("negative")
         return cls(
-            rollout=Rollout(own["latents"], own["old_means"], own["log_probs"], own["sigmas"]),
+            rollout=Rollout(
+                own["latents"],
+                own["old_means"],
+                own["log_probs"],
+                own["sigmas"],
+                start=int(own["start"]) if "start" in own else 0,
+                final=own.get("final"),
+            ),
             prompt_embeds=PromptEmbeddings(group("prompt")),
             negative_embeds=PromptEmbeddings(negative) if negative else None,
             advantages=own["advantages"],

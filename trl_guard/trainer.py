@@ -52,7 +52,7 @@ from .scoring import RewardSet
 from .sde import sde_std, sde_step_with_logprob
 
 # Streams of randomness, each seeded independently of how samples are spread over processes and batches.
-_INIT_NOISE, _SDE_NOISE, _TIMESTEPS, _EVAL_NOISE = range(4)
+_INIT_NOISE, _SDE_NOISE, _TIMESTEPS, _EVAL_NOISE, _WINDOW = range(5)
 _STAGING = ".staging"  # checkpoints are written here first, then moved into place
 EMA_STATE_NAME = "ema_state.safetensors"  # live weights and their EMA, in checkpoints when ema_decay > 0
 
@@ -359,6 +359,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         sigmas = adapter.sigmas(args.num_inference_steps)
         latents = self._initial_latents(global_indices, _INIT_NOISE, rollout_index)
         step_generators = [_generator(args.seed, _SDE_NOISE, rollout_index, i) for i in global_indices]
+        # Drawn from the seed and the round alone: the same on every process, and again after a resume.
+        window = args.sde_window(rollout_index, _generator(args.seed, _WINDOW, rollout_index))
 
         # Sample in the micro-batches training will use: the first training pass then recomputes exactly the
         # sampling forward, so its ratio is exactly 1.
@@ -379,6 +381,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 noise_schedule=args.noise_schedule,
                 cps_log_prob=args.cps_log_prob,
                 generators=step_generators[chunk],
+                sde_steps=window,
             )
             batches.append(TrainBatch(rollout, prompt_embeds, negative_embeds))
             score = partial(
@@ -407,12 +410,16 @@ class GuardGRPODiffusionTrainer(Trainer):
         local_advantages = advantages[offset : offset + local_size]
 
         noise_std = sde_std(sigmas[:-1], sigmas[1:], noise_level=args.noise_level, noise_schedule=args.noise_schedule)
-        train_steps = select_train_steps(
-            noise_std,
-            args.timestep_fraction,
-            args.timestep_selection,
-            generator=_generator(args.seed, _TIMESTEPS, rollout_index),
-        )
+        if window is None:
+            train_steps = select_train_steps(
+                noise_std,
+                args.timestep_fraction,
+                args.timestep_selection,
+                generator=_generator(args.seed, _TIMESTEPS, rollout_index),
+            )
+        else:
+            train_steps = [i for i in window if noise_std[i] > 0]
+            self._metrics["sde_window_start"].append(float(window[0]))
 
         for batch, start in zip(batches, range(0, local_size, batch_size)):
             batch.advantages = local_advantages[start : start + batch_size]
@@ -454,10 +461,9 @@ class GuardGRPODiffusionTrainer(Trainer):
     def _predict_mean(
         self, batch: TrainBatch, step: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        rollout = batch.rollout
-        size = len(rollout)
-        sigma, sigma_next = rollout.sigmas[step].expand(size), rollout.sigmas[step + 1].expand(size)
-        latents, next_latents = rollout.latents[:, step], rollout.latents[:, step + 1]
+        size = len(batch.rollout)
+        latents, next_latents, _, sigma, sigma_next = batch.rollout.step(step)
+        sigma, sigma_next = sigma.expand(size), sigma_next.expand(size)
         velocity = self.adapter.predict_velocity(latents, sigma, batch.prompt_embeds, batch.negative_embeds)
         _, _, mean, std = sde_step_with_logprob(
             velocity,
@@ -481,10 +487,11 @@ class GuardGRPODiffusionTrainer(Trainer):
         total = torch.zeros((), device=self.accelerator.device)
         for step in train_steps:
             mean, std, sigma, sigma_next = self._predict_mean(batch, step)
+            _, next_latents, old_mean, _, _ = rollout.step(step)
             loss, stats = compute_policy_loss(
                 mean,
-                rollout.old_means[:, step],
-                rollout.latents[:, step + 1],
+                old_mean,
+                next_latents,
                 std,
                 batch.advantages,
                 sigma,

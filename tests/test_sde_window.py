@@ -1,0 +1,108 @@
+"""The SDE window (Flow-GRPO-Fast, MixGRPO): which steps are ODE, SDE and trained; every loss type; exact resume."""
+
+import copy
+
+import pytest
+import torch
+from conftest import blueness
+from helpers import logged, make_trainer, tiny_config
+
+from trl_guard import LOSS_TYPES
+from trl_guard.adapters import SamplingSettings, get_adapter
+from trl_guard.rollout import sample_ode, sample_sde
+
+
+def test_window_defaults_and_bad_ranges(tmp_path):
+    assert tiny_config(tmp_path, sde_window_size=2, num_inference_steps=10).sde_window_range == [0, 5]
+    assert tiny_config(tmp_path).sde_window(0) is None  # off by default
+    for window_range, size in (([3, 4], 2), ([0, 11], 2), ([4, 2], 1), ([1], 1)):
+        with pytest.raises(ValueError, match="sde_window_range=.*must be \\[start, end\\)"):
+            tiny_config(tmp_path, num_inference_steps=10, sde_window_size=size, sde_window_range=window_range)
+    with pytest.raises(ValueError, match="CPS's last step"):
+        tiny_config(tmp_path, noise_schedule="cps", sde_window_size=1, sde_window_range=[5, 8], num_inference_steps=8)
+
+
+def test_random_window_is_a_function_of_seed_and_round(tmp_path):
+    config = tiny_config(tmp_path, num_inference_steps=10, sde_window_size=2, sde_window_range=[1, 7])
+
+    def start(round_index, seed=0):
+        return config.sde_window(round_index, torch.Generator().manual_seed(seed * 1000 + round_index))[0]
+
+    starts = [start(r) for r in range(200)]
+    assert starts == [start(r) for r in range(200)]  # again, as after a resume
+    assert set(starts) == {1, 2, 3, 4, 5}  # uniform over [1, 7 - 2]
+    assert config.sde_window(3, torch.Generator().manual_seed(3)) == range(starts[3], starts[3] + 2)
+
+
+def test_sliding_window_moves_then_stops(tmp_path):
+    config = tiny_config(
+        tmp_path, num_inference_steps=10, sde_window_size=3, sde_window_range=[0, 6], sde_window_schedule="sliding"
+    )
+    config.sde_window_shift_interval = 2
+    assert [config.sde_window(r)[0] for r in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+
+
+def test_steps_outside_the_window_are_ode_steps(tiny_pipeline):
+    adapter = get_adapter(tiny_pipeline)
+    adapter.configure(SamplingSettings(32, 32, 1.0, max_sequence_length=16))
+    embeds = adapter.encode_prompts(["a red square", "a blue circle"])
+    sigmas = adapter.sigmas(6)
+    noise = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    kwargs = dict(noise_level=0.7, noise_schedule="flow_grpo", generators=generators)
+    rollout = sample_sde(adapter, embeds, None, noise, sigmas, sde_steps=range(2, 4), **kwargs)
+    assert rollout.steps == range(2, 4) and rollout.latents.shape[1] == 3 and len(rollout.sigmas) == 3
+    # before the window: the ODE from the noise; after it: the ODE from the window's last state
+    torch.testing.assert_close(rollout.latents[:, 0], sample_ode(adapter, embeds, None, noise, sigmas[:3]))
+    after = sample_ode(adapter, embeds, None, rollout.latents[:, -1], sigmas[4:])
+    torch.testing.assert_close(rollout.final_latents, after)
+    assert not torch.allclose(rollout.latents[:, 1], sample_ode(adapter, embeds, None, noise, sigmas[:4]))  # SDE
+    with pytest.raises(IndexError, match="step 1 was not recorded"):
+        rollout.step(1)
+
+
+@pytest.mark.parametrize("noise_schedule", ["flow_grpo", "cps"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_trains_only_the_window(tiny_pipeline, prompts, tmp_path, loss_type, noise_schedule):
+    trainer = make_trainer(
+        tiny_pipeline,
+        [blueness],
+        prompts,
+        tmp_path,
+        loss_type=loss_type,
+        noise_schedule=noise_schedule,
+        num_inference_steps=6,
+        sde_window_size=2,
+        sde_window_range=[2, 6],
+        beta=0.01,
+        max_steps=4,  # two rounds of two optimizer steps
+    )
+    trainer.train()
+    starts = logged(trainer, "sde_window_start")
+    assert len(starts) == 2 and all(2 <= s <= 4 for s in starts)
+    trained = {k.split("/")[1] for entry in trainer.state.log_history for k in entry if k.startswith("timestep/")}
+    assert trained and trained <= {f"{i:02d}" for i in range(2, 6)}
+    for entry, start in zip([e for e in trainer.state.log_history if "sde_window_start" in e], starts):
+        steps = {int(k.split("/")[1]) for k in entry if k.startswith("timestep/") and k.endswith("/clip_frac_high")}
+        window = set(range(int(start), int(start) + 2))
+        assert steps == (window - {5} if noise_schedule == "cps" else window)  # CPS's last step has no noise
+    assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+
+
+def test_window_resume_in_the_middle_of_a_round_is_exact(tiny_pipeline, _base_pipeline, prompts, tmp_path):
+    settings = dict(
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=1,
+        steps_per_generation=2,
+        sde_window_size=2,
+        num_inference_steps=6,
+    )
+    full = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path / "full", **settings)
+    full.train()
+    resumed = make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert resumed.state.global_step == 4 and logged(resumed, "sde_window_start") == logged(full, "sde_window_start")
+    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
