@@ -153,3 +153,21 @@ def test_full_finetuning_without_lora(tiny_pipeline, prompts, tmp_path):
     assert logged(trainer, "kl")
     trainer.save_model()
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_timestep_grad_norms_are_measured_on_logged_steps_only(tiny_pipeline, prompts, tmp_path, monkeypatch):
+    from trl_guard.trainer import GuardGRPODiffusionTrainer
+
+    calls = []
+    original = GuardGRPODiffusionTrainer._grad_norm_since
+
+    def counted(params, before):
+        calls.append(1)
+        return original(params, before)
+
+    monkeypatch.setattr(GuardGRPODiffusionTrainer, "_grad_norm_since", staticmethod(counted))
+    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, max_steps=4, logging_steps=2)
+    trainer.train()
+    assert len(calls) == 2 * 4  # steps 2 and 4, one per trained timestep (4), one micro-step each
+    logged_norms = [e for e in trainer.state.log_history if "timestep/03/grad_norm" in e]
+    assert [e["step"] for e in logged_norms] == [2, 4] and all(e["timestep/03/grad_norm"] > 0 for e in logged_norms)

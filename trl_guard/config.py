@@ -227,8 +227,9 @@ class GuardConfig(TrainingArguments):
         > Parameters that control logging
 
         log_timestep_grad_norm (`bool`, *optional*, defaults to `True`):
-            Log the gradient norm of each timestep's loss (the paper's Fig. 3). Costs a copy of the trainable
-            gradients per timestep: cheap for LoRA, consider turning it off for full fine-tuning.
+            Log the gradient norm of each timestep's loss (the paper's Fig. 3). Measured on the optimizer steps that
+            are logged (every `logging_steps`), where it costs a copy of the trainable gradients per timestep: cheap
+            for LoRA; with full fine-tuning, log less often or turn it off.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]

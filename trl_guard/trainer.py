@@ -428,16 +428,16 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
         for j, name in enumerate(self.rewards.names):
-            self._metrics[reward_key(name, "mean")].append(torch.nanmean(rewards[:, j]).item())
+            self._metrics[reward_key(name, "mean")].append(torch.nanmean(rewards[:, j]))
             valid = rewards[:, j][~torch.isnan(rewards[:, j])]
-            self._metrics[reward_key(name, "std")].append(valid.std(unbiased=False).item() if len(valid) else 0.0)
+            self._metrics[reward_key(name, "std")].append(valid.std(unbiased=False) if len(valid) else 0.0)
         grouped = total.view(-1, self.args.num_generations)
-        self._metrics["reward"].append(total.mean().item())
-        self._metrics["reward_std"].append(total.std(unbiased=False).item())
-        self._metrics["frac_reward_zero_std"].append((grouped.std(dim=1) == 0).float().mean().item())
-        self._metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
-        self._metrics["advantages/max"].append(advantages.max().item())
-        self._metrics["advantages/min"].append(advantages.min().item())
+        self._metrics["reward"].append(total.mean())
+        self._metrics["reward_std"].append(total.std(unbiased=False))
+        self._metrics["frac_reward_zero_std"].append((grouped.std(dim=1) == 0).float().mean())
+        self._metrics["advantages/abs_mean"].append(advantages.abs().mean())
+        self._metrics["advantages/max"].append(advantages.max())
+        self._metrics["advantages/min"].append(advantages.min())
 
     # ---- training -----------------------------------------------------------------------------------------------
     def training_step(
@@ -513,27 +513,33 @@ class GuardGRPODiffusionTrainer(Trainer):
                 stats["kl"] = kl.detach()
 
             before = None
-            if args.log_timestep_grad_norm:
+            if args.log_timestep_grad_norm and self._logs_this_step():
                 before = [p.grad.clone() if p.grad is not None else None for p in params]
             self.accelerator.backward(loss * scale)
             if before is not None:
                 stats["grad_norm"] = self._grad_norm_since(params, before) / scale
 
             for key, value in stats.items():
-                value = float(value)
+                value = value.detach() if isinstance(value, torch.Tensor) else value
                 self._metrics[timestep_key(step, key)].append(value)
                 self._metrics[key].append(value)
             total += loss.detach()
         return total * scale
 
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step being accumulated will be logged: per-timestep gradient norms, which cost a
+        copy of the gradients per timestep, are measured only then."""
+        every = self.state.logging_steps or self.args.logging_steps
+        return self.args.logging_strategy == "steps" and (self.state.global_step + 1) % max(1, int(every)) == 0
+
     @staticmethod
-    def _grad_norm_since(params: list[torch.nn.Parameter], before: list[torch.Tensor | None]) -> float:
+    def _grad_norm_since(params: list[torch.nn.Parameter], before: list[torch.Tensor | None]) -> torch.Tensor:
         squares = [
             ((p.grad - g).float() if g is not None else p.grad.float()).pow(2).sum()
             for p, g in zip(params, before)
             if p.grad is not None
         ]
-        return torch.stack(squares).sum().sqrt().item() if squares else 0.0
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
     def _all_reduce_gradients(self) -> None:
         """Average gradients over processes once per optimizer step.
@@ -683,10 +689,24 @@ class GuardGRPODiffusionTrainer(Trainer):
         return total.cpu()
 
     # ---- logging ------------------------------------------------------------------------------------------------
+    def _reduce_metrics(self) -> dict[str, float]:
+        """The mean of each metric gathered since the last log. Statistics stay tensors on the device while training
+        and cross to the host here, in one transfer per logging step: each `.item()` on a GPU is a synchronisation."""
+        device = self.accelerator.device
+        means = torch.stack(
+            [
+                torch.stack(
+                    [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values]
+                ).mean()
+                for values in self._metrics.values()
+            ]
+        ).tolist()
+        return dict(zip(self._metrics, means))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_eval = any(key.startswith("eval_") for key in logs)
         if not is_eval and self._metrics:
-            logs = {**logs, **{key: sum(v) / len(v) for key, v in self._metrics.items()}}
+            logs = {**logs, **self._reduce_metrics()}
             self._metrics.clear()
         super().log(logs, start_time)
 
