@@ -1,37 +1,175 @@
-"""Metrics and evaluation images reach a real tracker (TensorBoard event files) through the Trainer's callbacks."""
+"""Metrics and evaluation images reach real trackers through the Trainer's callbacks: TensorBoard event files, a
+wandb offline run and trackio's local store, each read back from disk after training. Nothing goes over the network
+and everything is written under tmp_path."""
 
+import io
+import json
+import math
+import sqlite3
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
 from conftest import blueness
 from datasets import Dataset
-from helpers import make_trainer
+from helpers import logged, make_trainer
+from PIL import Image
+
+from trl_guard.metrics import eval_reward_key, timestep_key
+
+# what the trackers hold -> what the trainer logged: transformers' tracker callbacks prefix training logs with
+# "train/" and turn the "eval_" prefix into "eval/"
+EXPECTED_SCALARS = {
+    "train/reward": "reward",
+    f"train/{timestep_key(0, 'clip_frac_high')}": timestep_key(0, "clip_frac_high"),
+    f"train/{timestep_key(3, 'grad_norm')}": timestep_key(3, "grad_norm"),
+    "eval/reward": eval_reward_key(),
+}
+# two 32x32 evaluation images side by side
+GRID_SIZE = (64, 32)
 
 
-def test_tensorboard_gets_rewards_diagnostics_and_images(tiny_pipeline, prompts, tmp_path, monkeypatch):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+def train_with_eval(pipeline, prompts, tmp_path, tracker: str):
     trainer = make_trainer(
-        tiny_pipeline,
+        pipeline,
         [blueness],
         prompts,
-        tmp_path,
+        tmp_path / "run",
         max_steps=2,
-        report_to=["tensorboard"],
+        report_to=[tracker],
         eval_strategy="steps",
         eval_steps=2,
         eval_num_inference_steps=3,
         eval_dataset=Dataset.from_dict({"prompt": ["a red square", "a blue circle"]}),
     )
     trainer.train()
+    return trainer
+
+
+def assert_logged(trainer, scalars: dict[str, float], images: dict[str, Image.Image]) -> None:
+    """What a tracker holds is what the trainer logged. `scalars`: the last value of each scalar the tracker holds;
+    `images`: the last image under each key."""
+    assert EXPECTED_SCALARS.keys() <= scalars.keys(), sorted(scalars)
+    for tracker_key, trainer_key in EXPECTED_SCALARS.items():
+        assert math.isfinite(scalars[tracker_key])
+        assert math.isclose(scalars[tracker_key], logged(trainer, trainer_key)[-1], rel_tol=1e-6), tracker_key
+    assert 0 < scalars["train/reward"] < 1  # blueness is a mean in [0, 1]
+    (saved,) = (Path(trainer.args.output_dir) / "eval_images").glob("*.png")
+    grid = np.asarray(images["eval_images"].convert("RGB"))
+    assert images["eval_images"].size == GRID_SIZE and np.array_equal(grid, np.asarray(Image.open(saved)))
+
+
+def test_tensorboard_gets_rewards_diagnostics_and_images(tiny_pipeline, prompts, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = train_with_eval(tiny_pipeline, prompts, tmp_path, "tensorboard")
     trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # flush the writer
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
-    scalars = set(events.Tags()["scalars"])
-    assert {
-        "train/reward",
-        "train/timestep/00/clip_frac_high",
-        "train/timestep/03/grad_norm",
-        "eval/reward",
-    } <= scalars
-    assert "eval_images" in events.Tags()["images"]
+    scalars = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    images = {
+        tag: Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string)) for tag in events.Tags()["images"]
+    }
+    assert_logged(trainer, scalars, images)
+
+
+def wandb_history(run_file: Path) -> dict[str, Any]:
+    """The last value of every key in the history rows of a wandb run file (`run-<id>.wandb`), which wandb writes as
+    a LevelDB-style log: after a 7-byte file header, 32 KiB blocks of chunks, each a 7-byte header (CRC, length,
+    kind) and a slice of a serialized `Record`; kind 1 is a whole record, 2-3-4 its first, middle and last slices."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, position, pending, last = run_file.read_bytes(), 7, b"", {}
+    assert data.startswith(b":W&B")
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                for item in record.history.item:
+                    last[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return last
+
+
+def test_wandb_offline_gets_rewards_diagnostics_and_images(tiny_pipeline, prompts, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    # offline, quiet, no error reports, and every directory wandb writes to (settings, cache, staging) under tmp_path
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_PROJECT": "trl-guard-test",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        (tmp_path / name.lower()).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    try:
+        trainer = train_with_eval(tiny_pipeline, prompts, tmp_path, "wandb")
+    finally:
+        # the Trainer leaves the run open; finish() ends it, but returns before wandb's service process has written
+        # the run file out, and teardown() waits for that process to exit
+        wandb.finish()
+        wandb.teardown()
+    (run_file,) = (tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    scalars = {key: value for key, value in history.items() if isinstance(value, int | float)}
+    # wandb flattens an image into "<key>/_type", "<key>/path", ...: the path is of the PNG copied into the run
+    images = {
+        key.removesuffix("/_type"): Image.open(run_file.parent / "files" / history[key.replace("/_type", "/path")])
+        for key, value in history.items()
+        if key.endswith("/_type") and value == "image-file"
+    }
+    assert_logged(trainer, scalars, images)
+
+
+@pytest.fixture
+def trackio_dir(tmp_path, monkeypatch):
+    """trackio keeps its SQLite store under TRACKIO_DIR, which it reads once, at import: point it at tmp_path and
+    import trackio afresh for this test, then put back whatever trackio modules were loaded before."""
+
+    def loaded() -> list[str]:
+        return [name for name in sys.modules if name == "trackio" or name.startswith("trackio.")]
+
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    for name in loaded():
+        monkeypatch.delitem(sys.modules, name)
+    pytest.importorskip("trackio")
+    yield tmp_path / "trackio"
+    for name in loaded():
+        del sys.modules[name]
+
+
+def test_trackio_gets_rewards_diagnostics_and_images(tiny_pipeline, prompts, tmp_path, trackio_dir):
+    # the callback finishes the run, which writes out what is pending, at the end of training
+    trainer = train_with_eval(tiny_pipeline, prompts, tmp_path, "trackio")
+    (database,) = trackio_dir.glob("*.db")
+    with sqlite3.connect(database) as connection:
+        rows = [json.loads(metrics) for (metrics,) in connection.execute("SELECT metrics FROM metrics ORDER BY id")]
+    scalars, images = {}, {}
+    for row in rows:
+        scalars.update({key: value for key, value in row.items() if isinstance(value, int | float)})
+        # an image in a trackio row is a reference to the PNG trackio saved under its media folder
+        images.update(
+            {
+                key: Image.open(trackio_dir / "media" / value["file_path"])
+                for key, value in row.items()
+                if isinstance(value, dict) and value.get("_type") == "trackio.image"
+            }
+        )
+    assert_logged(trainer, scalars, images)
 
 
 def test_progress_bar_shows_phases_and_reward(tiny_pipeline, prompts, tmp_path):

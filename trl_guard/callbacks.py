@@ -46,7 +46,11 @@ def _tensorboard_callback_cls():
 
 
 def adapt_tracker_callbacks(trainer) -> None:
-    """Swap the console progress bar and the tracker callbacks that assume a transformers model."""
+    """Swap the console progress bar and the tracker callbacks that assume a transformers model.
+
+    Only TensorBoard's needs it: wandb's and trackio's callbacks take a `model.config` that is a dict (a diffusers
+    config is one) as it is. Not covered: wandb's WANDB_LOG_MODEL, which calls `model.config.to_dict()` and saves
+    the model through a plain Trainer; the trainer writes its own checkpoints."""
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(GuardProgressCallback)
     if any(type(cb).__name__ == "TensorBoardCallback" for cb in trainer.callback_handler.callbacks):

@@ -21,8 +21,8 @@ def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Im
 
 
 def log_image_grid(trainer: Any, images: list[Image.Image], key: str) -> str:
-    """Save a grid of `images` as `{output_dir}/{key}/step-{global_step}.png` and log it to tensorboard / wandb if
-    the run reports there. Returns the PNG's path."""
+    """Save a grid of `images` as `{output_dir}/{key}/step-{global_step}.png` and log it to tensorboard, wandb and
+    trackio if the run reports there. Returns the PNG's path."""
     import numpy as np
 
     grid = make_grid(images)
@@ -35,6 +35,10 @@ def log_image_grid(trainer: Any, images: list[Image.Image], key: str) -> str:
         name = type(callback).__name__
         if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
             callback.tb_writer.add_image(key, np.asarray(grid), step, dataformats="HWC")
-        elif name == "WandbCallback" and getattr(callback, "_wandb", None) is not None and callback._initialized:
-            callback._wandb.log({key: callback._wandb.Image(grid)}, step=step)
+        elif name in ("WandbCallback", "TrackioCallback") and getattr(callback, "_initialized", False):
+            # trackio mirrors wandb's API (`log`, `Image`). No `step=`: the callbacks log without one, so wandb's own
+            # step counter can run ahead of global_step (with logging_steps=1, from the second evaluation on), and
+            # wandb drops a row logged behind it. The grid carries "train/global_step" instead, as the callbacks' rows do
+            tracker = getattr(callback, "_wandb", None) or callback._trackio
+            tracker.log({key: tracker.Image(grid), "train/global_step": step})
     return path
