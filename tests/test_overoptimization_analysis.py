@@ -48,3 +48,23 @@ def test_analysis_separates_a_protective_method_from_a_hacking_one(tmp_path):
         low = float(row.split("[")[1].split(",")[0])
         assert low > 0  # guard's gold is higher at every matched level, interval above 0
     assert (tmp_path / "overoptimization.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("guard_slope", "expected"),
+    [(0.5, "Claim 4 holds here"), (2.0, "Claim 4 is not shown here"), (4.0, "Claim 4 fails here")],
+)
+def test_verdict_is_stated_plainly_whichever_way_it_falls(guard_slope, expected):
+    study = {
+        "runs": [run("flow_grpo", s, slope=2.0) for s in range(4)]
+        + [run("grpo_guard", s + 10, guard_slope) for s in range(4)]
+    }
+    text = analyse(study)
+    assert text.startswith("### Verdict on claim 4") and expected in text
+
+
+def test_sweep_runs_appear_in_the_plot(tmp_path):
+    study = {"runs": [run("flow_grpo", s, 2.0) for s in range(2)] + [run("grpo_guard", s, 0.5) for s in range(2)]}
+    sweep = {"runs": [dict(run("flow_grpo", 0, 2.0), learning_rate=lr) for lr in (1e-3, 3e-3)]}
+    text = analyse(study, sweep, plot_dir=str(tmp_path))
+    assert "Learning-rate sweep" in text and (tmp_path / "overoptimization.png").exists()

@@ -119,14 +119,56 @@ def analyse(study: dict, sweep: dict | None = None, plot_dir: str | None = None)
         for level in levels:
             cells = [fmt(bootstrap_difference(at_level[level][a], at_level[level][b])) for a, b in pairs]
             lines.append(f"| {level:.3f} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    verdict = claim4_verdict(runs, levels, at_level)
+    text = "\n".join(["### Verdict on claim 4", "", verdict, "", *lines])
     if plot_dir is not None:
-        plot(runs, levels, plot_dir)
+        plot(runs, levels, plot_dir, sweep=sweep)
     return text
 
 
-def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str) -> str | None:
-    """Gold against proxy and against sqrt(KL): every run thin, each method's mean over seeds thick."""
+def claim4_verdict(
+    runs: dict[str, list[dict]], levels: list[float], at_level: dict[float, dict[str, list[float]]]
+) -> str:
+    """Claim 4 of GRPO-Guard, "at a comparable proxy reward the gold score falls much less than under Flow-GRPO",
+    judged by the difference in gold at matched proxy levels: holds where the whole 95% interval is above 0, fails
+    where it is below 0, undecided where it spans 0."""
+    if "grpo_guard" not in runs or "flow_grpo" not in runs or not levels:
+        return "Not enough runs for a verdict: both flow_grpo and grpo_guard must reach a common proxy level."
+    rows, signs = [], []
+    for level in levels:
+        guard, flow = at_level[level]["grpo_guard"], at_level[level]["flow_grpo"]
+        if len(guard) < 2 or len(flow) < 2:
+            continue
+        diff, low, high = bootstrap_difference(guard, flow)
+        signs.append(1 if low > 0 else -1 if high < 0 else 0)
+        rows.append(f"proxy {level:.3f}: {diff:+.3f} [{low:+.3f}, {high:+.3f}] ({len(guard)} and {len(flow)} runs)")
+    if not rows:
+        return "Not enough runs for a verdict: fewer than two runs of a method reached the matched proxy levels."
+    seeds = f"{len(runs['grpo_guard'])} GRPO-Guard and {len(runs['flow_grpo'])} Flow-GRPO runs"
+    if all(sign > 0 for sign in signs):
+        head = f"Claim 4 holds here: at every matched proxy level GRPO-Guard keeps more gold than Flow-GRPO ({seeds})."
+    elif all(sign < 0 for sign in signs):
+        head = f"Claim 4 fails here: at every matched proxy level GRPO-Guard keeps less gold than Flow-GRPO ({seeds})."
+    elif any(sign > 0 for sign in signs) and not any(sign < 0 for sign in signs):
+        head = f"Claim 4 holds only in part: GRPO-Guard keeps more gold at some matched proxy levels ({seeds})."
+    elif any(sign < 0 for sign in signs) and not any(sign > 0 for sign in signs):
+        head = f"Claim 4 is not supported: GRPO-Guard keeps less gold at some matched proxy levels, and never more ({seeds})."
+    elif not any(signs):
+        head = (
+            f"Claim 4 is not shown here: GRPO-Guard and Flow-GRPO keep the same gold within the intervals ({seeds})."
+        )
+    else:
+        head = f"Mixed: GRPO-Guard keeps more gold at some matched proxy levels and less at others ({seeds})."
+    return (
+        head
+        + " Gold (GRPO-Guard minus Flow-GRPO) at matched proxy, 95% bootstrap interval:\n"
+        + "\n".join(f"- {row}" for row in rows)
+    )
+
+
+def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str, sweep: dict | None = None) -> str | None:
+    """Gold against proxy and against sqrt(KL): every run thin, each method's mean over seeds thick; with a sweep,
+    a third panel shows every sweep run (gold against proxy, one line per method and rate)."""
     try:
         import matplotlib
 
@@ -135,7 +177,8 @@ def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str) -> str
     except ImportError:
         return None
     colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    sweep_runs = (sweep or {}).get("runs", [])
+    fig, axes = plt.subplots(1, 3 if sweep_runs else 2, figsize=(18 if sweep_runs else 12, 4.8))
     for method, group in runs.items():
         for run in group:  # every run appears, thin
             proxy, gold = [e["proxy"] for e in run["evals"]], [e["gold"] for e in run["evals"]]
@@ -162,6 +205,23 @@ def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str) -> str
     axes[0].set(xlabel="proxy (colour, evaluated)", ylabel="gold (caption fidelity)", title="gold against proxy")
     axes[1].set(xlabel="sqrt(KL to the base policy)", ylabel="gold (caption fidelity)", title="gold against sqrt(KL)")
     axes[0].legend(fontsize=8)
+    if sweep_runs:
+        styles = {}
+        for run in sorted(sweep_runs, key=lambda r: (r["method"], r["learning_rate"])):
+            style = styles.setdefault(run["method"], ["-", "--", ":", "-."])
+            axes[2].plot(
+                [e["proxy"] for e in run["evals"]],
+                [e["gold"] for e in run["evals"]],
+                style.pop(0) if style else "-",
+                marker="o",
+                ms=2,
+                color=colours.get(run["method"], "black"),
+                label=f"{run['method']} lr {run['learning_rate']:g}",
+            )
+        axes[2].set(
+            xlabel="proxy (colour, evaluated)", ylabel="gold (caption fidelity)", title="learning-rate sweep (seed 0)"
+        )
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(plot_dir, exist_ok=True)
     path = os.path.join(plot_dir, "overoptimization.png")
