@@ -1,9 +1,13 @@
-"""Where a generation round's time goes, on the tiny SD3 pipeline (CPU): sampling, decoding + scoring, training.
+"""Where a generation round's time goes, on the tiny SD3 pipeline (CPU), and what the trainer adds to the model work.
 
-    python benchmarks/bench_trainer.py [--steps 10] [--images 32]
+    python benchmarks/bench_trainer.py [--steps 10] [--images 32]      # phases of one round
+    python benchmarks/bench_trainer.py overhead [--profile]           # trainer against a bare loop
 
-Prints seconds per phase and the ratios between them, plus the cost of per-timestep gradient-norm logging, all
-measured in one run (the machine is shared: compare the ratios, not the absolute figures, across runs).
+The first prints seconds per phase and the ratios between them, plus the cost of per-timestep gradient-norm logging.
+`overhead` times `trainer.train()` against a hand-written loop doing the same model work (6 optimizer steps, 8
+images, 8 sampling steps, CFG, LoRA, one thread), alternating the two, and prints the ratio of the medians;
+`--profile` adds a cProfile of one trainer run, grouped by where the time goes. Everything is measured in one run
+(the machine is shared: compare the ratios, not the absolute figures, across runs).
 """
 
 from __future__ import annotations
@@ -83,7 +87,139 @@ def measure(trainer, options) -> dict[str, float]:
     return figures
 
 
+OVERHEAD = dict(images=8, steps=8, optimizer_steps=6, group=4)
+
+
+def overhead_trainer(pipeline, output_dir: str, **overrides):
+    args = GuardConfig(
+        output_dir=output_dir,
+        num_generations=OVERHEAD["group"],
+        per_device_train_batch_size=OVERHEAD["images"],
+        max_steps=OVERHEAD["optimizer_steps"],
+        height=32,
+        width=32,
+        num_inference_steps=OVERHEAD["steps"],
+        max_sequence_length=16,
+        guidance_scale=4.5,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        overlap_reward_scoring=False,
+        **overrides,
+    )
+    prompts = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(OVERHEAD["images"])]})
+    lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian")
+    return GuardGRPODiffusionTrainer(pipeline, [blueness], args=args, train_dataset=prompts, peft_config=lora)
+
+
+def bare_loop(pipeline) -> None:
+    """The model work of `overhead_trainer(...).train()` written out: per round, encode, sample with the SDE,
+    decode, score, advantages; per trained step, one forward and backward; one AdamW step per round."""
+    from trl_guard.adapters import SamplingSettings, get_adapter
+    from trl_guard.losses import compute_advantages, compute_policy_loss
+    from trl_guard.rollout import sample_sde
+    from trl_guard.sde import sde_step_with_logprob
+
+    adapter = get_adapter(pipeline)
+    adapter.configure(SamplingSettings(32, 32, 4.5, max_sequence_length=16))
+    adapter.add_lora(LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian"))
+    params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    n, group, steps = OVERHEAD["images"], OVERHEAD["group"], OVERHEAD["steps"]
+    sigmas = adapter.sigmas(steps)
+    negative = adapter.encode_prompts([""])
+    for round_index in range(OVERHEAD["optimizer_steps"]):
+        prompts = [f"prompt {(round_index * 2 + i // group) % n}" for i in range(n)]
+        embeds = adapter.encode_prompts(sorted(set(prompts))).index(
+            torch.tensor([sorted(set(prompts)).index(p) for p in prompts])
+        )
+        generators = [torch.Generator().manual_seed(round_index * n + i) for i in range(n)]
+        latents = torch.stack([torch.randn(adapter.latent_shape(), generator=g) for g in generators])
+        adapter.denoiser.eval()
+        rollout = sample_sde(
+            adapter,
+            embeds,
+            negative,
+            latents,
+            sigmas,
+            noise_level=0.7,
+            noise_schedule="flow_grpo",
+            generators=generators,
+        )
+        rewards = torch.tensor(blueness(prompts, adapter.decode(rollout.final_latents)))
+        advantages = compute_advantages(rewards, group, scale_rewards="group", adv_clip_max=5.0)
+        adapter.denoiser.train()
+        for step in range(steps):
+            x, x_next, old_mean, sigma, sigma_next = rollout.step(step)
+            sigma, sigma_next = sigma.expand(n), sigma_next.expand(n)
+            velocity = adapter.predict_velocity(x, sigma, embeds, negative)
+            _, _, mean, std = sde_step_with_logprob(
+                velocity, x, sigma, sigma_next, noise_level=0.7, noise_schedule="flow_grpo", prev_sample=x_next
+            )
+            loss, _ = compute_policy_loss(
+                mean, old_mean, x_next, std, advantages, sigma, sigma_next, loss_type="grpo_guard", epsilon=2e-6,
+                noise_level=0.7, noise_schedule="flow_grpo",
+            )  # fmt: skip
+            (loss / steps).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def overhead(options) -> None:
+    import cProfile
+    import pstats
+    import tempfile
+
+    torch.set_num_threads(1)
+    base = build_tiny_sd3_pipeline()
+    trainer_times, quiet_times, bare_times = [], [], []
+    with tempfile.TemporaryDirectory() as output_dir:
+        for _ in range(options.repeats):
+            for times, overrides in ((trainer_times, {}), (quiet_times, {"log_timestep_grad_norm": False})):
+                # built outside the timing, as the bare loop's model is
+                trainer = overhead_trainer(copy.deepcopy(base), output_dir, overwrite_output_dir=True, **overrides)
+                start = time.perf_counter()
+                trainer.train()
+                times.append(time.perf_counter() - start)
+            pipeline = copy.deepcopy(base)
+            start = time.perf_counter()
+            bare_loop(pipeline)
+            bare_times.append(time.perf_counter() - start)
+        trainer_s, bare_s = float(np.median(trainer_times)), float(np.median(bare_times))
+        quiet_s = float(np.median(quiet_times))
+        print(
+            f"{OVERHEAD['optimizer_steps']} optimizer steps, {OVERHEAD['images']} images, {OVERHEAD['steps']} sampling "
+            f"steps, CFG, LoRA, 1 thread (median of {options.repeats}, alternating):"
+        )
+        print(f"  bare loop:                                  {bare_s:.2f} s")
+        print(f"  trainer.train():                            {trainer_s:.2f} s   {trainer_s / bare_s:.3f}x")
+        print(f"  trainer.train(), no per-timestep grad norms: {quiet_s:.2f} s   {quiet_s / bare_s:.3f}x")
+        if options.profile:
+            trainer = overhead_trainer(copy.deepcopy(base), output_dir, overwrite_output_dir=True)
+            profiler = cProfile.Profile()
+            profiler.runcall(trainer.train)
+            stats = pstats.Stats(profiler)
+            total = stats.total_tt
+            print(f"  profile of one trainer run: {total:.2f} s of CPU in Python frames")
+            for name, (calls, _, tt, ct, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:25]:
+                print(
+                    f"    {ct:7.3f} s cumulative  {tt:7.3f} s own  {calls:6d} calls  {name[2]} ({name[0].split('/')[-1]})"
+                )
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["overhead"]:
+        parser = argparse.ArgumentParser(description=__doc__)
+        parser.add_argument("overhead")
+        parser.add_argument("--repeats", type=int, default=3)
+        parser.add_argument("--profile", action="store_true")
+        overhead(parser.parse_args())
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=32)
