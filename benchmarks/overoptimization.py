@@ -30,6 +30,7 @@ import random
 import time
 
 import numpy as np
+from transformers import TrainerCallback
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
 STUDY_FILE = os.path.join(RESULTS, "overoptimization.json")
@@ -90,7 +91,12 @@ def done(path: str, method: str, seed: int, learning_rate: float) -> bool:
     )
 
 
-def train_run(method: str, seed: int, learning_rate: float, steps: int, output_dir: str) -> dict:
+def train_run(
+    method: str, seed: int, learning_rate: float, steps: int, output_dir: str, eval_steps: int = 10, **overrides
+) -> dict:
+    """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `overrides` are
+    extra `GuardConfig` fields (the window benchmark's `sde_window_size`). Each evaluation records the seconds of
+    training before it (evaluation time excluded)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -124,7 +130,7 @@ def train_run(method: str, seed: int, learning_rate: float, steps: int, output_d
         lr_scheduler_type="constant",
         max_steps=steps,
         eval_strategy="steps",
-        eval_steps=10,
+        eval_steps=eval_steps,
         per_device_eval_batch_size=64,
         eval_kl=True,
         logging_steps=10,
@@ -132,6 +138,7 @@ def train_run(method: str, seed: int, learning_rate: float, steps: int, output_d
         report_to="none",
         disable_tqdm=True,
         seed=seed,
+        **overrides,
     )
     trainer = GuardGRPODiffusionTrainer(
         model=load_toy_pipeline(),
@@ -144,10 +151,14 @@ def train_run(method: str, seed: int, learning_rate: float, steps: int, output_d
     )
     for callback in (PrinterCallback, ProgressCallback, GuardProgressCallback):
         trainer.remove_callback(callback)
+    clock = _TrainingClock()
+    trainer.add_callback(clock)
     start = time.time()
     base = trainer.evaluate()
     trainer.train()
     history = [{**base, "step": 0}] + [e for e in trainer.state.log_history if PROXY in e]
+    for entry in history:
+        entry["train_seconds"] = clock.seconds_at.get(entry["step"], 0.0)
     evals = [
         {
             "step": e["step"],
@@ -155,6 +166,7 @@ def train_run(method: str, seed: int, learning_rate: float, steps: int, output_d
             "gold": e[GOLD],
             "kl": e["eval_kl"],
             "cleanliness": e["eval_gold/cleanliness"],
+            "train_seconds": round(e["train_seconds"], 2),
         }
         for e in history
     ]
@@ -169,6 +181,24 @@ def train_run(method: str, seed: int, learning_rate: float, steps: int, output_d
         "evals": evals,
         "train_rewards": train_rewards,
     }
+
+
+class _TrainingClock(TrainerCallback):
+    """Seconds spent training (evaluations excluded) up to each evaluation, keyed by step."""
+
+    def __init__(self):
+        self.seconds_at: dict[int, float] = {}
+        self.total = 0.0
+        self.since: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.since = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.since is not None:
+            self.total += time.perf_counter() - self.since
+        self.seconds_at[state.global_step] = self.total
+        self.since = time.perf_counter() if self.since is not None else None  # the clock restarts after evaluation
 
 
 def run_all(path: str, plan: list[tuple[str, int, float]], steps: int) -> None:

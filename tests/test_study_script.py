@@ -43,3 +43,31 @@ def test_captions_are_disjoint_and_fixed():
     train, held_out = study.captions()
     assert len(train) == len(held_out) == 64 and not set(train) & set(held_out)
     assert study.captions() == (train, held_out)
+
+
+def test_window_benchmark_compares_at_equal_training_time(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_window
+
+    monkeypatch.setattr(bench_window, "WINDOW_FILE", str(tmp_path / "window.json"))
+
+    def timed_run(window, seed, seconds_per_step, proxy_per_second):
+        evals = [
+            {"step": s, "train_seconds": s * seconds_per_step, "proxy": 0.1 + proxy_per_second * s * seconds_per_step,
+             "gold": 0.5}
+            for s in range(0, 41, 5)
+        ]  # fmt: skip
+        return {"method": "grpo_guard", "window": window, "seed": seed, "learning_rate": 1e-3, "evals": evals}
+
+    for seed in range(2):
+        bench_window.append(bench_window.WINDOW_FILE, timed_run("full", seed, 2.0, 0.001))
+        bench_window.append(bench_window.WINDOW_FILE, timed_run("window2", seed, 1.0, 0.002))
+    assert bench_window.done("grpo_guard", "window2", 1) and not bench_window.done("grpo_guard", "window3", 0)
+    text = bench_window.analyse()
+    assert "Equal training time: 40 s" in text  # window2's runs train 40 s; full ones 80 s
+    full = next(line for line in text.splitlines() if "| full |" in line)
+    window = next(line for line in text.splitlines() if "| window2 |" in line)
+    assert "| 2.00 [2.00, 2.00] |" in full and "| 1.00 [1.00, 1.00] |" in window
+    assert "0.140 [0.140, 0.140]" in full and "0.180 [0.180, 0.180]" in window  # proxy after 40 s
