@@ -108,6 +108,9 @@ class GuardConfig(TrainingArguments):
             Image height in pixels; must map to a latent size the transformer accepts.
         width (`int`, *optional*, defaults to `512`):
             Image width in pixels.
+        num_frames (`int`, *optional*, defaults to `1`):
+            Frames per video, for video families (Wan2.1 takes `4k + 1`: Flow-GRPO trains it on 33). Image families
+            take only 1. Reward functions then receive one list of frames per sample (docs/rewards.md).
         max_sequence_length (`int`, *optional*, defaults to `128`):
             Maximum number of T5 tokens (Flow-GRPO uses 128; SD3's pipeline default is 256).
         noise_level (`float`, *optional*, defaults to `0.7`):
@@ -253,6 +256,7 @@ class GuardConfig(TrainingArguments):
     negative_prompt: str = ""
     height: int = 512
     width: int = 512
+    num_frames: int = 1
     max_sequence_length: int = 128
     noise_level: float = 0.7
     noise_schedule: str = field(default="flow_grpo", metadata={"choices": list(NOISE_SCHEDULES)})
@@ -363,6 +367,7 @@ class GuardConfig(TrainingArguments):
         check(self.beta >= 0, f"beta={self.beta} must be >= 0.")
         check(self.adv_clip_max > 0, f"adv_clip_max={self.adv_clip_max} must be > 0.")
         check(self.height > 0 and self.width > 0, f"height={self.height} and width={self.width} must be > 0.")
+        check(self.num_frames >= 1, f"num_frames={self.num_frames} must be >= 1 (1 for image families).")
         check(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
         check(
             self.per_device_train_batch_size >= 1,

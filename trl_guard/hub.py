@@ -85,18 +85,20 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
     from huggingface_hub import ModelCard, ModelCardData
 
     args = trainer.args
+    video = trainer.adapter.is_video
+    task = "text-to-video" if video else "text-to-image"
     tags = [
         "trl",
         "trl-guard",
         "lora" if trainer.adapter.has_lora else "full-finetune",
-        "text-to-image",
+        task,
         "diffusers",
         args.loss_type.replace("_", "-"),
     ]
     # The Hub validates `base_model` as a repo id: a local folder is named in the text only.
     on_hub = base_model is not None and not os.path.exists(base_model)
     data = ModelCardData(
-        base_model=base_model if on_hub else None, library_name="diffusers", tags=tags, pipeline_tag="text-to-image"
+        base_model=base_model if on_hub else None, library_name="diffusers", tags=tags, pipeline_tag=task
     )
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
 
@@ -120,7 +122,8 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
             "## Samples\n\nEvaluation prompts at the last evaluation, fixed seeds:\n\n![samples](images/samples.png)\n"
         )
 
-    config = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in CARD_FIELDS)
+    fields = (*CARD_FIELDS, "num_frames") if video else CARD_FIELDS
+    config = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
     rewards = ", ".join(
         f"`{n}` (weight {w:g})" for n, w in zip(trainer.rewards.names, trainer.rewards.weights.tolist())
     )
@@ -131,6 +134,8 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
         if trainer.adapter.has_lora
         else f'# full fine-tune: load the transformer from the "transformer" subfolder of {repo}'
     )
+    call = 'pipe("a photo of a cat holding a sign that says \\"hello\\"")'
+    usage = f"video = {call}.frames[0]  # a list of PIL frames" if video else f"image = {call}.images[0]"
     content = f"""---
 {data.to_yaml()}
 ---
@@ -149,7 +154,7 @@ from diffusers import {pipeline_class}
 
 pipe = {pipeline_class}.from_pretrained("{base_model}", dtype=torch.bfloat16).to("cuda")
 {load}
-image = pipe("a photo of a cat holding a sign that says \\"hello\\"").images[0]
+{usage}
 ```
 
 ## Training

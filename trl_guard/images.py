@@ -1,16 +1,37 @@
-"""Image grids: written next to the run and sent to the trackers that take images."""
+"""Image grids: written next to the run and sent to the trackers that take images. A video (a list of frames, what
+video families decode to) is shown as a strip of its frames side by side, one video per row."""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+#: Frames a strip shows at most, evenly spaced from the first to the last: 33 frames of 416 px side by side would
+#: make a grid too wide for the trackers.
+MAX_STRIP_FRAMES = 8
 
-def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Tile same-sized images row by row."""
+
+def frame_strip(frames: Sequence[Image.Image], max_frames: int = MAX_STRIP_FRAMES) -> Image.Image:
+    """A video's frames left to right in time; at most `max_frames` of them, evenly spaced, first and last kept."""
+    if len(frames) > max_frames:
+        frames = [frames[int(i)] for i in np.linspace(0, len(frames) - 1, max_frames).round()]
+    width, height = frames[0].size
+    strip = Image.new("RGB", (len(frames) * width, height), "white")
+    for i, frame in enumerate(frames):
+        strip.paste(frame.convert("RGB"), (i * width, 0))
+    return strip
+
+
+def make_grid(images: Sequence[Image.Image | Sequence[Image.Image]], columns: int | None = None) -> Image.Image:
+    """Tile same-sized images row by row; videos (lists of frames) become frame strips, one per row."""
+    if any(isinstance(image, (list, tuple)) for image in images):
+        images = [frame_strip(image) if isinstance(image, (list, tuple)) else image for image in images]
+        columns = columns or 1
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
@@ -20,11 +41,9 @@ def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Im
     return grid
 
 
-def log_image_grid(trainer: Any, images: list[Image.Image], key: str) -> str:
-    """Save a grid of `images` as `{output_dir}/{key}/step-{global_step}.png` and log it to tensorboard, wandb and
-    trackio if the run reports there. Returns the PNG's path."""
-    import numpy as np
-
+def log_image_grid(trainer: Any, images: Sequence[Image.Image | Sequence[Image.Image]], key: str) -> str:
+    """Save a grid of `images` (or of videos' frame strips) as `{output_dir}/{key}/step-{global_step}.png` and log it
+    to tensorboard, wandb and trackio if the run reports there. Returns the PNG's path."""
     grid = make_grid(images)
     step = trainer.state.global_step
     folder = os.path.join(trainer.args.output_dir, key)

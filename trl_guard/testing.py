@@ -193,3 +193,62 @@ def build_tiny_clip(folder: str, seed: int = 0, size: str = "tiny") -> str:
     image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def build_tiny_wan_pipeline(seed: int = 0):
+    """A Wan2.1 text-to-video pipeline of ~10k transformer parameters for 16-64 px videos of 4k + 1 frames.
+
+    The VAE keeps Wan's compression (time by 4, space by 8) with 4 latent channels and made-up per-channel latent
+    statistics, so decoding exercises the normalisation. The tokenizer is the offline Unigram one of
+    `tiny_t5_tokenizer`: umT5's tokenizer is a T5 sentencepiece Unigram model too, only with a 256k vocabulary.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 1.0],
+    )
+    for module in (transformer, text_encoder, vae):
+        module.eval()
+    # Wan's checkpoints ship UniPC with flow_shift 3.0; Euler with the same shift makes `pipe()` an exact reference.
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )

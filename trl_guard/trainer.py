@@ -219,6 +219,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 guidance_scale=args.guidance_scale,
                 true_cfg_scale=args.true_cfg_scale,
                 max_sequence_length=args.max_sequence_length,
+                num_frames=args.num_frames,
             )
         )
         self.pipeline = pipeline

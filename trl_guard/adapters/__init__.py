@@ -17,6 +17,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 from .flux import FluxAdapter  # noqa: E402
 from .sd3 import SD3Adapter  # noqa: E402
+from .wan import WanAdapter  # noqa: E402
 
 
 def get_adapter(pipeline: Any) -> PipelineAdapter:
@@ -36,5 +37,6 @@ __all__ = [
     "PromptEmbeddings",
     "SD3Adapter",
     "SamplingSettings",
+    "WanAdapter",
     "get_adapter",
 ]

@@ -21,8 +21,9 @@ from PIL import Image
 class SamplingSettings:
     """What an adapter needs to know about sampling, set once per run (from `GuardConfig`).
 
-    `guidance_scale` is classifier-free guidance for families without a guidance embedding (SD3) and the guidance
-    embedding's value for guidance-distilled ones (FLUX.1-dev); `true_cfg_scale` is real CFG for the latter.
+    `guidance_scale` is classifier-free guidance for families without a guidance embedding (SD3, Wan) and the
+    guidance embedding's value for guidance-distilled ones (FLUX.1-dev); `true_cfg_scale` is real CFG for the latter.
+    `num_frames` is the length of each sample for video families; image families take only 1.
     """
 
     height: int
@@ -30,6 +31,7 @@ class SamplingSettings:
     guidance_scale: float = 1.0
     true_cfg_scale: float = 1.0
     max_sequence_length: int = 128
+    num_frames: int = 1
 
 
 @dataclass
@@ -84,6 +86,8 @@ class PipelineAdapter:
     #: Prefix of the denoiser's keys in the family's LoRA file (diffusers' `transformer_name`).
     lora_prefix: ClassVar[str] = "transformer"
     lora_weight_name: ClassVar[str] = "pytorch_lora_weights.safetensors"
+    #: Whether `decode` returns videos (one list of frames per sample) rather than images.
+    is_video: ClassVar[bool] = False
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
@@ -93,7 +97,12 @@ class PipelineAdapter:
         self.check_scheduler()
 
     def configure(self, settings: SamplingSettings) -> None:
-        """Set the sampling settings, checking the resolution against the denoiser."""
+        """Set the sampling settings, checking the resolution (and, for video families, the frame count)."""
+        if settings.num_frames != 1 and not self.is_video:
+            raise ValueError(
+                f"num_frames={settings.num_frames}, but {type(self.pipeline).__name__} makes images: leave num_frames "
+                "at 1 (it sets the length of videos, for video families such as Wan)."
+            )
         self.check_resolution(settings.height, settings.width)
         self.settings = settings
 
@@ -185,7 +194,9 @@ class PipelineAdapter:
             velocity = uncond + self.cfg_scale * (cond - uncond)
         return velocity
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
+        """One PIL image per sample; for video families (`is_video`), one list of frames per sample, in time order.
+        This is what reward functions receive as `images` (docs/rewards.md)."""
         raise NotImplementedError
 
     # ---- LoRA ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ name                     callable                                        needs
 ``ocr``                  :class:`OcrReward`                              ``trl-guard[ocr]`` (offline models)
 ``jpeg_compressibility`` :func:`jpeg_compressibility`                    core
 ``jpeg_incompressibility`` :func:`jpeg_incompressibility`                core
+``video_ocr``            ``video_reward(OcrReward(), frame_stride=4)``   ``trl-guard[ocr]``; videos (Wan)
 ======================== =============================================== ======================================
+
+Video families (Wan) pass one list of frames per sample as ``images``; :func:`video_reward` lifts any image reward
+to such videos by scoring their frames and reducing (mean or min) per video.
 
 A string starting with ``http://`` or ``https://`` becomes a :class:`RemoteReward` for that URL (its module docstring
 specifies the JSON protocol a scoring server implements), and any other string with a dot is imported as
@@ -34,6 +38,7 @@ from .clip import AestheticReward, ClipScoreReward, PickScoreReward
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .external import HPSv2Reward, ImageRewardReward
 from .remote import RemoteReward
+from .video import video_reward
 
 RewardFunc = Callable[..., list]
 
@@ -42,6 +47,11 @@ def _ocr():
     from .ocr import OcrReward
 
     return OcrReward()
+
+
+def _video_ocr():
+    # Flow-GRPO's Wan reward ("video_ocr") reads every 4th frame and averages.
+    return video_reward(_ocr(), reduce="mean", frame_stride=4, name="video_ocr")
 
 
 # name -> a factory of the reward callable, so model rewards are built (not loaded) only when named
@@ -54,6 +64,7 @@ BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
     "ocr": _ocr,
     "jpeg_compressibility": lambda: jpeg_compressibility,
     "jpeg_incompressibility": lambda: jpeg_incompressibility,
+    "video_ocr": _video_ocr,
 }
 
 
@@ -100,4 +111,5 @@ __all__ = [
     "jpeg_incompressibility",
     "resolve_reward_func",
     "reward_func_name",
+    "video_reward",
 ]
