@@ -259,7 +259,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             if rewards is not None:
                 rewards.place(self.accelerator.device, reward_dtype)
 
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metrics: dict[str, list[torch.Tensor | float]] = defaultdict(list)  # reduced in `log`
         self._buffered_batches: list[TrainBatch] | None = None
         self._step: int | None = None
         self._negative_embeds: PromptEmbeddings | None = None
