@@ -68,3 +68,17 @@ def test_sweep_runs_appear_in_the_plot(tmp_path):
     sweep = {"runs": [dict(run("flow_grpo", 0, 2.0), learning_rate=lr) for lr in (1e-3, 3e-3)]}
     text = analyse(study, sweep, plot_dir=str(tmp_path))
     assert "Learning-rate sweep" in text and (tmp_path / "overoptimization.png").exists()
+
+
+def test_shared_seeds_are_compared_in_pairs():
+    from trl_guard.report.overoptimization import difference
+
+    # seed effects far larger than the method effect: only pairing by seed sees the method effect
+    flow = {s: 0.1 * s for s in range(4)}
+    guard = {s: 0.1 * s + 0.01 + 0.001 * (s % 2) for s in range(4)}
+    diff, low, high, paired = difference(guard, flow)
+    assert paired and low > 0.009 and diff == pytest.approx(0.0105)
+    diff, low, high, paired = difference(guard, {s + 10: v for s, v in flow.items()})
+    assert not paired and low < 0 < high
+    study = {"runs": [run("flow_grpo", s, 2.0) for s in range(4)] + [run("grpo_guard", s, 0.5) for s in range(4)]}
+    assert "paired by seed" in analyse(study)

@@ -59,7 +59,7 @@ def by_method(study: dict) -> dict[str, list[dict]]:
     return runs
 
 
-def matched_levels(runs: dict[str, list[dict]], count: int = 4) -> list[float]:
+def matched_levels(runs: dict[str, list[dict]], count: int = 6) -> list[float]:
     """Proxy levels between the base models' proxy and the level every method's median run reaches."""
     base = np.mean([r["evals"][0]["proxy"] for group in runs.values() for r in group])
     reach = min(np.median([max(e["proxy"] for e in r["evals"]) for r in group]) for group in runs.values())
@@ -101,23 +101,31 @@ def analyse(study: dict, sweep: dict | None = None, plot_dir: str | None = None)
     levels = matched_levels(runs)
     lines += ["", "Gold at matched proxy (runs that reached the level / all runs):", ""]
     lines += ["| proxy level | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
-    at_level: dict[float, dict[str, list[float]]] = {}
+    at_level: dict[float, dict[str, dict[int, float]]] = {}  # level -> method -> seed -> gold
     for level in levels:
         at_level[level] = {
-            m: [g for g in (gold_at_proxy(r, level) for r in group) if g is not None] for m, group in runs.items()
+            m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in runs.items()
         }
-        cells = [f"{fmt(bootstrap(at_level[level][m]))} ({len(at_level[level][m])}/{len(runs[m])})" for m in runs]
+        cells = [
+            f"{fmt(bootstrap(list(at_level[level][m].values())))} ({len(at_level[level][m])}/{len(runs[m])})"
+            for m in runs
+        ]
         lines.append(f"| {level:.3f} | " + " | ".join(cells) + " |")
     pairs = [("grpo_guard", "flow_grpo"), ("grpo_guard_kl", "flow_grpo_kl"), ("grpo_guard", "flow_grpo_kl")]
     pairs = [(a, b) for a, b in pairs if a in runs and b in runs]
     if pairs and levels:
-        lines += ["", "Differences in gold at matched proxy (first minus second; 95% bootstrap interval):", ""]
+        lines += [
+            "",
+            "Differences in gold at matched proxy (first minus second; 95% bootstrap interval, paired by seed where "
+            "both methods have the seed):",
+            "",
+        ]
         lines += [
             "| proxy level | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
             "|---" * (len(pairs) + 1) + "|",
         ]
         for level in levels:
-            cells = [fmt(bootstrap_difference(at_level[level][a], at_level[level][b])) for a, b in pairs]
+            cells = [fmt(difference(at_level[level][a], at_level[level][b])[:3]) for a, b in pairs]
             lines.append(f"| {level:.3f} | " + " | ".join(cells) + " |")
     verdict = claim4_verdict(runs, levels, at_level)
     text = "\n".join(["### Verdict on claim 4", "", verdict, "", *lines])
@@ -126,44 +134,68 @@ def analyse(study: dict, sweep: dict | None = None, plot_dir: str | None = None)
     return text
 
 
+def difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, bool]:
+    """Mean gold of `a` minus `b` with its 95% bootstrap interval, and whether it was paired. Seeds shared by both
+    methods start from the same base model draw and are evaluated with the same noise, so their per-seed differences
+    are bootstrapped (paired); with fewer than two shared seeds the methods are resampled independently."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:
+        return (*bootstrap([a[s] - b[s] for s in shared]), True)
+    return (*bootstrap_difference(list(a.values()), list(b.values())), False)
+
+
 def claim4_verdict(
-    runs: dict[str, list[dict]], levels: list[float], at_level: dict[float, dict[str, list[float]]]
+    runs: dict[str, list[dict]], levels: list[float], at_level: dict[float, dict[str, dict[int, float]]]
 ) -> str:
-    """Claim 4 of GRPO-Guard, "at a comparable proxy reward the gold score falls much less than under Flow-GRPO",
-    judged by the difference in gold at matched proxy levels: holds where the whole 95% interval is above 0, fails
-    where it is below 0, undecided where it spans 0."""
+    """Claim 4 of GRPO-Guard, "at a comparable proxy reward the gold score falls much less than under Flow-GRPO".
+
+    One pre-declared test decides, so that testing several levels cannot find a difference by chance: per run, the
+    gold averaged over the matched proxy levels that both methods' runs reached, and GRPO-Guard's mean minus
+    Flow-GRPO's with its 95% bootstrap interval (paired by seed where both methods have the seed). The claim holds if
+    the interval is above 0, fails if it is below 0, and is not shown if it spans 0. The per-level differences follow,
+    as description."""
     if "grpo_guard" not in runs or "flow_grpo" not in runs or not levels:
         return "Not enough runs for a verdict: both flow_grpo and grpo_guard must reach a common proxy level."
-    rows, signs = [], []
-    for level in levels:
-        guard, flow = at_level[level]["grpo_guard"], at_level[level]["flow_grpo"]
-        if len(guard) < 2 or len(flow) < 2:
-            continue
-        diff, low, high = bootstrap_difference(guard, flow)
-        signs.append(1 if low > 0 else -1 if high < 0 else 0)
-        rows.append(f"proxy {level:.3f}: {diff:+.3f} [{low:+.3f}, {high:+.3f}] ({len(guard)} and {len(flow)} runs)")
-    if not rows:
-        return "Not enough runs for a verdict: fewer than two runs of a method reached the matched proxy levels."
-    seeds = f"{len(runs['grpo_guard'])} GRPO-Guard and {len(runs['flow_grpo'])} Flow-GRPO runs"
-    if all(sign > 0 for sign in signs):
-        head = f"Claim 4 holds here: at every matched proxy level GRPO-Guard keeps more gold than Flow-GRPO ({seeds})."
-    elif all(sign < 0 for sign in signs):
-        head = f"Claim 4 fails here: at every matched proxy level GRPO-Guard keeps less gold than Flow-GRPO ({seeds})."
-    elif any(sign > 0 for sign in signs) and not any(sign < 0 for sign in signs):
-        head = f"Claim 4 holds only in part: GRPO-Guard keeps more gold at some matched proxy levels ({seeds})."
-    elif any(sign < 0 for sign in signs) and not any(sign > 0 for sign in signs):
-        head = f"Claim 4 is not supported: GRPO-Guard keeps less gold at some matched proxy levels, and never more ({seeds})."
-    elif not any(signs):
-        head = (
-            f"Claim 4 is not shown here: GRPO-Guard and Flow-GRPO keep the same gold within the intervals ({seeds})."
+    common = [
+        level
+        for level in levels
+        if len(at_level[level]["grpo_guard"]) >= 2
+        and len(at_level[level]["flow_grpo"]) >= 2
+        and set(at_level[level]["grpo_guard"]) | set(at_level[level]["flow_grpo"])
+        == {r["seed"] for m in ("grpo_guard", "flow_grpo") for r in runs[m]}
+    ]
+    if not common:
+        return (
+            "Not enough runs for a verdict: it needs at least two runs per method, and a matched proxy level that "
+            "every run of both methods reached."
         )
-    else:
-        head = f"Mixed: GRPO-Guard keeps more gold at some matched proxy levels and less at others ({seeds})."
-    return (
-        head
-        + " Gold (GRPO-Guard minus Flow-GRPO) at matched proxy, 95% bootstrap interval:\n"
-        + "\n".join(f"- {row}" for row in rows)
+
+    def averaged(method: str) -> dict[int, float]:
+        return {
+            seed: float(np.mean([at_level[level][method][seed] for level in common]))
+            for seed in at_level[common[0]][method]
+        }
+
+    diff, low, high, paired = difference(averaged("grpo_guard"), averaged("flow_grpo"))
+    seeds = f"{len(runs['grpo_guard'])} GRPO-Guard and {len(runs['flow_grpo'])} Flow-GRPO runs"
+    summary = (
+        f"gold averaged over the matched proxy levels {common[0]:.3f}-{common[-1]:.3f}, GRPO-Guard minus Flow-GRPO: "
+        f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] ({'paired by seed' if paired else 'unpaired'}; {seeds})"
     )
+    if low > 0:
+        head = f"Claim 4 holds here: GRPO-Guard keeps more gold than Flow-GRPO at matched proxy; {summary}."
+    elif high < 0:
+        head = f"Claim 4 fails here: GRPO-Guard keeps less gold than Flow-GRPO at matched proxy; {summary}."
+    else:
+        head = (
+            "Claim 4 is not shown here: GRPO-Guard and Flow-GRPO keep the same gold at matched proxy within the "
+            f"interval; {summary}."
+        )
+    rows = []
+    for level in common:
+        d, lo, hi, _ = difference(at_level[level]["grpo_guard"], at_level[level]["flow_grpo"])
+        rows.append(f"- proxy {level:.3f}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    return head + "\nPer matched proxy level (description, not the test):\n" + "\n".join(rows)
 
 
 def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str, sweep: dict | None = None) -> str | None:
