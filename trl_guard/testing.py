@@ -252,3 +252,116 @@ def build_tiny_wan_pipeline(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
     )
+
+
+#: The words of QwenImagePipeline's prompt template (system prompt and chat roles), byte-level with "Ġ" for a leading
+#: space. With one BPE merge chain per word, the template's prefix tokenizes to the 34 tokens the pipeline drops
+#: (`prompt_template_encode_start_idx`), as Qwen's real tokenizer does, so the embeddings start at the user's prompt.
+_QWEN_TEMPLATE_WORDS = (
+    "system Describe Ġthe Ġimage Ġby Ġdetailing Ġcolor Ġshape Ġsize Ġtexture Ġquantity Ġtext Ġspatial Ġrelationships "
+    "Ġof Ġobjects Ġand Ġbackground user assistant"
+).split()
+
+
+def tiny_qwen2_tokenizer():
+    """A Qwen2 (byte-level BPE) tokenizer with no files: the 256 byte symbols, merges that spell the words of Qwen-Image's
+    prompt template, and the chat special tokens. Other words fall back to single bytes and partial merges."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: i for i, symbol in enumerate(_byte_level_symbols())}
+    merges: list[tuple[str, str]] = []
+    for word in _QWEN_TEMPLATE_WORDS:
+        piece = word[0]
+        for char in word[1:]:
+            if (piece, char) not in merges:
+                merges.append((piece, char))
+            piece += char
+            vocab.setdefault(piece, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=2048)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def build_tiny_qwenimage_pipeline(seed: int = 0):
+    """A Qwen-Image pipeline of ~25k transformer parameters (4-channel VAE latents at H/4, packed 2x2) for 16-64 px.
+
+    The text encoder is a real `Qwen2_5_VLForConditionalGeneration` (2 text layers of width 32, a 1-block vision tower
+    the pipeline never calls) over `tiny_qwen2_tokenizer`; the VAE keeps Qwen-Image's causal 3-D design and per-channel
+    latent statistics (made-up values, so decoding exercises the normalisation); the scheduler has the shift settings
+    of Qwen-Image's own (exponential dynamic shift, stretched to a last non-zero sigma of 0.02).
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(2, 2, 4),
+    )
+    tokenizer = tiny_qwen2_tokenizer()
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        # Multimodal RoPE splits each head's 8 frequency pairs over (time, height, width).
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e6},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # Qwen's own ids for these (<|endoftext|>, <|im_end|>) lie beyond this vocabulary.
+    special_ids = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    vision_config = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=16,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=2,
+        temporal_patch_size=1,
+        spatial_merge_size=1,
+        fullatt_block_indexes=[0],
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config={**text_config, **special_ids}, vision_config=vision_config, **special_ids)
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],  # two spatial downsamplings: vae_scale_factor 4
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 1.0],
+    )
+    for module in (transformer, text_encoder, vae):
+        module.eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )

@@ -1,0 +1,149 @@
+"""Qwen-Image: a 60-layer MMDiT over packed 2x2 latent patches, Qwen2.5-VL text conditioning with a padding mask,
+true CFG with a norm-rescaled combination, a causal 3-D VAE with per-channel latent statistics.
+
+What differs from FLUX (flux.py), and why the adapter does each thing:
+- the text conditioning is the Qwen2.5-VL hidden states of the user's prompt (the pipeline's chat template drops
+  its system prefix), one row per token and a different length per prompt. `encode_prompts` pads every prompt to
+  `max_sequence_length` with a zero attention mask, so that any two embeddings concatenate (the prompt cache, the
+  negative prompt next to the batch in CFG). Padding is exact, not an approximation: masked tokens are never
+  attended to and the text RoPE positions of the real tokens do not move. `forward` trims the columns no row uses,
+  so the padding costs no attention;
+- CFG is `QwenImagePipeline`'s: `true_cfg_scale` with a negative prompt, and the guided velocity rescaled, token by
+  token, to the norm of the conditional one (`predict_velocity` below). There is no guidance embedding, so
+  `guidance_scale` is unused;
+- the transformer takes `timestep = sigma` and the latent grid of each image (`img_shapes`) for its RoPE;
+- the VAE decodes 5-D `(B, C, 1, H, W)` latents normalised per channel (`latents_mean`, `latents_std`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+from PIL import Image
+
+from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings
+
+#: The attention projections of both streams and both streams' MLPs: the layers Flow-GRPO's Qwen-Image script
+#: (scripts/train_qwenimage.py) adapts with LoRA.
+QWEN_IMAGE_LORA_TARGETS = [
+    *ATTENTION_PROJECTIONS,
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+]
+
+
+class QwenImageAdapter(PipelineAdapter):
+    pipeline_classes = ("QwenImagePipeline",)
+    default_lora_target_modules = QWEN_IMAGE_LORA_TARGETS
+
+    @property
+    def cfg_scale(self) -> float:
+        return self.settings.true_cfg_scale
+
+    @property
+    def _latent_hw(self) -> tuple[int, int]:
+        """Unpacked latent height and width: the VAE's factor, rounded down to even for 2x2 packing."""
+        factor = self.pipeline.vae_scale_factor * 2
+        return 2 * (self.settings.height // factor), 2 * (self.settings.width // factor)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        multiple = self.pipeline.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple != 0:
+                raise ValueError(
+                    f"{name}={value} does not fit Qwen-Image: it takes multiples of {multiple} pixels (VAE factor "
+                    f"{self.pipeline.vae_scale_factor} x 2 for latent packing). Set {name} to, for example, "
+                    f"{max(multiple, value // multiple * multiple)}."
+                )
+
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self._latent_hw
+        return ((h // 2) * (w // 2), self.denoiser.config.in_channels)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        length = self.settings.max_sequence_length
+        prompt_embeds, mask = self.pipeline.encode_prompt(
+            prompt=prompts, device=self.device, max_sequence_length=length
+        )
+        batch, tokens, _ = prompt_embeds.shape
+        if mask is None:  # the pipeline drops the mask when no prompt of the batch is padded
+            mask = torch.ones(batch, tokens, dtype=torch.long, device=prompt_embeds.device)
+        padding = length - tokens
+        return PromptEmbeddings(
+            {
+                "encoder_hidden_states": torch.nn.functional.pad(prompt_embeds, (0, 0, 0, padding)),
+                "encoder_hidden_states_mask": torch.nn.functional.pad(mask, (0, padding)),
+            }
+        )
+
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        scheduler = self.pipeline.scheduler
+        mu = calculate_shift(
+            self.latent_shape()[0],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
+        return scheduler.sigmas.detach().clone().float()
+
+    def forward(self, denoiser, latents, sigma, conditioning):
+        dtype = denoiser.dtype
+        text_mask = conditioning.tensors["encoder_hidden_states_mask"]
+        # Drop the padding columns that no row of this batch uses: the output is the same, the attention shorter.
+        used_columns = text_mask.any(dim=0).nonzero()
+        used = int(used_columns[-1]) + 1 if len(used_columns) else text_mask.shape[1]
+        h, w = self._latent_hw
+        # QwenImagePipeline hands the transformer t / 1000 with t = sigma * num_train_timesteps.
+        timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps / 1000
+        return denoiser(
+            hidden_states=latents.to(dtype),
+            timestep=timestep.to(dtype),
+            encoder_hidden_states=conditioning.tensors["encoder_hidden_states"][:, :used].to(dtype),
+            encoder_hidden_states_mask=text_mask[:, :used],
+            img_shapes=[[(1, h // 2, w // 2)]] * len(latents),
+            return_dict=False,
+        )[0]
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: PromptEmbeddings,
+        negative_embeds: PromptEmbeddings | None,
+    ) -> torch.Tensor:
+        """The base class's batched CFG, with QwenImagePipeline's combination: after `uncond + s (cond - uncond)`, each
+        token's velocity is rescaled to the norm of the conditional one. The base class's plain combination would make
+        the adapter sample a different model than `pipe(...)` as soon as `true_cfg_scale > 1`."""
+        if negative_embeds is None or not self.uses_cfg:
+            return super().predict_velocity(latents, sigma, prompt_embeds, None)
+        conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
+        velocity = self.forward(
+            self.active_denoiser, torch.cat([latents, latents]), torch.cat([sigma, sigma]), conditioning
+        )
+        uncond, cond = velocity.chunk(2)
+        guided = uncond + self.cfg_scale * (cond - uncond)
+        return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+
+    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed tokens (B, (H/2)(W/2), 4C) to the VAE's (B, C, 1, H, W): one frame of a causal video VAE."""
+        h, w = self._latent_hw
+        batch, _, channels = latents.shape
+        latents = latents.view(batch, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(batch, channels // 4, 1, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        latents = self._unpack(latents).to(vae.dtype)
+        stats = dict(device=latents.device, dtype=latents.dtype)
+        mean = torch.tensor(vae.config.latents_mean, **stats).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, **stats).view(1, -1, 1, 1, 1)
+        images = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+        return self.pipeline.image_processor.postprocess(images, output_type="pil")
