@@ -15,3 +15,8 @@ def step_recording_blueness(prompts, images, trainer_state=None, **kwargs):
     if os.environ.get("KILL_AT_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     return blueness(prompts, images)
+
+
+def video_blueness(prompts, images, **kwargs):
+    """`blueness` of each video's frames, averaged (for video families, each entry of `images` is a list of frames)."""
+    return [sum(blueness([p] * len(frames), frames)) / len(frames) for p, frames in zip(prompts, images)]

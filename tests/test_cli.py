@@ -210,3 +210,34 @@ def test_help_lists_the_reward_forms():
     reward_help = next(a.help for a in parser._actions if a.dest == "reward_funcs")
     assert all(f"`{name}`" in reward_help for name in BUILTIN_REWARDS)
     assert "http://" in reward_help and "dotted import path" in reward_help and "--reward_funcs" in text
+
+
+@pytest.mark.parametrize(
+    ("builder", "family_flags", "reward"),
+    [
+        ("build_tiny_qwenimage_pipeline", ["--true_cfg_scale", "1.0"], "jpeg_compressibility"),
+        (
+            "build_tiny_wan_pipeline",
+            ["--num_frames", "5", "--max_sequence_length", "16"],
+            "cli_rewards.video_blueness",
+        ),
+    ],
+)
+def test_more_families_train_from_the_command_line(builder, family_flags, reward, tmp_path):
+    """Only the model folder and the family's own fields change: the recipe, the script and the trainer are shared."""
+    import trl_guard.testing
+
+    model_dir = tmp_path / "model"
+    getattr(trl_guard.testing, builder)(seed=0).save_pretrained(model_dir)
+    train, _ = prompt_files(tmp_path)
+    recipe = write_recipe(tmp_path, str(model_dir), train)
+    recipe.write_text(
+        recipe.read_text().replace('model_init_kwargs: {"text_encoder_3": null, "tokenizer_3": null}\n', "")
+    )
+    trainer = grpo_main(["--config", str(recipe), "--max_steps", "1", "--reward_funcs", reward, *family_flags])
+    assert trainer.state.global_step == 1 and type(trainer.pipeline).__name__ in (
+        "QwenImagePipeline",
+        "WanPipeline",
+    )
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert any("lora_A" in key for key in lora)
