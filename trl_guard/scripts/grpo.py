@@ -35,7 +35,8 @@ class GuardScriptArguments(ScriptArguments):
             per line, `.json`, `.jsonl`, `.csv`, `.parquet` with a `prompt` column).
         reward_funcs (`list[str]`):
             The rewards trained on, summed with `reward_weights`. Each is a built-in name (`pickscore`, `clip_score`,
-            `aesthetic`, `ocr`, `image_reward`, `hpsv2`, `jpeg_compressibility`, `jpeg_incompressibility`), the URL
+            `aesthetic`, `ocr`, `video_ocr`, `image_reward`, `hpsv2`, `jpeg_compressibility`,
+            `jpeg_incompressibility`), the URL
             of a remote scorer (`http://host:port/score`), or a dotted import path of a function
             (`my_package.rewards.my_reward`).
         eval_dataset_name (`str`, *optional*):
