@@ -82,3 +82,11 @@ def test_shared_seeds_are_compared_in_pairs():
     assert not paired and low < 0 < high
     study = {"runs": [run("flow_grpo", s, 2.0) for s in range(4)] + [run("grpo_guard", s, 0.5) for s in range(4)]}
     assert "paired by seed" in analyse(study)
+
+
+def test_t_interval_matches_the_textbook():
+    from trl_guard.report.overoptimization import t_interval
+
+    mean, low, high = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
+    assert mean == 2.0 and high - mean == pytest.approx(4.303 / np.sqrt(3))
+    assert np.isnan(t_interval([1.0])[1])

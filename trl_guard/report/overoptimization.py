@@ -134,6 +134,26 @@ def analyse(study: dict, sweep: dict | None = None, plot_dir: str | None = None)
     return text
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables); 1.96 beyond 30.
+_T975 = dict(
+    enumerate(
+        [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042],
+        start=1,
+    )
+)  # fmt: skip
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its 95% Student-t interval. With the handful of seeds a study affords, the
+    percentile bootstrap is too narrow (with 2 seeds it has 3 possible values); the t interval is the honest one."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return (float(values.mean()) if len(values) else np.nan, np.nan, np.nan)
+    half = _T975.get(len(values) - 1, 1.96) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(values.mean() - half), float(values.mean() + half)
+
+
 def difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, bool]:
     """Mean gold of `a` minus `b` with its 95% bootstrap interval, and whether it was paired. Seeds shared by both
     methods start from the same base model draw and are evaluated with the same noise, so their per-seed differences
@@ -151,8 +171,9 @@ def claim4_verdict(
 
     One pre-declared test decides, so that testing several levels cannot find a difference by chance: per run, the
     gold averaged over the matched proxy levels that both methods' runs reached, and GRPO-Guard's mean minus
-    Flow-GRPO's with its 95% bootstrap interval (paired by seed where both methods have the seed). The claim holds if
-    the interval is above 0, fails if it is below 0, and is not shown if it spans 0. The per-level differences follow,
+    Flow-GRPO's with its 95% bootstrap interval (paired by seed where both methods have the seed; paired differences
+    also get a Student-t interval, and the verdict uses the wider of the two). The claim holds if the interval is
+    above 0, fails if it is below 0, and is not shown if it spans 0. The per-level differences follow,
     as description."""
     if "grpo_guard" not in runs or "flow_grpo" not in runs or not levels:
         return "Not enough runs for a verdict: both flow_grpo and grpo_guard must reach a common proxy level."
@@ -176,12 +197,21 @@ def claim4_verdict(
             for seed in at_level[common[0]][method]
         }
 
-    diff, low, high, paired = difference(averaged("grpo_guard"), averaged("flow_grpo"))
+    guard, flow = averaged("grpo_guard"), averaged("flow_grpo")
+    diff, low, high, paired = difference(guard, flow)
     seeds = f"{len(runs['grpo_guard'])} GRPO-Guard and {len(runs['flow_grpo'])} Flow-GRPO runs"
     summary = (
         f"gold averaged over the matched proxy levels {common[0]:.3f}-{common[-1]:.3f}, GRPO-Guard minus Flow-GRPO: "
-        f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] ({'paired by seed' if paired else 'unpaired'}; {seeds})"
+        f"{diff:+.3f}, 95% bootstrap interval [{low:+.3f}, {high:+.3f}]"
     )
+    if paired:
+        shared = sorted(set(guard) & set(flow))
+        _, t_low, t_high = t_interval([guard[s] - flow[s] for s in shared])
+        summary += f", Student-t interval [{t_low:+.3f}, {t_high:+.3f}] (paired by seed; {seeds})"
+        # the verdict needs both intervals to agree: with few seeds the bootstrap alone is too narrow
+        low, high = min(low, t_low), max(high, t_high)
+    else:
+        summary += f" (unpaired; {seeds})"
     if low > 0:
         head = f"Claim 4 holds here: GRPO-Guard keeps more gold than Flow-GRPO at matched proxy; {summary}."
     elif high < 0:
