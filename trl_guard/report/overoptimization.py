@@ -127,7 +127,16 @@ def analyse(study: dict, sweep: dict | None = None, plot_dir: str | None = None)
         for level in levels:
             cells = [fmt(difference(at_level[level][a], at_level[level][b])[:3]) for a, b in pairs]
             lines.append(f"| {level:.3f} | " + " | ".join(cells) + " |")
-    verdict = claim4_verdict(runs, levels, at_level)
+    # The verdict compares the two methods of the claim on the levels both reach, whatever other methods the file holds.
+    pair = {m: runs[m] for m in ("grpo_guard", "flow_grpo") if m in runs}
+    pair_levels = matched_levels(pair)
+    pair_at_level = {
+        level: {
+            m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in pair.items()
+        }
+        for level in pair_levels
+    }
+    verdict = claim4_verdict(pair, pair_levels, pair_at_level)
     text = "\n".join(["### Verdict on claim 4", "", verdict, "", *lines])
     if plot_dir is not None:
         plot(runs, levels, plot_dir, sweep=sweep)
