@@ -255,3 +255,30 @@ class PipelineAdapter:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"LoRA file in {folder} has keys this model does not: {unexpected[:5]}")
+
+
+class PackedLatentsMixin:
+    """For families whose transformer takes 2x2-packed latent tokens (FLUX, Qwen-Image): the resolution check and
+    the packed latent shape, `(H/16 * W/16, channels)` for a VAE factor of 8."""
+
+    family_name = "this model"
+
+    @property
+    def _latent_hw(self) -> tuple[int, int]:
+        """Unpacked latent height and width: the VAE's factor, rounded down to even for 2x2 packing."""
+        factor = self.pipeline.vae_scale_factor * 2
+        return 2 * (self.settings.height // factor), 2 * (self.settings.width // factor)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        multiple = self.pipeline.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple != 0:
+                raise ValueError(
+                    f"{name}={value} does not fit {self.family_name}: it takes multiples of {multiple} pixels (VAE "
+                    f"factor {self.pipeline.vae_scale_factor} x 2 for latent packing). Set {name} to, for example, "
+                    f"{max(multiple, value // multiple * multiple)}."
+                )
+
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self._latent_hw
+        return ((h // 2) * (w // 2), self.denoiser.config.in_channels)

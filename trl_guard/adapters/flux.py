@@ -15,36 +15,17 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings
+from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings
 
 
-class FluxAdapter(PipelineAdapter):
+class FluxAdapter(PackedLatentsMixin, PipelineAdapter):
+    family_name = "FLUX"
     pipeline_classes = ("FluxPipeline",)
     default_lora_target_modules = ATTENTION_PROJECTIONS  # matches both the double- and single-stream blocks
 
     @property
     def cfg_scale(self) -> float:
         return self.settings.true_cfg_scale  # guidance_scale feeds the guidance embedding instead
-
-    @property
-    def _latent_hw(self) -> tuple[int, int]:
-        """Unpacked latent height and width: the VAE's factor, rounded down to even for 2x2 packing."""
-        factor = self.pipeline.vae_scale_factor * 2
-        return 2 * (self.settings.height // factor), 2 * (self.settings.width // factor)
-
-    def check_resolution(self, height: int, width: int) -> None:
-        multiple = self.pipeline.vae_scale_factor * 2
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple != 0:
-                raise ValueError(
-                    f"{name}={value} does not fit FLUX: it takes multiples of {multiple} pixels (VAE factor "
-                    f"{self.pipeline.vae_scale_factor} x 2 for latent packing). Set {name} to, for example, "
-                    f"{max(multiple, value // multiple * multiple)}."
-                )
-
-    def latent_shape(self) -> tuple[int, ...]:
-        h, w = self._latent_hw
-        return ((h // 2) * (w // 2), self.denoiser.config.in_channels)
 
     def _image_ids(self) -> torch.Tensor:
         h, w = self._latent_hw

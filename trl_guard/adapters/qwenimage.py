@@ -22,7 +22,7 @@ import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings
+from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings
 
 #: The attention projections of both streams and both streams' MLPs: the layers Flow-GRPO's Qwen-Image script
 #: (scripts/train_qwenimage.py) adapts with LoRA.
@@ -35,33 +35,14 @@ QWEN_IMAGE_LORA_TARGETS = [
 ]
 
 
-class QwenImageAdapter(PipelineAdapter):
+class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
+    family_name = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
     default_lora_target_modules = QWEN_IMAGE_LORA_TARGETS
 
     @property
     def cfg_scale(self) -> float:
         return self.settings.true_cfg_scale
-
-    @property
-    def _latent_hw(self) -> tuple[int, int]:
-        """Unpacked latent height and width: the VAE's factor, rounded down to even for 2x2 packing."""
-        factor = self.pipeline.vae_scale_factor * 2
-        return 2 * (self.settings.height // factor), 2 * (self.settings.width // factor)
-
-    def check_resolution(self, height: int, width: int) -> None:
-        multiple = self.pipeline.vae_scale_factor * 2
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple != 0:
-                raise ValueError(
-                    f"{name}={value} does not fit Qwen-Image: it takes multiples of {multiple} pixels (VAE factor "
-                    f"{self.pipeline.vae_scale_factor} x 2 for latent packing). Set {name} to, for example, "
-                    f"{max(multiple, value // multiple * multiple)}."
-                )
-
-    def latent_shape(self) -> tuple[int, ...]:
-        h, w = self._latent_hw
-        return ((h // 2) * (w // 2), self.denoiser.config.in_channels)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
