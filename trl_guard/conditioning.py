@@ -1,12 +1,16 @@
-"""Text conditioning for the trainer: each distinct prompt encoded once per round, or once per run when the
-dataset's prompts are precomputed; frozen modules optionally kept on the CPU between uses."""
+"""Conditioning for the trainer: each distinct prompt encoded once per round, or once per run when the dataset's
+prompts are precomputed; each distinct source image (editing families) encoded once per round; frozen modules
+optionally kept on the CPU between uses."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import hashlib
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any
 
 import torch
+from PIL import Image
 
 from .adapters import PipelineAdapter, PromptEmbeddings
 
@@ -24,6 +28,13 @@ def on_device(modules: Iterable[torch.nn.Module], device: torch.device, offload:
         if offload:
             for module in modules:
                 module.to("cpu")
+
+
+def content_key(value: Any) -> Hashable:
+    """A key equal for equal values: the pixels' digest for images (a dataset decodes a new object per row)."""
+    if isinstance(value, Image.Image):
+        return (value.mode, value.size, hashlib.blake2b(value.tobytes(), digest_size=16).digest())
+    return value if isinstance(value, Hashable) else repr(value)
 
 
 class PromptEncoder:
@@ -59,3 +70,24 @@ class PromptEncoder:
         keys = self.cache[unique[0]].keys()
         tensors = {k: torch.cat([self.cache[p][k] for p in unique]).to(self.device) for k in keys}
         return PromptEmbeddings(tensors), index
+
+    def rows(self, prompts: list[str], columns: dict[str, list]) -> PromptEmbeddings:
+        """The conditioning of each row: its prompt's embeddings and, for families conditioned on more than text
+        (`adapter.condition_columns`, an editing model's source image), the adapter's encoding of those columns.
+        Each distinct prompt and each distinct condition is encoded once."""
+        unique, index = self(prompts)
+        tensors = dict(unique.index(index).tensors)
+        names = self.adapter.condition_columns
+        if names:
+            keys = [tuple(content_key(columns[name][i]) for name in names) for i in range(len(prompts))]
+            first_row: dict[Hashable, int] = {}
+            for i, key in enumerate(keys):
+                first_row.setdefault(key, i)
+            slot = {key: n for n, key in enumerate(first_row)}
+            encoders = self.adapter.text_encoders
+            others = [m for m in self.adapter.frozen_modules if all(m is not e for e in encoders)]
+            with on_device(others, self.device, self.offload):
+                distinct = {name: [columns[name][i] for i in first_row.values()] for name in names}
+                conditions = self.adapter.encode_conditions(distinct)
+            tensors.update(conditions.index(torch.tensor([slot[k] for k in keys], device=self.device)).tensors)
+        return PromptEmbeddings(tensors)

@@ -155,6 +155,14 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     )
 
 
+def build_tiny_flux_kontext_pipeline(seed: int = 0):
+    """The tiny FLUX pipeline's components in a `FluxKontextPipeline` (image editing): the same transformer takes the
+    source image's tokens after the latents'."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**build_tiny_flux_pipeline(seed).components)
+
+
 # Sizes of the CLIP towers the built-in rewards use, as (hidden, layers, heads, MLP width) for text and vision; the
 # real ones see 224 px images in 14 px patches. "tiny" is for tests.
 CLIP_SIZES = {

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset, IterableDataset
+from PIL import Image
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler, identity
@@ -95,6 +96,25 @@ def _check_prompt_dataset(dataset: Any, name: str) -> None:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{name}['prompt'][{i}] is {prompt!r}: every prompt must be a non-empty string.")
+
+
+def _check_condition_columns(dataset: Dataset | None, name: str, adapter: PipelineAdapter) -> None:
+    """Families conditioned on more than text (an editing model's source image) need those columns in every dataset,
+    as PIL images."""
+    if dataset is None or not adapter.condition_columns:
+        return
+    family = type(adapter.pipeline).__name__
+    for column in adapter.condition_columns:
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{family} is conditioned on a {column!r} column besides 'prompt', and {name} has none (columns: "
+                f"{dataset.column_names}). Add the source images as a {column!r} column of PIL images."
+            )
+        if not isinstance(dataset[0][column], Image.Image):
+            raise ValueError(
+                f"{name}[0][{column!r}] is a {type(dataset[0][column]).__name__}, but {family} needs a PIL image "
+                f"there. Cast a column of file paths with `{name}.cast_column({column!r}, datasets.Image())`."
+            )
 
 
 def _check_model_path(model: str) -> None:
@@ -212,6 +232,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         pipeline = _load_pipeline(model, args)
         self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
+        _check_condition_columns(train_dataset, "train_dataset", self.adapter)
+        _check_condition_columns(eval_dataset, "eval_dataset", self.adapter)
         self.adapter.configure(
             SamplingSettings(
                 height=args.height,
@@ -354,7 +376,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         offset = self.accelerator.process_index * local_size
         global_indices = list(range(offset, offset + local_size))
 
-        unique_embeds, prompt_index = self.prompt_encoder(prompts)  # once per distinct prompt
+        row_embeds = self.prompt_encoder.rows(prompts, columns)  # once per distinct prompt (and source image)
         negative_embeds = self._negative_embeddings()
 
         sigmas = adapter.sigmas(args.num_inference_steps)
@@ -371,7 +393,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.adapter.denoiser.eval()
         for start in range(0, local_size, batch_size):
             chunk = slice(start, start + batch_size)
-            prompt_embeds = unique_embeds.index(prompt_index[chunk])
+            prompt_embeds = row_embeds.index(chunk)
             rollout = sample_sde(
                 adapter,
                 prompt_embeds,
@@ -595,6 +617,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         _check_prompt_dataset(dataset, "eval_dataset")
+        dataset = Dataset.from_list(dataset) if isinstance(dataset, list) else dataset
+        _check_condition_columns(dataset, "eval_dataset", self.adapter)
         with self._ema_weights():  # callbacks see the weights that were evaluated
             metrics = self._evaluate_dataset(dataset, metric_key_prefix)
             self.log(metrics)
@@ -617,10 +641,10 @@ class GuardGRPODiffusionTrainer(Trainer):
             rows = dataset.select(chunk)
             prompts = list(rows["prompt"])
             columns = {key: list(rows[key]) for key in rows.column_names if key != "prompt"}
-            prompt_embeds, prompt_index = self.prompt_encoder(prompts)
+            prompt_embeds = self.prompt_encoder.rows(prompts, columns)
             latents = sample_ode(
                 adapter,
-                prompt_embeds.index(prompt_index),
+                prompt_embeds,
                 self._negative_embeddings(),
                 self._initial_latents(chunk, _EVAL_NOISE, 0),
                 sigmas,
@@ -630,7 +654,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             scores = [rewards(prompts, images, columns, trainer_state=self.state) for rewards in reward_sets]
             rows_scores.extend(torch.cat(scores, dim=1).tolist())
             if args.eval_kl:
-                rows_kl.extend(self._kl_to_reference(prompt_embeds.index(prompt_index), chunk).tolist())
+                rows_kl.extend(self._kl_to_reference(prompt_embeds, chunk).tolist())
         if self.accelerator.num_processes > 1:
             rows_scores, rows_kl = gather_object(rows_scores), gather_object(rows_kl)
         scores = torch.tensor(rows_scores, dtype=torch.float32).view(-1, sum(len(r) for r in reward_sets))

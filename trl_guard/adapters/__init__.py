@@ -16,6 +16,7 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 from .flux import FluxAdapter  # noqa: E402
+from .flux_kontext import FluxKontextAdapter  # noqa: E402
 from .qwenimage import QwenImageAdapter  # noqa: E402
 from .sd3 import SD3Adapter  # noqa: E402
 from .wan import WanAdapter  # noqa: E402
@@ -34,6 +35,7 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
 __all__ = [
     "ADAPTERS",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "PipelineAdapter",
     "PromptEmbeddings",
     "QwenImageAdapter",

@@ -88,6 +88,9 @@ class PipelineAdapter:
     lora_weight_name: ClassVar[str] = "pytorch_lora_weights.safetensors"
     #: Whether `decode` returns videos (one list of frames per sample) rather than images.
     is_video: ClassVar[bool] = False
+    #: Dataset columns the family is conditioned on besides the prompt, such as an editing model's source image
+    #: (`("image",)`). The trainer requires them in its datasets and passes them to `encode_conditions`.
+    condition_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
@@ -161,6 +164,11 @@ class PipelineAdapter:
         """Text conditioning for `prompts`, computed without gradients."""
         raise NotImplementedError
 
+    def encode_conditions(self, columns: dict[str, list]) -> PromptEmbeddings:
+        """Conditioning other than text for each row, from the `condition_columns` of the dataset (one list per
+        column, one entry per row), computed without gradients. Its tensors join the prompt's in `forward`."""
+        raise NotImplementedError(f"{type(self).__name__} is conditioned on text only.")
+
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latents as the denoiser takes them (packed, for families that pack)."""
         raise NotImplementedError
@@ -186,7 +194,10 @@ class PipelineAdapter:
         use_cfg = negative_embeds is not None and self.uses_cfg
         conditioning = prompt_embeds
         if use_cfg:
-            conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
+            # Only the text is negated: conditioning the negative prompt lacks (a source image) is the sample's own.
+            negative = negative_embeds.expand(len(latents)).tensors
+            negative = {k: negative.get(k, v) for k, v in prompt_embeds.tensors.items()}
+            conditioning = PromptEmbeddings.cat([PromptEmbeddings(negative), prompt_embeds])
             latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
         velocity = self.forward(self.active_denoiser, latents, sigma, conditioning)
         if use_cfg:
@@ -282,3 +293,17 @@ class PackedLatentsMixin:
     def latent_shape(self) -> tuple[int, ...]:
         h, w = self._latent_hw
         return ((h // 2) * (w // 2), self.denoiser.config.in_channels)
+
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, C, h, w) to tokens (B, (h/2)(w/2), 4C), each token one 2x2 patch, row-major."""
+        batch, channels, h, w = latents.shape
+        latents = latents.view(batch, channels, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return latents.reshape(batch, (h // 2) * (w // 2), channels * 4)
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `pack` at the configured resolution: tokens (B, (h/2)(w/2), 4C) to (B, C, h, w)."""
+        h, w = self._latent_hw
+        batch, _, channels = latents.shape
+        latents = latents.view(batch, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(batch, channels // 4, h, w)

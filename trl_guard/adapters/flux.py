@@ -56,30 +56,28 @@ class FluxAdapter(PackedLatentsMixin, PipelineAdapter):
         return scheduler.sigmas.detach().clone().float()
 
     def forward(self, denoiser, latents, sigma, conditioning):
+        return self._call_transformer(denoiser, latents, self._image_ids(), sigma, conditioning.tensors)
+
+    def _call_transformer(self, denoiser, tokens, image_ids, sigma, text):
+        """The transformer on image `tokens` at positions `image_ids`, with the text conditioning `text`."""
         dtype = denoiser.dtype
         guidance = None
         if denoiser.config.guidance_embeds:
             guidance = torch.full_like(sigma, self.settings.guidance_scale, dtype=torch.float32)
-        text_ids = torch.zeros(conditioning.tensors["encoder_hidden_states"].shape[1], 3, device=latents.device)
+        text_ids = torch.zeros(text["encoder_hidden_states"].shape[1], 3, device=tokens.device)
         return denoiser(
-            hidden_states=latents.to(dtype),
+            hidden_states=tokens.to(dtype),
             timestep=sigma.to(dtype),
             guidance=guidance,
             txt_ids=text_ids,
-            img_ids=self._image_ids(),
-            **{k: v.to(dtype) for k, v in conditioning.tensors.items()},
+            img_ids=image_ids,
+            **{k: v.to(dtype) for k, v in text.items()},
             return_dict=False,
         )[0]
-
-    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
-        h, w = self._latent_hw
-        batch, _, channels = latents.shape
-        latents = latents.view(batch, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return latents.reshape(batch, channels // 4, h, w)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipeline.vae
-        latents = self._unpack(latents).to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        latents = self.unpack(latents).to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents, return_dict=False)[0]
         return self.pipeline.image_processor.postprocess(images, output_type="pil")

@@ -112,17 +112,10 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
         guided = uncond + self.cfg_scale * (cond - uncond)
         return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
-    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
-        """Packed tokens (B, (H/2)(W/2), 4C) to the VAE's (B, C, 1, H, W): one frame of a causal video VAE."""
-        h, w = self._latent_hw
-        batch, _, channels = latents.shape
-        latents = latents.view(batch, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return latents.reshape(batch, channels // 4, 1, h, w)
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipeline.vae
-        latents = self._unpack(latents).to(vae.dtype)
+        latents = self.unpack(latents).unsqueeze(2).to(vae.dtype)  # one frame of a causal video VAE
         stats = dict(device=latents.device, dtype=latents.dtype)
         mean = torch.tensor(vae.config.latents_mean, **stats).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, **stats).view(1, -1, 1, 1, 1)

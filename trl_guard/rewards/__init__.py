@@ -18,10 +18,14 @@ name                     callable                                        needs
 ``jpeg_compressibility`` :func:`jpeg_compressibility`                    core
 ``jpeg_incompressibility`` :func:`jpeg_incompressibility`                core
 ``video_ocr``            ``video_reward(OcrReward(), frame_stride=4)``   ``trl-guard[ocr]``; videos (Wan)
+``image_similarity``     :class:`ImageSimilarityReward`                  core (downloads a CLIP); editing
 ======================== =============================================== ======================================
 
 Video families (Wan) pass one list of frames per sample as ``images``; :func:`video_reward` lifts any image reward
 to such videos by scoring their frames and reducing (mean or min) per video.
+
+Editing families (FLUX.1 Kontext) read each row's source image from the dataset's ``image`` column, so reward
+functions receive it as the ``image`` keyword argument, one per sample, next to the edited ``images``.
 
 A string starting with ``http://`` or ``https://`` becomes a :class:`RemoteReward` for that URL (its module docstring
 specifies the JSON protocol a scoring server implements), and any other string with a dot is imported as
@@ -34,7 +38,7 @@ import importlib
 from collections.abc import Callable
 
 from .base import ModelReward
-from .clip import AestheticReward, ClipScoreReward, PickScoreReward
+from .clip import AestheticReward, ClipScoreReward, ImageSimilarityReward, PickScoreReward
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .external import HPSv2Reward, ImageRewardReward
 from .remote import RemoteReward
@@ -65,6 +69,7 @@ BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
     "jpeg_compressibility": lambda: jpeg_compressibility,
     "jpeg_incompressibility": lambda: jpeg_incompressibility,
     "video_ocr": _video_ocr,
+    "image_similarity": ImageSimilarityReward,
 }
 
 
@@ -104,6 +109,7 @@ __all__ = [
     "ClipScoreReward",
     "HPSv2Reward",
     "ImageRewardReward",
+    "ImageSimilarityReward",
     "ModelReward",
     "PickScoreReward",
     "RemoteReward",

@@ -53,14 +53,19 @@ class ModelReward:
     def _move(self) -> None:
         """Move loaded modules to `self.device` / `self.dtype`."""
 
-    def _score(self, prompts: list[str], images: list) -> list[float | None]:
+    def _score(self, prompts: list[str], images: list, **columns: list) -> list[float | None]:
         raise NotImplementedError
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], images: list, **kwargs) -> list[float | None]:
         self._ensure_loaded()
+        columns = {k: v for k, v in kwargs.items() if isinstance(v, (list, tuple)) and len(v) == len(images)}
         scores: list[float | None] = []
         for start in range(0, len(images), self.batch_size):
-            end = start + self.batch_size
-            scores.extend(self._score(list(prompts[start:end]), list(images[start:end])))
+            batch = slice(start, start + self.batch_size)
+            scores.extend(
+                self._score(
+                    list(prompts[batch]), list(images[batch]), **{k: list(v[batch]) for k, v in columns.items()}
+                )
+            )
         return scores

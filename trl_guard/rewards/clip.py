@@ -94,7 +94,7 @@ class PickScoreReward(ClipEmbeddingReward):
             model_name_or_path or PICKSCORE_MODEL, processor_name_or_path or PICKSCORE_PROCESSOR, **kwargs
         )
 
-    def _score(self, prompts, images):
+    def _score(self, prompts, images, **columns):
         return (self.model.logit_scale.exp().float() * self.cosine(prompts, images)).tolist()
 
 
@@ -115,8 +115,41 @@ class ClipScoreReward(ClipEmbeddingReward):
     def __init__(self, model_name_or_path: str | None = None, processor_name_or_path: str | None = None, **kwargs):
         super().__init__(model_name_or_path or CLIP_MODEL, processor_name_or_path, **kwargs)
 
-    def _score(self, prompts, images):
+    def _score(self, prompts, images, **columns):
         return (100 * self.cosine(prompts, images)).clamp(min=0).tolist()
+
+
+class ImageSimilarityReward(ClipEmbeddingReward):
+    """CLIP image similarity of each generated image to the row's source image: `cos(image, source)`, in [-1, 1].
+
+    For editing models, it rewards edits that keep the rest of the picture, as Flow-GRPO's counting-edit task does
+    (weight 0.5, with a GenEval count score). The source images are the dataset's `image` column, which the trainer
+    passes as the `image` keyword argument. Default weights `openai/clip-vit-large-patch14` (MIT), as Flow-GRPO.
+
+    Example:
+        ```python
+        reward = ImageSimilarityReward("openai/clip-vit-large-patch14")
+        reward(prompts=["add a cat"], images=[edited], image=[source])  # -> [0.93]
+        ```
+    """
+
+    __name__ = "image_similarity"
+
+    def __init__(self, model_name_or_path: str | None = None, processor_name_or_path: str | None = None, **kwargs):
+        super().__init__(model_name_or_path or CLIP_MODEL, processor_name_or_path, **kwargs)
+
+    def __call__(self, prompts, images, image=None, **kwargs):
+        if image is None or isinstance(image, str) or len(image) != len(images):
+            raise ValueError(
+                "image_similarity compares each generated image with its row's source image, passed as `image` (the "
+                "dataset's 'image' column, one per sample). Train an editing model on a dataset with that column, "
+                "or use a reward that does not need a source image."
+            )
+        return super().__call__(prompts, images, image=image, **kwargs)
+
+    def _score(self, prompts, images, image, **columns):
+        sources = [source.convert("RGB") for source in image]
+        return (self.embed_images(images) * self.embed_images(sources)).sum(dim=-1).tolist()
 
 
 class AestheticHead(nn.Module):
@@ -209,5 +242,5 @@ class AestheticReward(ClipEmbeddingReward):
         if hasattr(self, "head"):
             self.head.to(device=self.device, dtype=torch.float32)
 
-    def _score(self, prompts, images):
+    def _score(self, prompts, images, **columns):
         return self.head(self.embed_images(images)).squeeze(-1).tolist()

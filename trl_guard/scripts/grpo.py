@@ -35,7 +35,7 @@ class GuardScriptArguments(ScriptArguments):
             per line, `.json`, `.jsonl`, `.csv`, `.parquet` with a `prompt` column).
         reward_funcs (`list[str]`):
             The rewards trained on, summed with `reward_weights`. Each is a built-in name (`pickscore`, `clip_score`,
-            `aesthetic`, `ocr`, `video_ocr`, `image_reward`, `hpsv2`, `jpeg_compressibility`,
+            `aesthetic`, `ocr`, `video_ocr`, `image_similarity`, `image_reward`, `hpsv2`, `jpeg_compressibility`,
             `jpeg_incompressibility`), the URL
             of a remote scorer (`http://host:port/score`), or a dotted import path of a function
             (`my_package.rewards.my_reward`).
@@ -80,11 +80,29 @@ def load_prompts(name: str, split: str = "train", config: str | None = None):
         if extension not in _FILE_BUILDERS:
             raise ValueError(f"dataset_name={name!r}: unsupported file type; use one of {sorted(_FILE_BUILDERS)}.")
         dataset = load_dataset(_FILE_BUILDERS[extension], data_files=name, split="train")
+        dataset = _read_image_paths(dataset, os.path.dirname(os.path.abspath(name)))
     else:
         dataset = load_dataset(name, config, split=split)
     if "prompt" not in dataset.column_names and "text" in dataset.column_names:
         dataset = dataset.rename_column("text", "prompt")
     return dataset
+
+
+def _read_image_paths(dataset, folder: str):
+    """An `image` column of file paths (editing datasets such as Flow-GRPO's counting_edit) becomes images, with
+    relative paths taken from the prompt file's folder."""
+    from datasets import Image, Value
+
+    if dataset.features.get("image") != Value("string"):
+        return dataset
+    missing = [p for p in dataset["image"] if not os.path.isfile(os.path.join(folder, p))]
+    if missing:
+        raise FileNotFoundError(
+            f"The 'image' column names {len(missing)} files that do not exist, for example {missing[0]!r} (relative "
+            f"paths are read from {folder}). Fix the paths or put the images there."
+        )
+    dataset = dataset.map(lambda row: {"image": os.path.join(folder, row["image"])})
+    return dataset.cast_column("image", Image())
 
 
 def check_recipe_keys(argv: list[str], dataclass_types: tuple) -> None:

@@ -1,0 +1,55 @@
+"""FLUX.1 Kontext: FLUX.1 that edits a source image given an instruction.
+
+What differs from FLUX.1 (`flux.py`):
+- each dataset row carries a source image (column `image`, as `FluxKontextPipeline(image=...)` names it). It is
+  resized to the training resolution, encoded once per round by the VAE (the mode of its latent distribution) and
+  packed like the latents;
+- at every step the denoiser sees the noisy latents followed by the source image's tokens, whose position ids are
+  the latents' with the first axis set to 1; only the velocity of the latents' tokens is kept.
+
+The source image is resized to `height` x `width`, as Flow-GRPO's counting-edit training does (512 x 512). The
+pipeline's own call instead picks the closest of Kontext's preferred resolutions unless `_auto_resize=False`.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .base import PromptEmbeddings
+from .flux import FluxAdapter
+
+
+class FluxKontextAdapter(FluxAdapter):
+    family_name = "FLUX.1 Kontext"
+    pipeline_classes = ("FluxKontextPipeline",)
+    condition_columns = ("image",)
+
+    @torch.no_grad()
+    def encode_conditions(self, columns: dict[str, list]) -> PromptEmbeddings:
+        images = [self._check_image(image) for image in columns["image"]]
+        processor, vae = self.pipeline.image_processor, self.pipeline.vae
+        height, width = self.settings.height, self.settings.width
+        pixels = processor.preprocess(processor.resize(images, height, width), height, width)
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return PromptEmbeddings({"image_latents": self.pack(latents).float()})
+
+    @staticmethod
+    def _check_image(image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"FLUX.1 Kontext edits the image in each row's `image` column, which holds a {type(image).__name__}. "
+                "Give PIL images: a datasets.Image() column, or cast a column of file paths with "
+                "`dataset.cast_column('image', datasets.Image())`."
+            )
+        return image.convert("RGB")
+
+    def forward(self, denoiser, latents, sigma, conditioning):
+        text = dict(conditioning.tensors)
+        image_latents = text.pop("image_latents")
+        source_ids = self._image_ids()
+        source_ids[:, 0] = 1  # the source image's tokens: the latents' grid on a second "frame"
+        tokens = torch.cat([latents, image_latents.to(latents.dtype)], dim=1)
+        velocity = self._call_transformer(denoiser, tokens, torch.cat([self._image_ids(), source_ids]), sigma, text)
+        return velocity[:, : latents.shape[1]]
