@@ -1,4 +1,4 @@
-"""Our SD3.5-M recipes against the official configs they claim to reproduce.
+"""Our SD3.5-M and FLUX.1 Kontext recipes against the official configs they claim to reproduce.
 
 Every value below was read from the official code (MIT), repository zhtmike/flow_grpo at commit 9745241 (the merge of
 GRPO-Guard, PR #175), and is recorded here with the file and config function it comes from. A field of our recipe
@@ -128,3 +128,58 @@ def test_recipe_matches_the_official_config(name):
 
 def test_every_sd35m_recipe_is_checked():
     assert {p.name for p in RECIPES.glob("sd35m_*.yaml")} == set(OFFICIAL)
+
+
+# config/grpo.py counting_flux_kontext() on top of config/base.py, and scripts/train_flux_kontext.py (LoRA, EMA, the
+# 128-token prompts). The loss and epsilon are GRPO-Guard's (no official editing run of it), so they are not here.
+KONTEXT_OFFICIAL = {
+    "model_name_or_path": "black-forest-labs/FLUX.1-Kontext-dev",  # pretrained.model
+    "num_inference_steps": 6,  # sample.num_steps
+    "eval_num_inference_steps": 28,  # sample.eval_num_steps
+    "guidance_scale": 2.5,  # sample.guidance_scale (the guidance embedding)
+    "height": 512,  # resolution; the source images are resized to it as well
+    "width": 512,
+    "num_generations": 21,  # sample.num_image_per_prompt
+    "noise_level": 0.9,  # sample.noise_level
+    "noise_schedule": "flow_grpo",
+    "timestep_fraction": 0.99,  # train.timestep_fraction
+    "timestep_selection": "first",
+    "init_same_noise": False,  # sample.same_latent
+    "beta": 0.0,  # train.beta
+    "scale_rewards": "batch",  # sample.global_std = True
+    "ema_decay": 0.9,  # EMAModuleWrapper(decay=0.9, update_step_interval=8)
+    "ema_update_interval": 8,
+    "learning_rate": 3e-4,  # base: train.learning_rate
+    "weight_decay": 1e-4,  # base: train.adam_weight_decay
+    "lr_scheduler_type": "constant",
+    "max_sequence_length": 128,  # compute_text_embeddings(..., max_sequence_length=128)
+    "reward_weights": [0.5, 0.5],  # reward_fn = {"image_similarity": 0.5, "geneval": 0.5}
+    "lora_r": 64,  # LoraConfig(r=64, lora_alpha=128, init_lora_weights="gaussian", target_modules=[...])
+    "lora_alpha": 128,
+    "lora_target_modules": [
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+    ],  # fmt: skip
+}
+
+
+def test_kontext_recipe_matches_the_official_counting_edit_config():
+    script_args, config, model_args = parse(RECIPES / "flux_kontext_counting_edit_guard.yaml")
+    values = {**vars(script_args), **vars(config), **vars(model_args)}
+    mismatched = {k: (values[k], want) for k, want in KONTEXT_OFFICIAL.items() if values[k] != want}
+    assert not mismatched, f"(ours, official) = {mismatched}"
+    assert "image_similarity" in script_args.reward_funcs and any("geneval" in r for r in script_args.reward_funcs)
+    # 48 groups of 21 per round (num_batches_per_epoch x train_batch_size x 28 GPUs / 21), two optimizer steps
+    assert config.per_device_train_batch_size * GPUS * config.steps_per_generation == 48 * config.num_generations
+    assert config.steps_per_generation // config.gradient_accumulation_steps == 2
