@@ -100,9 +100,12 @@ def wandb_history(run_file: Path) -> dict[str, Any]:
     return last
 
 
-def test_wandb_offline_gets_rewards_diagnostics_and_images(tiny_pipeline, prompts, tmp_path, monkeypatch):
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """wandb offline and quiet, with every directory it writes to (settings, cache, staging) under tmp_path; yields
+    the folder that will hold the run. The Trainer leaves its run open: finish() ends it, but returns before wandb's
+    service process has written the run file out, and teardown() waits for that process to exit."""
     wandb = pytest.importorskip("wandb")
-    # offline, quiet, no error reports, and every directory wandb writes to (settings, cache, staging) under tmp_path
     for name, value in {
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
@@ -117,13 +120,24 @@ def test_wandb_offline_gets_rewards_diagnostics_and_images(tiny_pipeline, prompt
         (tmp_path / name.lower()).mkdir()
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     try:
-        trainer = train_with_eval(tiny_pipeline, prompts, tmp_path, "wandb")
+        yield tmp_path / "wandb_dir"
     finally:
-        # the Trainer leaves the run open; finish() ends it, but returns before wandb's service process has written
-        # the run file out, and teardown() waits for that process to exit
         wandb.finish()
         wandb.teardown()
-    (run_file,) = (tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb")
+
+
+def wandb_run_file(wandb_dir: Path) -> Path:
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return run_file
+
+
+def test_wandb_offline_gets_rewards_diagnostics_and_images(tiny_pipeline, prompts, tmp_path, wandb_offline):
+    trainer = train_with_eval(tiny_pipeline, prompts, tmp_path, "wandb")
+    run_file = wandb_run_file(wandb_offline)
     history = wandb_history(run_file)
     scalars = {key: value for key, value in history.items() if isinstance(value, int | float)}
     # wandb flattens an image into "<key>/_type", "<key>/path", ...: the path is of the PNG copied into the run
@@ -192,3 +206,62 @@ def test_progress_bar_shows_phases_and_reward(tiny_pipeline, prompts, tmp_path):
     trainer.train()
     assert phases[:3] == ["sampling", "scoring", "training"] and phases.count("training") == 2
     assert any("reward=" in p and "clip>" in p for p in postfixes)
+
+
+# ---- videos: an animated GIF of the evaluation videos, as video in each tracker ----------------------------------
+
+
+def train_wan_with_eval(tmp_path, tracker: str):
+    from cli_rewards import video_blueness
+    from helpers import lora_config
+
+    from trl_guard.testing import build_tiny_wan_pipeline
+
+    trainer = make_trainer(
+        build_tiny_wan_pipeline(seed=0),
+        [video_blueness],
+        Dataset.from_dict({"prompt": [f"prompt number {i}" for i in range(4)]}),
+        tmp_path / "run",
+        peft_config=lora_config(target_modules=None),
+        num_frames=5,
+        max_steps=1,
+        steps_per_generation=1,
+        num_inference_steps=2,
+        report_to=[tracker],
+        eval_strategy="steps",
+        eval_steps=1,
+        eval_num_inference_steps=2,
+        eval_dataset=Dataset.from_dict({"prompt": ["a red square", "a blue circle"]}),
+    )
+    trainer.train()
+    (gif,) = (Path(trainer.args.output_dir) / "eval_images").glob("*.gif")
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 5 and animation.size == GRID_SIZE  # two 32 px videos side by side, 5 frames
+    return gif.read_bytes()
+
+
+def test_tensorboard_gets_evaluation_videos(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    gif = train_wan_with_eval(tmp_path, "tensorboard")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    assert events.Images("eval_images_video")[-1].encoded_image_string == gif  # TensorBoard plays image GIFs
+
+
+def test_wandb_offline_gets_evaluation_videos(tmp_path, wandb_offline):
+    gif = train_wan_with_eval(tmp_path, "wandb")
+    run_file = wandb_run_file(wandb_offline)
+    history = wandb_history(run_file)
+    assert history["eval_images_video/_type"] == "video-file"
+    assert (run_file.parent / "files" / history["eval_images_video/path"]).read_bytes() == gif
+
+
+def test_trackio_gets_evaluation_videos(tmp_path, trackio_dir):
+    gif = train_wan_with_eval(tmp_path, "trackio")
+    (database,) = trackio_dir.glob("*.db")
+    with sqlite3.connect(database) as connection:
+        rows = [json.loads(metrics) for (metrics,) in connection.execute("SELECT metrics FROM metrics ORDER BY id")]
+    videos = [row["eval_images_video"] for row in rows if "eval_images_video" in row]
+    assert videos and videos[-1]["_type"] == "trackio.video"
+    assert (trackio_dir / "media" / videos[-1]["file_path"]).read_bytes() == gif
