@@ -168,3 +168,77 @@ def test_first_timesteps_are_the_official_rule():
     assert select_train_steps(cps_std, 1.0, "first") == list(range(9))  # the noiseless last step never
     drawn = select_train_steps(torch.ones(10), 0.5, "random", generator=torch.Generator().manual_seed(0))
     assert len(drawn) == 5 and drawn == sorted(drawn) and drawn != list(range(5))
+
+
+def wan_sigmas(steps: int = 20) -> torch.Tensor:
+    """The grid Wan2.1 samples on: its checkpoints' UniPC scheduler with flow sigmas and flow_shift 3, through our
+    Wan adapter (which samples on the checkpoint scheduler's own grid)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from trl_guard.adapters import SamplingSettings, get_adapter
+    from trl_guard.testing import build_tiny_wan_pipeline
+
+    pipeline = build_tiny_wan_pipeline()
+    pipeline.scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    adapter = get_adapter(pipeline)
+    adapter.configure(SamplingSettings(32, 32, num_frames=5))
+    return adapter.sigmas(steps).double()
+
+
+def wan_reference64(x, v, sigma, sigma_next, sigmas):
+    """Flow-GRPO's Wan2.1 SDE step (flow_grpo/diffusers_patch/wan_pipeline_with_logprob.py): a noise scale linear in
+    sigma between the grid's last sigma and its second, the Euler-Maruyama mean and std."""
+    x, v = x.double(), v.double()
+    sigma, sigma_next = sigma.double().view(-1, 1, 1, 1), sigma_next.double().view(-1, 1, 1, 1)
+    sigma_max, sigma_min = sigmas[1].item(), sigmas[-1].item()
+    dt = sigma_next - sigma
+    std_dev_t = sigma_min + (sigma_max - sigma_min) * sigma
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_dev_t * torch.sqrt(-dt)
+
+
+def test_linear_schedule_is_flow_grpos_wan_step_on_the_wan_grid():
+    """noise_schedule="linear" with noise_level = sigmas[1] is the official Wan step, on every step of the grid."""
+    sigmas = wan_sigmas()
+    assert sigmas[-1] == 0 and 0.9 < sigmas[1] < 1  # the grid ends at 0, so sigma_min drops out
+    for step in range(20):
+        sigma, sigma_next = sigmas[step].expand(2), sigmas[step + 1].expand(2)
+        g = torch.Generator().manual_seed(step)
+        x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        x_next, log_prob, mean, std = sde_step_with_logprob(
+            v.double(),
+            x.double(),
+            sigma,
+            sigma_next,
+            noise_level=sigmas[1].item(),
+            noise_schedule="linear",
+            generator=g,
+        )
+        ref_mean, ref_std = wan_reference64(x, v, sigma, sigma_next, sigmas)
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(std, ref_std.expand_as(std), rtol=1e-12, atol=0)
+        official = (
+            -((x_next - ref_mean) ** 2) / (2 * ref_std**2) - torch.log(ref_std) - math.log(math.sqrt(2 * math.pi))
+        ).flatten(1).mean(1)  # fmt: skip
+        torch.testing.assert_close(log_prob, official, rtol=1e-12, atol=1e-12)
+        # GRPO-Guard's weight under it is the inverse of d mean / d v, by autograd on the official mean
+        v0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+        (slope,) = torch.autograd.grad(
+            wan_reference64(torch.ones_like(v0), v0, sigma[:1], sigma_next[:1], sigmas)[0].sum(), v0
+        )
+        weight = timestep_weight(
+            sigma[:1], sigma_next[:1], loss_type="grpo_guard", noise_level=sigmas[1].item(), noise_schedule="linear"
+        )
+        torch.testing.assert_close(weight, 1 / slope.abs().view(1), rtol=1e-12, atol=0)
+
+
+def test_wan_recipe_uses_the_official_wan_schedule():
+    import yaml
+
+    with open("examples/recipes/wan21_t2v_guard_example.yaml") as f:
+        recipe = yaml.safe_load(f)
+    assert recipe["noise_schedule"] == "linear"
+    sigma_max = wan_sigmas(recipe["num_inference_steps"])[1].item()
+    assert recipe["noise_level"] == pytest.approx(sigma_max, abs=1e-5)

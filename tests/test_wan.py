@@ -103,8 +103,10 @@ def test_wan_refuses_frame_counts_and_sizes_it_cannot_take(tiny_wan_pipeline):
         get_adapter(build_tiny_sd3_pipeline()).configure(SamplingSettings(32, 32, num_frames=FRAMES))
 
 
-@pytest.mark.parametrize("loss_type", ["flow_grpo", "grpo_guard"])
-def test_wan_trains_and_its_first_pass_is_exactly_on_policy(loss_type, tiny_wan_pipeline, prompts, tmp_path):
+@pytest.mark.parametrize(("loss_type", "noise_schedule"), [("flow_grpo", "flow_grpo"), ("grpo_guard", "linear")])
+def test_wan_trains_and_its_first_pass_is_exactly_on_policy(
+    loss_type, noise_schedule, tiny_wan_pipeline, prompts, tmp_path
+):
     seen = []
 
     def record_blueness(prompts, images, **kwargs):
@@ -118,6 +120,8 @@ def test_wan_trains_and_its_first_pass_is_exactly_on_policy(loss_type, tiny_wan_
         tmp_path,
         eval_dataset=prompts.select(range(3)),
         loss_type=loss_type,
+        noise_schedule=noise_schedule,  # "linear": Flow-GRPO's Wan schedule, at its noise level for 20 steps
+        noise_level=0.98 if noise_schedule == "linear" else 0.7,
         steps_per_generation=1,
         max_steps=2,
         guidance_scale=4.5,  # CFG: both branches batched in one forward, in sampling and in training

@@ -117,7 +117,8 @@ class GuardConfig(TrainingArguments):
             SDE noise multiplier (`a` in Flow-GRPO, `eta` in DanceGRPO).
         noise_schedule (`str`, *optional*, defaults to `"flow_grpo"`):
             `"flow_grpo"`: `s = noise_level * sqrt(sigma / (1 - sigma))`; `"dance_grpo"`: constant `s = noise_level`;
-            `"cps"`: Coefficients-Preserving Sampling (Flow-GRPO's `sde_type="cps"`), noise std
+            `"linear"`: `s = noise_level * sigma`, Flow-GRPO's Wan2.1 schedule (there `noise_level` is the sampling
+            grid's second sigma, `sigmas[1]`); `"cps"`: Coefficients-Preserving Sampling (Flow-GRPO's `sde_type="cps"`), noise std
             `sigma_next * sin(noise_level * pi / 2)`, no noise at the last step (which is then never trained).
         cps_log_prob (`str`, *optional*, defaults to `"official"`):
             The log-probability under `noise_schedule="cps"`: `"official"` is Flow-GRPO's `-MEAN((x_next - mean)**2)`

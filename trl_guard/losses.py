@@ -95,7 +95,8 @@ def timestep_weight(
     """The per-step loss weight (B,) of ``loss_type`` (Table 2 of the GRPO-Guard paper).
 
     ``dance_weighting`` picks GRPO-Guard's weight under the ``"dance_grpo"`` schedule: ``"inverse"`` (default) is
-    ``1 / (beta_t * (-dt))``, ``"paper"`` is ``beta_t / (-dt)`` as printed in the paper. Under ``"cps"`` the weight is
+    ``1 / (beta_t * (-dt))``, ``"paper"`` is ``beta_t / (-dt)`` as printed in the paper. Under ``"cps"`` and ``"linear"``
+    (where, unlike ``"flow_grpo"``, the velocity's coefficient in the mean is not ``-dt`` times a constant) the weight is
     ``1 / |d mean / d v|`` (see :func:`trl_guard.sde.velocity_coefficient`), the same rule that gives ``1 / (-dt)`` for
     an Euler step.
     """
@@ -107,8 +108,9 @@ def timestep_weight(
     if loss_type == "grpo_guard":
         if noise_schedule == "flow_grpo":
             return 1 / neg_dt
-        if noise_schedule == "cps":
-            return -1 / velocity_coefficient(sigma, sigma_next, noise_level=noise_level, noise_schedule="cps")
+        if noise_schedule in ("cps", "linear"):
+            coefficient = velocity_coefficient(sigma, sigma_next, noise_level=noise_level, noise_schedule=noise_schedule)
+            return -1 / coefficient
         if noise_schedule == "dance_grpo":
             beta_t = 1 + noise_level**2 * (1 - sigma) / (2 * sigma)
             if dance_weighting == "paper":
@@ -151,7 +153,7 @@ def compute_policy_loss(
         epsilon: Clip range; ``r`` is clipped to ``[1 - epsilon, 1 + epsilon]``. Log-ratios are per-element
             means, so use ~1e-4 for ``flow_grpo`` and ~2e-6 for ``grpo_guard``.
         noise_level: SDE noise multiplier used at sampling (for the per-step weights).
-        noise_schedule: ``"flow_grpo"``, ``"dance_grpo"`` or ``"cps"``.
+        noise_schedule: ``"flow_grpo"``, ``"dance_grpo"``, ``"linear"`` or ``"cps"``.
         dance_weighting: ``"inverse"`` or ``"paper"``; see :func:`timestep_weight`.
         cps_log_prob: ``"official"`` or ``"gaussian"``, the log-density used under ``"cps"``; see
             :func:`trl_guard.sde.sde_step_with_logprob`.
@@ -236,7 +238,7 @@ def compute_kl(
         sigma: Noise level before the step (B,).
         sigma_next: Noise level after the step (B,).
         kl_type: ``"flow_grpo"`` or ``"exact"``.
-        noise_schedule: ``"flow_grpo"``, ``"dance_grpo"`` or ``"cps"``.
+        noise_schedule: ``"flow_grpo"``, ``"dance_grpo"``, ``"linear"`` or ``"cps"``.
         reduction: ``"mean"`` over the batch (a scalar) or ``"none"`` (one value per sample, (B,)).
 
     Example:

@@ -6,6 +6,7 @@ probability-flow ODE ``dx = v dt`` is discretised with Euler-Maruyama:
 
     s      = noise_level * sqrt(sigma / (1 - sigma'))   # "flow_grpo"; sigma' = sigma_next where sigma == 1
     s      = noise_level                                # "dance_grpo"
+    s      = noise_level * sigma                        # "linear" (Flow-GRPO's Wan2.1 script)
     mean   = x + (v + s**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
     std    = s * sqrt(-dt)
     x_next = mean + std * eps
@@ -34,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-NOISE_SCHEDULES = ("flow_grpo", "dance_grpo", "cps")
+NOISE_SCHEDULES = ("flow_grpo", "dance_grpo", "linear", "cps")
 CPS_LOG_PROBS = ("official", "gaussian")
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -64,7 +65,9 @@ def sde_noise_scale(
     """The diffusion coefficient ``s`` of the SDE at ``sigma`` (shape of ``sigma``).
 
     For ``"flow_grpo"`` it grows with ``sigma``; at ``sigma == 1`` the formula divides by zero, so ``sigma_next``
-    stands in for ``sigma`` in the denominator there (Flow-GRPO's rule). ``"dance_grpo"`` keeps it constant. CPS is not
+    stands in for ``sigma`` in the denominator there (Flow-GRPO's rule). ``"dance_grpo"`` keeps it constant.
+    ``"linear"`` is Flow-GRPO's Wan2.1 schedule, ``sigma_min + (sigma_max - sigma_min) * sigma`` with ``sigma_min`` the
+    grid's last sigma (0) and ``sigma_max`` its second (``sigmas[1]``): ``noise_level`` plays ``sigma_max``. CPS is not
     an Euler-Maruyama step and has no diffusion coefficient; its ``s`` is what Flow-GRPO's CPS step returns in that
     place (and its KL divides by): the noise std itself.
     """
@@ -73,6 +76,8 @@ def sde_noise_scale(
         return noise_level * torch.sqrt(sigma / (1 - denominator_sigma))
     if noise_schedule == "dance_grpo":
         return torch.full_like(sigma, float(noise_level))
+    if noise_schedule == "linear":
+        return noise_level * sigma
     if noise_schedule == "cps":
         return sde_std(sigma, sigma_next, noise_level=noise_level, noise_schedule="cps")
     raise ValueError(f"Unknown noise_schedule {noise_schedule!r}; expected one of {NOISE_SCHEDULES}.")
