@@ -183,6 +183,7 @@ def test_demo_refuses_zero_steps(capsys):
 def test_unreachable_remote_reward_fails_at_construction(prompts, tmp_path):
     import socket
 
+    from trl_guard.rewards import video_reward
     from trl_guard.rewards.remote import RemoteRewardError
 
     with socket.socket() as probe:  # a port nothing listens on: bound, then released
@@ -190,3 +191,6 @@ def test_unreachable_remote_reward_fails_at_construction(prompts, tmp_path):
         port = probe.getsockname()[1]
     with pytest.raises(RemoteRewardError, match=rf"gold_reward_funcs: .*127.0.0.1:{port}/score is unreachable"):
         make_trainer(MISSING, [blueness], prompts, tmp_path, gold_reward_funcs=[f"http://127.0.0.1:{port}/score"])
+    # also when a video reward scores frames with it
+    with pytest.raises(RemoteRewardError, match=rf"reward_funcs: .*127.0.0.1:{port}/score is unreachable"):
+        make_trainer(MISSING, [video_reward(f"http://127.0.0.1:{port}/score")], prompts, tmp_path)

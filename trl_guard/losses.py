@@ -109,7 +109,9 @@ def timestep_weight(
         if noise_schedule == "flow_grpo":
             return 1 / neg_dt
         if noise_schedule in ("cps", "linear"):
-            coefficient = velocity_coefficient(sigma, sigma_next, noise_level=noise_level, noise_schedule=noise_schedule)
+            coefficient = velocity_coefficient(
+                sigma, sigma_next, noise_level=noise_level, noise_schedule=noise_schedule
+            )
             return -1 / coefficient
         if noise_schedule == "dance_grpo":
             beta_t = 1 + noise_level**2 * (1 - sigma) / (2 * sigma)

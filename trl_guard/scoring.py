@@ -101,9 +101,10 @@ class RewardSet:
         self.funcs = [resolve_reward_func(f) for f in reward_funcs]
         for func in self.funcs:
             _check_signature(func, field)
-            if isinstance(func, RemoteReward):
+            remote = getattr(func, "image_reward", func)  # video_reward wraps the image reward it scores frames with
+            if isinstance(remote, RemoteReward):
                 try:
-                    func.check_reachable()
+                    remote.check_reachable()
                 except RemoteRewardError as error:
                     raise RemoteRewardError(f"{field}: {error}", url=error.url, attempts=1) from None
         self.names: list[str] = []
