@@ -189,16 +189,17 @@ def overhead(options) -> None:
     import pstats
     import tempfile
 
+    if options.optimizer_steps < 2:
+        raise SystemExit("--optimizer-steps must be at least 2: the steady state is the gap between step ends.")
     torch.set_num_threads(1)
     base = build_tiny_sd3_pipeline()
     n_steps = options.optimizer_steps
     runs = {"bare loop": [], "trainer.train()": [], "trainer.train(), no per-timestep grad norms": []}
 
-    def record(name, start, stamps):
+    def record(name, start, stamps, end):
         # setup: start to the end of the first step, minus one step; per step: median gap between step ends
-        gaps = np.diff(stamps)
-        per_step = float(np.median(gaps))
-        runs[name].append((stamps[-1] - start, stamps[0] - start - per_step, per_step))
+        per_step = float(np.median(np.diff(stamps)))
+        runs[name].append((end - start, stamps[0] - start - per_step, per_step))
 
     with tempfile.TemporaryDirectory() as output_dir:
         for _ in range(options.repeats):
@@ -214,12 +215,12 @@ def overhead(options) -> None:
                 trainer.add_callback(StepClock(stamps))
                 start = time.perf_counter()
                 trainer.train()
-                record(name, start, stamps)
+                record(name, start, stamps, time.perf_counter())
             stamps = []
             pipeline = copy.deepcopy(base)
             start = time.perf_counter()
             bare_loop(pipeline, n_steps, stamps)
-            record("bare loop", start, stamps)
+            record("bare loop", start, stamps, time.perf_counter())
         print(
             f"{n_steps} optimizer steps, {OVERHEAD['images']} images, {OVERHEAD['steps']} sampling steps, CFG, LoRA, "
             f"1 thread (median of {options.repeats} runs, alternating):"

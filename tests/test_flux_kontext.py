@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from trl_guard.adapters import FluxKontextAdapter, PromptEmbeddings, SamplingSettings, get_adapter
 from trl_guard.conditioning import PromptEncoder
-from trl_guard.rewards import ImageSimilarityReward
+from trl_guard.rewards import ClipScoreReward, ImageSimilarityReward
 from trl_guard.rollout import sample_ode
 from trl_guard.testing import build_tiny_clip, build_tiny_flux_kontext_pipeline
 
@@ -130,6 +130,11 @@ def test_training_is_on_policy_and_rewards_see_the_sources(tiny_kontext_pipeline
     # every sample was scored next to its own row's source image
     rows = {(p, np.asarray(s).tobytes()) for p, s in zip(edits["prompt"], edits["image"])}
     assert len(seen) == 2 * 8 and set(seen) <= rows
+    # the evaluation grid pairs each source (left) with its edit (right)
+    trainer.evaluate(eval_dataset=edits.select([0, 2]))
+    grid = Image.open(tmp_path / "eval_images" / f"step-{trainer.state.global_step:06d}.png")
+    assert grid.size == (2 * 64, 32)
+    assert np.array_equal(np.asarray(grid.crop((64, 0, 96, 32))), np.asarray(source_image(1)))
 
 
 def test_resume_in_the_middle_of_a_round_is_exact(_base_kontext_pipeline, edits, tmp_path):
@@ -179,6 +184,31 @@ def test_a_dataset_without_source_images_is_refused_before_training(tiny_kontext
         make_trainer(tiny_kontext_pipeline, [blueness], paths, tmp_path, **KONTEXT)
 
 
+def test_a_folder_model_is_checked_before_it_loads(_base_kontext_pipeline, edits, tmp_path, monkeypatch):
+    import trl_guard.trainer
+
+    folder = tmp_path / "model"
+    _base_kontext_pipeline.save_pretrained(folder)
+    monkeypatch.setattr(trl_guard.trainer, "_load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="FluxKontextPipeline is conditioned on a 'image' column"):
+        make_trainer(str(folder), [blueness], edits.remove_columns("image"), tmp_path / "run", **KONTEXT)
+
+
+def test_image_path_columns_of_prompt_files(tmp_path):
+    from trl_guard.scripts.grpo import load_prompts
+
+    source_image(0).save(tmp_path / "a.png")
+    rows = [{"prompt": "edit", "image": "a.png"}, {"prompt": "edit", "image": "b.png"}]
+    (tmp_path / "partial.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(FileNotFoundError, match="1 files that do not exist, for example 'b.png'"):
+        load_prompts(str(tmp_path / "partial.jsonl"))
+    (tmp_path / "images.jsonl").write_text(json.dumps(rows[0]))
+    (loaded,) = load_prompts(str(tmp_path / "images.jsonl"))["image"]
+    assert np.array_equal(np.asarray(loaded), np.asarray(source_image(0)))
+    (tmp_path / "ids.jsonl").write_text(json.dumps({"prompt": "a cat", "image": "coco-000123"}))
+    assert load_prompts(str(tmp_path / "ids.jsonl"))["image"] == ["coco-000123"]  # not paths: left alone
+
+
 def test_image_similarity_reward(tmp_path):
     reward = ImageSimilarityReward(build_tiny_clip(str(tmp_path / "clip")))
     a, b = source_image(0), source_image(1)
@@ -186,6 +216,8 @@ def test_image_similarity_reward(tmp_path):
     assert same == pytest.approx(1.0, abs=1e-5) and other < 0.999
     with pytest.raises(ValueError, match="source image"):
         reward(["x"], [a])
+    # model rewards that name no column ignore the dataset's columns, the source image included
+    assert len(ClipScoreReward(build_tiny_clip(str(tmp_path / "clip")))(["x"], [a], image=[b], tag=["counting"])) == 1
 
 
 def test_trains_from_the_command_line_with_the_shipped_recipe(_base_kontext_pipeline, tmp_path, monkeypatch):

@@ -113,11 +113,10 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
 
     sample = ""
     grids = os.path.join(args.output_dir, "eval_images")
-    if os.path.isdir(grids) and os.listdir(grids):
+    pngs = sorted(f for f in os.listdir(grids) if f.endswith(".png")) if os.path.isdir(grids) else []
+    if pngs:  # the newest grid (video runs also keep GIFs there)
         os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-        shutil.copyfile(
-            os.path.join(grids, sorted(os.listdir(grids))[-1]), os.path.join(folder, "images", "samples.png")
-        )
+        shutil.copyfile(os.path.join(grids, pngs[-1]), os.path.join(folder, "images", "samples.png"))
         sample = (
             "## Samples\n\nEvaluation prompts at the last evaluation, fixed seeds:\n\n![samples](images/samples.png)\n"
         )

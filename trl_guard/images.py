@@ -80,7 +80,7 @@ def log_image_grid(trainer: Any, images: Sequence[Image.Image | Sequence[Image.I
         name = type(callback).__name__
         if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
             callback.tb_writer.add_image(key, np.asarray(grid), step, dataformats="HWC")
-            if videos:
+            if videos and hasattr(callback.tb_writer, "_get_file_writer"):  # torch's SummaryWriter (not tensorboardX)
                 _tensorboard_gif(callback.tb_writer, f"{key}_video", gif, gif_size, step)
         elif name in ("WandbCallback", "TrackioCallback") and getattr(callback, "_initialized", False):
             # trackio mirrors wandb's API (`log`, `Image`, `Video`). No `step=`: the callbacks log without one, so

@@ -150,8 +150,9 @@ def sde_step_with_logprob(
         sigma: Current noise level per sample, shape (B,).
         sigma_next: Noise level after the step per sample, shape (B,); ``sigma_next < sigma``.
         noise_level: The SDE noise multiplier (0.7 in Flow-GRPO and GRPO-Guard).
-        noise_schedule: ``"flow_grpo"`` (``s`` grows with ``sigma``), ``"dance_grpo"`` (constant ``s``) or
-            ``"cps"`` (Coefficients-Preserving Sampling).
+        noise_schedule: ``"flow_grpo"`` (``s`` grows with ``sigma``), ``"dance_grpo"`` (constant ``s``),
+            ``"linear"`` (``s = noise_level * sigma``, Flow-GRPO's Wan2.1 step) or ``"cps"`` (Coefficients-Preserving
+            Sampling).
         prev_sample: When given, the step is not sampled: the log-probability of this ``x_next`` is returned
             (used in training to re-score a recorded trajectory). Named as in diffusers' schedulers.
         generator: Generator, or one generator per sample, for the step's noise.

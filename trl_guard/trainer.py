@@ -30,14 +30,14 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler, identity
 
-from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
+from .adapters import ADAPTERS, PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
 from .callbacks import adapt_tracker_callbacks
 from .checkpoints import check_run_settings, resolve_resume, write_run_settings
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
 from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
-from .images import log_image_grid
+from .images import log_image_grid, make_grid
 from .losses import compute_advantages, compute_kl, compute_policy_loss
 from .metrics import eval_gold_key, eval_kl_key, eval_reward_key, eval_rewards_key, reward_key, timestep_key
 from .overoptimization import OverOptimizationCallback
@@ -98,22 +98,37 @@ def _check_prompt_dataset(dataset: Any, name: str) -> None:
             raise ValueError(f"{name}['prompt'][{i}] is {prompt!r}: every prompt must be a non-empty string.")
 
 
-def _check_condition_columns(dataset: Dataset | None, name: str, adapter: PipelineAdapter) -> None:
+def _pipeline_class_name(model: Any) -> str | None:
+    """The diffusers pipeline class `model` is or will load as: a pipeline object's class, or a local folder's
+    `model_index.json` entry (None for a Hub id, which is not looked up before loading)."""
+    if not isinstance(model, str):
+        return type(model).__name__
+    index = os.path.join(os.path.expanduser(model), "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return json.load(f).get("_class_name")
+    return None
+
+
+def _check_condition_columns(dataset: Dataset | None, name: str, pipeline_class: str | None) -> None:
     """Families conditioned on more than text (an editing model's source image) need those columns in every dataset,
-    as PIL images."""
-    if dataset is None or not adapter.condition_columns:
+    as images."""
+    from datasets import Image as ImageFeature
+
+    adapter = next((a for a in ADAPTERS if pipeline_class in a.pipeline_classes), None)
+    if dataset is None or adapter is None or not adapter.condition_columns:
         return
-    family = type(adapter.pipeline).__name__
     for column in adapter.condition_columns:
         if column not in dataset.column_names:
             raise ValueError(
-                f"{family} is conditioned on a {column!r} column besides 'prompt', and {name} has none (columns: "
-                f"{dataset.column_names}). Add the source images as a {column!r} column of PIL images."
+                f"{pipeline_class} is conditioned on a {column!r} column besides 'prompt', and {name} has none "
+                f"(columns: {dataset.column_names}). Add the source images as a {column!r} column of PIL images."
             )
-        if not isinstance(dataset[0][column], Image.Image):
+        feature = dataset.features.get(column)
+        if not isinstance(feature, ImageFeature) and not isinstance(dataset[0][column], Image.Image):
             raise ValueError(
-                f"{name}[0][{column!r}] is a {type(dataset[0][column]).__name__}, but {family} needs a PIL image "
-                f"there. Cast a column of file paths with `{name}.cast_column({column!r}, datasets.Image())`."
+                f"{name}[{column!r}] holds {feature}, but {pipeline_class} needs images there. Cast a column of file "
+                f"paths with `{name}.cast_column({column!r}, datasets.Image())`."
             )
 
 
@@ -229,11 +244,13 @@ class GuardGRPODiffusionTrainer(Trainer):
         check_hub_setup(args)
         if isinstance(model, str):
             _check_model_path(model)
+        for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            _check_condition_columns(dataset, name, _pipeline_class_name(model))
         pipeline = _load_pipeline(model, args)
         self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
-        _check_condition_columns(train_dataset, "train_dataset", self.adapter)
-        _check_condition_columns(eval_dataset, "eval_dataset", self.adapter)
+        for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            _check_condition_columns(dataset, name, type(pipeline).__name__)  # a Hub id is known only now
         self.adapter.configure(
             SamplingSettings(
                 height=args.height,
@@ -245,6 +262,15 @@ class GuardGRPODiffusionTrainer(Trainer):
             )
         )
         self.pipeline = pipeline
+        if args.noise_schedule == "linear":
+            sigma_max = float(self.adapter.sigmas(args.num_inference_steps)[1])
+            if abs(args.noise_level - sigma_max) > 1e-3:
+                warnings.warn(
+                    f"noise_schedule='linear' with noise_level={args.noise_level}: Flow-GRPO's Wan2.1 step sets it to "
+                    f"the sampling grid's second sigma, {sigma_max:.5f} for num_inference_steps="
+                    f"{args.num_inference_steps}. Set noise_level to that value to train as it does.",
+                    stacklevel=2,
+                )
         set_seed(args.seed)  # LoRA initialisation draws from the global RNG
         denoiser = self._prepare_denoiser(peft_config, args)
 
@@ -618,7 +644,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         _check_prompt_dataset(dataset, "eval_dataset")
         dataset = Dataset.from_list(dataset) if isinstance(dataset, list) else dataset
-        _check_condition_columns(dataset, "eval_dataset", self.adapter)
+        _check_condition_columns(dataset, "eval_dataset", type(self.pipeline).__name__)
         with self._ema_weights():  # callbacks see the weights that were evaluated
             metrics = self._evaluate_dataset(dataset, metric_key_prefix)
             self.log(metrics)
@@ -650,7 +676,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 sigmas,
             )
             images = self._decode(latents)
-            grid_images.extend(images[: max(0, 16 - len(grid_images))])
+            grid_images.extend(self._grid_entries(images, columns)[: max(0, 16 - len(grid_images))])
             scores = [rewards(prompts, images, columns, trainer_state=self.state) for rewards in reward_sets]
             rows_scores.extend(torch.cat(scores, dim=1).tolist())
             if args.eval_kl:
@@ -676,6 +702,17 @@ class GuardGRPODiffusionTrainer(Trainer):
         if self.is_world_process_zero() and grid_images:
             log_image_grid(self, grid_images, f"{metric_key_prefix}_images")
         return metrics
+
+    def _grid_entries(self, images: list, columns: dict[str, list]) -> list:
+        """What the evaluation grid shows per sample: the sample, or for an editing family its source image (at the
+        training resolution) and the edit side by side."""
+        if "image" not in self.adapter.condition_columns:
+            return images
+        size = (self.args.width, self.args.height)
+        return [
+            make_grid([source.convert("RGB").resize(size, Image.LANCZOS), edit], columns=2)
+            for source, edit in zip(columns["image"], images)
+        ]
 
     def _kl_to_reference(self, prompt_embeds: PromptEmbeddings, indices: list[int]) -> torch.Tensor:
         """Per prompt: sum over the noisy steps of the exact KL between the policy's and the reference's step

@@ -24,16 +24,25 @@ class FluxKontextAdapter(FluxAdapter):
     family_name = "FLUX.1 Kontext"
     pipeline_classes = ("FluxKontextPipeline",)
     condition_columns = ("image",)
+    #: Source images through the VAE at once, at most.
+    encode_batch_size = 8
 
     @torch.no_grad()
     def encode_conditions(self, columns: dict[str, list]) -> PromptEmbeddings:
         images = [self._check_image(image) for image in columns["image"]]
         processor, vae = self.pipeline.image_processor, self.pipeline.vae
-        height, width = self.settings.height, self.settings.width
-        pixels = processor.preprocess(processor.resize(images, height, width), height, width)
-        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
-        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-        return PromptEmbeddings({"image_latents": self.pack(latents).float()})
+        parts = []
+        for start in range(0, len(images), self.encode_batch_size):
+            # preprocess resizes to the training resolution (Lanczos), as FluxKontextPipeline's own preprocessing
+            pixels = processor.preprocess(images[start : start + self.encode_batch_size], *self._resolution)
+            latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+            parts.append(self.pack(latents).float())
+        return PromptEmbeddings({"image_latents": torch.cat(parts)})
+
+    @property
+    def _resolution(self) -> tuple[int, int]:
+        return self.settings.height, self.settings.width
 
     @staticmethod
     def _check_image(image) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import torch
 
@@ -53,13 +54,21 @@ class ModelReward:
     def _move(self) -> None:
         """Move loaded modules to `self.device` / `self.dtype`."""
 
-    def _score(self, prompts: list[str], images: list, **columns: list) -> list[float | None]:
+    def _score(self, prompts: list[str], images: list) -> list[float | None]:
         raise NotImplementedError
+
+    def _wanted(self, name: str) -> bool:
+        parameters = inspect.signature(self._score).parameters
+        return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], images: list, **kwargs) -> list[float | None]:
         self._ensure_loaded()
-        columns = {k: v for k, v in kwargs.items() if isinstance(v, (list, tuple)) and len(v) == len(images)}
+        columns = {
+            k: v
+            for k, v in kwargs.items()
+            if isinstance(v, (list, tuple)) and len(v) == len(images) and self._wanted(k)
+        }
         scores: list[float | None] = []
         for start in range(0, len(images), self.batch_size):
             batch = slice(start, start + self.batch_size)

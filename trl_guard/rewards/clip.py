@@ -94,7 +94,7 @@ class PickScoreReward(ClipEmbeddingReward):
             model_name_or_path or PICKSCORE_MODEL, processor_name_or_path or PICKSCORE_PROCESSOR, **kwargs
         )
 
-    def _score(self, prompts, images, **columns):
+    def _score(self, prompts, images):
         return (self.model.logit_scale.exp().float() * self.cosine(prompts, images)).tolist()
 
 
@@ -115,7 +115,7 @@ class ClipScoreReward(ClipEmbeddingReward):
     def __init__(self, model_name_or_path: str | None = None, processor_name_or_path: str | None = None, **kwargs):
         super().__init__(model_name_or_path or CLIP_MODEL, processor_name_or_path, **kwargs)
 
-    def _score(self, prompts, images, **columns):
+    def _score(self, prompts, images):
         return (100 * self.cosine(prompts, images)).clamp(min=0).tolist()
 
 
@@ -147,7 +147,7 @@ class ImageSimilarityReward(ClipEmbeddingReward):
             )
         return super().__call__(prompts, images, image=image, **kwargs)
 
-    def _score(self, prompts, images, image, **columns):
+    def _score(self, prompts, images, image):
         sources = [source.convert("RGB") for source in image]
         return (self.embed_images(images) * self.embed_images(sources)).sum(dim=-1).tolist()
 
@@ -242,5 +242,5 @@ class AestheticReward(ClipEmbeddingReward):
         if hasattr(self, "head"):
             self.head.to(device=self.device, dtype=torch.float32)
 
-    def _score(self, prompts, images, **columns):
+    def _score(self, prompts, images):
         return self.head(self.embed_images(images)).squeeze(-1).tolist()

@@ -39,7 +39,7 @@ class ImageRewardReward(ModelReward):
     def _move(self) -> None:
         self.model.to(self.device)
 
-    def _score(self, prompts, images, **columns):
+    def _score(self, prompts, images):
         return [float(self.model.score(prompt, image)) for prompt, image in zip(prompts, images)]
 
 
@@ -67,7 +67,7 @@ class HPSv2Reward(ModelReward):
 
         self.hpsv2 = hpsv2
 
-    def _score(self, prompts, images, **columns):
+    def _score(self, prompts, images):
         return [
             float(self.hpsv2.score([image], prompt, hps_version=self.version)[0])
             for prompt, image in zip(prompts, images)

@@ -90,19 +90,22 @@ def load_prompts(name: str, split: str = "train", config: str | None = None):
 
 def _read_image_paths(dataset, folder: str):
     """An `image` column of file paths (editing datasets such as Flow-GRPO's counting_edit) becomes images, with
-    relative paths taken from the prompt file's folder."""
+    relative paths taken from the prompt file's folder. A column naming no existing file is left as it is."""
     from datasets import Image, Value
 
     if dataset.features.get("image") != Value("string"):
         return dataset
-    missing = [p for p in dataset["image"] if not os.path.isfile(os.path.join(folder, p))]
-    if missing:
+    paths = [os.path.join(folder, p) if isinstance(p, str) else None for p in dataset["image"]]
+    exists = [p is not None and os.path.isfile(p) for p in paths]
+    if not any(exists):
+        return dataset
+    if not all(exists):
+        missing = dataset["image"][exists.index(False)]
         raise FileNotFoundError(
-            f"The 'image' column names {len(missing)} files that do not exist, for example {missing[0]!r} (relative "
-            f"paths are read from {folder}). Fix the paths or put the images there."
+            f"The 'image' column names {exists.count(False)} files that do not exist, for example {missing!r} "
+            f"(relative paths are read from {folder}). Fix the paths or put the images there."
         )
-    dataset = dataset.map(lambda row: {"image": os.path.join(folder, row["image"])})
-    return dataset.cast_column("image", Image())
+    return dataset.remove_columns("image").add_column("image", paths).cast_column("image", Image())
 
 
 def check_recipe_keys(argv: list[str], dataclass_types: tuple) -> None:
