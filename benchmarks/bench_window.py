@@ -11,9 +11,10 @@ training so far. Each finished run is appended to `docs/results/window.json` at 
 skipped, so a stopped benchmark resumes.
 
 `analyse` prints the seconds per optimizer step of each configuration and the proxy and gold at equal training
-time: the time the slowest configuration's run took, interpolated per run, as the mean over seeds with its 95%
-bootstrap interval. Gold against proxy is reported too, because a faster proxy gain is worth nothing if the gold
-score pays for it.
+time: the longest run of the configuration that trains fastest, interpolated per run, as the mean over seeds with its 95%
+bootstrap interval; the window's cost and speed-up against the full trajectory; and gold at matched proxy levels,
+because a faster proxy gain is worth nothing if the gold score pays for it. It draws `docs/results/window.png`:
+proxy against training time and gold against proxy, every run.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def at_time(run: dict, seconds: float, key: str) -> float:
     return float(np.interp(seconds, times, [e[key] for e in run["evals"]]))
 
 
-def analyse() -> str:
-    from trl_guard.report.overoptimization import bootstrap, fmt
+def analyse(plot_dir: str | None = None) -> str:
+    from trl_guard.report.overoptimization import bootstrap, fmt, gold_at_proxy, matched_levels
 
     runs = load(WINDOW_FILE)["runs"]
     if not runs:
@@ -90,16 +91,94 @@ def analyse() -> str:
         "proxy gained per CPU-second |",
         "|---|---|---|---|---|---|---|",
     ]
+    per_step, gain = {}, {}
     for (method, window), group in sorted(groups.items()):
-        per_step = [r["evals"][-1]["train_seconds"] / r["evals"][-1]["step"] for r in group]
+        per_step[method, window] = [r["evals"][-1]["train_seconds"] / r["evals"][-1]["step"] for r in group]
         proxy = [at_time(r, budget, "proxy") for r in group]
         gold = [at_time(r, budget, "gold") for r in group]
-        gain = [(p - r["evals"][0]["proxy"]) / budget for p, r in zip(proxy, group)]
+        gain[method, window] = [(p - r["evals"][0]["proxy"]) / budget for p, r in zip(proxy, group)]
         lines.append(
-            f"| {method} | {window} | {len(group)} | {fmt(bootstrap(per_step), 2)} | {fmt(bootstrap(proxy))} | "
-            f"{fmt(bootstrap(gold))} | {fmt(bootstrap(gain), 5)} |"
+            f"| {method} | {window} | {len(group)} | {fmt(bootstrap(per_step[method, window]), 2)} | "
+            f"{fmt(bootstrap(proxy))} | {fmt(bootstrap(gold))} | {fmt(bootstrap(gain[method, window]), 5)} |"
         )
+    lines += ["", "Against the full trajectory (ratios of the means over seeds; goals: cost <= 0.5x, gain >= 2x):", ""]
+    lines += ["| method | window | cost of a step | proxy gained per CPU-second |", "|---|---|---|---|"]
+    for method, window in sorted(groups):
+        if window == "full" or (method, "full") not in groups:
+            continue
+        cost = np.mean(per_step[method, window]) / np.mean(per_step[method, "full"])
+        speed = np.mean(gain[method, window]) / np.mean(gain[method, "full"])
+        lines.append(f"| {method} | {window} | {cost:.2f}x | {speed:.2f}x |")
+    lines += ["", "Gold at matched proxy (mean over seeds that reach the level, 95% bootstrap interval):", ""]
+    for method in sorted({m for m, _ in groups}):
+        windows = {w: g for (m, w), g in groups.items() if m == method}
+        levels = matched_levels(windows, count=4)
+        if not levels:
+            continue
+        lines += [
+            f"| {method}: window | " + " | ".join(f"proxy {level:.3f}" for level in levels) + " |",
+            "|---" * (len(levels) + 1) + "|",
+        ]
+        for window, group in sorted(windows.items()):
+            cells = []
+            for level in levels:
+                reached = [g for g in (gold_at_proxy(r, level) for r in group) if g is not None]
+                cells.append(f"{fmt(bootstrap(reached))} ({len(reached)})")
+            lines.append(f"| {window} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if plot_dir:
+        path = plot(groups, plot_dir)
+        if path:
+            lines.append(f"Plot: {path}")
     return "\n".join(lines)
+
+
+def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None:
+    """Per method: proxy against training seconds, and gold against proxy; every run thin, the mean over seeds at
+    each evaluation thick."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    methods = sorted({m for m, _ in groups})
+    windows = sorted({w for _, w in groups})
+    colours = dict(zip(windows, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(len(methods), 2, figsize=(12, 4.5 * len(methods)), squeeze=False)
+    for row, method in enumerate(methods):
+        for window in windows:
+            group = groups.get((method, window), [])
+            for run in group:
+                evals = run["evals"]
+                axes[row, 0].plot([e["train_seconds"] for e in evals], [e["proxy"] for e in evals],
+                                  color=colours[window], alpha=0.3, lw=0.8)  # fmt: skip
+                axes[row, 1].plot([e["proxy"] for e in evals], [e["gold"] for e in evals],
+                                  color=colours[window], alpha=0.3, lw=0.8)  # fmt: skip
+            if not group:
+                continue
+            steps = sorted({e["step"] for r in group for e in r["evals"]})
+            mean = {
+                key: [np.mean([e[key] for r in group for e in r["evals"] if e["step"] == s]) for s in steps]
+                for key in ("train_seconds", "proxy", "gold")
+            }
+            label = f"{window} (mean of {len(group)})"
+            axes[row, 0].plot(
+                mean["train_seconds"], mean["proxy"], "o-", color=colours[window], lw=2, ms=3, label=label
+            )
+            axes[row, 1].plot(mean["proxy"], mean["gold"], "o-", color=colours[window], lw=2, ms=3, label=label)
+        axes[row, 0].set(xlabel="seconds of training", ylabel="proxy (colour)", title=f"{method}: proxy against time")
+        axes[row, 1].set(
+            xlabel="proxy (colour)", ylabel="gold (caption fidelity)", title=f"{method}: gold against proxy"
+        )
+        axes[row, 0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(plot_dir, exist_ok=True)
+    path = os.path.join(plot_dir, "window.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -108,11 +187,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--shard", default="0/1")
+    parser.add_argument("--plot-dir", default=RESULTS, help="where `analyse` writes window.png")
     options = parser.parse_args()
     if options.phase == "run":
         run(options)
     else:
-        print(analyse())
+        print(analyse(options.plot_dir))
 
 
 if __name__ == "__main__":

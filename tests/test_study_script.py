@@ -65,9 +65,15 @@ def test_window_benchmark_compares_at_equal_training_time(tmp_path, monkeypatch)
         bench_window.append(bench_window.WINDOW_FILE, timed_run("full", seed, 2.0, 0.001))
         bench_window.append(bench_window.WINDOW_FILE, timed_run("window2", seed, 1.0, 0.002))
     assert bench_window.done("grpo_guard", "window2", 1) and not bench_window.done("grpo_guard", "window3", 0)
-    text = bench_window.analyse()
+    text = bench_window.analyse(plot_dir=None)
     assert "Equal training time: 40 s" in text  # window2's runs train 40 s; full ones 80 s
     full = next(line for line in text.splitlines() if "| full |" in line)
     window = next(line for line in text.splitlines() if "| window2 |" in line)
     assert "| 2.00 [2.00, 2.00] |" in full and "| 1.00 [1.00, 1.00] |" in window
     assert "0.140 [0.140, 0.140]" in full and "0.180 [0.180, 0.180]" in window  # proxy after 40 s
+    assert "| grpo_guard | window2 | 0.50x | 2.00x |" in text  # half the cost per step, twice the gain per second
+    # gold at matched proxy: both configurations keep gold 0.5 at every level
+    matched = [line for line in text.splitlines() if line.startswith("| window2 | ")]
+    assert matched and matched[0].count("0.500 [0.500, 0.500] (2)") == 4
+    plotted = bench_window.analyse(plot_dir=str(tmp_path))
+    assert (tmp_path / "window.png").stat().st_size > 0 and "window.png" in plotted
