@@ -1,6 +1,7 @@
 """The SDE window on the toy world: cost per round, and proxy and gold reached after equal training time.
 
     python benchmarks/bench_window.py run [--seeds 3] [--steps 40] [--shard 0/2]
+    python benchmarks/bench_window.py cost [--repeats 3]      # on an idle machine
     python benchmarks/bench_window.py analyse
 
 Flow-GRPO and GRPO-Guard, each at its study learning rate (`docs/results/overoptimization_sweep.json`), with every
@@ -20,16 +21,25 @@ proxy against training time and gold against proxy, every run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overoptimization import RESULTS, SWEEP_FILE, append, best_rates, load, train_run  # noqa: E402
+from overoptimization import RESULTS, SWEEP_FILE, append, best_rates, load, toy_trainer, train_run  # noqa: E402
 
 WINDOW_FILE = os.path.join(RESULTS, "window.json")
+COST_FILE = os.path.join(RESULTS, "window_cost.json")
 WINDOWS = {"full": {}, "window2": {"sde_window_size": 2}, "window3": {"sde_window_size": 3}}
+
+
+def window_fields(window: str) -> dict:
+    fields = dict(WINDOWS[window])
+    if fields:
+        fields["sde_window_range"] = [0, 5]  # the noisier half of T=10
+    return fields
 
 
 def done(method: str, window: str, seed: int) -> bool:
@@ -51,9 +61,7 @@ def run(options) -> None:
         if done(method, window, seed):
             continue
         print(f"{method} {window} seed {seed} ...", flush=True)
-        overrides = dict(WINDOWS[window])
-        if overrides:
-            overrides["sde_window_range"] = [0, 5]
+        overrides = window_fields(window)
         result = train_run(
             method,
             seed,
@@ -67,6 +75,50 @@ def run(options) -> None:
         append(WINDOW_FILE, result)
         last = result["evals"][-1]
         print(f"  {last['train_seconds']:.0f} s of training; proxy {last['proxy']:.3f}, gold {last['gold']:.3f}")
+
+
+def cost(options) -> None:
+    """Seconds per optimizer step of each configuration in one process, one thread, alternating configurations,
+    evaluation off: the cost ratio without the noise of two runs side by side on a shared machine. The first round
+    (warm-up) is left out; the rest is timed from step end to step end. Written to `docs/results/window_cost.json`."""
+    import tempfile
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    torch.set_num_threads(1)
+    rate = best_rates(load(SWEEP_FILE))["grpo_guard"]  # the loss does not change the cost of a step
+    seconds: dict[str, list[float]] = {window: [] for window in WINDOWS}
+    for repeat in range(options.repeats):
+        for window in WINDOWS:
+            with tempfile.TemporaryDirectory() as output_dir:
+                fields = dict(eval_strategy="no", eval_kl=False, **window_fields(window))
+                trainer = toy_trainer("grpo_guard", repeat, rate, options.cost_steps, output_dir, **fields)
+                clock = StepClock()
+                trainer.add_callback(clock)
+                trainer.train()
+            per_step = (clock.stamps[-1] - clock.stamps[1]) / (len(clock.stamps) - 2)  # after the first round
+            seconds[window].append(round(per_step, 3))
+            print(f"{window} repeat {repeat}: {per_step:.2f} s per optimizer step", flush=True)
+    with open(COST_FILE, "w") as f:
+        json.dump({"seconds_per_step": seconds, "steps": options.cost_steps, "threads": 1}, f, indent=1)
+    full = np.median(seconds["full"])
+    for window in WINDOWS:
+        print(
+            f"{window}: median {np.median(seconds[window]):.2f} s per step, {np.median(seconds[window]) / full:.2f}x"
+        )
+
+
+def at_step(run: dict, step: float, key: str) -> float:
+    return float(np.interp(step, [e["step"] for e in run["evals"]], [e[key] for e in run["evals"]]))
 
 
 def at_time(run: dict, seconds: float, key: str) -> float:
@@ -109,6 +161,8 @@ def analyse(plot_dir: str | None = None) -> str:
         cost = np.mean(per_step[method, window]) / np.mean(per_step[method, "full"])
         speed = np.mean(gain[method, window]) / np.mean(gain[method, "full"])
         lines.append(f"| {method} | {window} | {cost:.2f}x | {speed:.2f}x |")
+    if os.path.exists(COST_FILE):
+        lines += clean_equal_time(groups)
     lines += ["", "Gold at matched proxy (mean over seeds that reach the level, 95% bootstrap interval):", ""]
     for method in sorted({m for m, _ in groups}):
         windows = {w: g for (m, w), g in groups.items() if m == method}
@@ -131,6 +185,39 @@ def analyse(plot_dir: str | None = None) -> str:
         if path:
             lines.append(f"Plot: {path}")
     return "\n".join(lines)
+
+
+def clean_equal_time(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """Equal time from the idle one-process cost (`cost`): a configuration's runs are read at the step it reaches
+    within the time the fastest configuration needs for its last step."""
+    from trl_guard.report.overoptimization import bootstrap, fmt
+
+    with open(COST_FILE) as f:
+        seconds = {w: float(np.median(v)) for w, v in json.load(f)["seconds_per_step"].items()}
+    last = min(max(r["evals"][-1]["step"] for r in group) for group in groups.values())
+    budget = last * min(seconds[w] for _, w in groups)
+    lines = [
+        "",
+        f"With the idle cost ({', '.join(f'{w} {s:.2f} s' for w, s in seconds.items())} per optimizer step, "
+        f"`python benchmarks/bench_window.py cost`): equal time {budget:.0f} s.",
+        "",
+        "| method | window | steps in that time | proxy | gold | proxy gained per CPU-second | against full |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    gains: dict[tuple[str, str], float] = {}
+    for (method, window), group in sorted(groups.items()):
+        step = budget / seconds[window]
+        proxy = [at_step(r, step, "proxy") for r in group]
+        gold = [at_step(r, step, "gold") for r in group]
+        gain = [(p - r["evals"][0]["proxy"]) / budget for p, r in zip(proxy, group)]
+        gains[method, window] = float(np.mean(gain))
+        full = gains.get((method, "full"))
+        ratio = f"{gains[method, window] / full:.2f}x" if full else ""
+        lines.append(
+            f"| {method} | {window} | {step:.0f} | {fmt(bootstrap(proxy))} | {fmt(bootstrap(gold))} | "
+            f"{fmt(bootstrap(gain), 5)} | {ratio} |"
+        )
+    return lines
 
 
 def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None:
@@ -183,14 +270,18 @@ def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["run", "analyse"])
+    parser.add_argument("phase", choices=["run", "cost", "analyse"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--plot-dir", default=RESULTS, help="where `analyse` writes window.png")
+    parser.add_argument("--repeats", type=int, default=3, help="`cost`: timings per configuration")
+    parser.add_argument("--cost-steps", type=int, default=6, help="`cost`: optimizer steps per timing (3 rounds)")
     options = parser.parse_args()
     if options.phase == "run":
         run(options)
+    elif options.phase == "cost":
+        cost(options)
     else:
         print(analyse(options.plot_dir))
 

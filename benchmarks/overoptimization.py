@@ -91,12 +91,11 @@ def done(path: str, method: str, seed: int, learning_rate: float) -> bool:
     )
 
 
-def train_run(
+def toy_trainer(
     method: str, seed: int, learning_rate: float, steps: int, output_dir: str, eval_steps: int = 10, **overrides
-) -> dict:
-    """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `overrides` are
-    extra `GuardConfig` fields (the window benchmark's `sde_window_size`). Each evaluation records the seconds of
-    training before it (evaluation time excluded)."""
+):
+    """The study's trainer for `method` on the toy world, evaluated every `eval_steps`; `overrides` replace or add
+    `GuardConfig` fields (the window benchmark's `sde_window_size`)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -109,7 +108,7 @@ def train_run(
 
     train_captions, eval_captions = captions()
     settings = METHODS[method]
-    args = GuardConfig(
+    fields = dict(
         output_dir=output_dir,
         loss_type=settings["loss_type"],
         beta=settings["beta"],
@@ -138,8 +137,8 @@ def train_run(
         report_to="none",
         disable_tqdm=True,
         seed=seed,
-        **overrides,
     )
+    args = GuardConfig(**{**fields, **overrides})
     trainer = GuardGRPODiffusionTrainer(
         model=load_toy_pipeline(),
         reward_funcs=[colour_proxy],
@@ -151,6 +150,17 @@ def train_run(
     )
     for callback in (PrinterCallback, ProgressCallback, GuardProgressCallback):
         trainer.remove_callback(callback)
+    return trainer
+
+
+def train_run(
+    method: str, seed: int, learning_rate: float, steps: int, output_dir: str, eval_steps: int = 10, **overrides
+) -> dict:
+    """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `overrides` are
+    extra `GuardConfig` fields. Each evaluation records the seconds of training before it (evaluation time
+    excluded)."""
+    trainer = toy_trainer(method, seed, learning_rate, steps, output_dir, eval_steps, **overrides)
+    settings = METHODS[method]
     clock = _TrainingClock()
     trainer.add_callback(clock)
     start = time.time()

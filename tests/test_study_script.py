@@ -75,5 +75,15 @@ def test_window_benchmark_compares_at_equal_training_time(tmp_path, monkeypatch)
     # gold at matched proxy: both configurations keep gold 0.5 at every level
     matched = [line for line in text.splitlines() if line.startswith("| window2 | ")]
     assert matched and matched[0].count("0.500 [0.500, 0.500] (2)") == 4
+    # with the idle one-process cost, equal time is read off the steps: 40 s is 20 full steps, 40 window steps
+    monkeypatch.setattr(bench_window, "COST_FILE", str(tmp_path / "cost.json"))
+    (tmp_path / "cost.json").write_text('{"seconds_per_step": {"full": [2.0, 2.2, 1.8], "window2": [1.0, 1.0, 1.1]}}')
+    clean = bench_window.analyse(plot_dir=None)
+    assert "equal time 40 s" in clean
+    assert (
+        "| grpo_guard | full | 20 | 0.140 [0.140, 0.140] | 0.500 [0.500, 0.500] | 0.00100 [0.00100, 0.00100] | 1.00x |"
+        in clean
+    )
+    assert "| grpo_guard | window2 | 40 | 0.180 [0.180, 0.180] |" in clean and "| 2.00x |" in clean
     plotted = bench_window.analyse(plot_dir=str(tmp_path))
     assert (tmp_path / "window.png").stat().st_size > 0 and "window.png" in plotted
