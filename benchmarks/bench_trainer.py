@@ -194,44 +194,57 @@ def overhead(options) -> None:
     torch.set_num_threads(1)
     base = build_tiny_sd3_pipeline()
     n_steps = options.optimizer_steps
-    runs = {"bare loop": [], "trainer.train()": [], "trainer.train(), no per-timestep grad norms": []}
+    variants = {
+        "trainer.train()": {},
+        "trainer.train(), no per-timestep grad norms": {"log_timestep_grad_norm": False},
+        "trainer.train(), logging_steps=10": {"logging_steps": 10},
+    }
+    runs: dict[str, list] = {"bare loop": [], **{name: [] for name in variants}}
 
     def record(name, start, stamps, end):
         # setup: start to the end of the first step, minus one step; per step: median gap between step ends
         per_step = float(np.median(np.diff(stamps)))
         runs[name].append((end - start, stamps[0] - start - per_step, per_step))
 
+    def run_trainer(overrides, output_dir):
+        # built outside the timing, as the bare loop's model is
+        trainer = overhead_trainer(
+            copy.deepcopy(base), output_dir, overwrite_output_dir=True, max_steps=n_steps, **overrides
+        )
+        stamps: list[float] = []
+        trainer.add_callback(StepClock(stamps))
+        start = time.perf_counter()
+        trainer.train()
+        return start, stamps, time.perf_counter()
+
+    def run_bare(output_dir):
+        pipeline, stamps = copy.deepcopy(base), []
+        start = time.perf_counter()
+        bare_loop(pipeline, n_steps, stamps)
+        return start, stamps, time.perf_counter()
+
+    names = ["bare loop", *variants]
     with tempfile.TemporaryDirectory() as output_dir:
-        for _ in range(options.repeats):
-            for name, overrides in (
-                ("trainer.train()", {}),
-                ("trainer.train(), no per-timestep grad norms", {"log_timestep_grad_norm": False}),
-            ):
-                # built outside the timing, as the bare loop's model is
-                trainer = overhead_trainer(
-                    copy.deepcopy(base), output_dir, overwrite_output_dir=True, max_steps=n_steps, **overrides
-                )
-                stamps: list[float] = []
-                trainer.add_callback(StepClock(stamps))
-                start = time.perf_counter()
-                trainer.train()
-                record(name, start, stamps, time.perf_counter())
-            stamps = []
-            pipeline = copy.deepcopy(base)
-            start = time.perf_counter()
-            bare_loop(pipeline, n_steps, stamps)
-            record("bare loop", start, stamps, time.perf_counter())
+        for repeat in range(options.repeats):
+            # the order rotates, so that no variant always runs first or right after another one
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                timing = run_bare(output_dir) if name == "bare loop" else run_trainer(variants[name], output_dir)
+                record(name, *timing)
         print(
             f"{n_steps} optimizer steps, {OVERHEAD['images']} images, {OVERHEAD['steps']} sampling steps, CFG, LoRA, "
-            f"1 thread (median of {options.repeats} runs, alternating):"
+            f"1 thread, {options.repeats} rounds of every variant in rotating order. Medians; the last column is the "
+            "median of the per-round ratios to the bare loop (the variants of one round ran within about half a minute of each other), "
+            "with their range:"
         )
-        print(f"  {'':46s} {'total s':>8s} {'ratio':>7s} {'setup s':>8s} {'s/step':>8s} {'ratio':>7s}")
-        bare_total, _, bare_step = np.median(np.array(runs["bare loop"]), axis=0)
+        print(f"  {'':46s} {'total s':>8s} {'setup s':>8s} {'s/step':>8s}   per-step ratio [range]")
+        bare = np.array(runs["bare loop"])
         for name, rows in runs.items():
-            total, setup, per_step = np.median(np.array(rows), axis=0)
+            rows = np.array(rows)
+            total, setup, per_step = np.median(rows, axis=0)
+            ratios = rows[:, 2] / bare[:, 2]
             print(
-                f"  {name:46s} {total:8.2f} {total / bare_total:6.3f}x {setup:8.2f} {per_step:8.3f} "
-                f"{per_step / bare_step:6.3f}x"
+                f"  {name:46s} {total:8.2f} {setup:8.2f} {per_step:8.3f}   {np.median(ratios):.3f}x "
+                f"[{ratios.min():.3f}, {ratios.max():.3f}]"
             )
         if options.profile:
             trainer = overhead_trainer(copy.deepcopy(base), output_dir, overwrite_output_dir=True, max_steps=n_steps)
