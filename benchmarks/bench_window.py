@@ -82,17 +82,9 @@ def cost(options) -> None:
     evaluation off: the cost ratio without the noise of two runs side by side on a shared machine. The first round
     (warm-up) is left out; the rest is timed from step end to step end. Written to `docs/results/window_cost.json`."""
     import tempfile
-    import time
 
     import torch
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
+    from bench_trainer import StepClock
 
     torch.set_num_threads(1)
     rate = best_rates(load(SWEEP_FILE))["grpo_guard"]  # the loss does not change the cost of a step
@@ -102,10 +94,10 @@ def cost(options) -> None:
             with tempfile.TemporaryDirectory() as output_dir:
                 fields = dict(eval_strategy="no", eval_kl=False, **window_fields(window))
                 trainer = toy_trainer("grpo_guard", repeat, rate, options.cost_steps, output_dir, **fields)
-                clock = StepClock()
-                trainer.add_callback(clock)
+                stamps: list[float] = []
+                trainer.add_callback(StepClock(stamps))
                 trainer.train()
-            per_step = (clock.stamps[-1] - clock.stamps[1]) / (len(clock.stamps) - 2)  # after the first round
+            per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)  # after the first round
             seconds[window].append(round(per_step, 3))
             print(f"{window} repeat {repeat}: {per_step:.2f} s per optimizer step", flush=True)
     with open(COST_FILE, "w") as f:
@@ -223,6 +215,8 @@ def clean_equal_time(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
 def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None:
     """Per method: proxy against training seconds, and gold against proxy; every run thin, the mean over seeds at
     each evaluation thick."""
+    from trl_guard.report.overoptimization import means_by_step, save_figure
+
     try:
         import matplotlib
 
@@ -245,11 +239,7 @@ def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None
                                   color=colours[window], alpha=0.3, lw=0.8)  # fmt: skip
             if not group:
                 continue
-            steps = sorted({e["step"] for r in group for e in r["evals"]})
-            mean = {
-                key: [np.mean([e[key] for r in group for e in r["evals"] if e["step"] == s]) for s in steps]
-                for key in ("train_seconds", "proxy", "gold")
-            }
+            mean = means_by_step(group, ("train_seconds", "proxy", "gold"))
             label = f"{window} (mean of {len(group)})"
             axes[row, 0].plot(
                 mean["train_seconds"], mean["proxy"], "o-", color=colours[window], lw=2, ms=3, label=label
@@ -260,12 +250,7 @@ def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None
             xlabel="proxy (colour)", ylabel="gold (caption fidelity)", title=f"{method}: gold against proxy"
         )
         axes[row, 0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(plot_dir, exist_ok=True)
-    path = os.path.join(plot_dir, "window.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plot_dir, "window.png")
 
 
 def main() -> None:

@@ -110,26 +110,29 @@ def _pipeline_class_name(model: Any) -> str | None:
     return None
 
 
-def _check_condition_columns(dataset: Dataset | None, name: str, pipeline_class: str | None) -> None:
+def _check_condition_columns(train_dataset: Dataset | None, eval_dataset: Dataset | None, pipeline_class: str) -> None:
     """Families conditioned on more than text (an editing model's source image) need those columns in every dataset,
     as images."""
     from datasets import Image as ImageFeature
 
     adapter = next((a for a in ADAPTERS if pipeline_class in a.pipeline_classes), None)
-    if dataset is None or adapter is None or not adapter.condition_columns:
+    if adapter is None:
         return
-    for column in adapter.condition_columns:
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"{pipeline_class} is conditioned on a {column!r} column besides 'prompt', and {name} has none "
-                f"(columns: {dataset.column_names}). Add the source images as a {column!r} column of PIL images."
-            )
-        feature = dataset.features.get(column)
-        if not isinstance(feature, ImageFeature) and not isinstance(dataset[0][column], Image.Image):
-            raise ValueError(
-                f"{name}[{column!r}] holds {feature}, but {pipeline_class} needs images there. Cast a column of file "
-                f"paths with `{name}.cast_column({column!r}, datasets.Image())`."
-            )
+    for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+        if dataset is None:
+            continue
+        for column in adapter.condition_columns:
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{pipeline_class} is conditioned on a {column!r} column besides 'prompt', and {name} has none "
+                    f"(columns: {dataset.column_names}). Add the source images as a {column!r} column of PIL images."
+                )
+            feature = dataset.features.get(column)
+            if not isinstance(feature, ImageFeature) and not isinstance(dataset[0][column], Image.Image):
+                raise ValueError(
+                    f"{name}[{column!r}] holds {feature}, but {pipeline_class} needs images there. Cast a column of "
+                    f"file paths with `{name}.cast_column({column!r}, datasets.Image())`."
+                )
 
 
 def _check_model_path(model: str) -> None:
@@ -244,13 +247,14 @@ class GuardGRPODiffusionTrainer(Trainer):
         check_hub_setup(args)
         if isinstance(model, str):
             _check_model_path(model)
-        for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
-            _check_condition_columns(dataset, name, _pipeline_class_name(model))
+        pipeline_class = _pipeline_class_name(model)
+        if pipeline_class is not None:  # before loading, for pipeline objects and local folders
+            _check_condition_columns(train_dataset, eval_dataset, pipeline_class)
         pipeline = _load_pipeline(model, args)
         self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
-        for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
-            _check_condition_columns(dataset, name, type(pipeline).__name__)  # a Hub id is known only now
+        if pipeline_class is None:  # a Hub id: its class is known only now
+            _check_condition_columns(train_dataset, eval_dataset, type(pipeline).__name__)
         self.adapter.configure(
             SamplingSettings(
                 height=args.height,
@@ -644,7 +648,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         _check_prompt_dataset(dataset, "eval_dataset")
         dataset = Dataset.from_list(dataset) if isinstance(dataset, list) else dataset
-        _check_condition_columns(dataset, "eval_dataset", type(self.pipeline).__name__)
+        _check_condition_columns(None, dataset, type(self.pipeline).__name__)
         with self._ema_weights():  # callbacks see the weights that were evaluated
             metrics = self._evaluate_dataset(dataset, metric_key_prefix)
             self.log(metrics)

@@ -57,8 +57,9 @@ class FluxKontextAdapter(FluxAdapter):
     def forward(self, denoiser, latents, sigma, conditioning):
         text = dict(conditioning.tensors)
         image_latents = text.pop("image_latents")
-        source_ids = self._image_ids()
+        latent_ids = self._image_ids()
+        source_ids = latent_ids.clone()
         source_ids[:, 0] = 1  # the source image's tokens: the latents' grid on a second "frame"
         tokens = torch.cat([latents, image_latents.to(latents.dtype)], dim=1)
-        velocity = self._call_transformer(denoiser, tokens, torch.cat([self._image_ids(), source_ids]), sigma, text)
+        velocity = self._call_transformer(denoiser, tokens, torch.cat([latent_ids, source_ids]), sigma, text)
         return velocity[:, : latents.shape[1]]

@@ -256,11 +256,7 @@ def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str, sweep:
             kl = [np.sqrt(max(e["kl"], 0.0)) for e in run["evals"]]
             axes[0].plot(proxy, gold, color=colours[method], alpha=0.3, lw=0.8)
             axes[1].plot(kl, gold, color=colours[method], alpha=0.3, lw=0.8)
-        steps = sorted({e["step"] for r in group for e in r["evals"]})
-        mean = {
-            key: [np.mean([e[key] for r in group for e in r["evals"] if e["step"] == s]) for s in steps]
-            for key in ("proxy", "gold", "kl")
-        }
+        mean = means_by_step(group, ("proxy", "gold", "kl"))
         axes[0].plot(
             mean["proxy"],
             mean["gold"],
@@ -293,9 +289,23 @@ def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str, sweep:
             xlabel="proxy (colour, evaluated)", ylabel="gold (caption fidelity)", title="learning-rate sweep (seed 0)"
         )
         axes[2].legend(fontsize=7)
+    return save_figure(fig, plot_dir, "overoptimization.png")
+
+
+def means_by_step(group: list[dict], keys: tuple[str, ...]) -> dict[str, list[float]]:
+    """The mean over a group's runs of each evaluation `key`, at each evaluated step in order."""
+    steps = sorted({e["step"] for r in group for e in r["evals"]})
+    return {
+        key: [np.mean([e[key] for r in group for e in r["evals"] if e["step"] == s]) for s in steps] for key in keys
+    }
+
+
+def save_figure(fig, plot_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(plot_dir, exist_ok=True)
-    path = os.path.join(plot_dir, "overoptimization.png")
+    path = os.path.join(plot_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -57,17 +57,15 @@ class ModelReward:
     def _score(self, prompts: list[str], images: list) -> list[float | None]:
         raise NotImplementedError
 
-    def _wanted(self, name: str) -> bool:
-        parameters = inspect.signature(self._score).parameters
-        return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
     @torch.no_grad()
     def __call__(self, prompts: list[str], images: list, **kwargs) -> list[float | None]:
         self._ensure_loaded()
+        parameters = inspect.signature(self._score).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
         columns = {
             k: v
             for k, v in kwargs.items()
-            if isinstance(v, (list, tuple)) and len(v) == len(images) and self._wanted(k)
+            if isinstance(v, (list, tuple)) and len(v) == len(images) and (takes_all or k in parameters)
         }
         scores: list[float | None] = []
         for start in range(0, len(images), self.batch_size):
