@@ -66,6 +66,7 @@ def timed(fn, repeats):
 def measure(trainer, options) -> dict[str, float]:
     """Median seconds of each phase of one generation round for this trainer."""
     from trl_guard.rollout import sample_sde
+    from trl_guard.schedule import SDESchedule
 
     adapter = trainer.adapter
     rows = [{"prompt": p} for p in trainer.train_dataset["prompt"] for _ in range(4)]
@@ -82,8 +83,7 @@ def measure(trainer, options) -> dict[str, float]:
         trainer._negative_embeddings(),
         trainer._initial_latents(list(range(len(rows))), 0, 0),
         adapter.sigmas(options.steps),
-        noise_level=0.7,
-        noise_schedule="flow_grpo",
+        SDESchedule(0.7),
     )
     figures["sample"], rollout = timed(sample, options.repeats)
     figures["decode"], _ = timed(partial(adapter.decode, rollout.final_latents), options.repeats)
@@ -135,6 +135,7 @@ def bare_loop(pipeline, optimizer_steps: int, stamps: list[float]) -> None:
     from trl_guard.adapters import SamplingSettings, get_adapter
     from trl_guard.losses import compute_advantages, compute_policy_loss
     from trl_guard.rollout import sample_sde
+    from trl_guard.schedule import SDESchedule
     from trl_guard.sde import sde_step_with_logprob
 
     adapter = get_adapter(pipeline)
@@ -159,8 +160,7 @@ def bare_loop(pipeline, optimizer_steps: int, stamps: list[float]) -> None:
             negative,
             latents,
             sigmas,
-            noise_level=0.7,
-            noise_schedule="flow_grpo",
+            SDESchedule(0.7),
             generators=generators,
         )
         rewards = torch.tensor(blueness(prompts, adapter.decode(rollout.final_latents)))

@@ -189,7 +189,7 @@ def test_a_folder_model_is_checked_before_it_loads(_base_kontext_pipeline, edits
 
     folder = tmp_path / "model"
     _base_kontext_pipeline.save_pretrained(folder)
-    monkeypatch.setattr(trl_guard.trainer, "_load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(trl_guard.preflight, "load_pipeline", lambda *args: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match="FluxKontextPipeline is conditioned on a 'image' column"):
         make_trainer(str(folder), [blueness], edits.remove_columns("image"), tmp_path / "run", **KONTEXT)
 

@@ -9,12 +9,14 @@ from helpers import logged, make_trainer, tiny_config
 
 from trl_guard import LOSS_TYPES
 from trl_guard.adapters import SamplingSettings, get_adapter
+from trl_guard.algorithms.sde_ratio import window
 from trl_guard.rollout import sample_ode, sample_sde
+from trl_guard.schedule import SDESchedule
 
 
 def test_window_defaults_and_bad_ranges(tmp_path):
     assert tiny_config(tmp_path, sde_window_size=2, num_inference_steps=10).sde_window_range == [0, 5]
-    assert tiny_config(tmp_path).sde_window(0) is None  # off by default
+    assert window(tiny_config(tmp_path), 0) is None  # off by default
     for window_range, size in (([3, 4], 2), ([0, 11], 2), ([4, 2], 1), ([1], 1)):
         with pytest.raises(ValueError, match="sde_window_range=.*must be \\[start, end\\)"):
             tiny_config(tmp_path, num_inference_steps=10, sde_window_size=size, sde_window_range=window_range)
@@ -25,13 +27,12 @@ def test_window_defaults_and_bad_ranges(tmp_path):
 def test_random_window_is_a_function_of_seed_and_round(tmp_path):
     config = tiny_config(tmp_path, num_inference_steps=10, sde_window_size=2, sde_window_range=[1, 7])
 
-    def start(round_index, seed=0):
-        return config.sde_window(round_index, torch.Generator().manual_seed(seed * 1000 + round_index))[0]
-
-    starts = [start(r) for r in range(200)]
-    assert starts == [start(r) for r in range(200)]  # again, as after a resume
+    starts = [window(config, r)[0] for r in range(200)]
+    assert starts == [window(config, r)[0] for r in range(200)]  # again, as after a resume
     assert set(starts) == {1, 2, 3, 4, 5}  # uniform over [1, 7 - 2]
-    assert config.sde_window(3, torch.Generator().manual_seed(3)) == range(starts[3], starts[3] + 2)
+    assert window(config, 3) == range(starts[3], starts[3] + 2)
+    config.seed = 1
+    assert [window(config, r)[0] for r in range(200)] != starts  # and a function of the seed
 
 
 def test_sliding_window_moves_then_stops(tmp_path):
@@ -39,7 +40,7 @@ def test_sliding_window_moves_then_stops(tmp_path):
         tmp_path, num_inference_steps=10, sde_window_size=3, sde_window_range=[0, 6], sde_window_schedule="sliding"
     )
     config.sde_window_shift_interval = 2
-    assert [config.sde_window(r)[0] for r in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert [window(config, r)[0] for r in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
 
 
 def test_steps_outside_the_window_are_ode_steps(tiny_pipeline):
@@ -49,8 +50,9 @@ def test_steps_outside_the_window_are_ode_steps(tiny_pipeline):
     sigmas = adapter.sigmas(6)
     noise = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
-    kwargs = dict(noise_level=0.7, noise_schedule="flow_grpo", generators=generators)
-    rollout = sample_sde(adapter, embeds, None, noise, sigmas, sde_steps=range(2, 4), **kwargs)
+    rollout = sample_sde(
+        adapter, embeds, None, noise, sigmas, SDESchedule(0.7), generators=generators, sde_steps=range(2, 4)
+    )
     assert rollout.steps == range(2, 4) and rollout.latents.shape[1] == 3 and len(rollout.sigmas) == 3
     # before the window: the ODE from the noise; after it: the ODE from the window's last state
     torch.testing.assert_close(rollout.latents[:, 0], sample_ode(adapter, embeds, None, noise, sigmas[:3]))

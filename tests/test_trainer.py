@@ -7,7 +7,7 @@ from conftest import blueness
 from helpers import logged, make_trainer
 
 from trl_guard.losses import LOSS_TYPES
-from trl_guard.trainer import _INIT_NOISE
+from trl_guard.seeding import Stream
 
 STAT_KEYS = ("log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low", "grad_norm")
 
@@ -47,7 +47,7 @@ def test_dance_grpo_schedule_with_kl_and_shared_noise(tiny_pipeline, prompts, tm
     trained_steps = {k.split("/")[1] for k in trained_keys(trainer) if k.startswith("timestep/")}
     assert len(trained_steps) <= 4
 
-    latents = trainer._initial_latents(list(range(8)), _INIT_NOISE, rollout_index=0)
+    latents = trainer._initial_latents(list(range(8)), Stream.INIT_NOISE, rollout_index=0)
     assert torch.equal(latents[0], latents[3]) and torch.equal(latents[4], latents[7])
     assert not torch.equal(latents[0], latents[4])
 

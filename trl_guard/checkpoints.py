@@ -7,11 +7,15 @@ loss, the group size, the LoRA rank and targets). A resume compares them with th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import zipfile
 from typing import Any
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 RUN_SETTINGS_NAME = "run_settings.json"
 
@@ -73,6 +77,27 @@ def resolve_resume(
     return None
 
 
+def model_fingerprint(model: Any) -> str | None:
+    """A digest of a local pipeline folder's configs and weight-file sizes, so that the same model in another place
+    is recognised as the same; None for anything but a local folder. Weights are not read: their sizes and every
+    config file (which name the architecture, and the shard index with its sizes) identify a checkpoint in practice."""
+    if not isinstance(model, str) or not os.path.isdir(os.path.expanduser(model)):
+        return None
+    root = os.path.expanduser(model)
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode())
+            if name.endswith((".json", ".txt", ".model")):
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            else:
+                digest.update(str(os.path.getsize(path)).encode())
+    return digest.hexdigest()
+
+
 def write_run_settings(folder: str, settings: dict[str, Any]) -> None:
     with open(os.path.join(folder, RUN_SETTINGS_NAME), "w") as f:
         json.dump(settings, f, indent=1, sort_keys=True)
@@ -86,13 +111,172 @@ def check_run_settings(checkpoint: str, settings: dict[str, Any]) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
+    same_files = saved.get("model_fingerprint") is not None and saved["model_fingerprint"] == settings.get(
+        "model_fingerprint"
+    )
     differ = [
         f"{name}: {saved[name]!r} in the checkpoint, {value!r} now"
         for name, value in settings.items()
-        if saved.get(name) is not None and value is not None and saved[name] != value
+        if saved.get(name) is not None
+        and value is not None
+        and saved[name] != value
+        # a local model folder that moved but holds the same files is the same model
+        and not (name == "model" and same_files)
     ]
     if differ:
         raise ValueError(
             f"Cannot resume from {checkpoint}: it was trained under other settings ({'; '.join(differ)}). Resume with "
             "the checkpoint's settings, or start a fresh run in another output_dir."
         )
+
+
+# ---- the files a checkpoint holds besides the Trainer's own ----------------------------------------------------
+
+STAGING = ".staging"  # checkpoints are written here first, then moved into place
+EMA_STATE_NAME = "ema_state.safetensors"  # live weights and their EMA, when ema_decay > 0
+ALGORITHM_STATE_NAME = "algorithm_state.safetensors"  # what an algorithm keeps across rounds, when it keeps anything
+#: The saved model files a finished run leaves in `output_dir` (a LoRA, or the full denoiser).
+FINAL_MODEL_FILES = ("pytorch_lora_weights.safetensors", os.path.join("transformer", "config.json"))
+#: The settings that decide how a generation round is cut into micro-batches: a mid-round buffer only fits them.
+BUFFER_LAYOUT_FIELDS = (
+    "per_device_train_batch_size",
+    "steps_per_generation",
+    "gradient_accumulation_steps",
+    "num_iterations",
+    "world_size",
+)
+
+
+def rollout_buffer_name(rank: int) -> str:
+    return f"rollout_buffer_{rank}.safetensors"
+
+
+def buffer_layout(args: Any) -> dict[str, int]:
+    return {name: int(getattr(args, name)) for name in BUFFER_LAYOUT_FIELDS}
+
+
+def check_no_finished_run(output_dir: str, overwrite_output_dir: bool) -> None:
+    """Refuse a fresh run into an `output_dir` that holds a finished run's model files (no checkpoints left, for
+    example with `save_strategy="no"`), which `save_model()` would overwrite."""
+    found = [name for name in FINAL_MODEL_FILES if os.path.exists(os.path.join(output_dir, name))]
+    if found and not overwrite_output_dir:
+        raise ValueError(
+            f"output_dir={output_dir!r} already holds a trained model ({', '.join(found)}) that this run would "
+            "overwrite. Choose another output_dir, or set overwrite_output_dir=True to replace it."
+        )
+
+
+def read_safetensors(path: str, device: str = "cpu") -> dict[str, Any]:
+    """`safetensors.torch.load_file`, with an error that names the file when it is missing or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing.")
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is damaged or truncated ({error}).") from None
+
+
+def verify_checkpoint(folder: str) -> None:
+    """Open every file of a checkpoint that resuming reads, and refuse naming the first missing or damaged one,
+    before any step. The Trainer would otherwise fail deep inside `torch.load` or `json.load`, or not at all."""
+    from safetensors import SafetensorError, safe_open
+
+    def refuse(name: str, what: str) -> None:
+        raise ValueError(
+            f"Cannot resume from {folder}: {name} {what}. The run was probably stopped while this checkpoint was "
+            "copied or written elsewhere. Resume from an earlier checkpoint-N (`resume_from_checkpoint=<path>`), or "
+            "delete this one."
+        )
+
+    state = os.path.join(folder, "trainer_state.json")
+    if not os.path.exists(state):
+        refuse("trainer_state.json", "is missing")
+    try:
+        with open(state) as f:
+            json.load(f)
+    except json.JSONDecodeError as error:
+        refuse("trainer_state.json", f"is not valid JSON ({error.msg}): truncated or damaged")
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(path, framework="pt") as f:
+                        for key in f.keys():
+                            f.get_slice(key)  # the header's offsets must lie inside the file
+                except (SafetensorError, OSError) as error:
+                    refuse(relative, f"is damaged or truncated ({error})")
+                if os.path.getsize(path) < _safetensors_end(path):
+                    refuse(relative, "is truncated (shorter than its header says)")
+            elif name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(path):
+                refuse(relative, "is damaged or truncated (not a complete torch archive)")
+
+
+def _safetensors_end(path: str) -> int:
+    """Where the last tensor of a safetensors file ends, from its header."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return 8 + header_size + max(ends, default=0)
+
+
+def save_rollout_buffer(batches: list, path: str, layout: dict[str, int]) -> None:
+    """Write a generation round's training micro-batches to one safetensors file, so a run resumed in the middle of
+    the round trains on exactly the same data. ``layout`` (see `buffer_layout`) is stored beside them."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v for i, batch in enumerate(batches) for k, v in batch.state_dict(prefix=f"{i}.").items()}
+    metadata = {name: str(value) for name, value in layout.items()}
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, path, metadata=metadata)  # clone: shared
+
+
+def load_rollout_buffer(path: str, device: torch.device | str, layout: dict[str, int]) -> list:
+    """Read what `save_rollout_buffer` wrote, onto `device`, refusing naming the fields when the round was cut into
+    micro-batches under other settings than ``layout``."""
+    from safetensors import safe_open
+
+    from .rollout import TrainBatch
+
+    with safe_open(path, framework="pt") as f:
+        saved = f.metadata() or {}
+    differ = [
+        f"{name}={saved[name]} in the checkpoint, {value} now"
+        for name, value in layout.items()
+        if name in saved and int(saved[name]) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"Cannot resume from the middle of a generation round in {os.path.dirname(path)}: its rollout buffer was "
+            f"cut into micro-batches under other settings ({'; '.join(differ)}). Resume with the checkpoint's values "
+            "of these fields, or from a checkpoint at the end of a round."
+        )
+    tensors = read_safetensors(path, device=str(device))
+    count = len({k.split(".")[0] for k in tensors})
+    return [TrainBatch.from_state_dict(tensors, prefix=f"{i}.") for i in range(count)]
+
+
+def publish_checkpoint(run_dir: str, name: str, save_total_limit: int | None) -> None:
+    """Move a complete checkpoint from the staging folder into place and rotate old ones; a checkpoint saved again at
+    the same step replaces the old one."""
+    final = os.path.join(run_dir, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(os.path.join(run_dir, STAGING, name), final)
+    shutil.rmtree(os.path.join(run_dir, STAGING), ignore_errors=True)
+    rotate_checkpoints(output_dir=run_dir, save_total_limit=save_total_limit, use_mtime=True)
+
+
+def load_full_weights(folder: str) -> dict[str, Any]:
+    """The state dict of a fully fine-tuned denoiser saved with `save_pretrained` (one or more safetensors shards)."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights to resume the fully trained denoiser from.")
+    state = {}
+    for name in files:
+        state.update(read_safetensors(os.path.join(folder, name)))
+    return state

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import torch
 from transformers import TrainingArguments
 
 from .losses import DANCE_WEIGHTINGS, DEFAULT_EPSILON, KL_TYPES, LOSS_TYPES, SCALE_REWARDS
@@ -67,7 +66,11 @@ class GuardConfig(TrainingArguments):
     Only the parameters specific to diffusion RL are listed here; every other field is a
     [`~transformers.TrainingArguments`] field with the same meaning. Defaults that differ from
     `TrainingArguments`: `learning_rate=1e-4`, `logging_steps=1`, `remove_unused_columns=False`,
-    `dataloader_pin_memory=False` (the data loader yields prompt strings: there is nothing to pin).
+    `dataloader_pin_memory=False` (the data loader yields prompt strings: there is nothing to pin). Refused, with a
+    message: `auto_find_batch_size` (it halves the micro-batch, which would cut prompt groups apart, as TRL's GRPO
+    refuses it too), `load_best_model_at_end` (evaluations here score sampled images, not a loss; use
+    `OverOptimizationCallback(restore_best=True)` to end on the best gold score) and `fp16` (use `bf16`: the SDE log-ratio
+    needs float32's exponent range, which bf16 keeps and fp16 does not, and fp16 would need loss scaling).
 
     Batch sizes follow TRL's `GRPOConfig`: `per_device_train_batch_size` counts *images* per device per micro-step.
     One *generation batch* of `per_device_train_batch_size * num_processes * steps_per_generation` images is sampled
@@ -184,10 +187,19 @@ class GuardConfig(TrainingArguments):
         overlap_reward_scoring (`bool`, *optional*, defaults to `True`):
             Score each micro-batch's images in a worker thread while the next micro-batch is sampled (Flow-GRPO
             does the same). Reward functions are still called one at a time, in order.
+        generation_batch_size (`int`, *optional*):
+            Images sampled per generation round over all processes; it must be a multiple of the global micro-batch
+            (`per_device_train_batch_size * num_processes`) and of `num_generations`. Set this or
+            `steps_per_generation`, not both (TRL's rule): unset, it is `per_device_train_batch_size * num_processes *
+            steps_per_generation`.
         steps_per_generation (`int`, *optional*):
-            Micro-steps served by one generation batch; defaults to `gradient_accumulation_steps`.
+            Micro-steps served by one generation batch. Set this or `generation_batch_size`, not both; with neither,
+            `gradient_accumulation_steps`.
         num_iterations (`int`, *optional*, defaults to `1`):
             Passes over each generation batch (PPO epochs; `mu` in the GRPO paper).
+        shuffle_dataset (`bool`, *optional*, defaults to `True`):
+            Shuffle the prompts each epoch. The order of an epoch is drawn from `(seed, epoch)` alone, so a resumed run
+            sees the prompts in the same order from any checkpoint.
 
         > Parameters that control evaluation
 
@@ -279,8 +291,10 @@ class GuardConfig(TrainingArguments):
     scale_rewards: str = field(default="group", metadata={"choices": list(SCALE_REWARDS)})
     reward_weights: list[float] | None = None
     overlap_reward_scoring: bool = True
+    generation_batch_size: int | None = None
     steps_per_generation: int | None = None
     num_iterations: int = 1
+    shuffle_dataset: bool = True
 
     eval_kl: bool = False
     ema_decay: float = 0.0
@@ -295,13 +309,12 @@ class GuardConfig(TrainingArguments):
 
     def __post_init__(self):
         self.model_init_kwargs = _parse_model_init_kwargs(self.model_init_kwargs)
+        self._refuse_unsupported()
         super().__post_init__()
         self._validate()
         if self.epsilon is None:
             self.epsilon = DEFAULT_EPSILON[self.loss_type]
-        if self.steps_per_generation is None:
-            self.steps_per_generation = self.gradient_accumulation_steps
-        self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
+        self._resolve_generation_batch()
         if self.generation_batch_size % self.num_generations != 0:
             raise ValueError(
                 f"The generation batch (per_device_train_batch_size={self.per_device_train_batch_size} x "
@@ -311,12 +324,64 @@ class GuardConfig(TrainingArguments):
                 "or num_generations so that num_generations divides it."
             )
 
+    def _resolve_generation_batch(self) -> None:
+        """TRL's either-or rule: `generation_batch_size` or `steps_per_generation` gives the other."""
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                f"generation_batch_size={self.generation_batch_size} and steps_per_generation="
+                f"{self.steps_per_generation} are both set; set only one (the other follows from "
+                f"per_device_train_batch_size x processes = {global_batch})."
+            )
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = global_batch * self.steps_per_generation
+            return
+        if self.generation_batch_size < 1 or self.generation_batch_size % global_batch != 0:
+            raise ValueError(
+                f"generation_batch_size={self.generation_batch_size} must be a positive multiple of the global "
+                f"micro-batch, per_device_train_batch_size={self.per_device_train_batch_size} x {self.world_size} "
+                f"processes = {global_batch}."
+            )
+        self.steps_per_generation = self.generation_batch_size // global_batch
+
+    def _refuse_unsupported(self) -> None:
+        """Fields of `TrainingArguments` this trainer cannot honour, refused before the parent class's own checks (which
+        would otherwise fail first with messages about other fields)."""
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(
+            not self.auto_find_batch_size,
+            "auto_find_batch_size=True is not supported: halving the micro-batch would cut prompt groups apart. Set "
+            "it to False and lower per_device_train_batch_size (or use gradient_accumulation_steps) instead.",
+        )
+        check(
+            not self.load_best_model_at_end,
+            "load_best_model_at_end=True is not supported: evaluations score sampled images and keep no eval loss to "
+            "pick a best checkpoint by. To end on the best gold score, add "
+            "OverOptimizationCallback(gold_metric=..., restore_best=True).",
+        )
+        check(
+            not self.fp16,
+            "fp16=True is not supported: the SDE log-ratio needs float32's exponent range and fp16 would need loss "
+            "scaling. Use bf16=True (mixed precision with float32's range), or load the pipeline in half precision "
+            "with model_init_kwargs={'dtype': 'bfloat16'}.",
+        )
+
     def _validate(self) -> None:
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
 
         check(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is unknown; use one of {LOSS_TYPES}.")
+        check(
+            self.learning_rate >= 0,
+            f"learning_rate={self.learning_rate} must be >= 0 (GRPO-Guard's SD3.5-M recipe uses 1e-4).",
+        )
         check(
             self.noise_schedule in NOISE_SCHEDULES,
             f"noise_schedule={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.",
@@ -407,19 +472,6 @@ class GuardConfig(TrainingArguments):
                 f"sde_window_size=1 with sde_window_range={window} can fall on CPS's last step, which has no noise and "
                 "nothing to train: end the range at num_inference_steps - 1 or widen the window."
             )
-
-    def sde_window(self, rollout_index: int, generator: torch.Generator | None = None) -> range | None:
-        """The sampling steps of round `rollout_index` that are SDE steps, recorded and trained; `None` without a
-        window (every step). `generator` draws a `"random"` window's start."""
-        if self.sde_window_size == 0:
-            return None
-        start, end = self.sde_window_range
-        last_start = end - self.sde_window_size
-        if self.sde_window_schedule == "sliding":
-            first = min(start + rollout_index // self.sde_window_shift_interval, last_start)
-        else:
-            first = start + int(torch.randint(last_start - start + 1, (1,), generator=generator))
-        return range(first, first + self.sde_window_size)
 
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")

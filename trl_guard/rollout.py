@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .adapters import PipelineAdapter, PromptEmbeddings
-from .sde import ode_step, sde_step_with_logprob
+from .schedule import SDESchedule
+from .sde import ode_step
 
 
 @dataclass
@@ -22,7 +23,6 @@ class Rollout:
 
     latents: torch.Tensor  # (B, W + 1, ...)
     old_means: torch.Tensor  # (B, W, ...)
-    log_probs: torch.Tensor  # (B, W)
     sigmas: torch.Tensor  # (W + 1,)
     start: int = 0
     final: torch.Tensor | None = None  # the sample, when the trajectory went on (with the ODE) after the record
@@ -54,10 +54,8 @@ def sample_sde(
     negative_embeds: PromptEmbeddings | None,
     latents: torch.Tensor,
     sigmas: torch.Tensor,
+    schedule: SDESchedule,
     *,
-    noise_level: float,
-    noise_schedule: str,
-    cps_log_prob: str = "official",
     generators: list[torch.Generator] | None = None,
     sde_steps: range | None = None,
 ) -> Rollout:
@@ -70,7 +68,7 @@ def sample_sde(
     sde_steps = range(num_steps) if sde_steps is None else sde_steps
     batch = latents.shape[0]
     latents = latents.float()
-    recorded, means, log_probs = [], [], []
+    recorded, means = [], []
     for i in range(num_steps):
         sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
         velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, negative_embeds)
@@ -78,25 +76,14 @@ def sample_sde(
             latents = ode_step(velocity, latents, sigma, sigma_next)
             continue
         recorded.append(latents)
-        latents, log_prob, mean, _ = sde_step_with_logprob(
-            velocity,
-            latents,
-            sigma,
-            sigma_next,
-            noise_level=noise_level,
-            noise_schedule=noise_schedule,
-            cps_log_prob=cps_log_prob,
-            generator=generators,
-        )
+        latents, _, mean, _ = schedule.step(velocity, latents, sigma, sigma_next, generator=generators)
         means.append(mean)
-        log_probs.append(log_prob)
         if i == sde_steps[-1]:
             recorded.append(latents)
     window_is_all = sde_steps[0] == 0 and sde_steps[-1] == num_steps - 1
     return Rollout(
         torch.stack(recorded, 1),
         torch.stack(means, 1),
-        torch.stack(log_probs, 1),
         sigmas[sde_steps[0] : sde_steps[-1] + 2],
         start=sde_steps[0],
         final=None if window_is_all else latents,
@@ -149,24 +136,31 @@ def select_train_steps(
 
 @dataclass
 class TrainBatch:
-    """One training micro-batch of a generation round: its recorded trajectories, the text embeddings they were
-    sampled with, and, once the whole round is scored, the advantages and the sampling steps to train on."""
+    """One training micro-batch of a generation round, built once the round is scored: its recorded trajectories,
+    the conditioning they were sampled with, their advantages and the sampling steps to train on."""
 
     rollout: Rollout
     prompt_embeds: PromptEmbeddings
     negative_embeds: PromptEmbeddings | None
-    advantages: torch.Tensor | None = None  # (B,)
-    train_steps: list[int] = field(default_factory=list)
+    advantages: torch.Tensor  # (B,)
+    train_steps: list[int]
+
+    def __post_init__(self):
+        if len(self.advantages) != len(self.rollout):
+            raise ValueError(f"{len(self.advantages)} advantages for a batch of {len(self.rollout)} trajectories.")
+        missing = [step for step in self.train_steps if step not in self.rollout.steps]
+        if missing:
+            raise ValueError(f"Train steps {missing} were not recorded (recorded: {list(self.rollout.steps)}).")
+
+    def __len__(self) -> int:
+        return len(self.rollout)
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Flat tensors for safetensors, keyed ``{prefix}{name}``; `from_state_dict` reads them back."""
-        if self.advantages is None:
-            raise ValueError("A TrainBatch is saved only once its round is scored (advantages set).")
         rollout = self.rollout
         state = {
             "latents": rollout.latents,
             "old_means": rollout.old_means,
-            "log_probs": rollout.log_probs,
             "sigmas": rollout.sigmas,
             "advantages": self.advantages,
             "train_steps": torch.tensor(self.train_steps, dtype=torch.long),
@@ -191,7 +185,6 @@ class TrainBatch:
             rollout=Rollout(
                 own["latents"],
                 own["old_means"],
-                own["log_probs"],
                 own["sigmas"],
                 start=int(own["start"]) if "start" in own else 0,
                 final=own.get("final"),

@@ -1,10 +1,10 @@
-"""GuardGRPODiffusionTrainer: online GRPO for flow-matching text-to-image pipelines, GRPO-Guard by default.
+"""GuardGRPODiffusionTrainer: online RL for flow-matching pipelines, GRPO-Guard by default.
 
-One generation round: sample every prompt `num_generations` times with the SDE, recording each step's latents and
-old means (no forward pass is repeated later); decode and score the images; turn the rewards, gathered from all
-processes, into group advantages. Then train over (micro-batch, timestep) pairs with one backward per timestep,
-so memory does not grow with the number of sampling steps. Everything model-family specific goes through the
-pipeline adapter; the math lives in `sde.py` and `losses.py`.
+The trainer orchestrates one loop for every algorithm family: sample a generation round, score it, turn the rewards
+(gathered from all processes) into group advantages, then train over (micro-batch, unit) pairs with one backward per
+unit, so memory does not grow with the number of sampling steps; log. What a rollout records and how a unit's loss is
+computed belong to the algorithm (`trl_guard.algorithms`); what a model family's call looks like belongs to its
+adapter (`trl_guard.adapters`); pre-flight checks and checkpoint files have their own modules.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,137 +22,28 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from PIL import Image
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import RepeatSampler, identity
 
-from .adapters import ADAPTERS, PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
+from . import checkpoints, preflight
+from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
+from .algorithms import Algorithm, get_algorithm, path_kl_to_reference
 from .callbacks import adapt_tracker_callbacks
-from .checkpoints import check_run_settings, resolve_resume, write_run_settings
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
 from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid, make_grid
-from .losses import compute_advantages, compute_kl, compute_policy_loss
+from .losses import compute_advantages
 from .metrics import eval_gold_key, eval_kl_key, eval_reward_key, eval_rewards_key, reward_key, timestep_key
 from .overoptimization import OverOptimizationCallback
-from .rollout import (
-    TrainBatch,
-    load_rollout_buffer,
-    sample_ode,
-    sample_sde,
-    save_rollout_buffer,
-    select_train_steps,
-)
+from .rollout import TrainBatch, sample_ode
+from .schedule import SDESchedule
 from .scoring import RewardSet
-from .sde import sde_std, sde_step_with_logprob
-
-# Streams of randomness, each seeded independently of how samples are spread over processes and batches.
-_INIT_NOISE, _SDE_NOISE, _TIMESTEPS, _EVAL_NOISE, _WINDOW = range(5)
-_STAGING = ".staging"  # checkpoints are written here first, then moved into place
-EMA_STATE_NAME = "ema_state.safetensors"  # live weights and their EMA, in checkpoints when ema_decay > 0
-
-
-def _generator(*key: int) -> torch.Generator:
-    """A CPU generator whose seed is a hash of `key`: the same key gives the same noise on any process or device."""
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _check_prompt_dataset(dataset: Any, name: str) -> None:
-    """Fail before any compute when a dataset cannot feed the trainer."""
-    if dataset is None:
-        return
-    if isinstance(dataset, IterableDataset):
-        raise ValueError(
-            f"{name} is an IterableDataset, which the trainer cannot sample prompt groups from yet. Materialise the "
-            f"prompts first, for example `Dataset.from_list(list({name}))`."
-        )
-    if isinstance(dataset, Dataset):
-        columns = dataset.column_names
-        if "prompt" not in columns:
-            raise ValueError(
-                f"{name} has no 'prompt' column (columns: {columns}). Rename the text column, for example "
-                f"`{name}.rename_column('text', 'prompt')`."
-            )
-        prompts = dataset["prompt"]
-    elif isinstance(dataset, Sequence) and not isinstance(dataset, str):
-        for i, row in enumerate(dataset):
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(
-                    f"{name}[{i}] is {row!r}: every row must be a dict with a 'prompt' key, or pass a "
-                    "datasets.Dataset with a 'prompt' column."
-                )
-        prompts = [row["prompt"] for row in dataset]
-    else:
-        raise ValueError(f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}.")
-    if len(prompts) == 0:
-        raise ValueError(f"{name} is empty: it needs at least one prompt.")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{name}['prompt'][{i}] is {prompt!r}: every prompt must be a non-empty string.")
-
-
-def _pipeline_class_name(model: Any) -> str | None:
-    """The diffusers pipeline class `model` is or will load as: a pipeline object's class, or a local folder's
-    `model_index.json` entry (None for a Hub id, which is not looked up before loading)."""
-    if not isinstance(model, str):
-        return type(model).__name__
-    index = os.path.join(os.path.expanduser(model), "model_index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return json.load(f).get("_class_name")
-    return None
-
-
-def _check_condition_columns(train_dataset: Dataset | None, eval_dataset: Dataset | None, pipeline_class: str) -> None:
-    """Families conditioned on more than text (an editing model's source image) need those columns in every dataset,
-    as images."""
-    from datasets import Image as ImageFeature
-
-    adapter = next((a for a in ADAPTERS if pipeline_class in a.pipeline_classes), None)
-    if adapter is None:
-        return
-    for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
-        if dataset is None:
-            continue
-        for column in adapter.condition_columns:
-            if column not in dataset.column_names:
-                raise ValueError(
-                    f"{pipeline_class} is conditioned on a {column!r} column besides 'prompt', and {name} has none "
-                    f"(columns: {dataset.column_names}). Add the source images as a {column!r} column of PIL images."
-                )
-            feature = dataset.features.get(column)
-            if not isinstance(feature, ImageFeature) and not isinstance(dataset[0][column], Image.Image):
-                raise ValueError(
-                    f"{name}[{column!r}] holds {feature}, but {pipeline_class} needs images there. Cast a column of "
-                    f"file paths with `{name}.cast_column({column!r}, datasets.Image())`."
-                )
-
-
-def _check_model_path(model: str) -> None:
-    """A string that can only be a local path (absolute, `./`, `../`, `~`, or more than one `/`) must exist: the Hub
-    would otherwise report it as a malformed repository id."""
-    local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
-    if local and not os.path.exists(os.path.expanduser(model)):
-        raise FileNotFoundError(
-            f"model={model!r} looks like a local path, and it does not exist. Give an existing pipeline folder (one "
-            "with model_index.json) or a Hub id such as 'stabilityai/stable-diffusion-3.5-medium'."
-        )
-
-
-def _load_pipeline(model: Any, args: GuardConfig) -> Any:
-    if not isinstance(model, str):
-        return model
-    from diffusers import DiffusionPipeline
-
-    kwargs = dict(args.model_init_kwargs or {})
-    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    return DiffusionPipeline.from_pretrained(model, **kwargs)
+from .seeding import Stream, keyed_generator
 
 
 class _EMAUpdate(TrainerCallback):
@@ -165,6 +54,20 @@ class _EMAUpdate(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ema.step(state.global_step)
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler`, reseeded at each epoch from `(seed, epoch)`.
+
+    `RepeatSampler` draws every epoch's order from one generator that advances as epochs pass, and the Trainer, when
+    it resumes, neither replays the earlier epochs nor restores that generator: from a checkpoint past the first epoch
+    the prompt order would change. Seeding each epoch from its index (the Trainer calls `set_epoch`) makes the order
+    a function of the epoch alone, as `torch.utils.data.DistributedSampler` does.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed(int(self.seed or 0) + epoch)
 
 
 class GuardGRPODiffusionTrainer(Trainer):
@@ -231,30 +134,26 @@ class GuardGRPODiffusionTrainer(Trainer):
         # Everything that can be checked cheaply is checked before the pipeline is loaded.
         self.rewards = RewardSet(reward_funcs, args.reward_weights)
         self.gold_rewards = RewardSet(gold_reward_funcs, field="gold_reward_funcs") if gold_reward_funcs else None
-        _check_prompt_dataset(train_dataset, "train_dataset")
-        _check_prompt_dataset(eval_dataset, "eval_dataset")
-        train_dataset, eval_dataset = (
-            Dataset.from_list(d) if isinstance(d, list) else d for d in (train_dataset, eval_dataset)
-        )
-        groups_per_generation = args.generation_batch_size // args.num_generations
-        if isinstance(train_dataset, Dataset) and len(train_dataset) < groups_per_generation:
-            raise ValueError(
-                f"train_dataset has {len(train_dataset)} prompts but one generation batch needs "
-                f"{groups_per_generation} distinct prompts ({args.generation_batch_size} images / num_generations="
-                f"{args.num_generations}). Add prompts or lower per_device_train_batch_size / steps_per_generation."
-            )
-
+        preflight.check_prompt_dataset(train_dataset, "train_dataset")
+        preflight.check_prompt_dataset(eval_dataset, "eval_dataset")
+        train_dataset, eval_dataset = preflight.as_dataset(train_dataset), preflight.as_dataset(eval_dataset)
+        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
+        preflight.check_reward_columns(datasets)
+        preflight.check_generation_batch(train_dataset, args)
         check_hub_setup(args)
         if isinstance(model, str):
-            _check_model_path(model)
-        pipeline_class = _pipeline_class_name(model)
+            preflight.check_model_path(model)
+        pipeline_class = preflight.pipeline_class_name(model)
         if pipeline_class is not None:  # before loading, for pipeline objects and local folders
-            _check_condition_columns(train_dataset, eval_dataset, pipeline_class)
-        pipeline = _load_pipeline(model, args)
+            preflight.check_condition_columns(datasets, pipeline_class)
+            preflight.check_resolution(model, pipeline_class, args)
+
+        pipeline = preflight.load_pipeline(model, args.model_init_kwargs)
         self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
+        self._model_fingerprint = checkpoints.model_fingerprint(model)
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         if pipeline_class is None:  # a Hub id: its class is known only now
-            _check_condition_columns(train_dataset, eval_dataset, type(pipeline).__name__)
+            preflight.check_condition_columns(datasets, type(pipeline).__name__)
         self.adapter.configure(
             SamplingSettings(
                 height=args.height,
@@ -266,15 +165,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             )
         )
         self.pipeline = pipeline
-        if args.noise_schedule == "linear":
-            sigma_max = float(self.adapter.sigmas(args.num_inference_steps)[1])
-            if abs(args.noise_level - sigma_max) > 1e-3:
-                warnings.warn(
-                    f"noise_schedule='linear' with noise_level={args.noise_level}: Flow-GRPO's Wan2.1 step sets it to "
-                    f"the sampling grid's second sigma, {sigma_max:.5f} for num_inference_steps="
-                    f"{args.num_inference_steps}. Set noise_level to that value to train as it does.",
-                    stacklevel=2,
-                )
+        self.algorithm: Algorithm = get_algorithm(args, self.adapter)
         set_seed(args.seed)  # LoRA initialisation draws from the global RNG
         denoiser = self._prepare_denoiser(peft_config, args)
 
@@ -306,12 +197,17 @@ class GuardGRPODiffusionTrainer(Trainer):
                 module.to(self.accelerator.device)
         if self.adapter.reference_denoiser is not None:
             self.adapter.reference_denoiser.to(self.accelerator.device)
-        reward_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        reward_dtype = torch.bfloat16 if args.bf16 else torch.float32
         for rewards in (self.rewards, self.gold_rewards):
             if rewards is not None:
                 rewards.place(self.accelerator.device, reward_dtype)
 
-        self._metrics: dict[str, list[torch.Tensor | float]] = defaultdict(list)  # reduced in `log`
+        # Statistics per mode, as TRL keeps them: "train" is reduced into the next training log, "eval" into the
+        # evaluation's metrics.
+        self._metrics: dict[str, dict[str, list[torch.Tensor | float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         self._buffered_batches: list[TrainBatch] | None = None
         self._step: int | None = None
         self._negative_embeds: PromptEmbeddings | None = None
@@ -319,9 +215,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._scoring_pool = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
         self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, args.offload_frozen_modules)
         if args.precompute_prompt_embeds:
-            datasets = [d for d in (train_dataset, eval_dataset) if isinstance(d, Dataset)]
+            prompts = [p for d in (train_dataset, eval_dataset) if isinstance(d, Dataset) for p in d["prompt"]]
             negative = [args.negative_prompt] if self.adapter.uses_cfg else []
-            self.prompt_encoder.precompute([p for d in datasets for p in d["prompt"]] + negative)
+            self.prompt_encoder.precompute(prompts + negative)
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def _prepare_denoiser(self, peft_config: Any | None, args: GuardConfig) -> torch.nn.Module:
@@ -354,12 +250,12 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     # ---- data: each prompt repeated num_generations times, each generation batch reused -----------------------
     def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
-        return RepeatSampler(
+        return EpochSeededRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.generation_batch_size // self.args.num_generations,
             repeat_count=self.args.num_iterations * self.args.steps_per_generation,
-            shuffle=True,
+            shuffle=self.args.shuffle_dataset,
             seed=self.args.seed,
         )
 
@@ -384,12 +280,12 @@ class GuardGRPODiffusionTrainer(Trainer):
         with on_device([self.pipeline.vae], self.accelerator.device, self.args.offload_frozen_modules):
             return self.adapter.decode(latents)
 
-    def _initial_latents(self, global_indices: list[int], kind: int, rollout_index: int) -> torch.Tensor:
+    def _initial_latents(self, global_indices: list[int], stream: Stream, rollout_index: int) -> torch.Tensor:
         shape = self.adapter.latent_shape()
         keys = global_indices
-        if self.args.init_same_noise and kind == _INIT_NOISE:
+        if self.args.init_same_noise and stream == Stream.INIT_NOISE:
             keys = [i // self.args.num_generations for i in global_indices]
-        noise = [torch.randn(shape, generator=_generator(self.args.seed, kind, rollout_index, k)) for k in keys]
+        noise = [torch.randn(shape, generator=keyed_generator(self.args.seed, stream, rollout_index, k)) for k in keys]
         return torch.stack(noise).to(self.accelerator.device)
 
     def _show_phase(self, phase: str) -> None:
@@ -398,7 +294,8 @@ class GuardGRPODiffusionTrainer(Trainer):
                 callback.set_phase(phase)
 
     def _generate_and_score(self, rows: list[dict[str, Any]], rollout_index: int) -> list[TrainBatch]:
-        args, adapter, device = self.args, self.adapter, self.accelerator.device
+        """Sample, score and build the round's training micro-batches, complete with their advantages."""
+        args, device = self.args, self.accelerator.device
         self._show_phase("sampling")
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
@@ -406,37 +303,25 @@ class GuardGRPODiffusionTrainer(Trainer):
         offset = self.accelerator.process_index * local_size
         global_indices = list(range(offset, offset + local_size))
 
+        plan = self.algorithm.plan(rollout_index)
         row_embeds = self.prompt_encoder.rows(prompts, columns)  # once per distinct prompt (and source image)
         negative_embeds = self._negative_embeddings()
-
-        sigmas = adapter.sigmas(args.num_inference_steps)
-        latents = self._initial_latents(global_indices, _INIT_NOISE, rollout_index)
-        step_generators = [_generator(args.seed, _SDE_NOISE, rollout_index, i) for i in global_indices]
-        # Drawn from the seed and the round alone: the same on every process, and again after a resume.
-        window = args.sde_window(rollout_index, _generator(args.seed, _WINDOW, rollout_index))
+        latents = self._initial_latents(global_indices, Stream.INIT_NOISE, rollout_index)
+        generators = [keyed_generator(args.seed, Stream.SDE_NOISE, rollout_index, i) for i in global_indices]
 
         # Sample in the micro-batches training will use: the first training pass then recomputes exactly the
         # sampling forward, so its ratio is exactly 1.
-        batch_size = args.per_device_train_batch_size
-        batches: list[TrainBatch] = []
-        scored: list = []  # futures or score tensors, one per micro-batch
+        chunks = [
+            slice(s, s + args.per_device_train_batch_size)
+            for s in range(0, local_size, args.per_device_train_batch_size)
+        ]
+        rollouts, scored = [], []  # scored: futures or score tensors, one per micro-batch
         self.adapter.denoiser.eval()
-        for start in range(0, local_size, batch_size):
-            chunk = slice(start, start + batch_size)
-            prompt_embeds = row_embeds.index(chunk)
-            rollout = sample_sde(
-                adapter,
-                prompt_embeds,
-                negative_embeds,
-                latents[chunk],
-                sigmas,
-                noise_level=args.noise_level,
-                noise_schedule=args.noise_schedule,
-                cps_log_prob=args.cps_log_prob,
-                generators=step_generators[chunk],
-                sde_steps=window,
+        for chunk in chunks:
+            rollout = self.algorithm.sample(
+                row_embeds.index(chunk), negative_embeds, latents[chunk], generators[chunk], plan
             )
-            batches.append(TrainBatch(rollout, prompt_embeds, negative_embeds))
+            rollouts.append(rollout)
             score = partial(
                 self.rewards,
                 prompts[chunk],
@@ -460,37 +345,27 @@ class GuardGRPODiffusionTrainer(Trainer):
             total, args.num_generations, scale_rewards=args.scale_rewards, adv_clip_max=args.adv_clip_max
         )
         self._log_rewards(rewards, total, advantages)
+        for key, value in plan.metrics.items():
+            self._metrics["train"][key].append(value)
         local_advantages = advantages[offset : offset + local_size]
-
-        noise_std = sde_std(sigmas[:-1], sigmas[1:], noise_level=args.noise_level, noise_schedule=args.noise_schedule)
-        if window is None:
-            train_steps = select_train_steps(
-                noise_std,
-                args.timestep_fraction,
-                args.timestep_selection,
-                generator=_generator(args.seed, _TIMESTEPS, rollout_index),
-            )
-        else:
-            train_steps = [i for i in window if noise_std[i] > 0]
-            self._metrics["sde_window_start"].append(float(window[0]))
-
-        for batch, start in zip(batches, range(0, local_size, batch_size)):
-            batch.advantages = local_advantages[start : start + batch_size]
-            batch.train_steps = train_steps
-        return batches
+        return [
+            TrainBatch(rollout, row_embeds.index(chunk), negative_embeds, local_advantages[chunk], plan.train_steps)
+            for rollout, chunk in zip(rollouts, chunks)
+        ]
 
     def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
+        metrics = self._metrics["train"]
         for j, name in enumerate(self.rewards.names):
-            self._metrics[reward_key(name, "mean")].append(torch.nanmean(rewards[:, j]))
+            metrics[reward_key(name, "mean")].append(torch.nanmean(rewards[:, j]))
             valid = rewards[:, j][~torch.isnan(rewards[:, j])]
-            self._metrics[reward_key(name, "std")].append(valid.std(unbiased=False) if len(valid) else 0.0)
+            metrics[reward_key(name, "std")].append(valid.std(unbiased=False) if len(valid) else 0.0)
         grouped = total.view(-1, self.args.num_generations)
-        self._metrics["reward"].append(total.mean())
-        self._metrics["reward_std"].append(total.std(unbiased=False))
-        self._metrics["frac_reward_zero_std"].append((grouped.std(dim=1) == 0).float().mean())
-        self._metrics["advantages/abs_mean"].append(advantages.abs().mean())
-        self._metrics["advantages/max"].append(advantages.max())
-        self._metrics["advantages/min"].append(advantages.min())
+        metrics["reward"].append(total.mean())
+        metrics["reward_std"].append(total.std(unbiased=False))
+        metrics["frac_reward_zero_std"].append((grouped.std(dim=1) == 0).float().mean())
+        metrics["advantages/abs_mean"].append(advantages.abs().mean())
+        metrics["advantages/max"].append(advantages.max())
+        metrics["advantages/min"].append(advantages.min())
 
     # ---- training -----------------------------------------------------------------------------------------------
     def training_step(
@@ -511,71 +386,25 @@ class GuardGRPODiffusionTrainer(Trainer):
             self._all_reduce_gradients()
         return loss
 
-    def _predict_mean(
-        self, batch: TrainBatch, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        size = len(batch.rollout)
-        latents, next_latents, _, sigma, sigma_next = batch.rollout.step(step)
-        sigma, sigma_next = sigma.expand(size), sigma_next.expand(size)
-        velocity = self.adapter.predict_velocity(latents, sigma, batch.prompt_embeds, batch.negative_embeds)
-        _, _, mean, std = sde_step_with_logprob(
-            velocity,
-            latents,
-            sigma,
-            sigma_next,
-            noise_level=self.args.noise_level,
-            noise_schedule=self.args.noise_schedule,
-            prev_sample=next_latents,
-        )
-        return mean, std, sigma, sigma_next
-
     def _train_on_batch(self, batch: TrainBatch) -> torch.Tensor:
-        args = self.args
-        rollout = batch.rollout
-        train_steps = batch.train_steps
-        # The loss is the mean over trained timesteps and accumulated micro-batches; each timestep backpropagates
-        # on its own so activations of only one step are alive at a time.
-        scale = 1.0 / (len(train_steps) * self.current_gradient_accumulation_steps)
+        """One backward per training unit, so activations of only one unit are alive at a time. The loss is the mean
+        over units and accumulated micro-batches."""
+        scale = 1.0 / (len(batch.train_steps) * self.current_gradient_accumulation_steps)
         params = self._trainable_parameters
+        metrics = self._metrics["train"]
         total = torch.zeros((), device=self.accelerator.device)
-        for step in train_steps:
-            mean, std, sigma, sigma_next = self._predict_mean(batch, step)
-            _, next_latents, old_mean, _, _ = rollout.step(step)
-            loss, stats = compute_policy_loss(
-                mean,
-                old_mean,
-                next_latents,
-                std,
-                batch.advantages,
-                sigma,
-                sigma_next,
-                loss_type=args.loss_type,
-                epsilon=args.epsilon,
-                noise_level=args.noise_level,
-                noise_schedule=args.noise_schedule,
-                dance_weighting=args.dance_weighting,
-                cps_log_prob=args.cps_log_prob,
-            )
-            if args.beta > 0:
-                with torch.no_grad(), self.adapter.reference_policy():
-                    ref_mean, _, _, _ = self._predict_mean(batch, step)
-                kl = compute_kl(
-                    mean, ref_mean, std, sigma, sigma_next, kl_type=args.kl_type, noise_schedule=args.noise_schedule
-                )
-                loss = loss + args.beta * kl
-                stats["kl"] = kl.detach()
-
+        for unit in batch.train_steps:
+            loss, stats = self.algorithm.loss(batch, unit)
             before = None
-            if args.log_timestep_grad_norm and self._logs_this_step():
+            if self.args.log_timestep_grad_norm and self._logs_this_step():
                 before = [p.grad.clone() if p.grad is not None else None for p in params]
             self.accelerator.backward(loss * scale)
             if before is not None:
                 stats["grad_norm"] = self._grad_norm_since(params, before) / scale
-
             for key, value in stats.items():
                 value = value.detach() if isinstance(value, torch.Tensor) else value
-                self._metrics[timestep_key(step, key)].append(value)
-                self._metrics[key].append(value)
+                metrics[timestep_key(unit, key)].append(value)
+                metrics[key].append(value)
             total += loss.detach()
         return total * scale
 
@@ -613,12 +442,24 @@ class GuardGRPODiffusionTrainer(Trainer):
             p.grad.copy_(g.view_as(p.grad))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """`transformers.Trainer.train`, which refuses before any step to start afresh over `output_dir`'s
-        checkpoints (unless `args.overwrite_output_dir`) or to resume under settings that change what the checkpoint
-        means (model, loss type, group size, LoRA rank or targets)."""
-        checkpoint = resolve_resume(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
-        if checkpoint is not None:
-            check_run_settings(checkpoint, self.run_settings())
+        """`transformers.Trainer.train`, which first refuses, naming the fix, to train without a train_dataset, to
+        start afresh over `output_dir`'s checkpoints or finished model (unless `args.overwrite_output_dir`), or to
+        resume from a damaged checkpoint or under settings that change what the checkpoint means (model, loss type,
+        group size, LoRA rank or targets, or for a mid-round checkpoint how the round is cut into micro-batches)."""
+        if self.train_dataset is None:
+            raise ValueError(
+                "train() needs a train_dataset: pass the prompts as GuardGRPODiffusionTrainer(train_dataset=...), a "
+                "datasets.Dataset with a 'prompt' column."
+            )
+        checkpoint = checkpoints.resolve_resume(
+            self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir
+        )
+        if checkpoint is None:
+            checkpoints.check_no_finished_run(self.args.output_dir, self.args.overwrite_output_dir)
+        else:
+            checkpoints.verify_checkpoint(checkpoint)
+            checkpoints.check_run_settings(checkpoint, self.run_settings())
+            self._check_mid_round_buffer(checkpoint)
         output = super().train(checkpoint, *args, **kwargs)
         restored = any(
             isinstance(cb, OverOptimizationCallback) and cb.restore_best and cb.stop_reason is not None
@@ -628,8 +469,27 @@ class GuardGRPODiffusionTrainer(Trainer):
             self.ema.reset()  # the restored weights were the evaluated EMA: keep averaging from them
         return output
 
+    def _round_is_open(self, global_step: int) -> bool:
+        """Whether optimizer step ``global_step`` ends in the middle of a generation round."""
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        return (global_step * self.args.gradient_accumulation_steps) % generate_every != 0
+
+    def _check_mid_round_buffer(self, checkpoint: str) -> None:
+        """A checkpoint saved in the middle of a round resumes only from its rollout buffer: refuse when it is missing
+        (resampling would train the rest of the round on data from the already-updated policy)."""
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            global_step = json.load(f).get("global_step", 0)
+        buffer = os.path.join(checkpoint, checkpoints.rollout_buffer_name(self.accelerator.process_index))
+        if self._round_is_open(global_step) and not os.path.exists(buffer):
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it was saved in the middle of a generation round (step "
+                f"{global_step}), and the round's rollout buffer {buffer} is missing, so the rest of the round cannot "
+                "be trained on the data it was sampled with. Resume from a checkpoint at the end of a round, or "
+                "restore the file."
+            )
+
     def compute_loss(self, *args, **kwargs):
-        raise NotImplementedError("GuardGRPODiffusionTrainer computes its loss per timestep in `training_step`.")
+        raise NotImplementedError("GuardGRPODiffusionTrainer computes its loss per training unit in `training_step`.")
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -642,13 +502,14 @@ class GuardGRPODiffusionTrainer(Trainer):
         """Sample one image per eval prompt with the ODE (`eval_num_inference_steps`, seeds fixed by the prompt's
         row) and log the mean of each training reward, `{prefix}_rewards/{name}`, of their weighted sum,
         `{prefix}_reward`, and of each gold reward, `{prefix}_gold/{name}`. A grid of the first images is written to
-        `{output_dir}/eval_images/` and sent to the trackers that take images (tensorboard, wandb)."""
+        `{output_dir}/eval_images/` and sent to the trackers that take images (tensorboard, wandb, trackio)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
-        _check_prompt_dataset(dataset, "eval_dataset")
-        dataset = Dataset.from_list(dataset) if isinstance(dataset, list) else dataset
-        _check_condition_columns(None, dataset, type(self.pipeline).__name__)
+        preflight.check_prompt_dataset(dataset, "eval_dataset")
+        dataset = preflight.as_dataset(dataset)
+        preflight.check_condition_columns({"eval_dataset": dataset}, type(self.pipeline).__name__)
+        preflight.check_reward_columns({"eval_dataset": dataset})
         with self._ema_weights():  # callbacks see the weights that were evaluated
             metrics = self._evaluate_dataset(dataset, metric_key_prefix)
             self.log(metrics)
@@ -676,7 +537,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 adapter,
                 prompt_embeds,
                 self._negative_embeddings(),
-                self._initial_latents(chunk, _EVAL_NOISE, 0),
+                self._initial_latents(chunk, Stream.EVAL_NOISE, 0),
                 sigmas,
             )
             images = self._decode(latents)
@@ -719,61 +580,45 @@ class GuardGRPODiffusionTrainer(Trainer):
         ]
 
     def _kl_to_reference(self, prompt_embeds: PromptEmbeddings, indices: list[int]) -> torch.Tensor:
-        """Per prompt: sum over the noisy steps of the exact KL between the policy's and the reference's step
-        Gaussians, along one SDE trajectory sampled from the policy with fixed noise."""
-        args, adapter = self.args, self.adapter
-        sigmas = adapter.sigmas(args.num_inference_steps)
-        rollout = sample_sde(
-            adapter,
+        """Per prompt: the policy's path KL from the reference (`path_kl_to_reference`) along one SDE trajectory of
+        the configured schedule, with noise fixed by the prompt's row."""
+        args = self.args
+        return path_kl_to_reference(
+            self.adapter,
+            SDESchedule.from_config(args),
             prompt_embeds,
             self._negative_embeddings(),
-            self._initial_latents(indices, _EVAL_NOISE, 0),
-            sigmas,
-            noise_level=args.noise_level,
-            noise_schedule=args.noise_schedule,
-            generators=[_generator(args.seed, _EVAL_NOISE, 1, i) for i in indices],
+            self._initial_latents(indices, Stream.EVAL_NOISE, 0),
+            self.adapter.sigmas(args.num_inference_steps),
+            [keyed_generator(args.seed, Stream.EVAL_NOISE, 1, i) for i in indices],
         )
-        total = torch.zeros(len(indices), device=rollout.latents.device)
-        with torch.no_grad(), adapter.reference_policy():
-            for step in range(args.num_inference_steps):
-                size = len(indices)
-                sigma, sigma_next = sigmas[step].expand(size), sigmas[step + 1].expand(size)
-                latents = rollout.latents[:, step]
-                velocity = adapter.predict_velocity(latents, sigma, prompt_embeds, self._negative_embeddings())
-                _, _, ref_mean, std = sde_step_with_logprob(
-                    velocity,
-                    latents,
-                    sigma,
-                    sigma_next,
-                    noise_level=args.noise_level,
-                    noise_schedule=args.noise_schedule,
-                    prev_sample=rollout.latents[:, step + 1],
-                )
-                total += compute_kl(
-                    rollout.old_means[:, step], ref_mean, std, sigma, sigma_next, kl_type="exact", reduction="none"
-                )
-        return total.cpu()
 
     # ---- logging ------------------------------------------------------------------------------------------------
-    def _reduce_metrics(self) -> dict[str, float]:
-        """The mean of each metric gathered since the last log. Statistics stay tensors on the device while training
-        and cross to the host here, in one transfer per logging step: each `.item()` on a GPU is a synchronisation."""
+    def _reduce_metrics(self, mode: str) -> dict[str, float]:
+        """The mean of each statistic of ``mode`` gathered since the last log, then cleared. Statistics stay tensors
+        on the device while training and cross to the host here, in one transfer: each `.item()` on a GPU is a
+        synchronisation."""
+        gathered = self._metrics[mode]
+        if not gathered:
+            return {}
         device = self.accelerator.device
         means = torch.stack(
             [
                 torch.stack(
                     [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values]
                 ).mean()
-                for values in self._metrics.values()
+                for values in gathered.values()
             ]
         ).tolist()
-        return dict(zip(self._metrics, means))
+        reduced = dict(zip(gathered, means))
+        gathered.clear()
+        return reduced
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        is_eval = any(key.startswith("eval_") for key in logs)
-        if not is_eval and self._metrics:
-            logs = {**logs, **self._reduce_metrics()}
-            self._metrics.clear()
+        if any(key.startswith("eval_") for key in logs):
+            logs = {**logs, **{f"eval_{k}": v for k, v in self._reduce_metrics("eval").items()}}
+        else:
+            logs = {**logs, **self._reduce_metrics("train")}
         super().log(logs, start_time)
 
     # ---- saving -------------------------------------------------------------------------------------------------
@@ -782,8 +627,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         lora = getattr(self.adapter.denoiser, "peft_config", {}).get("default")
         settings = {
             "model": self._base_model if isinstance(self._base_model, str) else None,
+            "model_fingerprint": self._model_fingerprint,
             "model_family": type(self.adapter).__name__,
-            "loss_type": self.args.loss_type,
+            **self.algorithm.describe(),
             "num_generations": self.args.num_generations,
             "lora_r": lora.r if lora is not None else None,
             "lora_target_modules": sorted(lora.target_modules) if lora is not None else None,
@@ -810,11 +656,13 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, _STAGING) if self._staging_checkpoint else run_dir
+        return os.path.join(run_dir, checkpoints.STAGING) if self._staging_checkpoint else run_dir
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Write the checkpoint under `{output_dir}/.staging/` and move it into place only once complete, so a run
         killed while saving leaves the previous checkpoints untouched and no half-written `checkpoint-N`."""
+        from safetensors.torch import save_file
+
         run_dir = self._get_output_dir(trial)
         self._staging_checkpoint = True
         try:
@@ -822,50 +670,43 @@ class GuardGRPODiffusionTrainer(Trainer):
         finally:
             self._staging_checkpoint = False
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        generate_every = self.args.steps_per_generation * self.args.num_iterations
-        if self._buffered_batches is not None and self._step % generate_every != 0:
+        staged = os.path.join(run_dir, checkpoints.STAGING, name)
+        if self._buffered_batches is not None and self._round_is_open(self.state.global_step):
             # Saved in the middle of a generation round: keep the round's data so a resume trains on it unchanged
             # instead of resampling it with the already-updated policy.
-            rank = self.accelerator.process_index
-            save_rollout_buffer(
-                self._buffered_batches, os.path.join(run_dir, _STAGING, name, f"rollout_buffer_{rank}.safetensors")
-            )
+            path = os.path.join(staged, checkpoints.rollout_buffer_name(self.accelerator.process_index))
+            checkpoints.save_rollout_buffer(self._buffered_batches, path, checkpoints.buffer_layout(self.args))
         if self.args.should_save:
-            write_run_settings(os.path.join(run_dir, _STAGING, name), self.run_settings())
-        if self.ema is not None and self.args.should_save:
-            from safetensors.torch import save_file
-
-            # The model files hold the EMA; training resumes from the live weights kept here.
-            save_file(self.ema.state_dict(), os.path.join(run_dir, _STAGING, name, EMA_STATE_NAME))
+            checkpoints.write_run_settings(staged, self.run_settings())
+            if self.ema is not None:  # the model files hold the EMA; training resumes from the live weights kept here
+                save_file(self.ema.state_dict(), os.path.join(staged, checkpoints.EMA_STATE_NAME))
+            algorithm_state = self.algorithm.state_dict()
+            if algorithm_state:
+                save_file(algorithm_state, os.path.join(staged, checkpoints.ALGORITHM_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
         if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):  # saved again at the same step: the new one replaces it
-                shutil.rmtree(final)
-            os.replace(os.path.join(run_dir, _STAGING, name), final)
-            shutil.rmtree(os.path.join(run_dir, _STAGING), ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=True)
+            checkpoints.publish_checkpoint(run_dir, name, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        from safetensors.torch import load_file
-
-        buffer = os.path.join(resume_from_checkpoint, f"rollout_buffer_{self.accelerator.process_index}.safetensors")
+        device = str(self.accelerator.device)
+        buffer = os.path.join(resume_from_checkpoint, checkpoints.rollout_buffer_name(self.accelerator.process_index))
         if os.path.exists(buffer):
-            self._buffered_batches = load_rollout_buffer(buffer, self.accelerator.device)
+            self._buffered_batches = checkpoints.load_rollout_buffer(
+                buffer, device, checkpoints.buffer_layout(self.args)
+            )
         if self.adapter.has_lora:
             self.adapter.load_lora(resume_from_checkpoint)
         else:
             folder = os.path.join(resume_from_checkpoint, "transformer")
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-            state = {}
-            for name in files:
-                state.update(load_file(os.path.join(folder, name)))
-            self.adapter.denoiser.load_state_dict(state)
+            self.adapter.denoiser.load_state_dict(checkpoints.load_full_weights(folder))
+        algorithm_state = os.path.join(resume_from_checkpoint, checkpoints.ALGORITHM_STATE_NAME)
+        if os.path.exists(algorithm_state):
+            self.algorithm.load_state_dict(checkpoints.read_safetensors(algorithm_state, device))
         if self.ema is not None:
-            ema_state = os.path.join(resume_from_checkpoint, EMA_STATE_NAME)
+            ema_state = os.path.join(resume_from_checkpoint, checkpoints.EMA_STATE_NAME)
             if os.path.exists(ema_state):
-                self.ema.load_state_dict(load_file(ema_state, device=str(self.accelerator.device)))
+                self.ema.load_state_dict(checkpoints.read_safetensors(ema_state, device))
             else:  # a checkpoint written without an EMA: start averaging from its weights
                 self.ema.reset()
 
@@ -886,9 +727,3 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"{error}). The trained model and its card are intact in {self.args.output_dir}; retry with "
                 "trainer.push_to_hub() or `hf upload`."
             ) from error
-
-    def _load_best_model(self) -> None:
-        warnings.warn(
-            "load_best_model_at_end is not supported by GuardGRPODiffusionTrainer; keeping the last model.",
-            stacklevel=2,
-        )

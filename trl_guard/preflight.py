@@ -1,0 +1,176 @@
+"""Checks that run before anything expensive: the datasets, the model path, the columns a family needs, and loading.
+
+Each failure names the argument and the fix, and is raised before the pipeline is loaded wherever what it needs is
+known by then (a pipeline object, or a local folder's `model_index.json`), so a 12B model is not loaded to learn that
+a dataset lacks a column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from PIL import Image
+
+from .adapters import ADAPTERS, PipelineAdapter
+
+
+def check_prompt_dataset(dataset: Any, name: str) -> None:
+    """Fail before any compute when a dataset cannot feed the trainer."""
+    if dataset is None:
+        return
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"{name} is an IterableDataset, which the trainer cannot sample prompt groups from yet. Materialise the "
+            f"prompts first, for example `Dataset.from_list(list({name}))`."
+        )
+    if isinstance(dataset, Dataset):
+        columns = dataset.column_names
+        if "prompt" not in columns:
+            raise ValueError(
+                f"{name} has no 'prompt' column (columns: {columns}). Rename the text column, for example "
+                f"`{name}.rename_column('text', 'prompt')`."
+            )
+        prompts = dataset["prompt"]
+    elif isinstance(dataset, Sequence) and not isinstance(dataset, str):
+        for i, row in enumerate(dataset):
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError(
+                    f"{name}[{i}] is {row!r}: every row must be a dict with a 'prompt' key, or pass a "
+                    "datasets.Dataset with a 'prompt' column."
+                )
+        prompts = [row["prompt"] for row in dataset]
+    else:
+        raise ValueError(f"{name} must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}.")
+    if len(prompts) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one prompt.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{name}['prompt'][{i}] is {prompt!r}: every prompt must be a non-empty string.")
+
+
+def as_dataset(dataset: Dataset | list[dict] | None) -> Dataset | None:
+    """A checked list of dicts as a `Dataset`; anything else as it is."""
+    return Dataset.from_list(dataset) if isinstance(dataset, list) else dataset
+
+
+def pipeline_class_name(model: Any) -> str | None:
+    """The diffusers pipeline class `model` is or will load as: a pipeline object's class, or a local folder's
+    `model_index.json` entry (None for a Hub id, which is not looked up before loading)."""
+    if not isinstance(model, str):
+        return type(model).__name__
+    index = os.path.join(os.path.expanduser(model), "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return json.load(f).get("_class_name")
+    return None
+
+
+def adapter_class(pipeline_class: str) -> type[PipelineAdapter] | None:
+    """The adapter registered for a pipeline class name, or None."""
+    return next((a for a in ADAPTERS if pipeline_class in a.pipeline_classes), None)
+
+
+def check_condition_columns(datasets: dict[str, Dataset | None], pipeline_class: str) -> None:
+    """Families conditioned on more than text (an editing model's source image) need those columns in every dataset,
+    as images. ``datasets`` maps each dataset's argument name to it."""
+    from datasets import Image as ImageFeature
+
+    adapter = adapter_class(pipeline_class)
+    if adapter is None:
+        return
+    for name, dataset in datasets.items():
+        if dataset is None:
+            continue
+        for column in adapter.condition_columns:
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{pipeline_class} is conditioned on a {column!r} column besides 'prompt', and {name} has none "
+                    f"(columns: {dataset.column_names}). Add the source images as a {column!r} column of PIL images."
+                )
+            feature = dataset.features.get(column)
+            if not isinstance(feature, ImageFeature) and not isinstance(dataset[0][column], Image.Image):
+                raise ValueError(
+                    f"{name}[{column!r}] holds {feature}, but {pipeline_class} needs images there. Cast a column of "
+                    f"file paths with `{name}.cast_column({column!r}, datasets.Image())`."
+                )
+
+
+def check_generation_batch(train_dataset: Dataset | None, args: Any) -> None:
+    """One generation batch needs as many distinct prompts as it has groups."""
+    groups_per_generation = args.generation_batch_size // args.num_generations
+    if isinstance(train_dataset, Dataset) and len(train_dataset) < groups_per_generation:
+        raise ValueError(
+            f"train_dataset has {len(train_dataset)} prompts but one generation batch needs "
+            f"{groups_per_generation} distinct prompts ({args.generation_batch_size} images / num_generations="
+            f"{args.num_generations}). Add prompts or lower generation_batch_size (or per_device_train_batch_size / "
+            "steps_per_generation)."
+        )
+
+
+def check_model_path(model: str) -> None:
+    """A string that can only be a local path (absolute, `./`, `../`, `~`, or more than one `/`) must exist: the Hub
+    would otherwise report it as a malformed repository id."""
+    local = model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+    if local and not os.path.exists(os.path.expanduser(model)):
+        raise FileNotFoundError(
+            f"model={model!r} looks like a local path, and it does not exist. Give an existing pipeline folder (one "
+            "with model_index.json) or a Hub id such as 'stabilityai/stable-diffusion-3.5-medium'."
+        )
+
+
+def load_pipeline(model: Any, model_init_kwargs: dict[str, Any] | None) -> Any:
+    """`DiffusionPipeline.from_pretrained(model, **model_init_kwargs)` for a string; a pipeline object as it is."""
+    if not isinstance(model, str):
+        return model
+    from diffusers import DiffusionPipeline
+
+    kwargs = dict(model_init_kwargs or {})
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return DiffusionPipeline.from_pretrained(model, **kwargs)
+
+
+def _vae_spatial_factor(folder: str) -> int | None:
+    """The VAE's spatial compression read from a local pipeline folder's `vae/config.json` (None when unknown)."""
+    path = os.path.join(os.path.expanduser(folder), "vae", "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        config = json.load(f)
+    if "scale_factor_spatial" in config:  # Wan's VAE
+        return int(config["scale_factor_spatial"])
+    channels = config.get("block_out_channels")
+    return 2 ** (len(channels) - 1) if channels else None
+
+
+def check_resolution(model: Any, pipeline_class: str, args: Any) -> None:
+    """Before loading a local folder: `height` and `width` must be multiples of the VAE's spatial factor, which every
+    family needs. The family's own, stricter rule (patch size, packing) is checked by its adapter right after
+    loading."""
+    if not isinstance(model, str):
+        return
+    factor = _vae_spatial_factor(model)
+    if factor is None or factor <= 1:
+        return
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value % factor != 0:
+            raise ValueError(
+                f"{name}={value} does not fit {pipeline_class} from {model}: its VAE compresses images by {factor}, "
+                f"so {name} must be a multiple of {factor}. Set {name} to, for example, "
+                f"{max(factor, value // factor * factor)}."
+            )
+
+
+def check_reward_columns(datasets: dict[str, Dataset | None]) -> None:
+    """Dataset columns reach reward functions as keywords, so none may take a name the trainer passes itself."""
+    from .scoring import check_reward_columns as check
+
+    for name, dataset in datasets.items():
+        if isinstance(dataset, Dataset):
+            check(dataset.column_names, dataset_name=name)
