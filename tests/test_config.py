@@ -1,4 +1,6 @@
 import pytest
+from conftest import blueness
+from helpers import tiny_config
 from transformers import HfArgumentParser
 
 from trl_guard import GuardConfig
@@ -127,3 +129,61 @@ def test_an_undocumented_field_fails_at_definition():
 
             documented: int = 1
             undocumented: int = 2
+
+
+def test_generation_batch_size_follows_trls_either_or_rule(tmp_path):
+    by_steps = tiny_config(tmp_path, per_device_train_batch_size=8, steps_per_generation=3)
+    assert by_steps.generation_batch_size == 24
+    by_size = tiny_config(tmp_path, per_device_train_batch_size=8, steps_per_generation=None, generation_batch_size=32)
+    assert by_size.steps_per_generation == 4
+    neither = tiny_config(tmp_path, steps_per_generation=None, gradient_accumulation_steps=2)
+    assert (neither.steps_per_generation, neither.generation_batch_size) == (2, 16)
+    with pytest.raises(ValueError, match="generation_batch_size=32 and steps_per_generation=2 are both set"):
+        tiny_config(tmp_path, generation_batch_size=32, steps_per_generation=2)
+    with pytest.raises(ValueError, match="generation_batch_size=12 must be a positive multiple of the global micro"):
+        tiny_config(tmp_path, steps_per_generation=None, generation_batch_size=12)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        (dict(auto_find_batch_size=True), "auto_find_batch_size=True is not supported.*prompt groups"),
+        (
+            dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps"),
+            "load_best_model_at_end=True is not supported.*OverOptimizationCallback",
+        ),
+        (dict(fp16=True), "fp16=True is not supported.*bf16=True"),
+        (dict(learning_rate=-1e-4), "learning_rate=-0.0001 must be >= 0"),
+        (dict(noise_schedule="cps", num_inference_steps=1), "num_inference_steps=1 with noise_schedule='cps'"),
+    ],
+)
+def test_settings_the_trainer_cannot_honour_are_refused_by_name(tmp_path, fields, named):
+    with pytest.raises(ValueError, match=named):
+        tiny_config(tmp_path, **fields)
+
+
+def test_shuffle_dataset_and_each_epochs_order_depend_on_the_epoch_alone(tiny_pipeline, prompts, tmp_path):
+    from helpers import make_trainer
+
+    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path)
+    sampler = trainer._get_train_sampler()
+
+    def epoch_order(epoch):
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    first, second = epoch_order(0), epoch_order(1)
+    assert first != second and epoch_order(0) == first  # any epoch's order again, as after a resume
+    trainer.args.shuffle_dataset = False
+    unshuffled = list(trainer._get_train_sampler())
+    assert unshuffled[:: 4 * 2 * 4][:2] == [0, 4]  # prompts in dataset order: 4 per round, each 4x, 2 steps
+
+
+def test_height_that_the_vae_cannot_take_is_refused_before_loading(tiny_pipeline_dir, prompts, tmp_path, monkeypatch):
+    from helpers import make_trainer
+
+    import trl_guard.preflight
+
+    monkeypatch.setattr(trl_guard.preflight, "load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="height=33 does not fit StableDiffusion3Pipeline.*multiple of 2"):
+        make_trainer(tiny_pipeline_dir, [blueness], prompts, tmp_path, height=33)

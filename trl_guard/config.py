@@ -429,6 +429,11 @@ class GuardConfig(TrainingArguments):
             f"noise_level={self.noise_level} with noise_schedule='cps' must be <= 1: CPS's noise std is "
             "sigma_next * sin(noise_level * pi / 2), which is largest at 1 (Flow-GRPO's CPS configs use 0.7-0.8).",
         )
+        check(
+            self.noise_schedule != "cps" or self.num_inference_steps >= 2,
+            f"num_inference_steps={self.num_inference_steps} with noise_schedule='cps' leaves nothing to train: CPS's "
+            "last step adds no noise, so it needs at least 2 steps (Flow-GRPO samples 10).",
+        )
         self._validate_sde_window()
         check(self.beta >= 0, f"beta={self.beta} must be >= 0.")
         check(self.adv_clip_max > 0, f"adv_clip_max={self.adv_clip_max} must be > 0.")
