@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import blueness
 from datasets import Dataset
-from helpers import make_trainer
+from helpers import logged, make_trainer
 
 from trl_guard.adapters import get_adapter
 
@@ -95,13 +95,22 @@ def test_rewards_must_return_a_sequence(returned, tiny_pipeline, prompts, tmp_pa
 def test_rewards_may_return_arrays_and_tensors(tiny_pipeline, prompts, tmp_path):
     import numpy as np
 
+    from trl_guard.metrics import reward_key
+
     def array_reward(prompts, images, **kwargs):
         return np.asarray(blueness(prompts, images))
 
     def tensor_reward(prompts, images, **kwargs):
         return torch.tensor(blueness(prompts, images))
 
-    make_trainer(tiny_pipeline, [array_reward, tensor_reward], prompts, tmp_path, max_steps=1).train()
+    trainer = make_trainer(tiny_pipeline, [blueness, array_reward, tensor_reward], prompts, tmp_path, max_steps=1)
+    trainer.train()
+    # the three score the same images with the same numbers: an array or a tensor is read as the list would be
+    for stat in ("mean", "std"):
+        (listed,) = logged(trainer, reward_key("blueness", stat))
+        assert 0 < listed < 1  # blueness is in [0, 1], and the 8 images differ
+        assert logged(trainer, reward_key("array_reward", stat)) == [listed]
+        assert logged(trainer, reward_key("tensor_reward", stat)) == [listed]
 
 
 def test_reward_without_kwargs_fails_at_construction(prompts, tmp_path):

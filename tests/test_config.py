@@ -185,5 +185,5 @@ def test_height_that_the_vae_cannot_take_is_refused_before_loading(tiny_pipeline
     import trl_guard.preflight
 
     monkeypatch.setattr(trl_guard.preflight, "load_pipeline", lambda *args: pytest.fail("the model was loaded"))
-    with pytest.raises(ValueError, match="height=33 does not fit StableDiffusion3Pipeline.*multiple of 2"):
+    with pytest.raises(ValueError, match="height=33 does not fit StableDiffusion3Pipeline.*multiples of 2 pixels"):
         make_trainer(tiny_pipeline_dir, [blueness], prompts, tmp_path, height=33)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trl_guard import compute_kl, compute_policy_loss, sde_step_with_logprob
-from trl_guard.losses import LOSS_TYPES, timestep_weight
+from trl_guard.losses import SDE_LOSS_TYPES, timestep_weight
 from trl_guard.rollout import select_train_steps
 from trl_guard.sde import sde_std, velocity_coefficient
 
@@ -110,7 +110,7 @@ def test_cps_last_step_is_noiseless_and_finite():
         _, _, new_mean, _ = sde_step_with_logprob(
             v_new, x, sigma, sigma_next, noise_level=0.7, noise_schedule="cps", prev_sample=x_next
         )
-        for loss_type in LOSS_TYPES:
+        for loss_type in SDE_LOSS_TYPES:
             loss, stats = compute_policy_loss(
                 new_mean, mean, x_next, std, torch.tensor([1.0, -1.0]), sigma, sigma_next,
                 loss_type=loss_type, epsilon=1e-5, noise_level=0.7, noise_schedule="cps", cps_log_prob=cps_log_prob,

@@ -63,6 +63,33 @@ def test_adapter_sampling_matches_the_pipeline(true_cfg_scale, tiny_qwenimage_pi
     assert np.abs(ours[0] - ours[1]).max() > 1e-2  # the prompts reach the image
 
 
+def test_true_cfg_is_one_doubled_forward_rescaled_as_the_pipeline(tiny_qwenimage_pipeline):
+    """With true CFG the denoiser runs once on the negative and the prompts side by side; the velocity is
+    `neg + s * (pos - neg)` of the two velocities each computed on its own, rescaled token by token to the norm of
+    `pos`, as QwenImagePipeline combines them."""
+    adapter = get_adapter(tiny_qwenimage_pipeline)
+    adapter.configure(SamplingSettings(32, 32, true_cfg_scale=4.0, max_sequence_length=16))
+    prompt, negative = adapter.encode_prompts(PROMPTS), adapter.encode_prompts([" "])
+    latents = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.6)
+    batch_sizes = []
+    hook = adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        try:
+            guided = adapter.predict_velocity(latents, sigma, prompt, negative)
+        finally:
+            hook.remove()
+        cond = adapter.forward(adapter.denoiser, latents, sigma, prompt)
+        uncond = adapter.forward(adapter.denoiser, latents, sigma, negative.expand(2))
+    assert batch_sizes == [4]
+    combined = uncond + 4.0 * (cond - uncond)
+    expected = combined * cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+    assert (guided - cond).abs().max() > 1e-3  # the negative prompt moved the velocity
+
+
 def test_padding_is_exact_and_trimmed(tiny_qwenimage_pipeline):
     """Embeddings padded to max_sequence_length give the velocity of the pipeline's own (shorter) embeddings."""
     adapter = get_adapter(tiny_qwenimage_pipeline)
@@ -118,8 +145,24 @@ def test_first_pass_is_exactly_on_policy_and_training_learns(loss_type, tiny_qwe
         **QWEN,
     )
     before = {n: p.detach().clone() for n, p in trainer.adapter.denoiser.named_parameters() if p.requires_grad}
-    trainer.train()
-    assert trainer._negative_embeds is not None  # true CFG ran in sampling and training
+    negative = trainer.adapter.encode_prompts([" "]).tensors["encoder_hidden_states"]
+    calls = []
+    hook = trainer.adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((torch.is_grad_enabled(), kwargs["encoder_hidden_states"].detach())),
+        with_kwargs=True,
+    )
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    # true CFG in sampling (no grad) and training (grad): every call is the negative prompt, then the prompts (the
+    # text trimmed to the longest prompt of the call)
+    assert {grad for grad, _ in calls} == {False, True}
+    for _, text in calls:
+        uncond, cond = text.chunk(2)
+        trimmed = negative[:, : text.shape[1]]
+        assert len(uncond) == len(cond) and torch.equal(uncond, trimmed.expand_as(uncond))
+        assert not torch.equal(cond, trimmed.expand_as(cond))
     assert logged(trainer, "reward") and all(np.isfinite(logged(trainer, "loss")))
     # steps_per_generation=1: every optimizer step trains on a fresh round, so each pass is the first one
     for key in ("raw_log_ratio_mean", "log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low"):

@@ -7,7 +7,7 @@ import torch
 from conftest import blueness
 from helpers import logged, make_trainer, tiny_config
 
-from trl_guard import LOSS_TYPES
+from trl_guard.losses import SDE_LOSS_TYPES
 from trl_guard.adapters import SamplingSettings, get_adapter
 from trl_guard.algorithms.sde_ratio import window
 from trl_guard.rollout import sample_ode, sample_sde
@@ -64,7 +64,7 @@ def test_steps_outside_the_window_are_ode_steps(tiny_pipeline):
 
 
 @pytest.mark.parametrize("noise_schedule", ["flow_grpo", "cps"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SDE_LOSS_TYPES)
 def test_every_loss_type_trains_only_the_window(tiny_pipeline, prompts, tmp_path, loss_type, noise_schedule):
     trainer = make_trainer(
         tiny_pipeline,

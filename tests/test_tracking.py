@@ -8,6 +8,7 @@ import math
 import sqlite3
 import struct
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -240,13 +241,71 @@ def train_wan_with_eval(tmp_path, tracker: str):
     return gif.read_bytes()
 
 
-def test_tensorboard_gets_evaluation_videos(tmp_path, monkeypatch):
+@pytest.fixture
+def moviepy_editor(monkeypatch):
+    """A stand-in for moviepy < 2's `moviepy.editor`, the GIF encoder `SummaryWriter.add_video` imports (moviepy is
+    not a dependency): it writes the frames it is given as a GIF with PIL. Yields the frame rates it was asked for."""
+    frame_rates = []
+
+    class ImageSequenceClip:
+        def __init__(self, frames, fps):
+            self.frames, self.fps = frames, fps
+
+        def write_gif(self, filename, **kwargs):
+            frame_rates.append(self.fps)
+            images = [Image.fromarray(frame) for frame in self.frames]
+            images[0].save(filename, save_all=True, append_images=images[1:], duration=round(1000 / self.fps), loop=0)
+
+    editor = types.ModuleType("moviepy.editor")
+    editor.ImageSequenceClip = ImageSequenceClip
+    moviepy = types.ModuleType("moviepy")
+    moviepy.editor = editor
+    monkeypatch.setitem(sys.modules, "moviepy", moviepy)
+    monkeypatch.setitem(sys.modules, "moviepy.editor", editor)
+    monkeypatch.setattr("trl_guard.images.moviepy_encodes_video", lambda: True)
+    return frame_rates
+
+
+def test_tensorboard_gets_evaluation_videos(tmp_path, monkeypatch, moviepy_editor):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trl_guard.images import VIDEO_FPS
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     gif = train_wan_with_eval(tmp_path, "tensorboard")
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    # add_video got the grid's frames at the GIF's frame rate: encoded alike, they give the GIF saved next to the run
+    assert moviepy_editor == [VIDEO_FPS]
     assert events.Images("eval_images_video")[-1].encoded_image_string == gif  # TensorBoard plays image GIFs
+
+
+def test_tensorboard_without_moviepy_gets_the_frame_strips_only(tmp_path, monkeypatch, capsys):
+    """`SummaryWriter.add_video` cannot encode without moviepy < 2 (it would log an empty image): the videos reach
+    TensorBoard as the grid of their frame strips, and nothing else is written under the video's key."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    from trl_guard.images import log_image_grid, make_grid
+
+    monkeypatch.setattr("trl_guard.images.moviepy_encodes_video", lambda: False)
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    trainer = types.SimpleNamespace(
+        state=types.SimpleNamespace(global_step=3),
+        args=types.SimpleNamespace(output_dir=str(tmp_path / "run")),
+        callback_handler=types.SimpleNamespace(callbacks=[TensorBoardCallback(tb_writer=writer)]),
+    )
+    videos = [[Image.new("RGB", (8, 8), (40 * t, 0, 255 - 40 * t)) for t in range(5)] for _ in range(2)]
+    log_image_grid(trainer, videos, "eval_images")
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["eval_images"]
+    (logged_grid,) = events.Images("eval_images")
+    assert logged_grid.step == 3
+    strip = Image.open(io.BytesIO(logged_grid.encoded_image_string)).convert("RGB")
+    assert np.array_equal(np.asarray(strip), np.asarray(make_grid(videos)))
+    assert (tmp_path / "run" / "eval_images" / "step-000003.gif").exists()  # the GIF is still saved with the run
+    assert "moviepy" not in capsys.readouterr().out
 
 
 def test_wandb_offline_gets_evaluation_videos(tmp_path, wandb_offline):

@@ -9,21 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._logging import quiet_known_noise
 from .losses import KL_TYPES, LOSS_TYPES, compute_advantages, compute_kl, compute_policy_loss
 from .sde import NOISE_SCHEDULES, ode_step, sde_step_with_logprob
 
 __version__ = "0.1.0"
 
-quiet_known_noise()
-
 _LAZY = {
     "GuardConfig": ".config",
     "GuardGRPODiffusionTrainer": ".trainer",
     "OverOptimizationCallback": ".overoptimization",
-    # toy-world model classes, named by the toy pipeline's model_index.json
-    "PixelSpaceAutoencoder": ".toy.model",
-    "XPredictionSD3Transformer": ".toy.model",
 }
 
 if TYPE_CHECKING:

@@ -1,15 +1,18 @@
 """Image grids: written next to the run and sent to the trackers that take images. A video (a list of frames, what
 video families decode to) is shown as a strip of its frames side by side, one video per row, and also as an animated
-GIF of all the videos in a grid, sent to the trackers that take video."""
+GIF of all the videos in a grid, sent to the trackers that take video (TensorBoard only with moviepy < 2 installed)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 #: Frame rate of the evaluation GIFs: Wan2.1's (diffusers' examples export its videos at 16 fps).
@@ -53,19 +56,43 @@ def save_video_grid(videos: Sequence[Sequence[Image.Image]], path: str, fps: int
     return frames
 
 
-def _tensorboard_gif(writer: Any, key: str, path: str, size: tuple[int, int], step: int) -> None:
-    # what SummaryWriter.add_video writes (an image summary holding a GIF), without the moviepy<2 it needs to encode
-    from tensorboard.compat.proto.summary_pb2 import Summary
+def moviepy_encodes_video() -> bool:
+    """Whether `SummaryWriter.add_video` can encode: torch's (and tensorboardX's) encode with `moviepy.editor`, which
+    only moviepy < 2 has. Without it they print a notice and write an empty image, so no video is sent then."""
+    try:
+        return importlib.util.find_spec("moviepy.editor") is not None
+    except ModuleNotFoundError:  # no moviepy
+        return False
 
-    with open(path, "rb") as f:
-        image = Summary.Image(height=size[1], width=size[0], colorspace=3, encoded_image_string=f.read())
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=key, image=image)]), step)
+
+def _log_to_tensorboard(writer: Any, key: str, grid: Image.Image, frames: list[Image.Image], step: int) -> None:
+    writer.add_image(key, np.asarray(grid), step, dataformats="HWC")
+    if frames and moviepy_encodes_video():
+        # add_video takes (N, T, C, H, W) uint8: one video, the grid of every evaluation video, frame by frame
+        video = torch.from_numpy(np.stack([np.asarray(frame) for frame in frames])).permute(0, 3, 1, 2)
+        writer.add_video(f"{key}_video", video.unsqueeze(0), step, fps=VIDEO_FPS)
+
+
+def _current_run(tracker: str) -> Any:
+    """The run `tracker` ("wandb" or "trackio") logs to now, or None: none before the tracker's callback started one
+    (an `evaluate()` before training), nor on processes other than the main one."""
+    if tracker == "wandb":
+        import wandb
+
+        return wandb.run
+    import trackio
+
+    return trackio.context_vars.current_run.get()
 
 
 def log_image_grid(trainer: Any, images: Sequence[Image.Image | Sequence[Image.Image]], key: str) -> str:
     """Save a grid of `images` (or of videos' frame strips) as `{output_dir}/{key}/step-{global_step}.png` and log it
     to tensorboard, wandb and trackio if the run reports there. Videos are also saved as `step-{global_step}.gif`
-    and logged as video under `{key}_video`. Returns the PNG's path."""
+    and logged as video under `{key}_video` to wandb and trackio, and to TensorBoard when moviepy < 2 is installed
+    (`SummaryWriter.add_video` needs it; without it TensorBoard gets the frame strips only). Returns the PNG's path.
+
+    Only the trackers' public APIs are used: the TensorBoard callback's `SummaryWriter`, and the `wandb` and `trackio`
+    modules' current run."""
     grid = make_grid(images)
     step = trainer.state.global_step
     folder = os.path.join(trainer.args.output_dir, key)
@@ -73,23 +100,26 @@ def log_image_grid(trainer: Any, images: Sequence[Image.Image | Sequence[Image.I
     path = os.path.join(folder, f"step-{step:06d}.png")
     grid.save(path)
     videos = [image for image in images if isinstance(image, (list, tuple))]
+    frames: list[Image.Image] = []
     if videos:
         gif = os.path.join(folder, f"step-{step:06d}.gif")
-        gif_size = save_video_grid(videos, gif)[0].size
+        frames = save_video_grid(videos, gif)
     for callback in trainer.callback_handler.callbacks:
         name = type(callback).__name__
         if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
-            callback.tb_writer.add_image(key, np.asarray(grid), step, dataformats="HWC")
-            if videos and hasattr(callback.tb_writer, "_get_file_writer"):  # torch's SummaryWriter (not tensorboardX)
-                _tensorboard_gif(callback.tb_writer, f"{key}_video", gif, gif_size, step)
-        elif name in ("WandbCallback", "TrackioCallback") and getattr(callback, "_initialized", False):
+            _log_to_tensorboard(callback.tb_writer, key, grid, frames, step)
+        elif name in ("WandbCallback", "TrackioCallback"):
+            tracker = "wandb" if name == "WandbCallback" else "trackio"
+            run = _current_run(tracker)
+            if run is None:
+                continue
+            module = importlib.import_module(tracker)
             # trackio mirrors wandb's API (`log`, `Image`, `Video`). No `step=`: the callbacks log without one, so
             # wandb's own step counter can run ahead of global_step (with logging_steps=1, from the second evaluation
             # on), and wandb drops a row logged behind it. The grid carries "train/global_step" instead, as the
             # callbacks' rows do
-            tracker = getattr(callback, "_wandb", None) or callback._trackio
-            row = {key: tracker.Image(grid), "train/global_step": step}
+            row = {key: module.Image(grid), "train/global_step": step}
             if videos:  # from a file, both take a GIF as it is
-                row[f"{key}_video"] = tracker.Video(gif, format="gif")
-            tracker.log(row)
+                row[f"{key}_video"] = module.Video(gif, format="gif")
+            run.log(row)
     return path

@@ -17,6 +17,8 @@ from datasets import Dataset, IterableDataset
 from PIL import Image
 
 from .adapters import ADAPTERS, PipelineAdapter
+from .adapters.base import check_resolution_multiple
+from .scoring import check_reward_columns as check_columns
 
 
 def check_prompt_dataset(dataset: Any, name: str) -> None:
@@ -157,20 +159,17 @@ def check_resolution(model: Any, pipeline_class: str, args: Any) -> None:
     factor = _vae_spatial_factor(model)
     if factor is None or factor <= 1:
         return
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value % factor != 0:
-            raise ValueError(
-                f"{name}={value} does not fit {pipeline_class} from {model}: its VAE compresses images by {factor}, "
-                f"so {name} must be a multiple of {factor}. Set {name} to, for example, "
-                f"{max(factor, value // factor * factor)}."
-            )
+    check_resolution_multiple(
+        args.height,
+        args.width,
+        factor,
+        model=f"{pipeline_class} from {model}",
+        reason=f"its VAE compresses by {factor}",
+    )
 
 
 def check_reward_columns(datasets: dict[str, Dataset | None]) -> None:
     """Dataset columns reach reward functions as keywords, so none may take a name the trainer passes itself."""
-    from .scoring import check_reward_columns as check
-
     for name, dataset in datasets.items():
         if isinstance(dataset, Dataset):
-            check(dataset.column_names, dataset_name=name)
+            check_columns(dataset.column_names, dataset_name=name)

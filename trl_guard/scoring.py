@@ -15,6 +15,41 @@ from PIL import Image
 from .rewards import resolve_reward_func, reward_func_name
 from .rewards.remote import RemoteReward, RemoteRewardError
 
+#: The keywords the trainer passes to every reward function itself; a dataset column of one of these names would be
+#: passed twice.
+REWARD_KEYWORDS = ("prompts", "images", "trainer_state")
+
+#: The largest magnitude a float32 holds: rewards are gathered and combined in float32.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_reward_columns(column_names: Sequence[str], dataset_name: str = "train_dataset") -> None:
+    """Refuse a dataset column that reward functions could not receive.
+
+    Every column but `prompt` reaches the reward functions as a keyword argument next to the trainer's own
+    (`REWARD_KEYWORDS`); a column named like one of those would be passed twice and fail the first scoring, after a
+    whole rollout. Call this on each dataset before training.
+
+    Args:
+        column_names: The dataset's columns.
+        dataset_name: How the error names the dataset.
+
+    Raises:
+        ValueError: naming the column and the rename that fixes it.
+    """
+    _refuse_collisions(column_names, REWARD_KEYWORDS, dataset_name)
+
+
+def _refuse_collisions(column_names: Sequence[str], keywords: Sequence[str], dataset_name: str) -> None:
+    for column in column_names:
+        if column in keywords:
+            raise ValueError(
+                f"{dataset_name} has a column named {column!r}, which reward functions already receive from the "
+                f"trainer as `{column}=`: the column would collide with it. Rename it, for example "
+                f"`dataset = dataset.rename_column({column!r}, '{column}_column')`, and read it in your reward under "
+                "the new name."
+            )
+
 
 def _as_float(value: Any) -> float | None:
     if value is None:
@@ -37,9 +72,14 @@ def score_images(
     """Call every reward function once on the batch; return a (num_images, num_funcs) float32 tensor.
 
     A ``None`` from a function becomes NaN (the sample is skipped in that function's sum). A wrong count, a value
-    that is not a real number, or a NaN/inf raises a ValueError that names the function and the prompt.
+    that is not a real number, or one that is not finite in float32 (NaN, inf, beyond float32's range) raises a
+    ValueError that names the function and the prompt. A column named like one of the call's own keywords raises too
+    (see `check_reward_columns`).
     """
     columns = columns or {}
+    # Checked here as well as before training, for callers that score without the trainer's pre-flight checks:
+    # Python's own error ("got multiple values for keyword argument") names neither the column nor the fix.
+    _refuse_collisions(sorted(columns), ("prompts", "images", *kwargs), dataset_name="the dataset")
     scores = torch.full((len(images), len(reward_funcs)), float("nan"))
     for j, (func, name) in enumerate(zip(reward_funcs, reward_names)):
         values = func(prompts=prompts, images=images, **columns, **kwargs)
@@ -64,9 +104,11 @@ def score_images(
                     f"Reward function {name!r} returned a {error} for prompt {prompts[i]!r}; rewards must be real "
                     "numbers or None."
                 ) from None
-            if number is not None and not math.isfinite(number):
+            if number is not None and not (math.isfinite(number) and abs(number) <= _FLOAT32_MAX):
                 raise ValueError(
-                    f"Reward function {name!r} returned {number} for prompt {prompts[i]!r}; rewards must be finite."
+                    f"Reward function {name!r} returned {number} for prompt {prompts[i]!r}; rewards must be finite "
+                    f"float32 numbers (magnitude at most {_FLOAT32_MAX:.4g}), or None where the reward does not "
+                    "apply."
                 )
             if number is not None:
                 scores[i, j] = number
@@ -77,12 +119,24 @@ def _check_signature(func: Any, field: str) -> None:
     """Reward functions are called as `f(prompts=..., images=..., **columns, trainer_state=...)`: refuse, before any
     compute, one that cannot take those keywords."""
     try:
-        parameters = inspect.signature(func).parameters.values()
+        parameters = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):  # builtins and some C callables have no signature: let the call decide
         return
+    name = reward_func_name(func)
+    # A positional-only parameter without a default can never be filled by a keyword call.
+    positional_only = [
+        p.name
+        for p in parameters
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY and p.default is inspect.Parameter.empty
+    ]
+    if positional_only:
+        raise ValueError(
+            f"{field}: the reward function {name!r} takes {', '.join(positional_only)} as positional-only parameters "
+            "(before a `/`), but reward functions are called with keywords only (prompts=, images=, every other "
+            f"dataset column, trainer_state=). Remove the `/`: `def {name}(prompts, images, **kwargs)`."
+        )
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
-    name = reward_func_name(func)
     raise ValueError(
         f"{field}: the reward function {name!r} has no **kwargs. It is called with prompts=, images=, every other "
         f"dataset column and trainer_state= as keywords; define it as `def {name}(prompts, images, **kwargs)`."

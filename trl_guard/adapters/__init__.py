@@ -10,10 +10,14 @@ import importlib
 import pkgutil
 from typing import Any
 
-from .base import ADAPTERS, PipelineAdapter, PromptEmbeddings, SamplingSettings
+from .._logging import quiet_known_noise
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+# The adapters import diffusers' pipeline modules, whose first import makes transformers log its torchvision notice.
+with quiet_known_noise("torchvision_fallback"):
+    from .base import ADAPTERS, PipelineAdapter, PromptEmbeddings, SamplingSettings
+
+    for _module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 from .flux import FluxAdapter  # noqa: E402
 from .flux_kontext import FluxKontextAdapter  # noqa: E402

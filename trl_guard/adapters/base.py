@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
 
@@ -69,6 +71,23 @@ ATTENTION_PROJECTIONS = [
 
 #: Every adapter class that names its pipeline classes, in definition order (see `get_adapter`).
 ADAPTERS: list[type[PipelineAdapter]] = []
+
+
+def check_resolution_multiple(
+    height: int, width: int, multiple: int, *, model: str, reason: str, largest: int | None = None
+) -> None:
+    """Raise naming the field and a size that fits unless `height` and `width` are multiples of `multiple` pixels
+    (and at most `largest`, if given). `reason` says where the multiple comes from, for the message."""
+    limit = f" up to {largest}" if largest is not None else ""
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple != 0 or (largest is not None and value > largest):
+            suggestion = max(multiple, value // multiple * multiple)
+            if largest is not None:
+                suggestion = min(largest, suggestion)
+            raise ValueError(
+                f"{name}={value} does not fit {model}: it takes multiples of {multiple} pixels ({reason}){limit}. "
+                f"Set {name} to, for example, {suggestion}."
+            )
 
 
 class PipelineAdapter:
@@ -201,9 +220,15 @@ class PipelineAdapter:
             latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
         velocity = self.forward(self.active_denoiser, latents, sigma, conditioning)
         if use_cfg:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + self.cfg_scale * (cond - uncond)
+            velocity = self.combine_guidance(*velocity.chunk(2))
         return velocity
+
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The guided velocity from the negative-prompt (`uncond`) and prompt (`cond`) velocities of one batch.
+
+        Families whose pipeline combines the two differently (Qwen-Image rescales the result) override this, so that
+        the batching above stays in one place."""
+        return uncond + self.cfg_scale * (cond - uncond)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
         """One PIL image per sample; for video families (`is_video`), one list of frames per sample, in time order.
@@ -269,8 +294,8 @@ class PipelineAdapter:
 
 
 class PackedLatentsMixin:
-    """For families whose transformer takes 2x2-packed latent tokens (FLUX, Qwen-Image): the resolution check and
-    the packed latent shape, `(H/16 * W/16, channels)` for a VAE factor of 8."""
+    """For families whose transformer takes 2x2-packed latent tokens (FLUX, Qwen-Image): the resolution check, the
+    packed latent shape, `(H/16 * W/16, channels)` for a VAE factor of 8, and the token-count-shifted schedule."""
 
     family_name = "this model"
 
@@ -281,18 +306,29 @@ class PackedLatentsMixin:
         return 2 * (self.settings.height // factor), 2 * (self.settings.width // factor)
 
     def check_resolution(self, height: int, width: int) -> None:
-        multiple = self.pipeline.vae_scale_factor * 2
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple != 0:
-                raise ValueError(
-                    f"{name}={value} does not fit {self.family_name}: it takes multiples of {multiple} pixels (VAE "
-                    f"factor {self.pipeline.vae_scale_factor} x 2 for latent packing). Set {name} to, for example, "
-                    f"{max(multiple, value // multiple * multiple)}."
-                )
+        factor = self.pipeline.vae_scale_factor
+        check_resolution_multiple(
+            height, width, factor * 2, model=self.family_name, reason=f"VAE factor {factor} x 2 for latent packing"
+        )
 
     def latent_shape(self) -> tuple[int, ...]:
         h, w = self._latent_hw
         return ((h // 2) * (w // 2), self.denoiser.config.in_channels)
+
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        """`linspace(1, 1/N, N)` shifted by `mu`, which grows linearly with the number of image tokens between the
+        scheduler's `base_image_seq_len` and `max_image_seq_len`: what FluxPipeline and QwenImagePipeline both do."""
+        scheduler = self.pipeline.scheduler
+        mu = calculate_shift(
+            self.latent_shape()[0],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
+        return scheduler.sigmas.detach().clone().float()
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:

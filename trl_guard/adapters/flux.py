@@ -10,9 +10,7 @@ The worked example of adding a family (docs/adding_a_model_family.md). What diff
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
 from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings
@@ -41,19 +39,6 @@ class FluxAdapter(PackedLatentsMixin, PipelineAdapter):
             max_sequence_length=self.settings.max_sequence_length,
         )
         return PromptEmbeddings({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled})
-
-    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
-        scheduler = self.pipeline.scheduler
-        mu = calculate_shift(
-            self.latent_shape()[0],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
-        return scheduler.sigmas.detach().clone().float()
 
     def forward(self, denoiser, latents, sigma, conditioning):
         return self._call_transformer(denoiser, latents, self._image_ids(), sigma, conditioning.tensors)

@@ -9,7 +9,7 @@ What differs from FLUX (flux.py), and why the adapter does each thing:
   attended to and the text RoPE positions of the real tokens do not move. `forward` trims the columns no row uses,
   so the padding costs no attention;
 - CFG is `QwenImagePipeline`'s: `true_cfg_scale` with a negative prompt, and the guided velocity rescaled, token by
-  token, to the norm of the conditional one (`predict_velocity` below). There is no guidance embedding, so
+  token, to the norm of the conditional one (`combine_guidance` below). There is no guidance embedding, so
   `guidance_scale` is unused;
 - the transformer takes `timestep = sigma` and the latent grid of each image (`img_shapes`) for its RoPE;
 - the VAE decodes 5-D `(B, C, 1, H, W)` latents normalised per channel (`latents_mean`, `latents_std`).
@@ -17,9 +17,7 @@ What differs from FLUX (flux.py), and why the adapter does each thing:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from PIL import Image
 
 from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings
@@ -61,19 +59,6 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
             }
         )
 
-    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
-        scheduler = self.pipeline.scheduler
-        mu = calculate_shift(
-            self.latent_shape()[0],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
-        return scheduler.sigmas.detach().clone().float()
-
     def forward(self, denoiser, latents, sigma, conditioning):
         dtype = denoiser.dtype
         text_mask = conditioning.tensors["encoder_hidden_states_mask"]
@@ -92,24 +77,11 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
             return_dict=False,
         )[0]
 
-    def predict_velocity(
-        self,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        prompt_embeds: PromptEmbeddings,
-        negative_embeds: PromptEmbeddings | None,
-    ) -> torch.Tensor:
-        """The base class's batched CFG, with QwenImagePipeline's combination: after `uncond + s (cond - uncond)`, each
-        token's velocity is rescaled to the norm of the conditional one. The base class's plain combination would make
-        the adapter sample a different model than `pipe(...)` as soon as `true_cfg_scale > 1`."""
-        if negative_embeds is None or not self.uses_cfg:
-            return super().predict_velocity(latents, sigma, prompt_embeds, None)
-        conditioning = PromptEmbeddings.cat([negative_embeds.expand(len(latents)), prompt_embeds])
-        velocity = self.forward(
-            self.active_denoiser, torch.cat([latents, latents]), torch.cat([sigma, sigma]), conditioning
-        )
-        uncond, cond = velocity.chunk(2)
-        guided = uncond + self.cfg_scale * (cond - uncond)
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """QwenImagePipeline's combination: after `uncond + s (cond - uncond)`, each token's velocity is rescaled to
+        the norm of the conditional one. The base class's plain combination would make the adapter sample a different
+        model than `pipe(...)` as soon as `true_cfg_scale > 1`."""
+        guided = super().combine_guidance(uncond, cond)
         return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
     @torch.no_grad()

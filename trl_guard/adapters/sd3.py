@@ -6,7 +6,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings
+from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings, check_resolution_multiple
 
 
 class SD3Adapter(PipelineAdapter):
@@ -22,16 +22,17 @@ class SD3Adapter(PipelineAdapter):
         return self.settings.height // factor, self.settings.width // factor
 
     def check_resolution(self, height: int, width: int) -> None:
-        config = self.denoiser.config
-        multiple = self.pipeline.vae_scale_factor * config.patch_size
-        largest = (config.pos_embed_max_size or 10**9) * multiple
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple != 0 or value > largest:
-                raise ValueError(
-                    f"{name}={value} does not fit this SD3 transformer: it takes multiples of {multiple} pixels "
-                    f"(VAE factor {self.pipeline.vae_scale_factor} x patch size {config.patch_size}) up to {largest}. "
-                    f"Set {name} to, for example, {min(largest, max(multiple, value // multiple * multiple))}."
-                )
+        config, factor = self.denoiser.config, self.pipeline.vae_scale_factor
+        multiple = factor * config.patch_size
+        check_resolution_multiple(
+            height,
+            width,
+            multiple,
+            model="this SD3 transformer",
+            reason=f"VAE factor {factor} x patch size {config.patch_size}",
+            # the learned position embedding is cropped from a pos_embed_max_size grid, so larger images do not fit
+            largest=config.pos_embed_max_size * multiple if config.pos_embed_max_size else None,
+        )
 
     def latent_shape(self) -> tuple[int, ...]:
         return (self.denoiser.config.in_channels, *self._latent_hw())

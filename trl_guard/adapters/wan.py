@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings
+from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings, check_resolution_multiple
 
 #: Self- and cross-attention projections of every Wan block (`attn1`, `attn2`), the layers Flow-GRPO's Wan script
 #: adapts (its list also names MMDiT's `add_*` projections, which a text-to-video Wan has none of).
@@ -79,14 +79,13 @@ class WanAdapter(PipelineAdapter):
         super().configure(settings)
 
     def check_resolution(self, height: int, width: int) -> None:
-        multiple = self._spatial_multiple
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple != 0:
-                raise ValueError(
-                    f"{name}={value} does not fit Wan: it takes multiples of {multiple} pixels (VAE factor "
-                    f"{self.pipeline.vae_scale_factor_spatial} x patch size, and WanPipeline's 16). Set {name} to, "
-                    f"for example, {max(multiple, value // multiple * multiple)}."
-                )
+        check_resolution_multiple(
+            height,
+            width,
+            self._spatial_multiple,
+            model="Wan",
+            reason=f"VAE factor {self.pipeline.vae_scale_factor_spatial} x patch size, and WanPipeline's 16",
+        )
 
     def latent_shape(self) -> tuple[int, ...]:
         pipe, settings = self.pipeline, self.settings

@@ -7,7 +7,9 @@
   velocity model. Predicting `x0` is what made a small model draw crisp shapes in a CPU budget: with velocity
   prediction, the same model and time drew colour-correct blobs but not crisp shapes.
 
-Both are exported from `trl_guard`, which is the library name `model_index.json` records for them.
+`model_index.json` records them under this module's path, `trl_guard.toy.model`, as `save_pretrained` does for
+classes outside diffusers and transformers: diffusers takes them from that module once it is imported, which
+`load_toy_pipeline` guarantees. They are not exported from the package root.
 """
 
 from __future__ import annotations
@@ -67,4 +69,7 @@ def load_toy_pipeline(path: str = PRETRAINED, **kwargs):
     are already imported (it will not import code a checkpoint names); importing this module is that step."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, **kwargs)
+    from .._logging import quiet_known_noise
+
+    with quiet_known_noise("toy_vae_slot"):  # the identity autoencoder sits in the VAE slot on purpose
+        return DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, **kwargs)
