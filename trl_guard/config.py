@@ -11,7 +11,16 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import DANCE_WEIGHTINGS, DEFAULT_EPSILON, KL_TYPES, LOSS_TYPES, SCALE_REWARDS
+from .losses import (
+    AWM_WEIGHTINGS,
+    DANCE_WEIGHTINGS,
+    DEFAULT_EPSILON,
+    FORWARD_LOSS_TYPES,
+    KL_TYPES,
+    LAGGED_DECAY_SCHEDULES,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+)
 from .sde import CPS_LOG_PROBS, NOISE_SCHEDULES
 
 TIMESTEP_SELECTIONS = ("first", "random")
@@ -151,12 +160,18 @@ class GuardConfig(TrainingArguments):
         loss_type (`str`, *optional*, defaults to `"grpo_guard"`):
             `"flow_grpo"` (plain PPO-clipped log-ratio), `"temp_reweight"` (TempFlow-GRPO: per-step weight `std`),
             `"mean_revised"` (log-ratio with its negative mean removed), `"ratio_norm"` (RatioNorm: the mean-revised
-            log-ratio times `std`) or `"grpo_guard"` (RatioNorm plus the per-step gradient reweighting).
+            log-ratio times `std`) or `"grpo_guard"` (RatioNorm plus the per-step gradient reweighting): the SDE family,
+            which samples with the SDE and clips an importance ratio. Or the forward-process family, which samples with
+            the ODE, keeps only the clean samples and trains on them noised again: `"nft"` (DiffusionNFT) or `"awm"`
+            (Advantage Weighted Matching). SDE-only fields (`noise_schedule`, `cps_log_prob`, `dance_weighting`,
+            `kl_type`, `timestep_selection`, the SDE window) are refused under `nft`/`awm`, and their fields under
+            the SDE family.
         epsilon (`float`, *optional*):
             Clip range: ratios are clipped to `[1 - epsilon, 1 + epsilon]`. Log-probabilities are per-element MEANs
             over the latent (not sums), so ratios sit within ~1e-3 of 1 and clip ranges are tiny. Defaults to `1e-4`
-            for `flow_grpo`, `temp_reweight` and `mean_revised`, and `2e-6` for `ratio_norm` and `grpo_guard` (the
-            papers' values; GRPO-Guard used `4e-6` for PickScore).
+            for `flow_grpo`, `temp_reweight` and `mean_revised`, `2e-6` for `ratio_norm` and `grpo_guard` (the
+            papers' values; GRPO-Guard used `4e-6` for PickScore), and `1.0` for `awm` (its surrogate ratio, AWM's
+            released configs). `nft` has no ratio and refuses it.
         dance_weighting (`str`, *optional*, defaults to `"inverse"`):
             GRPO-Guard's per-step weight under `noise_schedule="dance_grpo"`: `"inverse"` is `1 / (beta_t * (-dt))`,
             `"paper"` is `beta_t / (-dt)` as printed in the paper, with `beta_t = 1 + noise_level**2 (1 - sigma) /
@@ -165,14 +180,37 @@ class GuardConfig(TrainingArguments):
             FLUX; docs/dance_grpo_weighting.md has the measurement.
         beta (`float`, *optional*, defaults to `0.0`):
             Weight of the KL penalty to the reference policy (the transformer with LoRA disabled, or a frozen copy of
-            the starting weights for full fine-tuning). `0` (GRPO-Guard's setting) skips the reference forward.
+            the starting weights for full fine-tuning). `0` (GRPO-Guard's setting) skips the reference forward. Under
+            `nft` and `awm` it weighs the velocity-space penalty `MEAN((v - v_ref)**2)` instead (DiffusionNFT: `1e-4`;
+            AWM: `1e-4` for PickScore, `1e-3` GenEval, `3e-3` OCR).
+        nft_beta (`float`, *optional*, defaults to `1.0`):
+            DiffusionNFT's strength of the implicit policies, `v_plus = nft_beta v + (1 - nft_beta) v_old` and
+            `v_minus = (1 + nft_beta) v_old - nft_beta v` (`config.beta` in its code: 1.0, 0.1 for OCR and
+            multi-reward). `nft` only.
+        lagged_decay_schedule (`str`, *optional*):
+            How the lagged copy of the weights (NFT's old policy, which samples; AWM's regulariser target) follows the
+            trained weights after each round, `copy <- d copy + (1 - d) weights`: `"nft"` (`d = min(0.001 step,
+            0.5)`, NFT's default), `"nft_ocr"` (0 until step 75, then `min(0.0075 (step - 75), 0.999)`), `"awm"`
+            (`min(0.001 step, 0.3)`) or `"none"` (`d = 0`: the copy is the policy just trained). Defaults to the
+            loss type's official schedule. `nft`/`awm` only.
+        awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
+            AWM's surrogate log-likelihood `-w(l, t)` of the flow-matching error `l = MEAN((v - v*)**2)` at noise level
+            `t`: `"uniform"` (`l`), `"t"`, `"t_squared"`, `"huber"` or `"ghuber"` (`(t / p)((l + 1e-10)**p - 1e-10**p)`,
+            every released config). `awm` only.
+        awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
+            `p` of the `"ghuber"` weighting. `awm` only.
+        awm_lagged_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of AWM's penalty `MEAN((v - v_lagged)**2)` towards the lagged copy (`0` skips its forward). `awm`
+            only.
         kl_type (`str`, *optional*, defaults to `"flow_grpo"`):
             `"flow_grpo"`: Flow-GRPO's per-step KL, `MEAN((mean - ref_mean)**2) / (2 s**2)` with `s` the diffusion
             coefficient, that is the exact Gaussian KL times `(-dt)`, so β values from its configs (0.01-0.04) carry
             over. `"exact"`: the closed-form KL between the two Gaussians of the step.
         timestep_fraction (`float`, *optional*, defaults to `1.0`):
             Fraction of the sampling steps trained on per rollout: `max(1, int(num_inference_steps *
-            timestep_fraction))` steps. Flow-GRPO's configs use `0.99`, which with 10 steps trains steps 0-8.
+            timestep_fraction))` steps. Flow-GRPO's configs use `0.99`, which with 10 steps trains steps 0-8. Under
+            `nft`/`awm`: that many noise levels per sample, drawn as a permutation of the sampling grid (DiffusionNFT:
+            `0.99`).
         timestep_selection (`str`, *optional*, defaults to `"first"`):
             Which steps `timestep_fraction` keeps: `"first"` (the official rule: the first steps, in sampling order,
             so `0.99` leaves out the last, least noisy step) or `"random"` (a subset drawn per rollout from the
@@ -284,6 +322,11 @@ class GuardConfig(TrainingArguments):
     dance_weighting: str = field(default="inverse", metadata={"choices": list(DANCE_WEIGHTINGS)})
     cps_log_prob: str = field(default="official", metadata={"choices": list(CPS_LOG_PROBS)})
     beta: float = 0.0
+    nft_beta: float = 1.0
+    lagged_decay_schedule: str | None = field(default=None, metadata={"choices": list(LAGGED_DECAY_SCHEDULES)})
+    awm_weighting: str = field(default="ghuber", metadata={"choices": list(AWM_WEIGHTINGS)})
+    awm_ghuber_power: float = 0.25
+    awm_lagged_weight: float = 1.0
     kl_type: str = field(default="flow_grpo", metadata={"choices": list(KL_TYPES)})
     timestep_fraction: float = 1.0
     timestep_selection: str = field(default="first", metadata={"choices": list(TIMESTEP_SELECTIONS)})
@@ -312,8 +355,9 @@ class GuardConfig(TrainingArguments):
         self._refuse_unsupported()
         super().__post_init__()
         self._validate()
+        self._validate_family_fields()
         if self.epsilon is None:
-            self.epsilon = DEFAULT_EPSILON[self.loss_type]
+            self.epsilon = DEFAULT_EPSILON.get(self.loss_type)
         self._resolve_generation_batch()
         if self.generation_batch_size % self.num_generations != 0:
             raise ValueError(
@@ -449,6 +493,47 @@ class GuardConfig(TrainingArguments):
             self.steps_per_generation is None or self.steps_per_generation >= 1,
             f"steps_per_generation={self.steps_per_generation} must be >= 1.",
         )
+
+    #: Fields that only one algorithm family reads; the other family refuses them when set away from their default.
+    _SDE_ONLY_FIELDS = ("noise_schedule", "cps_log_prob", "dance_weighting", "kl_type", "timestep_selection",
+                        "sde_window_size")  # fmt: skip
+    _FORWARD_ONLY_FIELDS = (
+        "nft_beta",
+        "lagged_decay_schedule",
+        "awm_weighting",
+        "awm_ghuber_power",
+        "awm_lagged_weight",
+    )
+    _AWM_ONLY_FIELDS = ("awm_weighting", "awm_ghuber_power", "awm_lagged_weight")
+
+    def _validate_family_fields(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+
+        def changed(names: tuple[str, ...]) -> list[str]:
+            return [f"{name}={getattr(self, name)!r}" for name in names if getattr(self, name) != defaults[name]]
+
+        if self.loss_type in FORWARD_LOSS_TYPES:
+            other = self._SDE_ONLY_FIELDS if self.loss_type == "awm" else self._SDE_ONLY_FIELDS + self._AWM_ONLY_FIELDS
+            family = f"loss_type={self.loss_type!r} (a forward-process loss, sampled with the ODE)"
+        else:
+            other = self._FORWARD_ONLY_FIELDS
+            family = f"loss_type={self.loss_type!r} (an SDE-ratio loss)"
+        unused = changed(other)
+        if self.loss_type == "nft" and self.epsilon is not None:
+            unused.append(f"epsilon={self.epsilon!r}")
+        if unused:
+            raise ValueError(
+                f"{family} does not read {', '.join(unused)}: leave these fields at their defaults, or pick a "
+                "loss_type they belong to (docs/method.md lists which fields each family reads)."
+            )
+        if self.loss_type in FORWARD_LOSS_TYPES:
+            if self.nft_beta <= 0:
+                raise ValueError(f"nft_beta={self.nft_beta} must be > 0 (DiffusionNFT uses 1.0, or 0.1 for OCR).")
+            if self.awm_ghuber_power <= 0 or self.awm_lagged_weight < 0:
+                raise ValueError(
+                    f"awm_ghuber_power={self.awm_ghuber_power} must be > 0 and awm_lagged_weight="
+                    f"{self.awm_lagged_weight} >= 0."
+                )
 
     def _validate_sde_window(self) -> None:
         if self.sde_window_size < 0:

@@ -36,7 +36,12 @@ import torch
 
 from .sde import _mean_per_sample, _safe_divide, sde_std, velocity_coefficient
 
-LOSS_TYPES = ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard")
+#: The importance-ratio losses on recorded SDE steps (Flow-GRPO, GRPO-Guard and the paper's ablations).
+SDE_LOSS_TYPES = ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard")
+#: The forward-process losses (DiffusionNFT, AWM), which train on re-noised clean samples; defined below.
+FORWARD_LOSS_TYPES = ("nft", "awm")
+#: Every `GuardConfig.loss_type`.
+LOSS_TYPES = SDE_LOSS_TYPES + FORWARD_LOSS_TYPES
 KL_TYPES = ("flow_grpo", "exact")
 SCALE_REWARDS = ("group", "batch", "none")
 # GRPO-Guard's weight under the constant-noise (DanceGRPO) schedule. The paper prints beta_t / (-dt) ("paper"); the
@@ -52,6 +57,7 @@ DEFAULT_EPSILON = {
     "mean_revised": 1e-4,
     "ratio_norm": 2e-6,
     "grpo_guard": 2e-6,
+    "awm": 1.0,  # AWM's released configs (its ratio is 1 on-policy, so the clip rarely acts)
 }
 
 
@@ -80,7 +86,7 @@ def policy_log_ratio(
         return _mean_per_sample(scale * 2 * diff * (prev_sample - old_mean))
     if loss_type in ("ratio_norm", "grpo_guard"):
         return _mean_per_sample(_safe_divide(diff * (prev_sample - old_mean), std))
-    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {SDE_LOSS_TYPES}.")
 
 
 def timestep_weight(
@@ -121,7 +127,7 @@ def timestep_weight(
                 return 1 / (beta_t * neg_dt)
             raise ValueError(f"Unknown dance_weighting {dance_weighting!r}; expected one of {DANCE_WEIGHTINGS}.")
         raise ValueError(f"Unknown noise_schedule {noise_schedule!r}.")
-    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {SDE_LOSS_TYPES}.")
 
 
 def compute_policy_loss(
@@ -312,7 +318,6 @@ def compute_advantages(
 # ``config/nft.py``) and scxue/advantage_weighted_matching (``scripts/train_sd3_awm.py``, ``config/dgx_awm.py``).
 # ---------------------------------------------------------------------------------------------------------------------
 
-FORWARD_LOSS_TYPES = ("nft", "awm")
 # AWM's per-sample weightings of the flow-matching error (official names: Uniform, t, t**2, huber, ghuber).
 AWM_WEIGHTINGS = ("uniform", "t", "t_squared", "huber", "ghuber")
 # Decay schedules of the lagged parameter copy: NFT's "old" policy (decay_type 0, 1, 2) and AWM's "ema" adapter.
@@ -690,6 +695,7 @@ __all__ = [
     "DEFAULT_EPSILON",
     "LOSS_TYPES",
     "SCALE_REWARDS",
+    "SDE_LOSS_TYPES",
     "compute_advantages",
     "KL_TYPES",
     "compute_kl",

@@ -46,6 +46,63 @@ class Rollout:
         j = i - self.start
         return self.latents[:, j], self.latents[:, j + 1], self.old_means[:, j], self.sigmas[j], self.sigmas[j + 1]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {
+            "latents": self.latents,
+            "old_means": self.old_means,
+            "sigmas": self.sigmas,
+            "start": torch.tensor(self.start),
+        }
+        if self.final is not None:
+            state["final"] = self.final
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Rollout:
+        return cls(state["latents"], state["old_means"], state["sigmas"], int(state["start"]), state.get("final"))
+
+
+@dataclass
+class CleanRollout:
+    """A batch of samples for the forward-process algorithms (DiffusionNFT, AWM), float32.
+
+    Only the clean final latents are kept from sampling, with what training will draw at them, decided at sampling
+    time from keyed generators so that a resume trains on the same points: ``train_sigmas[:, k]`` is the noise level
+    of training unit ``k`` for each sample and ``train_noise[:, k]`` its fresh noise.
+    """
+
+    final: torch.Tensor  # (B, ...)
+    train_sigmas: torch.Tensor  # (B, K)
+    train_noise: torch.Tensor  # (B, K, ...)
+
+    def __len__(self) -> int:
+        return self.final.shape[0]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.final
+
+    @property
+    def steps(self) -> range:
+        """The training units drawn per sample."""
+        return range(self.train_sigmas.shape[1])
+
+    def noised(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit ``k``: ``(x_t, sigma, target_velocity)`` with ``x_t = (1 - sigma) x0 + sigma eps`` and the flow-matching
+        target ``eps - x0``."""
+        if k not in self.steps:
+            raise IndexError(f"Training unit {k} was not drawn (drawn: {list(self.steps)}).")
+        sigma, noise = self.train_sigmas[:, k], self.train_noise[:, k]
+        t = sigma.reshape(-1, *([1] * (noise.ndim - 1)))
+        return (1 - t) * self.final + t * noise, sigma, noise - self.final
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"clean": self.final, "train_sigmas": self.train_sigmas, "train_noise": self.train_noise}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> CleanRollout:
+        return cls(state["clean"], state["train_sigmas"], state["train_noise"])
+
 
 @torch.no_grad()
 def sample_sde(
@@ -136,10 +193,11 @@ def select_train_steps(
 
 @dataclass
 class TrainBatch:
-    """One training micro-batch of a generation round, built once the round is scored: its recorded trajectories,
-    the conditioning they were sampled with, their advantages and the sampling steps to train on."""
+    """One training micro-batch of a generation round, built once the round is scored: what its rollout recorded,
+    the conditioning it was sampled with, its advantages and the units to train on (sampling steps for the SDE
+    family, drawn noise levels for the forward-process family)."""
 
-    rollout: Rollout
+    rollout: Rollout | CleanRollout
     prompt_embeds: PromptEmbeddings
     negative_embeds: PromptEmbeddings | None
     advantages: torch.Tensor  # (B,)
@@ -157,17 +215,9 @@ class TrainBatch:
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Flat tensors for safetensors, keyed ``{prefix}{name}``; `from_state_dict` reads them back."""
-        rollout = self.rollout
-        state = {
-            "latents": rollout.latents,
-            "old_means": rollout.old_means,
-            "sigmas": rollout.sigmas,
-            "advantages": self.advantages,
-            "train_steps": torch.tensor(self.train_steps, dtype=torch.long),
-            "start": torch.tensor(rollout.start),
-        }
-        if rollout.final is not None:
-            state["final"] = rollout.final
+        state = dict(self.rollout.state_dict())
+        state["advantages"] = self.advantages
+        state["train_steps"] = torch.tensor(self.train_steps, dtype=torch.long)
         state.update({f"prompt.{k}": v for k, v in self.prompt_embeds.tensors.items()})
         if self.negative_embeds is not None:
             state.update({f"negative.{k}": v for k, v in self.negative_embeds.tensors.items()})
@@ -181,34 +231,11 @@ class TrainBatch:
             return {k[len(name) + 1 :]: v for k, v in own.items() if k.startswith(f"{name}.")}
 
         negative = group("negative")
+        rollout_type = CleanRollout if "clean" in own else Rollout
         return cls(
-            rollout=Rollout(
-                own["latents"],
-                own["old_means"],
-                own["sigmas"],
-                start=int(own["start"]) if "start" in own else 0,
-                final=own.get("final"),
-            ),
+            rollout=rollout_type.from_state_dict(own),
             prompt_embeds=PromptEmbeddings(group("prompt")),
             negative_embeds=PromptEmbeddings(negative) if negative else None,
             advantages=own["advantages"],
             train_steps=own["train_steps"].tolist(),
         )
-
-
-def save_rollout_buffer(batches: list[TrainBatch], path: str) -> None:
-    """Write a generation round's training micro-batches to one safetensors file, so a run resumed in the middle of
-    the round trains on exactly the same data."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v for i, batch in enumerate(batches) for k, v in batch.state_dict(prefix=f"{i}.").items()}
-    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, path)  # clone: sigmas are shared
-
-
-def load_rollout_buffer(path: str, device: torch.device) -> list[TrainBatch]:
-    """Read what `save_rollout_buffer` wrote, onto `device`."""
-    from safetensors.torch import load_file
-
-    tensors = {k: v.to(device) for k, v in load_file(path).items()}
-    count = len({k.split(".")[0] for k in tensors})
-    return [TrainBatch.from_state_dict(tensors, prefix=f"{i}.") for i in range(count)]

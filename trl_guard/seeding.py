@@ -22,7 +22,6 @@ class Stream(IntEnum):
     TIMESTEPS = 2
     EVAL_NOISE = 3
     WINDOW = 4
-    TRAIN_NOISE = 5  # forward-process algorithms: the noise levels and noise drawn for training
 
 
 def keyed_generator(*key: int) -> torch.Generator:

@@ -165,9 +165,9 @@ class GuardGRPODiffusionTrainer(Trainer):
             )
         )
         self.pipeline = pipeline
-        self.algorithm: Algorithm = get_algorithm(args, self.adapter)
         set_seed(args.seed)  # LoRA initialisation draws from the global RNG
         denoiser = self._prepare_denoiser(peft_config, args)
+        self.algorithm: Algorithm = get_algorithm(args, self.adapter)  # after the trainable weights exist
 
         super().__init__(
             model=denoiser,
@@ -375,7 +375,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         if self._step is None:  # fresh start or resume: derive the micro-step counter from the restored state
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
         if self._step % generate_every == 0 or self._buffered_batches is None:
-            self._buffered_batches = self._generate_and_score(inputs, rollout_index=self._step // generate_every)
+            round_index = self._step // generate_every
+            self.algorithm.on_round_start(round_index, self.state.global_step)
+            self._buffered_batches = self._generate_and_score(inputs, rollout_index=round_index)
         batch = self._buffered_batches[self._step % self.args.steps_per_generation]
         self._step += 1
 

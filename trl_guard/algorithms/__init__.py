@@ -1,6 +1,7 @@
 """RL algorithm families behind one seam (`Algorithm`), picked by `GuardConfig.loss_type`.
 
 - `SDERatioAlgorithm` (sde_ratio.py): Flow-GRPO, GRPO-Guard, TempFlow-GRPO reweighting and the paper's ablations.
+- `ForwardProcessAlgorithm` (forward.py): DiffusionNFT and Advantage Weighted Matching.
 
 Adding a family is one module with an `Algorithm` subclass, listed in `ALGORITHMS` (docs/method.md).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import Algorithm, RoundPlan
+from .forward import ForwardProcessAlgorithm
 from .sde_ratio import SDERatioAlgorithm, path_kl_to_reference, policy_mean
 
 if TYPE_CHECKING:
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
     from ..config import GuardConfig
 
 #: Every algorithm family, in the order their loss types are listed.
-ALGORITHMS: tuple[type[Algorithm], ...] = (SDERatioAlgorithm,)
+ALGORITHMS: tuple[type[Algorithm], ...] = (SDERatioAlgorithm, ForwardProcessAlgorithm)
 
 
 def algorithm_class(loss_type: str) -> type[Algorithm]:
@@ -36,6 +38,7 @@ def get_algorithm(args: GuardConfig, adapter: PipelineAdapter) -> Algorithm:
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "ForwardProcessAlgorithm",
     "RoundPlan",
     "SDERatioAlgorithm",
     "algorithm_class",

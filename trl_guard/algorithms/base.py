@@ -55,6 +55,10 @@ class Algorithm(ABC):
         self.args = args
         self.adapter = adapter
 
+    def on_round_start(self, round_index: int, global_step: int) -> None:  # noqa: B027 (a hook)
+        """Called before round ``round_index`` is sampled, after ``global_step`` optimizer steps (for example to
+        update a lagged copy of the weights). The SDE family needs nothing here."""
+
     @abstractmethod
     def plan(self, round_index: int) -> RoundPlan:
         """Decide what round ``round_index`` samples and trains."""
