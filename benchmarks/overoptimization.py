@@ -43,6 +43,9 @@ METHODS = {
     "grpo_guard_kl": dict(loss_type="grpo_guard", beta=0.04),
     "ratio_norm": dict(loss_type="ratio_norm", beta=0.0),
     "temp_reweight": dict(loss_type="temp_reweight", beta=0.0),
+    # the forward-process losses (benchmarks/bench_forward.py): official settings but the rate, no reference penalty
+    "nft": dict(loss_type="nft", beta=0.0),
+    "awm": dict(loss_type="awm", beta=0.0),
 }
 # The paper lowers GRPO-Guard's rate 3x against Flow-GRPO's: the grids are offset by the same factor.
 SWEEP_RATES = {

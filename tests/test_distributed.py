@@ -1,4 +1,5 @@
-"""A recipe run with `accelerate launch` on two CPU processes (gloo) ends where the one-process run ends.
+"""A recipe run with `accelerate launch` on two CPU processes (gloo) ends where the one-process run ends, for the
+SDE family (GRPO-Guard) and the forward-process family (DiffusionNFT, AWM) alike.
 
 The shipped examples/accelerate_configs/ddp_cpu.yaml makes `accelerate launch` start the torch.distributed
 processes; with ACCELERATE_USE_CPU=true and no visible GPU, Accelerate runs them as MULTI_CPU over gloo. Optimizer
@@ -72,7 +73,8 @@ def recipe(tiny_pipeline_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(recipe, tmp_path):
+@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm"])
+def test_two_processes_match_one(recipe, tmp_path, loss_type):
     launch(
         [
             sys.executable,
@@ -84,6 +86,8 @@ def test_two_processes_match_one(recipe, tmp_path):
             "one",
             "--per_device_train_batch_size",
             "16",
+            "--loss_type",
+            loss_type,
         ],
         tmp_path,
     )
@@ -102,6 +106,8 @@ def test_two_processes_match_one(recipe, tmp_path):
             "two",
             "--per_device_train_batch_size",
             "8",
+            "--loss_type",
+            loss_type,
         ],
         tmp_path,
     )

@@ -109,3 +109,46 @@ def test_options_of_the_other_family_are_refused(tmp_path, fields, named):
 def test_awm_default_clip_range_is_the_official_one(tmp_path):
     assert tiny_config(tmp_path, loss_type="awm").epsilon == 1.0
     assert tiny_config(tmp_path, loss_type="nft").epsilon is None
+
+
+def _family_case(family):
+    """(pipeline, dataset, reward, trainer fields) for one training step of `family` from its tiny pipeline."""
+    from datasets import Dataset
+    from helpers import lora_config
+    from PIL import Image
+
+    from trl_guard.rewards import video_reward
+    from trl_guard.testing import (
+        build_tiny_flux_kontext_pipeline,
+        build_tiny_flux_pipeline,
+        build_tiny_qwenimage_pipeline,
+        build_tiny_wan_pipeline,
+    )
+
+    prompts = Dataset.from_dict({"prompt": [f"prompt number {i}" for i in range(8)]})
+    defaults = dict(peft_config=lora_config(target_modules=None))
+    if family == "flux":
+        return build_tiny_flux_pipeline(seed=0), prompts, blueness, dict(guidance_scale=3.5, **defaults)
+    if family == "qwenimage":
+        fields = dict(true_cfg_scale=4.0, negative_prompt=" ", num_inference_steps=3, **defaults)
+        return build_tiny_qwenimage_pipeline(seed=0), prompts, blueness, fields
+    if family == "wan":
+        return build_tiny_wan_pipeline(seed=0), prompts, video_reward(blueness), dict(num_frames=5, **defaults)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(8)]
+    edits = Dataset.from_dict({"prompt": prompts["prompt"], "image": images})
+    return build_tiny_flux_kontext_pipeline(seed=0), edits, blueness, dict(guidance_scale=2.5, **defaults)
+
+
+@pytest.mark.parametrize("loss_type", FORWARD)
+@pytest.mark.parametrize("family", ["flux", "qwenimage", "wan", "flux_kontext"])
+def test_every_family_trains_under_the_forward_losses(family, loss_type, tmp_path):
+    pipeline, dataset, reward, fields = _family_case(family)
+    trainer = make_trainer(
+        pipeline, [reward], dataset, tmp_path, loss_type=loss_type, max_steps=1, steps_per_generation=1, **fields
+    )
+    before = {k: v.clone() for k, v in trainer.adapter.lora_state_dict().items()}
+    trainer.train()
+    after = trainer.adapter.lora_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert np.isfinite(logged(trainer, "loss")).all() and logged(trainer, "reward")
