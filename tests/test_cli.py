@@ -241,3 +241,120 @@ def test_more_families_train_from_the_command_line(builder, family_flags, reward
     )
     lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert any("lora_A" in key for key in lora)
+
+
+# `trl-guard grpo --help` and the recipe, as a newcomer meets them.
+
+
+def option_position(text, name):
+    """Where the help line of option `--name` starts; -1 when it is not listed."""
+    match = re.search(rf"\n  --{name}\b", text)
+    return match.start() if match else -1
+
+
+def test_grpo_help_leads_with_an_example_our_fields_and_config(capsys):
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import ModelConfig
+
+    from trl_guard import GuardConfig
+
+    with pytest.raises(SystemExit) as error:
+        main(["grpo", "--help"])
+    out = capsys.readouterr().out
+    assert error.value.code == 0
+    assert (
+        out.index("example:") < out.index("trl-guard grpo --config examples/recipes/") < option_position(out, "config")
+    )
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    first_guard = next(f.name for f in dataclasses.fields(GuardConfig) if f.name not in inherited)
+    first_plain = dataclasses.fields(TrainingArguments)[0].name
+    first_lora = next(f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("lora_"))
+    positions = [option_position(out, name) for name in ("config", "model_name_or_path", "reward_funcs", first_guard)]
+    assert -1 not in positions and positions == sorted(positions)
+    assert option_position(out, first_guard) < option_position(out, first_lora) < option_position(out, first_plain)
+    assert out.startswith("usage: trl-guard grpo [--config RECIPE.yaml]")  # not 170 lines of every option
+
+
+def test_help_order_changes_nothing_that_is_parsed(tmp_path):
+    """The regrouped parser reads a recipe and flags as TRL's plain parser does."""
+    from trl import ModelConfig, TrlParser
+
+    from trl_guard import GuardConfig
+    from trl_guard.scripts.grpo import GuardScriptArguments, build_parser
+
+    recipe = write_recipe(tmp_path, "some/model", tmp_path / "prompts.txt")
+    argv = ["--config", str(recipe), "--learning_rate", "3e-4", "--loss_type", "flow_grpo"]
+    ours = build_parser().parse_args_and_config(list(argv))
+    plain = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig)).parse_args_and_config(list(argv))
+    assert [dataclasses_dict(a) for a in ours] == [dataclasses_dict(a) for a in plain]
+    assert ours[1].learning_rate == 3e-4 and ours[1].loss_type == "flow_grpo" and ours[2].lora_r == 4
+
+
+def dataclasses_dict(arguments):
+    import dataclasses
+
+    return {f.name: str(getattr(arguments, f.name)) for f in dataclasses.fields(arguments)}
+
+
+def minimal_flags(tmp_path):
+    return ["--model_name_or_path", "some/model", "--dataset_name", str(tmp_path / "p.txt")] + [
+        "--reward_funcs",
+        "jpeg_compressibility",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_peft",
+    ]
+
+
+def test_lora_dropout_defaults_to_zero_and_says_why(tmp_path, recwarn):
+    from trl_guard.scripts.grpo import build_parser, parse_arguments
+
+    _, _, model_args = parse_arguments(minimal_flags(tmp_path))
+    assert model_args.lora_dropout == 0.0
+    assert not [w for w in recwarn if "lora_dropout" in str(w.message)]
+    dropout_help = next(a.help for a in build_parser()._actions if a.dest == "lora_dropout")
+    assert "defaults it to 0" in dropout_help and "off-policy" in dropout_help
+
+
+@pytest.mark.parametrize("where", ["flag", "recipe"])
+def test_lora_dropout_set_above_zero_is_kept_with_a_warning(where, tmp_path):
+    from trl_guard.scripts.grpo import parse_arguments
+
+    argv = minimal_flags(tmp_path)
+    if where == "flag":
+        argv += ["--lora_dropout", "0.05"]
+    else:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("lora_dropout: 0.05\nlora_r: 4\n")
+        argv += ["--config", str(recipe)]
+    with pytest.warns(UserWarning, match="lora_dropout=0.05: .*off-policy"):
+        _, _, model_args = parse_arguments(argv)
+    assert model_args.lora_dropout == 0.05
+
+
+@pytest.mark.parametrize(
+    ("content", "holds"), [("- a\n- b\n", "it holds a list"), ("hello\n", "it holds a str"), ("", "is empty")]
+)
+def test_a_recipe_that_is_not_a_mapping_is_refused_naming_the_file(content, holds, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(content)
+    with pytest.raises(ValueError, match="mapping of field: value") as error:
+        main(["grpo", "--config", str(recipe)])
+    assert str(recipe) in str(error.value) and holds in str(error.value)
+    assert "unhashable" not in str(error.value) and "'h'" not in str(error.value)
+
+
+def test_config_forms_a_newcomer_types(tmp_path, monkeypatch):
+    from trl_guard.scripts.grpo import parse_arguments
+
+    recipe = write_recipe(tmp_path, "some/model", tmp_path / "prompts.txt")
+    monkeypatch.setenv("TRL_GUARD_RECIPE_ENV", "unset")
+    recipe.write_text(recipe.read_text() + "env:\n  TRL_GUARD_RECIPE_ENV: from-the-recipe\n")
+    _, config, _ = parse_arguments([f"--config={recipe}"])  # the = form, and TRL's env mapping
+    assert config.num_generations == 4 and os.environ["TRL_GUARD_RECIPE_ENV"] == "from-the-recipe"
+    with pytest.raises(ValueError, match="--config needs a path"):
+        parse_arguments(["--config"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml: no such file"):
+        parse_arguments(["--config", str(tmp_path / "missing.yaml")])

@@ -1,13 +1,17 @@
 """Our SD3.5-M and FLUX.1 Kontext recipes against the official configs they claim to reproduce.
 
-Every value below was read from the official code (MIT), repository zhtmike/flow_grpo at commit 9745241 (the merge of
-GRPO-Guard, PR #175), and is recorded here with the file and config function it comes from. A field of our recipe
-that has an official counterpart must equal it; the settings that differ on purpose are listed in docs/fidelity.md.
+Every value below was read from the official code and is recorded here with the file and config function it comes
+from: Flow-GRPO and GRPO-Guard from zhtmike/flow_grpo at commit 9745241 (MIT; the merge of GRPO-Guard, PR #175);
+DiffusionNFT from NVlabs/DiffusionNFT at commit 24af5554898d85e93efa492f42b5e9cdf4156e9b; Advantage Weighted Matching
+from scxue/advantage_weighted_matching at commit be5137232e33a21b449ed65a533211d0deb97ed8. A field of our recipe that
+has an official counterpart must equal it; the settings that differ on purpose are listed in docs/fidelity.md.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 from trl import ModelConfig, TrlParser
 
 from trl_guard import GuardConfig
@@ -105,6 +109,140 @@ OFFICIAL = {
 # optimizer steps (gradient_accumulation_steps = num_batches_per_epoch // 2). Our recipes lay it out for 8 GPUs.
 GROUPS_PER_ROUND, GPUS = 48, 8
 
+# DiffusionNFT (NVlabs/DiffusionNFT 24af555: config/base.py get_config(), config/nft.py _get_config() and the sd3_*
+# functions, scripts/train_nft_sd3.py) and AWM (scxue/advantage_weighted_matching be51372, under
+# advantage_weighted_matching/: config/base_awm.py get_config(), config/dgx_awm.py, scripts/train_sd3_awm.py). What the
+# two share; our names on the left.
+FORWARD_COMMON = {
+    "model_name_or_path": "stabilityai/stable-diffusion-3.5-medium",  # pretrained.model in each config function
+    "eval_num_inference_steps": 40,  # sample.eval_num_steps
+    "guidance_scale": 1.0,  # sample.guidance_scale = 1.0: no CFG in rollout, training or evaluation
+    "height": 512,  # resolution
+    "width": 512,
+    "num_generations": 24,  # sample.num_image_per_prompt
+    "max_sequence_length": 128,  # compute_text_embeddings(..., max_sequence_length=128) in both scripts
+    "negative_prompt": "",  # the negative embeddings are those of "" (unused without CFG)
+    "learning_rate": 3e-4,  # NFT base.py train.learning_rate; AWM dgx_awm.py train.learning_rate
+    "adam_beta1": 0.9,  # base: train.adam_beta1
+    "adam_beta2": 0.999,  # base: train.adam_beta2
+    "weight_decay": 1e-4,  # base: train.adam_weight_decay
+    "adam_epsilon": 1e-8,  # base: train.adam_epsilon
+    "max_grad_norm": 1.0,  # base: train.max_grad_norm
+    # NFT: AdamW without a scheduler; AWM: CosineAnnealingLR(T_max=train.decay_steps=1e10), constant in practice
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "adv_clip_max": 5.0,  # base: train.adv_clip_max
+    "scale_rewards": "batch",  # sample.global_std = True (PerPromptStatTracker(global_std))
+    "num_iterations": 1,  # train.num_inner_epochs = 1
+    "seed": 42,  # base: seed
+    "ema_update_interval": 1,  # EMAModuleWrapper(update_step_interval=1) / train.ema_update_step_interval = 1
+    "lora_r": 32,  # LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", attention projections) in both
+    "lora_alpha": 64,
+    "lora_dropout": 0.0,  # not set there: peft's default, 0.0
+    "lora_target_modules": None,  # ours: the SD3 adapter's default, the same 8 attention projections
+    "reward_weights": None,  # reward_fn = {name: 1.0}: one reward, weight 1
+}
+
+# config/nft.py _get_config() (on config/base.py), shared by the three DiffusionNFT recipes
+NFT_COMMON = {
+    "loss_type": "nft",  # scripts/train_nft_sd3.py
+    "num_inference_steps": 10,  # sample.num_steps = 10 (sample.solver = "dpm2" there, the Euler ODE here)
+    "timestep_fraction": 0.99,  # base.py train.timestep_fraction; int(10 x 0.99) = 9 levels per sample
+    "beta": 1e-4,  # train.beta = 0.0001: loss += train.beta x MEAN((v - v_ref)**2)
+    "epsilon": None,  # NFT has no ratio to clip
+    "per_device_train_batch_size": 9,  # bsz = 9: sample.train_batch_size = train.batch_size
+    "ema_decay": 0.9,  # base.py train.ema = True; EMAModuleWrapper(decay=0.9, update_step_interval=1)
+    "eval_on_start": True,  # train_nft_sd3.py evaluates when epoch % eval_freq == 0, epoch 0 included
+    "eval_strategy": "steps",
+}
+
+FORWARD_OFFICIAL = {
+    # config/nft.py sd3_geneval(): gradient_step_per_epoch=1
+    "sd35m_geneval_nft.yaml": {
+        **NFT_COMMON,
+        "nft_beta": 1.0,  # _get_config: config.beta = 1.0
+        "lagged_decay_schedule": "nft",  # _get_config: decay_type = 1
+        "eval_steps": 10,  # base.py eval_freq = 10 rounds of one optimizer step
+        "save_steps": 30,  # base.py save_freq = 30 rounds
+        "per_device_eval_batch_size": 14,  # _get_config: sample.test_batch_size = 14 for geneval
+        "reward_funcs": ["http://127.0.0.1:18085/geneval"],  # reward_fn = {"geneval": 1.0}
+        "dataset_name": "geneval_train.jsonl",  # dataset/geneval/train_metadata.jsonl
+        "eval_dataset_name": "geneval_test.jsonl",  # dataset/geneval/test_metadata.jsonl
+    },
+    # config/nft.py sd3_ocr(): gradient_step_per_epoch=2
+    "sd35m_ocr_nft.yaml": {
+        **NFT_COMMON,
+        "nft_beta": 0.1,  # sd3_ocr: config.beta = 0.1
+        "lagged_decay_schedule": "nft_ocr",  # sd3_ocr: decay_type = 2
+        "eval_steps": 20,  # eval_freq = 10 rounds of two optimizer steps
+        "save_steps": 60,  # save_freq = 30 rounds
+        "per_device_eval_batch_size": 16,  # sample.test_batch_size = 16
+        "reward_funcs": ["ocr"],  # reward_fn = {"ocr": 1.0}
+        "dataset_name": "ocr_train.txt",  # dataset/ocr/train.txt
+        "eval_dataset_name": "ocr_test.txt",  # dataset/ocr/test.txt
+    },
+    # config/nft.py sd3_pickscore(): gradient_step_per_epoch=1
+    "sd35m_pickscore_nft.yaml": {
+        **NFT_COMMON,
+        "nft_beta": 1.0,
+        "lagged_decay_schedule": "nft",
+        "eval_steps": 10,
+        "save_steps": 30,
+        "per_device_eval_batch_size": 16,
+        "reward_funcs": ["pickscore"],  # reward_fn = {"pickscore": 1.0}
+        "dataset_name": "pickscore_train.txt",  # dataset/pickscore/train.txt
+        "eval_dataset_name": "pickscore_test.txt",  # dataset/pickscore/test.txt
+    },
+    # config/dgx_awm.py pickscore_sd3_no_cfg_1node() (on compressibility() and config/base_awm.py)
+    "sd35m_pickscore_awm.yaml": {
+        "loss_type": "awm",  # scripts/train_sd3_awm.py, train.loss_type = 'exp_first'
+        "num_inference_steps": 14,  # sample.num_steps = 14 (train.use_sa_solver = True there, the Euler ODE here)
+        "epsilon": 1.0,  # train.clip_range = 1
+        "beta": 1e-4,  # train.beta = 0.0001, train.kl_weight = 'Uniform'
+        "awm_weighting": "ghuber",  # train.weighting
+        "awm_ghuber_power": 0.25,  # train.ghuber_power
+        "awm_lagged_weight": 1.0,  # train.ema_beta = 1, train.kl_ema_weight = 'Uniform'
+        "lagged_decay_schedule": "awm",  # train.kl_ema_decay_type = 'linear', train.kl_ema_decay = 0.3
+        "per_device_train_batch_size": 2,  # train.batch_size = 2
+        "ema_decay": 0.99,  # train.ema = True, train.ema_decay = 0.99
+        "eval_on_start": False,  # train_sd3_awm.py evaluates only when epoch > 0
+        "eval_strategy": "steps",
+        "eval_steps": 50,  # eval_freq = 50 rounds of one optimizer step
+        "save_steps": 50,  # save_freq = 50 rounds
+        "per_device_eval_batch_size": 6,  # sample.test_batch_size = 6
+        "reward_funcs": ["pickscore"],  # reward_fn = {"pickscore": 1}
+        "dataset_name": "pickscore_train.txt",  # dataset/pickscore/train.txt
+        "eval_dataset_name": "pickscore_test.txt",  # dataset/pickscore/test.txt
+    },
+}
+
+# Prompt groups of 24 images and optimizer steps per round, on 8 GPUs. NFT: num_groups = 48, num_batches_per_epoch =
+# 48 x 24 // (8 x 9) = 16 and gradient_accumulation_steps = 16 // gradient_step_per_epoch. AWM: sample.train_batch_size
+# 6 x num_batches_per_epoch 12 x 8 GPUs = 576 images = 24 groups, gradient_accumulation_steps = 6 // 2 x 12 = 36 = all
+# of the round's micro-batches (train.num_batches_per_epoch).
+ROUNDS = {
+    **{name: (GROUPS_PER_ROUND, 2) for name in OFFICIAL},
+    "sd35m_geneval_nft.yaml": (48, 1),
+    "sd35m_ocr_nft.yaml": (48, 2),
+    "sd35m_pickscore_nft.yaml": (48, 1),
+    "sd35m_pickscore_awm.yaml": (24, 1),
+}
+
+EXPECTED = {
+    **{name: {**COMMON, **values} for name, values in OFFICIAL.items()},
+    **{name: {**FORWARD_COMMON, **values} for name, values in FORWARD_OFFICIAL.items()},
+}
+
+# Noise levels trained per sample and round. NFT: num_train_timesteps = int(sample.num_steps x train.timestep_fraction)
+# = 9 of a per-sample permutation of the 10 grid levels (train_nft_sd3.py). AWM: train.train_timesteps = 6, one from
+# each of 6 strata of grid levels 0-11 (time_type = 'discrete'); ours draws 6 of the 14 levels (docs/fidelity.md).
+TRAINED_LEVELS = {
+    "sd35m_geneval_nft.yaml": 9,
+    "sd35m_ocr_nft.yaml": 9,
+    "sd35m_pickscore_nft.yaml": 9,
+    "sd35m_pickscore_awm.yaml": 6,
+}
+
 
 def parse(recipe: Path):
     parser = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig))
@@ -112,22 +250,51 @@ def parse(recipe: Path):
     return parser.parse_args_and_config(["--config", str(recipe), "--bf16", "false"])
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL))
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_matches_the_official_config(name):
     script_args, config, model_args = parse(RECIPES / name)
     values = {**vars(script_args), **vars(config), **vars(model_args)}
-    expected = {**COMMON, **OFFICIAL[name]}
+    expected = EXPECTED[name]
     mismatched = {key: (values[key], want) for key, want in expected.items() if values[key] != want}
     assert not mismatched, f"{name}: (ours, official) = {mismatched}"
+    groups, optimizer_steps = ROUNDS[name]
     round_images = config.per_device_train_batch_size * GPUS * config.steps_per_generation
-    assert round_images == GROUPS_PER_ROUND * config.num_generations
-    assert config.steps_per_generation // config.gradient_accumulation_steps == 2
+    assert round_images == groups * config.num_generations
+    assert config.steps_per_generation // config.gradient_accumulation_steps == optimizer_steps
     assert config.steps_per_generation % config.gradient_accumulation_steps == 0
     assert model_args.use_peft
 
 
 def test_every_sd35m_recipe_is_checked():
-    assert {p.name for p in RECIPES.glob("sd35m_*.yaml")} == set(OFFICIAL)
+    assert {p.name for p in RECIPES.glob("sd35m_*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_OFFICIAL))
+def test_forward_recipe_trains_the_official_number_of_noise_levels(name):
+    _, config, _ = parse(RECIPES / name)
+    # ForwardProcessAlgorithm.plan: max(1, int(num_inference_steps x timestep_fraction)) levels per sample
+    assert max(1, int(config.num_inference_steps * config.timestep_fraction)) == TRAINED_LEVELS[name]
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_OFFICIAL))
+def test_forward_recipe_leaves_the_other_family_fields_out(name):
+    _, config, _ = parse(RECIPES / name)
+    written = set(yaml.safe_load((RECIPES / name).read_text()))
+    refused = set(GuardConfig._SDE_ONLY_FIELDS)
+    if config.loss_type == "nft":
+        refused |= set(GuardConfig._AWM_ONLY_FIELDS) | {"epsilon"}
+    assert not written & refused, (
+        f"{name} sets {sorted(written & refused)}, which loss_type={config.loss_type} refuses"
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(GuardConfig)}
+    assert all(getattr(config, field) == defaults[field] for field in GuardConfig._SDE_ONLY_FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_OFFICIAL))
+def test_forward_recipe_refuses_an_sde_family_field(name):
+    parser = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig))
+    with pytest.raises(ValueError, match="does not read noise_schedule='cps'"):
+        parser.parse_args_and_config(["--config", str(RECIPES / name), "--bf16", "false", "--noise_schedule", "cps"])
 
 
 # config/grpo.py counting_flux_kontext() on top of config/base.py, and scripts/train_flux_kontext.py (LoRA, EMA, the

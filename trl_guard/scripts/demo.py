@@ -5,18 +5,27 @@ Two worlds:
 - `toy` (default when the pretrained toy model is installed, `trl_guard/toy/pretrained`): a small SD3-architecture
   model pretrained on scenes of coloured shapes. It trains on a hackable colour proxy
   (`trl_guard.toy.colour_proxy`) and is watched by gold scores it never trains on: caption fidelity, cleanliness,
-  and diversity across seeds.
+  and diversity across seeds. About 10 minutes on 2 CPU cores.
 - `tiny`: a randomly initialised tiny SD3 pipeline built on the spot, trained to make images bluer. It shows the
-  mechanics and the clipping diagnostics, not over-optimisation of a pretrained model.
+  mechanics and the clipping diagnostics, not over-optimisation of a pretrained model. About 3 minutes on
+  2 CPU cores.
 
 The demo prints each reward curve and the per-timestep diagnostics the GRPO-Guard paper plots (log-ratio mean/std,
 clip fractions above and below, gradient norm), writes the LoRAs and an HTML report comparing the runs, and checks
-that a fresh pipeline loads a LoRA and draws differently.
+that a fresh pipeline loads a LoRA and draws differently. It ends by judging the paper's claims 1-3 from the
+run's own numbers, with the thresholds it uses:
+
+  1. under Flow-GRPO the per-timestep mean log-ratio is below 0 and its spread differs across timesteps; under
+     GRPO-Guard the mean is about 0 and the spread similar;
+  2. under Flow-GRPO clipping above 1 + epsilon almost never happens while clipping below concentrates in the last
+     steps; under GRPO-Guard the two clip fractions are about equal;
+  3. per-timestep gradient norms vary about 20x under Flow-GRPO and about 2.5x under GRPO-Guard.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import time
@@ -51,6 +60,11 @@ class World:
     lora: dict = field(default_factory=dict)
     steps: int = 40
     learning_rate: float = 0.1
+    name: str = ""
+    summary: str = ""
+    # Wall time of the default demo (two methods, `steps` each) measured on this project's 2-core CPU machine: the
+    # basis of the up-front time estimate.
+    measured_seconds: float = 0.0
 
 
 def tiny_world() -> World:
@@ -75,6 +89,9 @@ def tiny_world() -> World:
         ),
         steps=40,
         learning_rate=0.1,
+        name="tiny",
+        summary="a randomly initialised tiny SD3 pipeline; proxy reward: blueness; gold: JPEG compressibility",
+        measured_seconds=172.0,  # 2 methods x 40 steps; 172-319 s on the 2-core machine, shared (load 2.6-7)
     )
 
 
@@ -104,7 +121,33 @@ def toy_world() -> World:
         lora=dict(r=16, lora_alpha=32),
         steps=60,
         learning_rate=3e-3,
+        name="toy",
+        summary=(
+            "a small SD3-architecture model pretrained on coloured shapes; proxy reward: colour_proxy; gold: caption "
+            "fidelity and cleanliness, never trained on"
+        ),
+        measured_seconds=575.0,
     )
+
+
+METHOD_NAMES = {
+    "flow_grpo": "Flow-GRPO",
+    "grpo_guard": "GRPO-Guard",
+    "temp_reweight": "TempFlow-GRPO's reweighting",
+    "mean_revised": "the mean-revised ratio, an ablation",
+    "ratio_norm": "RatioNorm without reweighting, an ablation",
+    "nft": "DiffusionNFT",
+    "awm": "AWM",
+}
+
+# Thresholds of the verdict on the paper's claims 1-3; the verdict prints each one next to the measured value.
+SHIFTED_SHARE = 2 / 3  # claim 1: Flow-GRPO's mean log-ratio is below 0 at this share of the timesteps or more
+CENTRED = 0.2  # claim 1: GRPO-Guard's |mean log-ratio| is at most this many of its stds at every timestep
+UNEVEN = 10.0  # claims 1 and 3: "varies across timesteps" is a max/min ratio of at least this
+EVEN = 5.0  # claims 1 and 3: "similar across timesteps" is a max/min ratio of at most this
+ONE_SIDED = 0.5  # claim 2: Flow-GRPO clips above at most this many times as often as below
+LATE = 2.0  # claim 2: Flow-GRPO's clip-below fraction in its last third of timesteps is this many times the first's
+BALANCED = (0.75, 1 / 0.75)  # claim 2: GRPO-Guard's above/below clip ratio lies in this range
 
 
 def _positive_int(text: str) -> int:
@@ -114,8 +157,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be > 0, got {text} (a learning rate of 0 trains nothing; leave --learning-rate out for the "
+            "world's default)"
+        )
+    return value
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="trl-guard demo", description=__doc__)
+    # read at call time: the tuple may grow, and the demo should offer whatever the trainer accepts
+    from trl_guard.losses import LOSS_TYPES
+
+    parser = parser or argparse.ArgumentParser(
+        prog="trl-guard demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--world",
         choices=["toy", "tiny"],
@@ -123,13 +184,62 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="toy (pretrained shapes model; default when installed) or tiny (random model)",
     )
     parser.add_argument("--output-dir", default="outputs/demo", help="One folder per method, and report/.")
-    parser.add_argument("--loss-types", nargs="+", default=["flow_grpo", "grpo_guard"], help="GuardConfig.loss_type")
+    parser.add_argument(
+        "--loss-types",
+        nargs="+",
+        choices=LOSS_TYPES,
+        metavar="LOSS_TYPE",
+        default=["flow_grpo", "grpo_guard"],
+        help=f"The methods to train, in order (GuardConfig.loss_type), one or more of: {', '.join(LOSS_TYPES)}. "
+        "Default: flow_grpo grpo_guard, the two that claims 1-3 compare.",
+    )
     parser.add_argument(
         "--steps", type=_positive_int, default=None, help="Optimizer steps per method (world's default)."
     )
-    parser.add_argument("--learning-rate", type=float, default=None, help="World's default if unset.")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--learning-rate",
+        type=_learning_rate,
+        default=None,
+        help="A learning rate > 0 for every method; the world's default if unset (toy 3e-3, tiny 0.1).",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="The seed of every method's run (default 1).")
     return parser
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's options, refused before anything is built or trained: an unknown or repeated loss type, a
+    learning rate <= 0, the toy world without its model."""
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    repeated = sorted({t for t in options.loss_types if options.loss_types.count(t) > 1})
+    if repeated:
+        parser.error(
+            f"--loss-types lists {', '.join(repeated)} more than once: each method trains into "
+            f"{os.path.join(options.output_dir, '<loss_type>')}, so give each once."
+        )
+    toy_installed = os.path.exists(os.path.join(TOY_MODEL, "model_index.json"))
+    if options.world == "toy" and not toy_installed:
+        parser.error(f"--world toy needs the pretrained toy model in {TOY_MODEL}, which is missing; use --world tiny.")
+    options.world = options.world or ("toy" if toy_installed else "tiny")
+    return options
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def plan(world: World, options: argparse.Namespace) -> str:
+    """What the demo is about to run and roughly how long it takes, scaled from the world's measured wall time."""
+    steps, _ = run_settings(world, options)
+    methods = ", then ".join(f"{t} ({METHOD_NAMES.get(t, t)})" for t in options.loss_types)
+    estimate = world.measured_seconds / (2 * world.steps) * steps * len(options.loss_types)
+    return (
+        f"world: {world.name} ({world.summary}).\n"
+        f"It trains {methods}: {steps} optimizer steps each, from the same base, seeds and prompts, then compares "
+        "them and judges the GRPO-Guard paper's claims 1-3 from the numbers.\n"
+        f"Expect roughly {_duration(estimate)} on 2 CPU cores (the defaults, 2 methods x {world.steps} steps, took "
+        f"{world.measured_seconds:.0f} s on a 2-core machine; a busy machine takes longer)."
+    )
 
 
 def format_timestep_table(history: list[dict]) -> str:
@@ -143,20 +253,42 @@ def format_timestep_table(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train_one(loss_type: str, world: World, options) -> str:
+def run_settings(world: World, options: argparse.Namespace) -> tuple[int, float]:
+    """Optimizer steps and learning rate per method: the options', else the world's defaults. Only None means
+    unset: the parser has already refused a learning rate <= 0."""
+    steps = world.steps if options.steps is None else options.steps
+    learning_rate = world.learning_rate if options.learning_rate is None else options.learning_rate
+    return steps, learning_rate
+
+
+@dataclass
+class Run:
+    """One trained method: where its LoRA is, and what it logged (the base model's evaluation first)."""
+
+    loss_type: str
+    output_dir: str
+    history: list[dict]
+
+
+def train_one(loss_type: str, world: World, options, position: tuple[int, int] = (1, 1)) -> Run:
     from datasets import Dataset
     from peft import LoraConfig
 
     from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
 
     output_dir = os.path.join(options.output_dir, loss_type)
-    steps = options.steps or world.steps
+    steps, learning_rate = run_settings(world, options)
+    print(
+        f"\n[{position[0]}/{position[1]}] {loss_type} ({METHOD_NAMES.get(loss_type, loss_type)}): {steps} optimizer "
+        f"steps at learning rate {learning_rate:g}, into {output_dir}",
+        flush=True,
+    )
     args = GuardConfig(
         output_dir=output_dir,
         loss_type=loss_type,
         steps_per_generation=2,  # two optimizer steps per sampling round: the second one is off-policy
         max_steps=steps,
-        learning_rate=options.learning_rate or world.learning_rate,
+        learning_rate=learning_rate,
         reward_weights=world.reward_weights,
         height=32,
         width=32,
@@ -196,18 +328,208 @@ def train_one(loss_type: str, world: World, options) -> str:
             print(f"  eval at step {entry['step']}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in gold.items()))
     print("per-timestep diagnostics (mean over the run; step 0 is the noisiest):")
     print(format_timestep_table(history))
-    return output_dir
+    return Run(loss_type, output_dir, history)
+
+
+@dataclass
+class ClaimVerdict:
+    """The verdict on one of the paper's claims, with the measured value against each threshold."""
+
+    claim: int
+    statement: str
+    verdict: str  # "reproduced", "partly reproduced", "reproduced in direction only", "not reproduced", "not judged"
+    checks: list[str] = field(default_factory=list)
+
+
+def _ratio(values: list[float]) -> float | None:
+    """max/min of the positive values; None when fewer than two timesteps have one."""
+    positive = [v for v in values if v > 0]
+    return max(positive) / min(positive) if len(positive) >= 2 else None
+
+
+def _spread(by_step: dict[int, float]) -> tuple[float | None, str]:
+    """max/min across timesteps, and the same without the last timestep (which often stands apart), as text."""
+    steps = sorted(by_step)
+    ratio = _ratio([by_step[t] for t in steps])
+    without_last = _ratio([by_step[t] for t in steps[:-1]])
+    if ratio is None:
+        return None, "n/a"
+    return ratio, f"{ratio:.1f}x" + (f" ({without_last:.1f}x without the last timestep)" if without_last else "")
+
+
+def _timesteps(count: int) -> str:
+    return "timestep" if count == 1 else f"{count} timesteps"
+
+
+def _mark(passed: bool) -> str:
+    return "yes" if passed else "NO"
+
+
+def _verdict(parts: list[bool]) -> str:
+    return "reproduced" if all(parts) else "partly reproduced" if any(parts) else "not reproduced"
+
+
+def judge_claims(tables: dict[str, dict[str, dict[int, float]]]) -> list[ClaimVerdict]:
+    """Judge the GRPO-Guard paper's claims 1-3 from per-timestep means (`{loss_type: {stat: {timestep: value}}}`,
+    as `trl_guard.report.build.timestep_table` gives them) against the thresholds at the top of this module.
+
+    A claim that the numbers cannot speak to (a method missing, no off-policy update logged, a statistic not logged)
+    is "not judged", with the reason.
+    """
+    statements = {
+        1: "under Flow-GRPO the mean log-ratio is below 0 and its spread differs across timesteps; under GRPO-Guard "
+        "the mean is about 0 and the spread similar",
+        2: "under Flow-GRPO clipping above 1+eps almost never happens and clipping below concentrates in the last "
+        "steps; under GRPO-Guard the two clip fractions are about equal",
+        3: "per-timestep gradient norms vary about 20x under Flow-GRPO and about 2.5x under GRPO-Guard",
+    }
+    missing = [t for t in ("flow_grpo", "grpo_guard") if t not in tables]
+    if missing:
+        reason = f"the claims compare flow_grpo with grpo_guard, and this run did not train {' or '.join(missing)}"
+        return [ClaimVerdict(n, statements[n], "not judged", [reason]) for n in statements]
+    flow, guard = tables["flow_grpo"], tables["grpo_guard"]
+    verdicts = []
+
+    # Claim 1: the log-ratio's per-timestep mean and spread.
+    stds = {name: table.get("log_ratio_std", {}) for name, table in (("flow_grpo", flow), ("grpo_guard", guard))}
+    if not all(any(v > 0 for v in std.values()) for std in stds.values()):
+        verdicts.append(
+            ClaimVerdict(
+                1,
+                statements[1],
+                "not judged",
+                ["every logged ratio was exactly 1: no off-policy update happened (run 2 or more steps)"],
+            )
+        )
+    else:
+        means = flow.get("log_ratio_mean", {})
+        below = sum(means[t] < 0 for t in means)
+        shifted = bool(means) and below >= SHIFTED_SHARE * len(means)
+        guard_means, guard_stds = guard.get("log_ratio_mean", {}), stds["grpo_guard"]
+        offsets = [abs(guard_means[t]) / guard_stds[t] for t in guard_means if guard_stds.get(t, 0) > 0]
+        centred = bool(offsets) and max(offsets) <= CENTRED
+        flow_ratio, flow_text = _spread(stds["flow_grpo"])
+        guard_ratio, guard_text = _spread(guard_stds)
+        uneven = flow_ratio is not None and flow_ratio >= UNEVEN
+        even = guard_ratio is not None and guard_ratio <= EVEN
+        verdicts.append(
+            ClaimVerdict(
+                1,
+                statements[1],
+                _verdict([shifted and centred, uneven and even]),
+                [
+                    f"flow_grpo: mean log-ratio below 0 at {below} of {len(means)} timesteps "
+                    f"(needs {SHIFTED_SHARE:.0%} or more): {_mark(shifted)}",
+                    f"grpo_guard: |mean| at most {CENTRED:g} std at every timestep (largest "
+                    f"{max(offsets, default=float('nan')):.2f}): {_mark(centred)}",
+                    f"flow_grpo: the std varies {flow_text} across timesteps (needs {UNEVEN:g}x or more): "
+                    f"{_mark(uneven)}",
+                    f"grpo_guard: the std varies {guard_text} across timesteps (needs {EVEN:g}x or less): "
+                    f"{_mark(even)}",
+                ],
+            )
+        )
+
+    # Claim 2: clip fractions above and below.
+    def clip_totals(table: dict[str, dict[int, float]]) -> tuple[float, float]:
+        return sum(table.get("clip_frac_high", {}).values()), sum(table.get("clip_frac_low", {}).values())
+
+    (flow_high, flow_low), (guard_high, guard_low) = clip_totals(flow), clip_totals(guard)
+    if flow_low == 0 or guard_low == 0:
+        verdicts.append(
+            ClaimVerdict(
+                2,
+                statements[2],
+                "not judged",
+                ["a method never clipped below 1-eps: no off-policy update happened (run 2 or more steps)"],
+            )
+        )
+    else:
+        one_sided = flow_high <= ONE_SIDED * flow_low
+        low = flow.get("clip_frac_low", {})
+        steps = sorted(low)
+        third = max(1, round(len(steps) / 3))
+        first = sum(low[t] for t in steps[:third]) / third
+        last = sum(low[t] for t in steps[-third:]) / third
+        late = last >= LATE * first and len(steps) > third
+        balance = guard_high / guard_low
+        balanced = BALANCED[0] <= balance <= BALANCED[1]
+        verdicts.append(
+            ClaimVerdict(
+                2,
+                statements[2],
+                _verdict([one_sided, late, balanced]),
+                [
+                    f"flow_grpo: clips above {flow_high / flow_low:.2f} times as often as below (needs "
+                    f"{ONE_SIDED:g} or less): {_mark(one_sided)}",
+                    f"flow_grpo: clip-below fraction {last:.3f} in the last {_timesteps(third)} against {first:.3f} "
+                    f"in the first (needs {LATE:g}x or more): {_mark(late)}",
+                    f"grpo_guard: clips above {balance:.2f} times as often as below (needs {BALANCED[0]:.2f} to "
+                    f"{BALANCED[1]:.2f}): {_mark(balanced)}",
+                ],
+            )
+        )
+
+    # Claim 3: per-timestep gradient norms.
+    flow_ratio, flow_text = _spread(flow.get("grad_norm", {}))
+    guard_ratio, guard_text = _spread(guard.get("grad_norm", {}))
+    if flow_ratio is None or guard_ratio is None:
+        verdicts.append(
+            ClaimVerdict(
+                3,
+                statements[3],
+                "not judged",
+                ["per-timestep gradient norms were not logged for two timesteps or more (log_timestep_grad_norm)"],
+            )
+        )
+    else:
+        uneven, even = flow_ratio >= UNEVEN, guard_ratio <= EVEN
+        if uneven and even:
+            verdict = "reproduced"
+        elif guard_ratio <= flow_ratio / 2:  # clearly more even, though not by the paper's margins
+            verdict = "reproduced in direction only"
+        else:
+            verdict = "not reproduced"
+        verdicts.append(
+            ClaimVerdict(
+                3,
+                statements[3],
+                verdict,
+                [
+                    f"flow_grpo: gradient norm varies {flow_text} across timesteps (needs {UNEVEN:g}x or more): "
+                    f"{_mark(uneven)}",
+                    f"grpo_guard: gradient norm varies {guard_text} across timesteps (needs {EVEN:g}x or less): "
+                    f"{_mark(even)}",
+                    f"grpo_guard's variation is {guard_ratio / flow_ratio:.2f} of flow_grpo's (in direction "
+                    "needs 0.5 or less)",
+                ],
+            )
+        )
+    return verdicts
+
+
+def format_claims(verdicts: list[ClaimVerdict]) -> str:
+    """The verdicts as text, one claim per paragraph, the evidence indented under it."""
+    lines = []
+    for verdict in verdicts:
+        lines.append(f"claim {verdict.claim}: {verdict.verdict.upper()}: {verdict.statement}.")
+        lines.extend(f"    {check}" for check in verdict.checks)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    options = build_parser().parse_args(argv)
+    options = parse_options(argv)
     import diffusers
     import torch
 
-    world_name = options.world or ("toy" if os.path.exists(os.path.join(TOY_MODEL, "model_index.json")) else "tiny")
-    world = toy_world() if world_name == "toy" else tiny_world()
-    print(f"world: {world_name}")
-    runs = [train_one(loss_type, world, options) for loss_type in options.loss_types]
+    from trl_guard.report.build import timestep_table
+
+    world = toy_world() if options.world == "toy" else tiny_world()
+    print(plan(world, options), flush=True)
+    runs = [
+        train_one(loss_type, world, options, (i, len(options.loss_types)))
+        for i, loss_type in enumerate(options.loss_types, start=1)
+    ]
 
     diffusers.utils.logging.set_verbosity_error()  # silences "no LoRA keys for the text encoders" notices
     base = world.build_pipeline()
@@ -223,22 +545,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     plain = base(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images
     for run in runs:
-        base.load_lora_weights(run)
+        base.load_lora_weights(run.output_dir)
         tuned = base(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images
         base.unload_lora_weights()
         print(
-            f"\n{os.path.abspath(run)}: the LoRA, loaded into a fresh pipeline, changes the image of {prompt!r} by "
-            f"{np.abs(tuned - plain).mean():.4f} on average."
+            f"\n{os.path.abspath(run.output_dir)}: the LoRA, loaded into a fresh pipeline, changes the image of "
+            f"{prompt!r} by {np.abs(tuned - plain).mean():.4f} on average."
         )
 
+    steps, _ = run_settings(world, options)
     try:
         from trl_guard.report import build_report
 
-        report = build_report(runs, os.path.join(options.output_dir, "report"))
+        report = build_report([run.output_dir for run in runs], os.path.join(options.output_dir, "report"))
         with open(os.path.join(os.path.dirname(report), "verdict.txt")) as f:
             verdict = f.read()
         if verdict:
-            print(f"\nverdict of this demo (one seed, {options.steps or world.steps} steps per method):\n{verdict}")
+            print(f"\nverdict of this demo on gold against proxy (one seed, {steps} steps per method):\n{verdict}")
             print(
                 "The multi-seed answer, with intervals, is in docs/reproducing_the_paper.md "
                 "(benchmarks/overoptimization.py reruns it)."
@@ -246,6 +569,13 @@ def main(argv: list[str] | None = None) -> None:
         print("\nreport:", report)
     except ImportError as error:
         print(f"\nno report: {error}")
+
+    tables = {run.loss_type: timestep_table(run.history) for run in runs}
+    print(
+        f"\nThe GRPO-Guard paper's claims 1-3, judged from this run's per-timestep means (one seed, {steps} steps per "
+        "method; about half of the updates are a round's on-policy first step, where every ratio is 1):"
+    )
+    print(format_claims(judge_claims(tables)))
 
 
 if __name__ == "__main__":

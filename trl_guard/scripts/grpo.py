@@ -1,21 +1,33 @@
-"""`trl-guard grpo`: train a diffusion pipeline with GRPO-Guard (or a baseline) from a YAML recipe and/or flags.
+"""Train a diffusers flow-matching pipeline with GRPO-Guard (or a baseline: `loss_type`) from a YAML recipe and
+flags. Flags override the recipe.
 
-    trl-guard grpo --config recipe.yaml
-    accelerate launch -m trl_guard.scripts.grpo --config recipe.yaml --learning_rate 2e-4
+example:
+  trl-guard grpo --config examples/recipes/sd35m_pickscore_guard.yaml --learning_rate 2e-4
+  accelerate launch -m trl_guard.scripts.grpo --config examples/recipes/sd35m_pickscore_guard.yaml
 
-Arguments are TRL's: script arguments (`dataset_name`, `dataset_train_split`, `reward_funcs`, ...), `GuardConfig`
-and TRL's `ModelConfig` (`model_name_or_path`, `use_peft`, `lora_r`, `lora_alpha`, `lora_target_modules`, ...).
-Command-line flags override the YAML. Set `lora_dropout: 0.0` (ModelConfig's default is 0.05): with dropout the
-first update after sampling is no longer exactly on-policy.
+The recipe (`--config`) is a YAML mapping of field: value, one per line, with any field listed below; an `env:`
+mapping in it sets environment variables. The fields come in four groups, in this order:
+  - this script's own: the recipe, the model, the prompts, the rewards and the gold-score alarm;
+  - GuardConfig, the diffusion-RL fields trl_guard adds (sampling, loss_type, clipping, rollouts);
+  - TRL's ModelConfig: model loading and LoRA (`use_peft`, `lora_r`, `lora_alpha`, `lora_target_modules`);
+  - transformers' TrainingArguments: output_dir, learning_rate, batch sizes, logging, saving, ...
+
+`lora_dropout` defaults to 0 here, not to TRL's 0.05: dropout is on in the training forward pass and off while
+sampling, so with it even the first update after sampling is off-policy and gets clipped.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
+import textwrap
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
+from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..checkpoints import resolve_resume
@@ -108,35 +120,169 @@ def _read_image_paths(dataset, folder: str):
     return dataset.remove_columns("image").add_column("image", paths).cast_column("image", Image())
 
 
+_USAGE = "trl-guard grpo [--config RECIPE.yaml] [--FIELD VALUE ...]"
+# RatioNorm and the clip ranges assume that the policy which sampled a round is the one that first trains on it.
+TRAINING_LORA_DROPOUT = 0.0
+_LORA_DROPOUT_HELP = (
+    "LoRA dropout. trl-guard grpo defaults it to 0, not to TRL's 0.05: dropout is active in the training forward pass "
+    "but not while sampling, so with dropout even the first update after sampling is off-policy (8-17%% of its "
+    "samples got clipped in our runs where none should). A value > 0 is accepted with a warning."
+)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's lines and lists (raw) and shows each field's default."""
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def build_parser() -> TrlParser:
+    """The `trl-guard grpo` parser: TRL's, with `--config` listed, `lora_dropout` defaulting to 0, and `--help` in
+    the order a newcomer needs it (this script's fields, then GuardConfig's, then TRL's and transformers')."""
+    parser = TrlParser(
+        (GuardScriptArguments, GuardConfig, ModelConfig),
+        prog="trl-guard grpo",
+        usage=_USAGE,
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
+    parser.set_defaults(lora_dropout=TRAINING_LORA_DROPOUT)
+    for action in parser._actions:
+        if action.dest == "lora_dropout":
+            action.help = _LORA_DROPOUT_HELP
+        elif action.dest == "model_name_or_path":  # ModelConfig's help speaks of a causal LM checkpoint
+            action.help = (
+                "The pipeline to train: a Hub id (for example `stabilityai/stable-diffusion-3.5-medium`) or a local "
+                "diffusers pipeline folder."
+            )
+
+    training_fields = set(_field_names(TrainingArguments))
+    plain_defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    changed = [
+        f"{f.name}={f.default!r}"
+        for f in dataclasses.fields(GuardConfig)
+        if f.name in plain_defaults and f.default is not dataclasses.MISSING and f.default != plain_defaults[f.name]
+    ]
+    script = parser.add_argument_group(
+        "this script: the recipe, the model, the prompts and the rewards",
+        "`model_name_or_path`, `dataset_name` and `reward_funcs` are required (in the recipe or as flags).",
+    )
+    # TrlParser reads --config itself, before argparse sees the command line; this entry only documents it, and its
+    # SUPPRESS default keeps it out of the parsed namespace.
+    script.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        default=argparse.SUPPRESS,
+        help="A YAML recipe: a mapping of field: value with any field below. Flags given with it override it.",
+    )
+    groups = [
+        (script, {"model_name_or_path", *_field_names(GuardScriptArguments)}),
+        (
+            parser.add_argument_group("GuardConfig: diffusion RL (what trl_guard adds to TrainingArguments)"),
+            {name for name in _field_names(GuardConfig) if name not in training_fields},
+        ),
+        (parser.add_argument_group("TRL ModelConfig: model loading and LoRA"), set(_field_names(ModelConfig))),
+        (
+            parser.add_argument_group(
+                "transformers TrainingArguments",
+                textwrap.fill(f"GuardConfig changes these defaults: {', '.join(changed)}.", 100) if changed else None,
+            ),
+            training_fields,
+        ),
+    ]
+    # HfArgumentParser puts every field into one "options" group in dataclass order, which buries our fields after
+    # ~150 of TrainingArguments'. Moving the actions between groups changes only the help; parsing uses
+    # parser._actions, which is untouched.
+    options = parser._optionals
+    for action in list(options._group_actions):
+        group = next((group for group, names in groups if action.dest in names), None)
+        if group is not None:
+            options._group_actions.remove(action)
+            group._group_actions.append(action)
+    # the model first, right after --config: it comes from ModelConfig, the last class parsed
+    script._group_actions.sort(key=lambda action: {"config": 0, "model_name_or_path": 1}.get(action.dest, 2))
+    return parser
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The recipe path after `--config`, or None; a `--config` with no path is refused here, because TrlParser would
+    fail with an IndexError."""
+    if "--config" not in argv:
+        return None
+    index = argv.index("--config")
+    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+        raise ValueError("--config needs a path: `--config RECIPE.yaml`.")
+    return argv[index + 1]
+
+
+def _split_config_equals(argv: list[str]) -> list[str]:
+    """`--config=recipe.yaml` as `--config recipe.yaml`, the only form TrlParser reads."""
+    split: list[str] = []
+    for arg in argv:
+        split.extend(["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg])
+    return split
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """The YAML recipe at `path` as a mapping, refusing anything else with a message that names the file.
+
+    TrlParser reads the recipe too, but a list crashes it with `unhashable type` and a scalar is read as its
+    characters; reading it here first turns both into a message that says what the file must hold.
+    """
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file. Give the path of a YAML recipe.")
+    with open(path) as f:
+        try:
+            recipe = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path} is not valid YAML: {error}") from error
+    example = "for example `learning_rate: 1e-4`, one field per line"
+    if recipe is None:
+        raise ValueError(f"--config {path} is empty: a recipe must be a YAML mapping of field: value ({example}).")
+    if not isinstance(recipe, dict):
+        shown = repr(recipe)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(
+            f"--config {path} must be a YAML mapping of field: value ({example}); it holds a "
+            f"{type(recipe).__name__}: {shown}."
+        )
+    return recipe
+
+
 def check_recipe_keys(argv: list[str], dataclass_types: tuple) -> None:
-    """Refuse a YAML recipe with keys no argument class knows, before any of them is built: a typo such as
-    `num_generation: 2` otherwise surfaces as another field's error (the default it left in place)."""
-    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+    """Refuse a YAML recipe that is not a mapping, or that has keys no argument class knows, before any of them is
+    built: a typo such as `num_generation: 2` otherwise surfaces as another field's error (the default it left in
+    place)."""
+    path = _config_path(argv)
+    if path is None:
         return
     import difflib
 
-    import yaml
-
-    with open(argv[argv.index("--config") + 1]) as f:
-        recipe = yaml.safe_load(f) or {}
-    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
-    unknown = sorted(set(recipe) - known)
+    recipe = read_recipe(path)
+    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)} | {"env"}  # TrlParser reads env
+    unknown = sorted((key for key in recipe if key not in known), key=str)
     if unknown:
         hints = [
             f"{key!r} (did you mean {close[0]!r}?)"
-            if (close := difflib.get_close_matches(key, known, n=1))
+            if isinstance(key, str) and (close := difflib.get_close_matches(key, known, n=1))
             else repr(key)
             for key in unknown
         ]
-        raise ValueError(f"Unknown keys in {argv[argv.index('--config') + 1]}: {', '.join(hints)}.")
+        raise ValueError(f"Unknown keys in {path}: {', '.join(hints)}.")
 
 
-def main(argv: list[str] | None = None):
-    """Parse, check, train, save; returns the trainer."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_arguments(argv: list[str]) -> tuple[GuardScriptArguments, GuardConfig, ModelConfig]:
+    """The three argument objects of a command line, after the checks that need no model: the recipe is a mapping
+    of known fields, the required fields are set, evaluation settings have what they need. Warns when LoRA dropout
+    is on."""
+    argv = _split_config_equals(argv)
     types = (GuardScriptArguments, GuardConfig, ModelConfig)
     check_recipe_keys(argv, types)
-    parser = TrlParser(types, prog="trl-guard grpo")
+    parser = build_parser()
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if not script_args.dataset_name:
         parser.error("dataset_name is required (a Hub id, a local folder or a prompt file).")
@@ -150,6 +296,22 @@ def main(argv: list[str] | None = None):
             "gold_reward_funcs and overoptimization_gold_metric act at evaluation: set eval_strategy (for example "
             "`--eval_strategy steps --eval_steps 50`) and eval_dataset_name."
         )
+    if model_args.use_peft and model_args.lora_dropout > 0:
+        warnings.warn(
+            f"lora_dropout={model_args.lora_dropout}: dropout is active while training but not while sampling, so "
+            "even the first update after each sampling round is off-policy and part of it gets clipped. Set "
+            "`lora_dropout: 0` (trl-guard grpo's default) unless you want that.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return script_args, training_args, model_args
+
+
+def main(argv: list[str] | None = None):
+    """Parse, check, train, save; returns the trainer."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, training_args, model_args = parse_arguments(argv)
+    evaluates = training_args.eval_strategy != "no"
     # Refused here, before the model loads: a fresh run over checkpoints, or a checkpoint that is not there.
     checkpoint = resolve_resume(
         training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir
