@@ -70,7 +70,9 @@ class SD3Adapter(PipelineAdapter):
         timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps
         return denoiser(
             hidden_states=latents.to(dtype),
-            timestep=timestep.to(dtype),
+            # float32, as StableDiffusion3Pipeline passes it: in bf16 a timestep above 512 would round to a multiple
+            # of 4 (FluxPipeline and QwenImagePipeline do cast to the latents' dtype, and their adapters follow)
+            timestep=timestep.float(),
             **{k: v.to(dtype) for k, v in conditioning.tensors.items()},
             return_dict=False,
         )[0]
