@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trl_guard import compute_advantages, compute_kl, compute_policy_loss
-from trl_guard.losses import LOSS_TYPES, policy_log_ratio
+from trl_guard.losses import SDE_LOSS_TYPES, policy_log_ratio
 
 
 def make_step(batch=6, seed=0, shift=1e-3):
@@ -56,7 +56,7 @@ def reference_loss64(mean, old_mean, x, std, adv, sigma, sigma_next, loss_type, 
     return per_sample.mean(), used
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SDE_LOSS_TYPES)
 @pytest.mark.parametrize("schedule", ["flow_grpo", "dance_grpo"])
 def test_policy_loss_matches_float64_reference(loss_type, schedule):
     mean, old_mean, x, std, _ = make_step(seed=3)
@@ -125,7 +125,7 @@ def test_same_policy_gives_ratio_exactly_one_and_plain_policy_gradient():
     mean, _, x, std, _ = make_step(seed=1)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])
     sigma, sigma_next = torch.full((6,), 0.8), torch.full((6,), 0.7)
-    for loss_type in LOSS_TYPES:
+    for loss_type in SDE_LOSS_TYPES:
         loss, stats = compute_policy_loss(
             mean, mean, x, std, adv, sigma, sigma_next, loss_type=loss_type, epsilon=2e-6, noise_level=0.7
         )

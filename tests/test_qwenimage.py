@@ -11,7 +11,7 @@ from diffusers import QwenImagePipeline
 from helpers import logged, make_trainer
 
 from trl_guard.adapters import QwenImageAdapter, SamplingSettings, get_adapter
-from trl_guard.losses import LOSS_TYPES
+from trl_guard.losses import SDE_LOSS_TYPES
 from trl_guard.rollout import sample_ode
 from trl_guard.testing import build_tiny_qwenimage_pipeline
 
@@ -132,7 +132,7 @@ def test_resolution_must_pack(tiny_qwenimage_pipeline):
         get_adapter(tiny_qwenimage_pipeline).configure(SamplingSettings(32, 36))
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SDE_LOSS_TYPES)
 def test_first_pass_is_exactly_on_policy_and_training_learns(loss_type, tiny_qwenimage_pipeline, prompts, tmp_path):
     trainer = make_trainer(
         tiny_qwenimage_pipeline,

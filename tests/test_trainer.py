@@ -6,7 +6,7 @@ import torch
 from conftest import blueness
 from helpers import logged, make_trainer
 
-from trl_guard.losses import LOSS_TYPES
+from trl_guard.losses import SDE_LOSS_TYPES
 from trl_guard.seeding import Stream
 
 STAT_KEYS = ("log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low", "grad_norm")
@@ -16,7 +16,7 @@ def trained_keys(trainer):
     return {k for entry in trainer.state.log_history for k in entry}
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SDE_LOSS_TYPES)
 def test_end_to_end_per_loss_type(loss_type, tiny_pipeline, prompts, tmp_path):
     trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, loss_type=loss_type, max_steps=2)
     trainer.train()

@@ -10,7 +10,7 @@ from datasets import Dataset
 from helpers import logged, make_trainer
 from safetensors.torch import load_file
 
-from trl_guard.losses import LOSS_TYPES
+from trl_guard.losses import SDE_LOSS_TYPES
 
 
 def trained_steps_per_log(trainer):
@@ -57,7 +57,7 @@ def test_random_selection_draws_different_subsets(tiny_pipeline, prompts, tmp_pa
     assert len({tuple(steps) for steps in rounds}) > 1
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", SDE_LOSS_TYPES)
 def test_cps_trains_finitely_for_every_loss_type(loss_type, tiny_pipeline, prompts, tmp_path):
     trainer = make_trainer(
         tiny_pipeline,

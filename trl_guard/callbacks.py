@@ -6,7 +6,9 @@ import json
 
 from transformers.trainer_callback import ProgressCallback
 
-_POSTFIX = {"reward": "reward", "clip_frac_high": "clip>", "clip_frac_low": "clip<", "loss": "loss"}
+from .metrics import Stat
+
+_POSTFIX = {Stat.REWARD: "reward", Stat.CLIP_FRAC_HIGH: "clip>", Stat.CLIP_FRAC_LOW: "clip<", "loss": "loss"}
 
 
 class GuardProgressCallback(ProgressCallback):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .metrics import Stat
 from .sde import _mean_per_sample, _safe_divide, sde_std, velocity_coefficient
 
 #: The importance-ratio losses on recorded SDE steps (Flow-GRPO, GRPO-Guard and the paper's ablations).
@@ -209,12 +210,12 @@ def compute_policy_loss(
         else:
             raw = policy_log_ratio(mean, old_mean, prev_sample, std, loss_type="flow_grpo", **forms)
         stats = {
-            "log_ratio_mean": log_ratio.mean(),
-            "log_ratio_std": log_ratio.std(unbiased=False),
-            "raw_log_ratio_mean": raw.mean(),
-            "clip_frac_high": (ratio > 1 + epsilon).float().mean(),
-            "clip_frac_low": (ratio < 1 - epsilon).float().mean(),
-            "weight": weight.mean(),
+            Stat.LOG_RATIO_MEAN: log_ratio.mean(),
+            Stat.LOG_RATIO_STD: log_ratio.std(unbiased=False),
+            Stat.RAW_LOG_RATIO_MEAN: raw.mean(),
+            Stat.CLIP_FRAC_HIGH: (ratio > 1 + epsilon).float().mean(),
+            Stat.CLIP_FRAC_LOW: (ratio < 1 - epsilon).float().mean(),
+            Stat.WEIGHT: weight.mean(),
         }
     return loss, stats
 
@@ -471,7 +472,7 @@ def compute_nft_loss(
             "optimality": r.mean(),
         }
         if kl is not None:
-            stats["kl"] = kl.detach().mean()
+            stats[Stat.KL] = kl.detach().mean()
     return loss, stats
 
 
@@ -595,11 +596,11 @@ def compute_awm_loss(
     with torch.no_grad():
         stats = {
             "policy_loss": loss.detach(),
-            "log_ratio_mean": log_ratio.mean(),
+            Stat.LOG_RATIO_MEAN: log_ratio.mean(),
             "ratio_mean": ratio.mean(),
             "clip_frac": ((ratio - 1).abs() > epsilon).to(ratio.dtype).mean(),
-            "clip_frac_high": (ratio > 1 + epsilon).to(ratio.dtype).mean(),
-            "clip_frac_low": (ratio < 1 - epsilon).to(ratio.dtype).mean(),
+            Stat.CLIP_FRAC_HIGH: (ratio > 1 + epsilon).to(ratio.dtype).mean(),
+            Stat.CLIP_FRAC_LOW: (ratio < 1 - epsilon).to(ratio.dtype).mean(),
         }
     return loss, stats
 

@@ -4,7 +4,7 @@ the benchmarks and the tests read them.
 ======================================  ======================================================================
 name                                    what
 ======================================  ======================================================================
-``timestep/{i:02d}/{stat}``             a per-step diagnostic at sampling step ``i`` (``log_ratio_mean``, ...)
+``timestep/{i:02d}/{stat}``             a per-step diagnostic at sampling step ``i`` (a `Stat` name)
 ``rewards/{name}/mean``, ``/std``       each reward function over a generation round
 ``{prefix}_reward``                     evaluation: the weighted sum of the reward functions (the proxy)
 ``{prefix}_rewards/{name}``             evaluation: each reward function
@@ -19,6 +19,30 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+
+
+class Stat:
+    """The names of the scalar statistics the trainer logs, averaged over timesteps and, for the per-step ones, per
+    timestep under ``timestep/{i:02d}/{name}``. The losses return their diagnostics under these names."""
+
+    # per training unit (sampling step), from the losses and the trainer
+    LOG_RATIO_MEAN = "log_ratio_mean"
+    LOG_RATIO_STD = "log_ratio_std"
+    RAW_LOG_RATIO_MEAN = "raw_log_ratio_mean"
+    CLIP_FRAC_HIGH = "clip_frac_high"
+    CLIP_FRAC_LOW = "clip_frac_low"
+    WEIGHT = "weight"
+    KL = "kl"
+    GRAD_NORM = "grad_norm"
+    # per generation round
+    REWARD = "reward"
+    REWARD_STD = "reward_std"
+    FRAC_REWARD_ZERO_STD = "frac_reward_zero_std"
+    ADVANTAGES_ABS_MEAN = "advantages/abs_mean"
+    ADVANTAGES_MAX = "advantages/max"
+    ADVANTAGES_MIN = "advantages/min"
+    SDE_WINDOW_START = "sde_window_start"
+
 
 TIMESTEP = "timestep/"
 REWARDS = "rewards/"

@@ -38,7 +38,7 @@ from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid, make_grid
 from .losses import compute_advantages
-from .metrics import eval_gold_key, eval_kl_key, eval_reward_key, eval_rewards_key, reward_key, timestep_key
+from .metrics import Stat, eval_gold_key, eval_kl_key, eval_reward_key, eval_rewards_key, reward_key, timestep_key
 from .overoptimization import OverOptimizationCallback
 from .rollout import TrainBatch, sample_ode
 from .schedule import SDESchedule
@@ -360,12 +360,12 @@ class GuardGRPODiffusionTrainer(Trainer):
             valid = rewards[:, j][~torch.isnan(rewards[:, j])]
             metrics[reward_key(name, "std")].append(valid.std(unbiased=False) if len(valid) else 0.0)
         grouped = total.view(-1, self.args.num_generations)
-        metrics["reward"].append(total.mean())
-        metrics["reward_std"].append(total.std(unbiased=False))
-        metrics["frac_reward_zero_std"].append((grouped.std(dim=1) == 0).float().mean())
-        metrics["advantages/abs_mean"].append(advantages.abs().mean())
-        metrics["advantages/max"].append(advantages.max())
-        metrics["advantages/min"].append(advantages.min())
+        metrics[Stat.REWARD].append(total.mean())
+        metrics[Stat.REWARD_STD].append(total.std(unbiased=False))
+        metrics[Stat.FRAC_REWARD_ZERO_STD].append((grouped.std(dim=1) == 0).float().mean())
+        metrics[Stat.ADVANTAGES_ABS_MEAN].append(advantages.abs().mean())
+        metrics[Stat.ADVANTAGES_MAX].append(advantages.max())
+        metrics[Stat.ADVANTAGES_MIN].append(advantages.min())
 
     # ---- training -----------------------------------------------------------------------------------------------
     def training_step(
@@ -402,7 +402,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 before = [p.grad.clone() if p.grad is not None else None for p in params]
             self.accelerator.backward(loss * scale)
             if before is not None:
-                stats["grad_norm"] = self._grad_norm_since(params, before) / scale
+                stats[Stat.GRAD_NORM] = self._grad_norm_since(params, before) / scale
             for key, value in stats.items():
                 value = value.detach() if isinstance(value, torch.Tensor) else value
                 metrics[timestep_key(unit, key)].append(value)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import PipelineAdapter, PromptEmbeddings
+from ..metrics import Stat
 from ..rollout import Rollout, TrainBatch, sample_sde, select_train_steps
 from ..schedule import SDESchedule
 from ..seeding import Stream, keyed_generator
@@ -94,7 +95,7 @@ class SDERatioAlgorithm(Algorithm):
             return RoundPlan(sigmas, train_steps)
         # Inside a window every stochastic step trains (a CPS window may end on the noiseless last step).
         train_steps = [i for i in sde_steps if noise_std[i] > 0]
-        return RoundPlan(sigmas, train_steps, sde_steps, {"sde_window_start": float(sde_steps[0])})
+        return RoundPlan(sigmas, train_steps, sde_steps, {Stat.SDE_WINDOW_START: float(sde_steps[0])})
 
     def sample(
         self,
@@ -149,7 +150,7 @@ class SDERatioAlgorithm(Algorithm):
                 ref_mean, _ = self._mean(batch, unit)
             kl = self.schedule.kl(mean, ref_mean, std, sigma, sigma_next, kl_type=args.kl_type)
             loss = loss + args.beta * kl
-            stats["kl"] = kl.detach()
+            stats[Stat.KL] = kl.detach()
         return loss, stats
 
 

@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from trl_guard import metrics
+from trl_guard.metrics import Stat
 
-DIAGNOSTICS = ("log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low", "grad_norm")
+DIAGNOSTICS = (Stat.LOG_RATIO_MEAN, Stat.LOG_RATIO_STD, Stat.CLIP_FRAC_HIGH, Stat.CLIP_FRAC_LOW, Stat.GRAD_NORM)
 TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "pretrained")  # = toy.model.PRETRAINED
 
 
@@ -319,7 +320,7 @@ def train_one(loss_type: str, world: World, options, position: tuple[int, int] =
     trainer.save_model()
 
     history = trainer.state.log_history
-    rewards = [(entry["step"], entry["reward"]) for entry in history if "reward" in entry]
+    rewards = [(entry["step"], entry[Stat.REWARD]) for entry in history if Stat.REWARD in entry]
     print(f"\nloss_type={loss_type}: {steps} optimizer steps in {elapsed:.1f} s")
     print("proxy reward by step: " + ", ".join(f"{step}: {reward:.4f}" for step, reward in rewards))
     for entry in history:
@@ -391,7 +392,7 @@ def judge_claims(tables: dict[str, dict[str, dict[int, float]]]) -> list[ClaimVe
     verdicts = []
 
     # Claim 1: the log-ratio's per-timestep mean and spread.
-    stds = {name: table.get("log_ratio_std", {}) for name, table in (("flow_grpo", flow), ("grpo_guard", guard))}
+    stds = {name: table.get(Stat.LOG_RATIO_STD, {}) for name, table in (("flow_grpo", flow), ("grpo_guard", guard))}
     if not all(any(v > 0 for v in std.values()) for std in stds.values()):
         verdicts.append(
             ClaimVerdict(
@@ -402,10 +403,10 @@ def judge_claims(tables: dict[str, dict[str, dict[int, float]]]) -> list[ClaimVe
             )
         )
     else:
-        means = flow.get("log_ratio_mean", {})
+        means = flow.get(Stat.LOG_RATIO_MEAN, {})
         below = sum(means[t] < 0 for t in means)
         shifted = bool(means) and below >= SHIFTED_SHARE * len(means)
-        guard_means, guard_stds = guard.get("log_ratio_mean", {}), stds["grpo_guard"]
+        guard_means, guard_stds = guard.get(Stat.LOG_RATIO_MEAN, {}), stds["grpo_guard"]
         offsets = [abs(guard_means[t]) / guard_stds[t] for t in guard_means if guard_stds.get(t, 0) > 0]
         centred = bool(offsets) and max(offsets) <= CENTRED
         flow_ratio, flow_text = _spread(stds["flow_grpo"])
@@ -432,7 +433,7 @@ def judge_claims(tables: dict[str, dict[str, dict[int, float]]]) -> list[ClaimVe
 
     # Claim 2: clip fractions above and below.
     def clip_totals(table: dict[str, dict[int, float]]) -> tuple[float, float]:
-        return sum(table.get("clip_frac_high", {}).values()), sum(table.get("clip_frac_low", {}).values())
+        return sum(table.get(Stat.CLIP_FRAC_HIGH, {}).values()), sum(table.get(Stat.CLIP_FRAC_LOW, {}).values())
 
     (flow_high, flow_low), (guard_high, guard_low) = clip_totals(flow), clip_totals(guard)
     if flow_low == 0 or guard_low == 0:
@@ -446,7 +447,7 @@ def judge_claims(tables: dict[str, dict[str, dict[int, float]]]) -> list[ClaimVe
         )
     else:
         one_sided = flow_high <= ONE_SIDED * flow_low
-        low = flow.get("clip_frac_low", {})
+        low = flow.get(Stat.CLIP_FRAC_LOW, {})
         steps = sorted(low)
         third = max(1, round(len(steps) / 3))
         first = sum(low[t] for t in steps[:third]) / third
@@ -471,8 +472,8 @@ def judge_claims(tables: dict[str, dict[str, dict[int, float]]]) -> list[ClaimVe
         )
 
     # Claim 3: per-timestep gradient norms.
-    flow_ratio, flow_text = _spread(flow.get("grad_norm", {}))
-    guard_ratio, guard_text = _spread(guard.get("grad_norm", {}))
+    flow_ratio, flow_text = _spread(flow.get(Stat.GRAD_NORM, {}))
+    guard_ratio, guard_text = _spread(guard.get(Stat.GRAD_NORM, {}))
     if flow_ratio is None or guard_ratio is None:
         verdicts.append(
             ClaimVerdict(
