@@ -7,9 +7,9 @@ import torch
 from conftest import blueness
 from helpers import logged, make_trainer, tiny_config
 
-from trl_guard.losses import SDE_LOSS_TYPES
 from trl_guard.adapters import SamplingSettings, get_adapter
 from trl_guard.algorithms.sde_ratio import window
+from trl_guard.losses import SDE_LOSS_TYPES
 from trl_guard.rollout import sample_ode, sample_sde
 from trl_guard.schedule import SDESchedule
 
