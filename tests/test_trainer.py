@@ -171,3 +171,27 @@ def test_timestep_grad_norms_are_measured_on_logged_steps_only(tiny_pipeline, pr
     assert len(calls) == 2 * 4  # steps 2 and 4, one per trained timestep (4), one micro-step each
     logged_norms = [e for e in trainer.state.log_history if "timestep/03/grad_norm" in e]
     assert [e["step"] for e in logged_norms] == [2, 4] and all(e["timestep/03/grad_norm"] > 0 for e in logged_norms)
+
+
+def test_metrics_are_kept_by_mode_as_trl_keeps_them(tiny_pipeline, prompts, tmp_path):
+    trainer = make_trainer(
+        tiny_pipeline,
+        [blueness],
+        prompts,
+        tmp_path,
+        eval_dataset=prompts.select(range(2)),
+        eval_strategy="steps",
+        eval_steps=1,
+        eval_num_inference_steps=2,
+        max_steps=2,
+        steps_per_generation=1,
+    )
+    assert set(trainer._metrics) == {"train", "eval"}
+    trainer.train()
+    train_logs = [e for e in trainer.state.log_history if "loss" in e]
+    eval_logs = [e for e in trainer.state.log_history if "eval_reward" in e]
+    assert len(train_logs) == 2 and len(eval_logs) == 2
+    # each training log holds its own round's statistics, and no evaluation swallowed them
+    assert all("reward" in e and "timestep/00/log_ratio_mean" in e for e in train_logs)
+    assert all(not any(k.startswith("eval_") for k in e) for e in train_logs)
+    assert all("reward" not in e and "log_ratio_mean" not in e for e in eval_logs)
