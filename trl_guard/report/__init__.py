@@ -1,5 +1,5 @@
 """Plots and an HTML page from a run's logged metrics: `trl-guard report RUN_DIR [RUN_DIR ...]`."""
 
-from .build import build_report, load_log_history
+from .build import ReportInputError, build_report, load_log_history
 
-__all__ = ["build_report", "load_log_history"]
+__all__ = ["ReportInputError", "build_report", "load_log_history"]

@@ -558,7 +558,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from trl_guard.report import build_report
 
-        report = build_report([run.output_dir for run in runs], os.path.join(options.output_dir, "report"))
+        report = build_report(
+            [run.output_dir for run in runs],
+            os.path.join(options.output_dir, "report"),
+            eval_prompts=world.eval_prompts,  # one process: the grids hold the first prompts in order
+        )
         with open(os.path.join(os.path.dirname(report), "verdict.txt")) as f:
             verdict = f.read()
         if verdict:
