@@ -155,4 +155,5 @@ def test_forward_losses_raise_the_proxy_the_other_losses_raise(loss_type, tmp_pa
     before = trainer.evaluate()["eval_reward"]
     trainer.train()
     after = trainer.evaluate()["eval_reward"]
+    print(f"{loss_type}: held-out proxy {before:.4f} -> {after:.4f}")
     assert after > before + 0.02, (before, after)
