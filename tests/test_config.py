@@ -187,3 +187,31 @@ def test_height_that_the_vae_cannot_take_is_refused_before_loading(tiny_pipeline
     monkeypatch.setattr(trl_guard.preflight, "load_pipeline", lambda *args: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match="height=33 does not fit StableDiffusion3Pipeline.*multiples of 2 pixels"):
         make_trainer(tiny_pipeline_dir, [blueness], prompts, tmp_path, height=33)
+
+
+def test_the_readme_example_config_is_valid_and_off_policy():
+    """The README's Python example builds its GuardConfig as written (bf16 aside, which needs a GPU) with whole prompt
+    groups, and takes two optimizer steps per round, so that its clipping acts."""
+    import ast
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    call = next(
+        node
+        for node in ast.walk(ast.parse(block))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "GuardConfig"
+    )
+    fields = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    assert fields.pop("bf16") is True
+    config = GuardConfig(**fields, report_to="none")
+    assert config.generation_batch_size % config.num_generations == 0
+    assert config.steps_per_generation > config.gradient_accumulation_steps
+    prompts = ast.literal_eval(
+        next(
+            n.value
+            for n in ast.parse(block).body
+            if getattr(n, "targets", [None])[0] and getattr(n.targets[0], "id", None) == "prompts"
+        )
+    )
+    assert len(prompts) >= config.generation_batch_size // config.num_generations

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from PIL import Image
 
-from .adapters import ADAPTERS, PipelineAdapter
+from .adapters import adapter_class
 from .adapters.base import check_resolution_multiple
 from .scoring import check_reward_columns as check_columns
 
@@ -70,11 +70,6 @@ def pipeline_class_name(model: Any) -> str | None:
         with open(index) as f:
             return json.load(f).get("_class_name")
     return None
-
-
-def adapter_class(pipeline_class: str) -> type[PipelineAdapter] | None:
-    """The adapter registered for a pipeline class name, or None."""
-    return next((a for a in ADAPTERS if pipeline_class in a.pipeline_classes), None)
 
 
 def check_condition_columns(datasets: dict[str, Dataset | None], pipeline_class: str) -> None:

@@ -105,7 +105,13 @@ class GuardGRPODiffusionTrainer(Trainer):
         trainer = GuardGRPODiffusionTrainer(
             model="stabilityai/stable-diffusion-3.5-medium",
             reward_funcs=[jpeg_compressibility],
-            args=GuardConfig(output_dir="sd35m-guard", num_generations=16, bf16=True),
+            args=GuardConfig(
+                output_dir="sd35m-guard",
+                num_generations=16,
+                per_device_train_batch_size=16,
+                steps_per_generation=2,  # two optimizer steps per round: the second is off-policy and clipped
+                bf16=True,
+            ),
             train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"]}),
             peft_config=LoraConfig(r=32, lora_alpha=64),
         )

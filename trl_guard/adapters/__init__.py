@@ -26,14 +26,20 @@ from .sd3 import SD3Adapter  # noqa: E402
 from .wan import WanAdapter  # noqa: E402
 
 
+def adapter_class(pipeline_class: str) -> type[PipelineAdapter] | None:
+    """The adapter registered for a pipeline class name, or None."""
+    return next((a for a in ADAPTERS if pipeline_class in a.pipeline_classes), None)
+
+
 def get_adapter(pipeline: Any) -> PipelineAdapter:
     """Return the adapter for `pipeline`, or raise naming the supported pipeline classes."""
-    name = type(pipeline).__name__
-    for adapter_cls in ADAPTERS:
-        if name in adapter_cls.pipeline_classes:
-            return adapter_cls(pipeline)
-    supported = sorted(c for a in ADAPTERS for c in a.pipeline_classes)
-    raise ValueError(f"{name} is not supported. Supported pipeline classes: {', '.join(supported)}.")
+    cls = adapter_class(type(pipeline).__name__)
+    if cls is None:
+        supported = sorted(c for a in ADAPTERS for c in a.pipeline_classes)
+        raise ValueError(
+            f"{type(pipeline).__name__} is not supported. Supported pipeline classes: {', '.join(supported)}."
+        )
+    return cls(pipeline)
 
 
 __all__ = [
@@ -46,5 +52,6 @@ __all__ = [
     "SD3Adapter",
     "SamplingSettings",
     "WanAdapter",
+    "adapter_class",
     "get_adapter",
 ]
