@@ -43,7 +43,10 @@ def push_config(**overrides):
     )
 
 
-def test_push_uploads_a_folder_that_loads_and_carries_a_complete_card(fake_hub, tiny_pipeline_dir, prompts, tmp_path):
+@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft"])
+def test_push_uploads_a_folder_that_loads_and_carries_a_complete_card(
+    fake_hub, tiny_pipeline_dir, prompts, tmp_path, loss_type
+):
     load = dict(text_encoder_3=None, tokenizer_3=None)
     trainer = make_trainer(
         tiny_pipeline_dir,
@@ -57,6 +60,7 @@ def test_push_uploads_a_folder_that_loads_and_carries_a_complete_card(fake_hub, 
         eval_num_inference_steps=3,
         eval_dataset=Dataset.from_dict({"prompt": ["a red square", "a blue circle"]}),
         gold_reward_funcs=["jpeg_compressibility"],
+        loss_type=loss_type,
         **push_config(),
     )
     trainer.train()
@@ -74,7 +78,7 @@ def test_push_uploads_a_folder_that_loads_and_carries_a_complete_card(fake_hub, 
         "- trl-guard",
         "- lora",
         "- text-to-image",
-        "- grpo-guard",
+        f"- {loss_type.replace('_', '-')}",
         "load_lora_weights",
         "rewards/blueness/mean",
         "eval_reward",
@@ -82,7 +86,7 @@ def test_push_uploads_a_folder_that_loads_and_carries_a_complete_card(fake_hub, 
         "2510.22319",
         "2505.05470",
         "TRL",
-        "`loss_type` | `grpo_guard`",
+        f"`loss_type` | `{loss_type}`",
         "images/samples.png",
     ):
         assert needle in card, needle

@@ -59,26 +59,25 @@ def test_shortened_toy_demo_writes_every_plot(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_over_optimisation_alarm_stops_a_hacking_run_with_the_best_gold_weights(tmp_path):
-    """Flow-GRPO at a high rate hacks the colour proxy; the alarm stops it and training ends with the weights of the
-    best-gold evaluation, which re-evaluate to the best gold."""
+def toy_trainer(tmp_path, loss_type: str, learning_rate: float, max_steps: int, callbacks=(), **fields):
+    """The toy world on a small budget: 4 images per caption, 16 per micro-step, 6 steps, LoRA r=8; trained on the
+    colour proxy and watched by caption fidelity on held-out captions."""
     from datasets import Dataset
     from peft import LoraConfig
 
-    from trl_guard import GuardConfig, GuardGRPODiffusionTrainer, OverOptimizationCallback
+    from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
     from trl_guard.toy import caption_fidelity, colour_proxy
     from trl_guard.toy.model import load_toy_pipeline
     from trl_guard.toy.train import MAX_SEQUENCE_LENGTH, all_captions
 
     captions = all_captions()
-    alarm = OverOptimizationCallback("gold/caption_fidelity", tolerance=0.02, patience=2)
-    trainer = GuardGRPODiffusionTrainer(
+    return GuardGRPODiffusionTrainer(
         model=load_toy_pipeline(TOY_MODEL),
         reward_funcs=[colour_proxy],
         args=GuardConfig(
             output_dir=str(tmp_path),
-            loss_type="flow_grpo",
-            learning_rate=2e-2,
+            loss_type=loss_type,
+            learning_rate=learning_rate,
             num_generations=4,
             per_device_train_batch_size=16,
             steps_per_generation=2,
@@ -88,21 +87,29 @@ def test_over_optimisation_alarm_stops_a_hacking_run_with_the_best_gold_weights(
             width=32,
             guidance_scale=1.0,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
-            max_steps=40,
-            eval_strategy="steps",
-            eval_steps=2,
+            max_steps=max_steps,
             per_device_eval_batch_size=32,
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
             seed=0,
+            **fields,
         ),
         train_dataset=Dataset.from_dict({"prompt": captions[::8]}),
         eval_dataset=Dataset.from_dict({"prompt": captions[3::8]}),
         peft_config=LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian"),
         gold_reward_funcs=[caption_fidelity],
-        callbacks=[alarm],
+        callbacks=list(callbacks),
     )
+
+
+def test_over_optimisation_alarm_stops_a_hacking_run_with_the_best_gold_weights(tmp_path):
+    """Flow-GRPO at a high rate hacks the colour proxy; the alarm stops it and training ends with the weights of the
+    best-gold evaluation, which re-evaluate to the best gold."""
+    from trl_guard import OverOptimizationCallback
+
+    alarm = OverOptimizationCallback("gold/caption_fidelity", tolerance=0.02, patience=2)
+    trainer = toy_trainer(tmp_path, "flow_grpo", 2e-2, 40, [alarm], eval_strategy="steps", eval_steps=2)
     trainer.train()
     assert alarm.stop_reason is not None, "the run did not over-optimise within 40 steps"
     assert trainer.state.global_step < 40
@@ -116,42 +123,7 @@ def test_over_optimisation_alarm_stops_a_hacking_run_with_the_best_gold_weights(
 def test_forward_losses_raise_the_proxy_the_other_losses_raise(loss_type, tmp_path):
     """The colour proxy, which Flow-GRPO and GRPO-Guard raise on the toy world (docs/reproducing_the_paper.md), rises
     under DiffusionNFT and AWM too: the held-out proxy after 12 steps against the base, same ODE seeds."""
-    from datasets import Dataset
-    from peft import LoraConfig
-
-    from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
-    from trl_guard.toy import colour_proxy
-    from trl_guard.toy.model import load_toy_pipeline
-    from trl_guard.toy.train import MAX_SEQUENCE_LENGTH, all_captions
-
-    captions = all_captions()
-    trainer = GuardGRPODiffusionTrainer(
-        model=load_toy_pipeline(TOY_MODEL),
-        reward_funcs=[colour_proxy],
-        args=GuardConfig(
-            output_dir=str(tmp_path),
-            loss_type=loss_type,
-            learning_rate=1e-2,
-            num_generations=4,
-            per_device_train_batch_size=16,
-            steps_per_generation=2,
-            num_inference_steps=6,
-            eval_num_inference_steps=6,
-            height=32,
-            width=32,
-            guidance_scale=1.0,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-            max_steps=12,
-            per_device_eval_batch_size=32,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=0,
-        ),
-        train_dataset=Dataset.from_dict({"prompt": captions[::8]}),
-        eval_dataset=Dataset.from_dict({"prompt": captions[3::8]}),
-        peft_config=LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian"),
-    )
+    trainer = toy_trainer(tmp_path, loss_type, 1e-2, 12)
     before = trainer.evaluate()["eval_reward"]
     trainer.train()
     after = trainer.evaluate()["eval_reward"]

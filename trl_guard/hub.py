@@ -7,6 +7,7 @@ import shutil
 from typing import Any
 
 from . import metrics as names
+from .losses import FORWARD_LOSS_TYPES
 
 CITATIONS = """```bibtex
 @article{wang2025grpoguard,
@@ -27,6 +28,19 @@ CITATIONS = """```bibtex
   title   = {DanceGRPO: Unleashing GRPO on Visual Generation},
   author  = {Xue, Zeyue and others},
   journal = {arXiv preprint arXiv:2505.07818},
+  year    = {2025}
+}
+@inproceedings{zheng2026diffusionnft,
+  title     = {DiffusionNFT: Online Diffusion Reinforcement with Forward Process},
+  author    = {Zheng, Kaiwen and Chen, Huayu and Ye, Haotian and others},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2026},
+  note      = {arXiv:2509.16117}
+}
+@article{xue2025awm,
+  title   = {Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models},
+  author  = {Xue, Shuchen and Ge, Chongjian and Zhang, Shilong and Li, Yichen and Ma, Zhi-Ming},
+  journal = {arXiv preprint arXiv:2509.25050},
   year    = {2025}
 }
 @misc{vonwerra2022trl,
@@ -53,6 +67,25 @@ CARD_FIELDS = (
     "width",
     "init_same_noise",
     "dance_weighting",
+    "timestep_fraction",
+    "scale_rewards",
+)
+#: The card's settings for the forward-process losses, which read no SDE field.
+FORWARD_CARD_FIELDS = (
+    "loss_type",
+    "nft_beta",
+    "lagged_decay_schedule",
+    "awm_weighting",
+    "epsilon",
+    "beta",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "num_generations",
+    "learning_rate",
+    "max_steps",
+    "height",
+    "width",
     "timestep_fraction",
     "scale_rewards",
 )
@@ -121,7 +154,8 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
             "## Samples\n\nEvaluation prompts at the last evaluation, fixed seeds:\n\n![samples](images/samples.png)\n"
         )
 
-    fields = (*CARD_FIELDS, "num_frames") if video else CARD_FIELDS
+    fields = FORWARD_CARD_FIELDS if args.loss_type in FORWARD_LOSS_TYPES else CARD_FIELDS
+    fields = (*fields, "num_frames") if video else fields
     config = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
     rewards = ", ".join(
         f"`{n}` (weight {w:g})" for n, w in zip(trainer.rewards.names, trainer.rewards.weights.tolist())
