@@ -63,7 +63,7 @@ def test_bf16_autocast_keeps_the_sde_math_in_float32(tiny_pipeline, prompts, tmp
 
 
 def test_gradient_checkpointing(tiny_pipeline, prompts, tmp_path):
-    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, gradient_checkpointing=True, max_steps=2)
+    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, activation_checkpointing=True, max_steps=2)
     assert trainer.adapter.denoiser.gradient_checkpointing
     trainer.train()
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
