@@ -3,7 +3,8 @@ matched proxy.
 
     python benchmarks/bench_forward.py sweep [--shard 0/2]   # nft and awm, seed 0, three rates, 20 steps
     python benchmarks/bench_forward.py run [--shard 0/2]     # nft and awm at their best rate, seeds 1-3, 20 steps
-    python benchmarks/bench_forward.py cost                  # idle seconds per optimizer step, one process
+    python benchmarks/bench_forward.py extra nft 0.001       # a method at another rate, seeds 1-3 (sensitivity)
+    python benchmarks/bench_forward.py cost                  # seconds per optimizer step, one process
     python benchmarks/bench_forward.py analyse
 
 The setting is the SDE-window benchmark's (`benchmarks/bench_window.py`), so that its full-trajectory Flow-GRPO and
@@ -34,6 +35,7 @@ from overoptimization import RESULTS, append, best_rates, done, load, toy_traine
 
 SWEEP_FILE = os.path.join(RESULTS, "forward_sweep.json")
 RUN_FILE = os.path.join(RESULTS, "forward.json")
+EXTRA_FILE = os.path.join(RESULTS, "forward_extra.json")  # runs at other rates than the sweep's pick, reported apart
 COST_FILE = os.path.join(RESULTS, "forward_cost.json")
 METHODS = ("nft", "awm")
 SWEEP_RATES = (1e-3, 3e-3, 1e-2)
@@ -70,6 +72,13 @@ def run(options) -> None:
     _run(RUN_FILE, plan[shard::shards], STEPS, "run")
 
 
+def extra(options) -> None:
+    """`method` at `rate` on the comparison's seeds: how much the comparison hangs on the swept rate."""
+    shard, shards = (int(x) for x in options.shard.split("/"))
+    plan = [(options.method, seed, options.rate) for seed in range(1, SEEDS + 1)]
+    _run(EXTRA_FILE, plan[shard::shards], STEPS, "extra")
+
+
 def cost(options) -> None:
     """Idle seconds per optimizer step of each method in one process and one thread, alternating methods, evaluation
     off, the first round left out (as `bench_window.py cost`)."""
@@ -102,6 +111,8 @@ def groups() -> dict[str, list[dict]]:
             found.setdefault(r["method"], []).append(r)
     for r in load(RUN_FILE)["runs"]:
         found.setdefault(r["method"], []).append(r)
+    for r in load(EXTRA_FILE)["runs"]:
+        found.setdefault(f"{r['method']} at {r['learning_rate']:g}", []).append(r)
     return found
 
 
@@ -133,9 +144,10 @@ def analyse(plot_dir: str | None = None) -> str:
     for method, group in sorted(by_method.items()):
         proxy = [at_step(r, steps, "proxy") for r in group]
         gold = [at_step(r, steps, "gold") for r in group]
+        base = group[0]["method"]  # an extra rate costs what its method costs
         per_step = (
-            [seconds[method]] * len(group)
-            if seconds and method in seconds
+            [seconds[base]] * len(group)
+            if seconds and base in seconds
             else [r["evals"][-1]["train_seconds"] / r["evals"][-1]["step"] for r in group]
         )
         gain = [(p - r["evals"][0]["proxy"]) / (s * steps) for p, r, s in zip(proxy, group, per_step)]
@@ -199,12 +211,16 @@ def plot(by_method: dict[str, list[dict]], plot_dir: str) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["sweep", "run", "cost", "analyse"])
+    parser.add_argument("phase", choices=["sweep", "run", "extra", "cost", "analyse"])
+    parser.add_argument("method", nargs="?", help="`extra`: the method")
+    parser.add_argument("rate", nargs="?", type=float, help="`extra`: its learning rate")
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--repeats", type=int, default=2, help="`cost`: timings per method")
     parser.add_argument("--plot-dir", default=RESULTS, help="where `analyse` writes forward.png")
     options = parser.parse_args()
-    {"sweep": sweep, "run": run, "cost": cost}.get(options.phase, lambda o: print(analyse(o.plot_dir)))(options)
+    {"sweep": sweep, "run": run, "extra": extra, "cost": cost}.get(
+        options.phase, lambda o: print(analyse(o.plot_dir))
+    )(options)
 
 
 if __name__ == "__main__":
