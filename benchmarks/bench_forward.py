@@ -212,6 +212,12 @@ def plot(by_method: dict[str, list[dict]], plot_dir: str) -> str | None:
         label = f"{method} (mean of {len(group)})"
         axes[0].plot(mean["step"], mean["proxy"], "o-", color=colours[method], lw=2, ms=3, label=label)
         axes[1].plot(mean["proxy"], mean["gold"], "o-", color=colours[method], lw=2, ms=3, label=label)
+    for r in load(SWEEP_FILE)["runs"]:  # the sweep's runs too, dotted, so that every run is on the page
+        colour = colours.get(r["method"], "grey")
+        evals = r["evals"]
+        axes[0].plot([e["step"] for e in evals], [e["proxy"] for e in evals], ":", color=colour, alpha=0.5, lw=0.8)
+        axes[1].plot([e["proxy"] for e in evals], [e["gold"] for e in evals], ":", color=colour, alpha=0.5, lw=0.8)
+    axes[0].plot([], [], ":", color="grey", label="sweep runs, seed 0 (dotted, the method's colour)")
     axes[0].set(xlabel="optimizer step", ylabel="proxy reward (colour)", title="Proxy reward during training")
     axes[1].set(xlabel="proxy reward (colour)", ylabel="gold score (caption fidelity)", title="Gold against proxy")
     axes[0].legend(fontsize=8)
