@@ -95,10 +95,18 @@ def done(path: str, method: str, seed: int, learning_rate: float) -> bool:
 
 
 def toy_trainer(
-    method: str, seed: int, learning_rate: float, steps: int, output_dir: str, eval_steps: int = 10, **overrides
+    method: str,
+    seed: int,
+    learning_rate: float,
+    steps: int,
+    output_dir: str,
+    eval_steps: int = 10,
+    reward=None,
+    **overrides,
 ):
-    """The study's trainer for `method` on the toy world, evaluated every `eval_steps`; `overrides` replace or add
-    `GuardConfig` fields (the window benchmark's `sde_window_size`)."""
+    """The study's trainer for `method` on the toy world, evaluated every `eval_steps`; `reward` replaces the colour
+    proxy (the learned-proxy probe), `overrides` replace or add `GuardConfig` fields (the window benchmark's
+    `sde_window_size`)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -144,7 +152,7 @@ def toy_trainer(
     args = GuardConfig(**{**fields, **overrides})
     trainer = GuardGRPODiffusionTrainer(
         model=load_toy_pipeline(),
-        reward_funcs=[colour_proxy],
+        reward_funcs=[reward or colour_proxy],
         args=args,
         train_dataset=Dataset.from_dict({"prompt": train_captions}),
         eval_dataset=Dataset.from_dict({"prompt": eval_captions}),
@@ -157,12 +165,19 @@ def toy_trainer(
 
 
 def train_run(
-    method: str, seed: int, learning_rate: float, steps: int, output_dir: str, eval_steps: int = 10, **overrides
+    method: str,
+    seed: int,
+    learning_rate: float,
+    steps: int,
+    output_dir: str,
+    eval_steps: int = 10,
+    reward=None,
+    **overrides,
 ) -> dict:
     """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `overrides` are
     extra `GuardConfig` fields. Each evaluation records the seconds of training before it (evaluation time
     excluded)."""
-    trainer = toy_trainer(method, seed, learning_rate, steps, output_dir, eval_steps, **overrides)
+    trainer = toy_trainer(method, seed, learning_rate, steps, output_dir, eval_steps, reward, **overrides)
     settings = METHODS[method]
     clock = _TrainingClock()
     trainer.add_callback(clock)
