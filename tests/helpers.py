@@ -64,3 +64,25 @@ def make_trainer(
 def logged(trainer, key):
     """Every logged value of `key`, in order."""
     return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def guided_and_branches(adapter, prompts, negative_prompt):
+    """For a configured adapter with CFG on: the guided velocity of `prompts`, each branch's velocity computed on its
+    own, and the batch sizes the denoiser saw during the guided call."""
+    import torch
+
+    prompt, negative = adapter.encode_prompts(prompts), adapter.encode_prompts([negative_prompt])
+    latents = torch.randn(len(prompts), *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((len(prompts),), 0.6)
+    batch_sizes = []
+    hook = adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        try:
+            guided = adapter.predict_velocity(latents, sigma, prompt, negative)
+        finally:
+            hook.remove()
+        cond = adapter.forward(adapter.denoiser, latents, sigma, prompt)
+        uncond = adapter.forward(adapter.denoiser, latents, sigma, negative.expand(len(prompts)))
+    return guided, cond, uncond, batch_sizes

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import guided_and_branches
 
 from trl_guard.adapters import FluxAdapter, SamplingSettings, SD3Adapter, get_adapter
 from trl_guard.rollout import sample_ode
@@ -43,20 +44,7 @@ def test_cfg_is_one_doubled_forward_combined_as_guidance(family, guidance_scale,
     adapter = get_adapter(request.getfixturevalue("tiny_pipeline" if family == "sd3" else "tiny_flux_pipeline"))
     adapter.configure(SamplingSettings(32, 32, guidance_scale, true_cfg_scale, max_sequence_length=16))
     assert adapter.cfg_scale == scale
-    prompt, negative = adapter.encode_prompts(PROMPTS), adapter.encode_prompts(["blurry"])
-    latents = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
-    sigma = torch.full((2,), 0.6)
-    batch_sizes = []
-    hook = adapter.denoiser.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
-    )
-    with torch.no_grad():
-        try:
-            guided = adapter.predict_velocity(latents, sigma, prompt, negative)
-        finally:
-            hook.remove()
-        cond = adapter.forward(adapter.denoiser, latents, sigma, prompt)
-        uncond = adapter.forward(adapter.denoiser, latents, sigma, negative.expand(2))
+    guided, cond, uncond, batch_sizes = guided_and_branches(adapter, PROMPTS, "blurry")
     assert batch_sizes == [4]
     torch.testing.assert_close(guided, uncond + scale * (cond - uncond), atol=1e-5, rtol=1e-5)
     assert (guided - cond).abs().max() > 1e-3  # the negative prompt moved the velocity

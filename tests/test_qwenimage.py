@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import blueness
 from diffusers import QwenImagePipeline
-from helpers import logged, make_trainer
+from helpers import guided_and_branches, logged, make_trainer
 
 from trl_guard.adapters import QwenImageAdapter, SamplingSettings, get_adapter
 from trl_guard.losses import SDE_LOSS_TYPES
@@ -69,20 +69,7 @@ def test_true_cfg_is_one_doubled_forward_rescaled_as_the_pipeline(tiny_qwenimage
     `pos`, as QwenImagePipeline combines them."""
     adapter = get_adapter(tiny_qwenimage_pipeline)
     adapter.configure(SamplingSettings(32, 32, true_cfg_scale=4.0, max_sequence_length=16))
-    prompt, negative = adapter.encode_prompts(PROMPTS), adapter.encode_prompts([" "])
-    latents = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
-    sigma = torch.full((2,), 0.6)
-    batch_sizes = []
-    hook = adapter.denoiser.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
-    )
-    with torch.no_grad():
-        try:
-            guided = adapter.predict_velocity(latents, sigma, prompt, negative)
-        finally:
-            hook.remove()
-        cond = adapter.forward(adapter.denoiser, latents, sigma, prompt)
-        uncond = adapter.forward(adapter.denoiser, latents, sigma, negative.expand(2))
+    guided, cond, uncond, batch_sizes = guided_and_branches(adapter, PROMPTS, " ")
     assert batch_sizes == [4]
     combined = uncond + 4.0 * (cond - uncond)
     expected = combined * cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True)
