@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import zipfile
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
@@ -179,12 +179,13 @@ def read_safetensors(path: str, device: str = "cpu") -> dict[str, Any]:
         raise ValueError(f"{path} is damaged or truncated ({error}).") from None
 
 
-def verify_checkpoint(folder: str) -> None:
+def verify_checkpoint(folder: str) -> dict[str, Any]:
     """Open every file of a checkpoint that resuming reads, and refuse naming the first missing or damaged one,
-    before any step. The Trainer would otherwise fail deep inside `torch.load` or `json.load`, or not at all."""
+    before any step (the Trainer would otherwise fail deep inside `torch.load` or `json.load`, or not at all).
+    Returns the parsed `trainer_state.json`."""
     from safetensors import SafetensorError, safe_open
 
-    def refuse(name: str, what: str) -> None:
+    def refuse(name: str, what: str) -> NoReturn:
         raise ValueError(
             f"Cannot resume from {folder}: {name} {what}. The run was probably stopped while this checkpoint was "
             "copied or written elsewhere. Resume from an earlier checkpoint-N (`resume_from_checkpoint=<path>`), or "
@@ -196,7 +197,7 @@ def verify_checkpoint(folder: str) -> None:
         refuse("trainer_state.json", "is missing")
     try:
         with open(state) as f:
-            json.load(f)
+            trainer_state = json.load(f)
     except json.JSONDecodeError as error:
         refuse("trainer_state.json", f"is not valid JSON ({error.msg}): truncated or damaged")
     for root, _, files in os.walk(folder):
@@ -214,6 +215,7 @@ def verify_checkpoint(folder: str) -> None:
                     refuse(relative, "is truncated (shorter than its header says)")
             elif name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(path):
                 refuse(relative, "is damaged or truncated (not a complete torch archive)")
+    return trainer_state
 
 
 def _safetensors_end(path: str) -> int:

@@ -51,44 +51,30 @@ CITATIONS = """```bibtex
 }
 ```"""
 
+#: The card's settings every run shows, then those of each algorithm family.
+_COMMON_CARD_FIELDS = (
+    "epsilon",
+    "beta",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "num_generations",
+    "learning_rate",
+    "max_steps",
+    "height",
+    "width",
+    "timestep_fraction",
+    "scale_rewards",
+)
 CARD_FIELDS = (
     "loss_type",
-    "epsilon",
-    "beta",
+    *_COMMON_CARD_FIELDS,
     "noise_schedule",
     "noise_level",
-    "num_inference_steps",
-    "guidance_scale",
-    "true_cfg_scale",
-    "num_generations",
-    "learning_rate",
-    "max_steps",
-    "height",
-    "width",
     "init_same_noise",
     "dance_weighting",
-    "timestep_fraction",
-    "scale_rewards",
 )
-#: The card's settings for the forward-process losses, which read no SDE field.
-FORWARD_CARD_FIELDS = (
-    "loss_type",
-    "nft_beta",
-    "lagged_decay_schedule",
-    "awm_weighting",
-    "epsilon",
-    "beta",
-    "num_inference_steps",
-    "guidance_scale",
-    "true_cfg_scale",
-    "num_generations",
-    "learning_rate",
-    "max_steps",
-    "height",
-    "width",
-    "timestep_fraction",
-    "scale_rewards",
-)
+FORWARD_CARD_FIELDS = ("loss_type", "nft_beta", "lagged_decay_schedule", "awm_weighting", *_COMMON_CARD_FIELDS)
 
 
 def check_hub_setup(args: Any) -> None:

@@ -321,12 +321,11 @@ class GuardGRPODiffusionTrainer(Trainer):
             slice(s, s + args.per_device_train_batch_size)
             for s in range(0, local_size, args.per_device_train_batch_size)
         ]
+        chunk_embeds = [row_embeds.index(chunk) for chunk in chunks]
         rollouts, scored = [], []  # scored: futures or score tensors, one per micro-batch
         self.adapter.denoiser.eval()
-        for chunk in chunks:
-            rollout = self.algorithm.sample(
-                row_embeds.index(chunk), negative_embeds, latents[chunk], generators[chunk], plan
-            )
+        for chunk, embeds in zip(chunks, chunk_embeds):
+            rollout = self.algorithm.sample(embeds, negative_embeds, latents[chunk], generators[chunk], plan)
             rollouts.append(rollout)
             score = partial(
                 self.rewards,
@@ -355,8 +354,8 @@ class GuardGRPODiffusionTrainer(Trainer):
             self._metrics["train"][key].append(value)
         local_advantages = advantages[offset : offset + local_size]
         return [
-            TrainBatch(rollout, row_embeds.index(chunk), negative_embeds, local_advantages[chunk], plan.train_steps)
-            for rollout, chunk in zip(rollouts, chunks)
+            TrainBatch(rollout, embeds, negative_embeds, local_advantages[chunk], plan.train_steps)
+            for rollout, embeds, chunk in zip(rollouts, chunk_embeds, chunks)
         ]
 
     def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
@@ -465,9 +464,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         if checkpoint is None:
             checkpoints.check_no_finished_run(self.args.output_dir, self.args.overwrite_output_dir)
         else:
-            checkpoints.verify_checkpoint(checkpoint)
+            state = checkpoints.verify_checkpoint(checkpoint)
             checkpoints.check_run_settings(checkpoint, self.run_settings())
-            self._check_mid_round_buffer(checkpoint)
+            self._check_mid_round_buffer(checkpoint, state.get("global_step", 0))
         output = super().train(checkpoint, *args, **kwargs)
         restored = any(
             isinstance(cb, OverOptimizationCallback) and cb.restore_best and cb.stop_reason is not None
@@ -482,11 +481,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         return (global_step * self.args.gradient_accumulation_steps) % generate_every != 0
 
-    def _check_mid_round_buffer(self, checkpoint: str) -> None:
+    def _check_mid_round_buffer(self, checkpoint: str, global_step: int) -> None:
         """A checkpoint saved in the middle of a round resumes only from its rollout buffer: refuse when it is missing
         (resampling would train the rest of the round on data from the already-updated policy)."""
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            global_step = json.load(f).get("global_step", 0)
         buffer = os.path.join(checkpoint, checkpoints.rollout_buffer_name(self.accelerator.process_index))
         if self._round_is_open(global_step) and not os.path.exists(buffer):
             raise ValueError(

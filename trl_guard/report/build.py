@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics
-from ..metrics import timestep_values
+from ..metrics import Stat, timestep_values
 
 RUN_CONFIG = "guard_config.json"
 
@@ -321,8 +321,8 @@ def _log_ratio_figure(plt, tables: dict, configs: dict, colours: dict, path: str
     logarithmic beyond: both the early steps and how far outside the clip range the late ones land are visible, and
     the sign (the shift below 0 the paper shows) is kept. A log scale alone would drop the sign.
     """
-    runs = [label for label, table in tables.items() if "log_ratio_mean" in table]
-    plain = [label for label, table in tables.items() if "raw_log_ratio_mean" in table]
+    runs = [label for label, table in tables.items() if Stat.LOG_RATIO_MEAN in table]
+    plain = [label for label, table in tables.items() if Stat.RAW_LOG_RATIO_MEAN in table]
     columns = min(3, max(1, len(runs)))
     run_rows = -(-len(runs) // columns) if runs else 0
     rows = run_rows + (1 if plain else 0)
@@ -334,9 +334,9 @@ def _log_ratio_figure(plt, tables: dict, configs: dict, colours: dict, path: str
     for index, label in enumerate(runs):
         ax = fig.add_subplot(grid[index // columns, index % columns])
         table = tables[label]
-        steps = list(table["log_ratio_mean"])
-        means = [table["log_ratio_mean"][t] for t in steps]
-        stds = [table.get("log_ratio_std", {}).get(t, 0.0) for t in steps]
+        steps = list(table[Stat.LOG_RATIO_MEAN])
+        means = [table[Stat.LOG_RATIO_MEAN][t] for t in steps]
+        stds = [table.get(Stat.LOG_RATIO_STD, {}).get(t, 0.0) for t in steps]
         lows, highs = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
         colour = colours[label]
         ax.fill_between(steps, lows, highs, color=colour, alpha=0.2)
@@ -359,7 +359,7 @@ def _log_ratio_figure(plt, tables: dict, configs: dict, colours: dict, path: str
         ax = fig.add_subplot(grid[run_rows, :])
         values = []
         for label in plain:
-            by_step = tables[label]["raw_log_ratio_mean"]
+            by_step = tables[label][Stat.RAW_LOG_RATIO_MEAN]
             values += list(by_step.values())
             ax.plot(list(by_step), list(by_step.values()), "o-", ms=5, color=colours[label], label=label)
         ax.axhline(0.0, color="black", lw=0.8)
@@ -396,12 +396,12 @@ def _clip_figure(plt, tables: dict, configs: dict, colours: dict, path: str) -> 
     fig, axes = plt.subplots(1, 2, figsize=(FIGURE_WIDTH, 4.4), layout="constrained")
     # one scale for both panels, from 0, so the shares above and below compare at a glance
     highest = max(
-        (v for t in tables.values() for s in ("clip_frac_high", "clip_frac_low") for v in t.get(s, {}).values()),
+        (v for t in tables.values() for s in (Stat.CLIP_FRAC_HIGH, Stat.CLIP_FRAC_LOW) for v in t.get(s, {}).values()),
         default=0,
     )
     panels = (
-        ("clip_frac_high", f"Share of samples with ratio r above 1 + ε{shared}"),
-        ("clip_frac_low", f"Share of samples with ratio r below 1 − ε{shared}"),
+        (Stat.CLIP_FRAC_HIGH, f"Share of samples with ratio r above 1 + ε{shared}"),
+        (Stat.CLIP_FRAC_LOW, f"Share of samples with ratio r below 1 − ε{shared}"),
     )
     for ax, (stat, title) in zip(axes, panels):
         for label, table in tables.items():
@@ -424,8 +424,8 @@ def _grad_norm_figure(plt, tables: dict, summary: dict, colours: dict, path: str
     fig, axes = plt.subplots(1, 2 if weighted else 1, figsize=(FIGURE_WIDTH, 4.4), layout="constrained", squeeze=False)
     ax = axes[0][0]
     for label, table in tables.items():
-        if "grad_norm" in table:
-            by_step = table["grad_norm"]
+        if Stat.GRAD_NORM in table:
+            by_step = table[Stat.GRAD_NORM]
             spread = summary[label]["grad_norm_max_over_min"]
             name = label + ("" if spread is None else f" (largest / smallest: {spread:.1f}x)")
             ax.plot(list(by_step), list(by_step.values()), "o-", ms=5, color=colours[label], label=name)
@@ -499,7 +499,7 @@ def build_report(
 
     summary = {}
     for label, table in tables.items():
-        norms = list(table.get("grad_norm", {}).values())
+        norms = list(table.get(Stat.GRAD_NORM, {}).values())
         summary[label] = {
             "run_dir": os.path.abspath(run_dirs[labels.index(label)]),
             "given_as": run_dirs[labels.index(label)],
@@ -562,7 +562,7 @@ def build_report(
                 }
             )
 
-        if any("log_ratio_mean" in t or "raw_log_ratio_mean" in t for t in tables.values()):
+        if any(Stat.LOG_RATIO_MEAN in t or Stat.RAW_LOG_RATIO_MEAN in t for t in tables.values()):
             sections.append(
                 {
                     "title": "Log-ratio per sampling step (paper Fig. 2)",
@@ -579,7 +579,7 @@ def build_report(
                     ),
                 }
             )
-        if any("clip_frac_high" in t or "clip_frac_low" in t for t in tables.values()):
+        if any(Stat.CLIP_FRAC_HIGH in t or Stat.CLIP_FRAC_LOW in t for t in tables.values()):
             sections.append(
                 {
                     "title": "Clipping per sampling step (paper Fig. 12)",
@@ -591,7 +591,7 @@ def build_report(
                     ),
                 }
             )
-        if any("grad_norm" in t for t in tables.values()):
+        if any(Stat.GRAD_NORM in t for t in tables.values()):
             sections.append(
                 {
                     "title": "Gradient norm per sampling step (paper Fig. 3)",
