@@ -115,6 +115,9 @@ class PipelineAdapter:
         self.pipeline = pipeline
         self.settings: SamplingSettings | None = None
         self.reference_denoiser: torch.nn.Module | None = None
+        #: The denoiser as prepared for distributed training (its DDP wrapper), set by the trainer; None when the
+        #: denoiser is called as it is (one process, or FSDP2, which shards the module in place).
+        self.distributed_denoiser: torch.nn.Module | None = None
         self._use_reference = False
         self.check_scheduler()
 
@@ -201,6 +204,17 @@ class PipelineAdapter:
     ) -> torch.Tensor:
         """One call of the family's denoiser at noise levels `sigma` (B,): the only place its signature appears."""
         raise NotImplementedError
+
+    def run_denoiser(self, denoiser: torch.nn.Module, **kwargs: Any) -> Any:
+        """Call `denoiser` with `kwargs`: every `forward` calls its denoiser through this.
+
+        The policy's forwards that carry gradients go through its distributed wrapper, whose hooks then average the
+        gradients over processes on the backward that synchronises. Forwards without gradients (sampling, evaluation,
+        old-policy and reference forwards) skip the wrapper, so they are no collective and ranks may run different
+        numbers of them."""
+        if denoiser is self.denoiser and self.distributed_denoiser is not None and torch.is_grad_enabled():
+            denoiser = self.distributed_denoiser
+        return denoiser(**kwargs)
 
     def predict_velocity(
         self,

@@ -50,7 +50,8 @@ class FluxAdapter(PackedLatentsMixin, PipelineAdapter):
         if denoiser.config.guidance_embeds:
             guidance = torch.full_like(sigma, self.settings.guidance_scale, dtype=torch.float32)
         text_ids = torch.zeros(text["encoder_hidden_states"].shape[1], 3, device=tokens.device)
-        return denoiser(
+        return self.run_denoiser(
+            denoiser,
             hidden_states=tokens.to(dtype),
             timestep=sigma.to(dtype),
             guidance=guidance,

@@ -68,7 +68,8 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
         h, w = self._latent_hw
         # QwenImagePipeline hands the transformer t / 1000 with t = sigma * num_train_timesteps.
         timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps / 1000
-        return denoiser(
+        return self.run_denoiser(
+            denoiser,
             hidden_states=latents.to(dtype),
             timestep=timestep.to(dtype),
             encoder_hidden_states=conditioning.tensors["encoder_hidden_states"][:, :used].to(dtype),

@@ -68,7 +68,8 @@ class SD3Adapter(PipelineAdapter):
     def forward(self, denoiser, latents, sigma, conditioning):
         dtype = denoiser.dtype
         timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps
-        return denoiser(
+        return self.run_denoiser(
+            denoiser,
             hidden_states=latents.to(dtype),
             # float32, as StableDiffusion3Pipeline passes it: in bf16 a timestep above 512 would round to a multiple
             # of 4 (FluxPipeline and QwenImagePipeline do cast to the latents' dtype, and their adapters follow)

@@ -122,7 +122,8 @@ class WanAdapter(PipelineAdapter):
 
     def forward(self, denoiser, latents, sigma, conditioning):
         dtype = denoiser.dtype
-        return denoiser(
+        return self.run_denoiser(
+            denoiser,
             hidden_states=latents.to(dtype),
             timestep=self._timestep(sigma),
             encoder_hidden_states=conditioning.tensors["encoder_hidden_states"].to(dtype),
