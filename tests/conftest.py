@@ -51,3 +51,16 @@ def prompts():
 def blueness(prompts, images, **kwargs):
     """Mean blue channel in [0, 1]: a reward the tiny model can learn quickly."""
     return [float(np.asarray(image, dtype=np.float32)[..., 2].mean() / 255) for image in images]
+
+
+@pytest.fixture
+def launch_recipe(tiny_pipeline_dir, tmp_path):
+    """A CLI recipe for the tiny SD3 pipeline with its reward module and prompts, written to `tmp_path` (the
+    working directory of `helpers.launch`)."""
+    from helpers import RECIPE, REWARD
+
+    (tmp_path / "tests_rewards.py").write_text(REWARD)
+    (tmp_path / "prompts.txt").write_text("\n".join(f"prompt number {i}" for i in range(8)))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(pipeline=tiny_pipeline_dir, prompts=tmp_path / "prompts.txt"))
+    return path

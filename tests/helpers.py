@@ -1,5 +1,8 @@
 """Small shared builders for trainer tests."""
 
+import os
+import subprocess
+
 from peft import LoraConfig
 
 from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
@@ -86,3 +89,52 @@ def guided_and_branches(adapter, prompts, negative_prompt):
         cond = adapter.forward(adapter.denoiser, latents, sigma, prompt)
         uncond = adapter.forward(adapter.denoiser, latents, sigma, negative.expand(len(prompts)))
     return guided, cond, uncond, batch_sizes
+
+
+# ---- multi-process runs of the CLI (test_distributed.py, test_fsdp2.py) ----------------------------------------
+RECIPE = """
+model_name_or_path: {pipeline}
+model_init_kwargs: {{"text_encoder_3": null, "tokenizer_3": null}}
+dataset_name: {prompts}
+reward_funcs: [tests_rewards.blueness]
+use_peft: true
+lora_r: 8
+lora_alpha: 16
+lora_dropout: 0.0
+lora_target_modules: [attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, proj_out]
+num_generations: 4
+steps_per_generation: 1
+max_steps: 3
+optim: sgd
+learning_rate: 0.5
+height: 32
+width: 32
+num_inference_steps: 4
+max_sequence_length: 16
+guidance_scale: 1.0
+save_strategy: steps
+save_steps: 3
+report_to: none
+disable_tqdm: true
+"""
+
+REWARD = """
+import numpy as np
+
+def blueness(prompts, images, **kwargs):
+    return [float(np.asarray(image, dtype=np.float32)[..., 2].mean() / 255) for image in images]
+"""
+
+
+def launch(command, cwd, env=None):
+    """Run `command` in `cwd` on the CPU (one thread per process), as `accelerate launch` runs it there."""
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": str(cwd),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -173,6 +173,8 @@ def read_safetensors(path: str, device: str = "cpu") -> dict[str, Any]:
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing.")
+    if torch.device(device).type == "cpu":
+        device = "cpu"  # safetensors refuses an indexed CPU device such as "cpu:0"
     try:
         return load_file(path, device=device)
     except (SafetensorError, OSError, ValueError) as error:

@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from datasets import Dataset
 from PIL import Image
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import RepeatSampler, identity
 
-from . import checkpoints, preflight
+from . import checkpoints, distributed, preflight
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
 from .algorithms import Algorithm, get_algorithm, path_kl_to_reference
 from .callbacks import adapt_tracker_callbacks
@@ -184,14 +184,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        if self.accelerator.num_processes > 1 and self.accelerator.distributed_type not in (
-            DistributedType.MULTI_CPU,
-            DistributedType.MULTI_GPU,
-        ):
-            raise NotImplementedError(
-                f"{self.accelerator.distributed_type} is not supported yet; launch with plain DDP (multi-GPU or "
-                "multi-CPU) for now."
-            )
+        distributed.check_distributed_setup(self.accelerator, args)
         adapt_tracker_callbacks(self)
         self.ema: EMAWeights | None = None
         if args.ema_decay > 0:
@@ -387,27 +380,35 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._step += 1
 
         self.adapter.denoiser.train()
+        # DDP's wrapper: the policy's forwards go through it, so its hooks average the gradients (FSDP2 shards the
+        # module in place, and `model` is then the denoiser itself).
+        self.adapter.distributed_denoiser = model if model is not self.adapter.denoiser else None
         self._show_phase("training")
-        loss = self._train_on_batch(batch)
-        if self.accelerator.sync_gradients:
-            self._all_reduce_gradients()
-        return loss
+        return self._train_on_batch(batch, model)
 
-    def _train_on_batch(self, batch: TrainBatch) -> torch.Tensor:
+    def _train_on_batch(self, batch: TrainBatch, model: torch.nn.Module) -> torch.Tensor:
         """One backward per training unit, so activations of only one unit are alive at a time. The loss is the mean
-        over units and accumulated micro-batches."""
+        over units and accumulated micro-batches.
+
+        Gradients are synchronised across processes once per optimizer step: the Trainer already disables it for
+        every micro-batch but the last, and here every unit but the last of that micro-batch runs under `no_sync`."""
         scale = 1.0 / (len(batch.train_steps) * self.current_gradient_accumulation_steps)
         params = self._trainable_parameters
         metrics = self._metrics["train"]
         total = torch.zeros((), device=self.accelerator.device)
-        for unit in batch.train_steps:
-            loss, stats = self.algorithm.loss(batch, unit)
-            before = None
-            if self.args.log_timestep_grad_norm and self._logs_this_step():
-                before = [p.grad.clone() if p.grad is not None else None for p in params]
-            self.accelerator.backward(loss * scale)
-            if before is not None:
-                stats[Stat.GRAD_NORM] = self._grad_norm_since(params, before) / scale
+        # FSDP2 keeps the gradients of unsynchronised backwards outside `.grad`, where no difference can see them.
+        measure_grad_norm = (
+            self.args.log_timestep_grad_norm and self._logs_this_step() and not distributed.is_fsdp2(self.accelerator)
+        )
+        last = len(batch.train_steps) - 1
+        for index, unit in enumerate(batch.train_steps):
+            defer_sync = self.accelerator.sync_gradients and index < last
+            with self.accelerator.no_sync(model) if defer_sync else contextlib.nullcontext():
+                loss, stats = self.algorithm.loss(batch, unit)
+                if measure_grad_norm:
+                    stats[Stat.GRAD_NORM] = self._unit_grad_norm(loss * scale, params, defer_sync) / scale
+                else:
+                    self.accelerator.backward(loss * scale)
             for key, value in stats.items():
                 value = value.detach() if isinstance(value, torch.Tensor) else value
                 metrics[timestep_key(unit, key)].append(value)
@@ -421,32 +422,25 @@ class GuardGRPODiffusionTrainer(Trainer):
         every = self.state.logging_steps or self.args.logging_steps
         return self.args.logging_strategy == "steps" and (self.state.global_step + 1) % max(1, int(every)) == 0
 
-    @staticmethod
-    def _grad_norm_since(params: list[torch.nn.Parameter], before: list[torch.Tensor | None]) -> torch.Tensor:
-        squares = [
-            ((p.grad - g).float() if g is not None else p.grad.float()).pow(2).sum()
-            for p, g in zip(params, before)
-            if p.grad is not None
-        ]
-        return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    def _unit_grad_norm(self, loss: torch.Tensor, params: list[torch.nn.Parameter], defer_sync: bool) -> torch.Tensor:
+        """Backpropagate `loss` and return the norm of the gradient it added on this process.
 
-    def _all_reduce_gradients(self) -> None:
-        """Average gradients over processes once per optimizer step.
-
-        The denoiser is called directly rather than through its DDP wrapper, so DDP's per-backward hooks never fire:
-        with one backward per timestep they would all-reduce `num_inference_steps` times per micro-batch.
-        """
-        if self.accelerator.num_processes == 1:
-            return
-        params = self._trainable_parameters
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        torch.distributed.all_reduce(flat)
-        flat /= self.accelerator.num_processes
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p.grad))
+        Read as the change of `.grad`, unless this backward averages gradients over processes (the change would then
+        mix in the other processes' earlier units): that unit's gradient is taken once more with `autograd.grad`,
+        one extra backward per logged optimizer step."""
+        if self.accelerator.num_processes > 1 and not defer_sync:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            self.accelerator.backward(loss)
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+        else:
+            before = [p.grad.clone() if p.grad is not None else None for p in params]
+            self.accelerator.backward(loss)
+            squares = [
+                ((p.grad - g).float() if g is not None else p.grad.float()).pow(2).sum()
+                for p, g in zip(params, before)
+                if p.grad is not None
+            ]
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=loss.device)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`transformers.Trainer.train`, which first refuses, naming the fix, to train without a train_dataset, to
@@ -528,7 +522,9 @@ class GuardGRPODiffusionTrainer(Trainer):
     def _evaluate_dataset(self, dataset: Dataset, metric_key_prefix: str) -> dict[str, float]:
         args, adapter = self.args, self.adapter
         reward_sets = [self.rewards] + ([self.gold_rewards] if self.gold_rewards is not None else [])
-        indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
+        indices, real_rows = distributed.balanced_rows(
+            len(dataset), self.accelerator.process_index, self.accelerator.num_processes
+        )
         sigmas = adapter.sigmas(args.eval_num_inference_steps)
         adapter.denoiser.eval()
         rows_scores, grid_images, rows_kl = [], [], []
@@ -551,6 +547,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             rows_scores.extend(torch.cat(scores, dim=1).tolist())
             if args.eval_kl:
                 rows_kl.extend(self._kl_to_reference(prompt_embeds, chunk).tolist())
+        rows_scores, rows_kl = rows_scores[:real_rows], rows_kl[:real_rows]  # without the padding rows
         if self.accelerator.num_processes > 1:
             rows_scores, rows_kl = gather_object(rows_scores), gather_object(rows_kl)
         scores = torch.tensor(rows_scores, dtype=torch.float32).view(-1, sum(len(r) for r in reward_sets))
@@ -643,16 +640,20 @@ class GuardGRPODiffusionTrainer(Trainer):
         return json.loads(json.dumps(settings))  # as it reads back from the checkpoint
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the LoRA in the family's diffusers format (or the full denoiser with `save_pretrained`)."""
+        """Write the LoRA in the family's diffusers format (or the full denoiser in diffusers' `from_pretrained`
+        layout). `state_dict` is the denoiser's full state gathered by the Trainer when FSDP shards it."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
+        transformer_dir = os.path.join(output_dir, "transformer")
         with self._ema_weights():  # with an EMA, saved models are the averaged weights
             if self.adapter.has_lora:
-                self.adapter.save_lora(output_dir)
+                self.adapter.save_lora(output_dir, state_dict=state_dict)
+            elif state_dict is not None:
+                distributed.save_full_denoiser(state_dict, self.adapter.denoiser, transformer_dir)
             else:
-                self.adapter.denoiser.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
+                self.adapter.denoiser.save_pretrained(transformer_dir, safe_serialization=True)
         # JSON rather than the Trainer's pickled training_args.bin: tokens are redacted and nothing needs unpickling.
         with open(os.path.join(output_dir, "guard_config.json"), "w") as f:
             f.write(self.args.to_json_string())
@@ -701,10 +702,10 @@ class GuardGRPODiffusionTrainer(Trainer):
                 buffer, device, checkpoints.buffer_layout(self.args)
             )
         if self.adapter.has_lora:
-            self.adapter.load_lora(resume_from_checkpoint)
+            self.adapter.load_lora(resume_from_checkpoint, sharded=distributed.is_fsdp2(self.accelerator))
         else:
-            folder = os.path.join(resume_from_checkpoint, "transformer")
-            self.adapter.denoiser.load_state_dict(checkpoints.load_full_weights(folder))
+            state = checkpoints.load_full_weights(os.path.join(resume_from_checkpoint, "transformer"))
+            distributed.load_full_state(self.adapter.denoiser, state)
         algorithm_state = os.path.join(resume_from_checkpoint, checkpoints.ALGORITHM_STATE_NAME)
         if os.path.exists(algorithm_state):
             self.algorithm.load_state_dict(checkpoints.read_safetensors(algorithm_state, device))

@@ -278,29 +278,38 @@ class PipelineAdapter:
         finally:
             self._use_reference = False
 
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+    def lora_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA weights keyed as peft saves them, read from the denoiser or from `state_dict`, its full state
+        (gathered by the trainer when the denoiser is sharded)."""
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.denoiser)
+        return get_peft_model_state_dict(self.denoiser, state_dict=state_dict)
 
-    def save_lora(self, folder: str | os.PathLike) -> None:
-        """Write the LoRA so that the family's `Pipeline.load_lora_weights(folder)` accepts it."""
+    def save_lora(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the LoRA so that the family's `Pipeline.load_lora_weights(folder)` accepts it; `state_dict` as in
+        `lora_state_dict`."""
         metadata = self.denoiser.peft_config["default"].to_dict()
         type(self.pipeline).save_lora_weights(
             folder,
-            transformer_lora_layers=self.lora_state_dict(),
+            transformer_lora_layers=self.lora_state_dict(state_dict),
             transformer_lora_adapter_metadata=metadata,
             weight_name=self.lora_weight_name,
         )
 
-    def load_lora(self, folder: str | os.PathLike) -> None:
-        """Restore LoRA weights written by `save_lora` into the already-added adapter (used on resume)."""
+    def load_lora(self, folder: str | os.PathLike, sharded: bool = False) -> None:
+        """Restore LoRA weights written by `save_lora` into the already-added adapter (used on resume); `sharded` when
+        FSDP2 has sharded the denoiser, whose weights then load through torch's distributed state-dict API."""
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
+
+        from ..distributed import load_full_state, lora_keys_in_model
 
         state = load_file(os.path.join(folder, self.lora_weight_name))
         prefix = f"{self.lora_prefix}."
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if sharded:
+            load_full_state(self.denoiser, lora_keys_in_model(state), strict=False)
+            return
         result = set_peft_model_state_dict(self.denoiser, state)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:

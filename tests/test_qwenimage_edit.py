@@ -1,0 +1,328 @@
+"""Qwen-Image-Edit (Plus and the one-image pipeline) through the adapter, the trainer and the command line: sampling
+equals the pipelines' `__call__` with one and two sources, with and without true CFG; the text embeddings are the
+pipeline's own for each (instruction, sources) pair, each computed once; training is on-policy on its first pass and
+learns, resume mid-round is exact, the LoRA loads with the pipeline, the shipped recipe trains, and the real
+checkpoint's widths sample, train and reload.
+
+The pipelines' own calls resize each source to a 1024 x 1024 area for the VAE (the adapter: to the training size), so
+the comparisons set that area to the training one (`VAE_IMAGE_SIZE`, and the first edit pipeline's
+`calculate_dimensions`)."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import blueness
+from datasets import Dataset
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+from helpers import logged, lora_config, make_trainer
+from PIL import Image
+from safetensors.torch import load_file
+
+from trl_guard.adapters import PromptEmbeddings, SamplingSettings, get_adapter
+from trl_guard.adapters.qwenimage_edit import QwenImageEditAdapter
+from trl_guard.conditioning import PromptEncoder
+from trl_guard.rollout import sample_ode
+from trl_guard.testing.qwenimage_edit import (
+    QWEN_IMAGE_EDIT_REAL,
+    build_real_width_qwenimage_edit_plus_pipeline,
+    build_tiny_qwenimage_edit_plus_pipeline,
+)
+
+#: Flow-Factory's Qwen-Image-Edit-Plus sampling: true CFG 4 (here against a one-space negative prompt).
+EDIT = dict(
+    true_cfg_scale=4.0, negative_prompt=" ", num_inference_steps=3, peft_config=lora_config(target_modules=None)
+)
+
+
+def source_image(seed: int, size: int = 32) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def _base_edit_pipeline():
+    return build_tiny_qwenimage_edit_plus_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_edit_pipeline(_base_edit_pipeline):
+    return copy.deepcopy(_base_edit_pipeline)
+
+
+@pytest.fixture
+def vae_at_training_size(monkeypatch):
+    """The pipelines' VAE sources at the 32 x 32 training size, as the adapter encodes them."""
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 32 * 32)
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: (32, 32, None))
+
+
+@pytest.fixture
+def edits():
+    """8 instructions on 4 source images: rows 2k and 2k+1 share image k, rows 0 and 4 share their instruction."""
+    prompts = [f"edit number {i % 4}" for i in range(8)]
+    return Dataset.from_dict({"prompt": prompts, "image": [source_image(i // 2) for i in range(8)]})
+
+
+def configured(pipeline, true_cfg_scale=1.0) -> QwenImageEditAdapter:
+    adapter = get_adapter(pipeline)
+    adapter.configure(SamplingSettings(32, 32, true_cfg_scale=true_cfg_scale, max_sequence_length=32))
+    return adapter
+
+
+def conditioning(adapter, prompts, images) -> PromptEmbeddings:
+    text = adapter.encode_prompts(prompts)
+    return PromptEmbeddings({**text.tensors, **adapter.encode_conditions({"image": images}).tensors})
+
+
+def test_tiny_tokenizer_drops_exactly_the_template_prefix(tiny_edit_pipeline):
+    pipe = tiny_edit_pipeline
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    assert len(pipe.tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx == 64
+
+
+@pytest.mark.parametrize("true_cfg_scale", [1.0, 4.0])
+@pytest.mark.parametrize("sources", [1, 2])
+def test_adapter_sampling_matches_the_plus_pipeline(sources, true_cfg_scale, tiny_edit_pipeline, vae_at_training_size):
+    pipe = tiny_edit_pipeline
+    adapter = configured(pipe, true_cfg_scale)
+    assert isinstance(adapter, QwenImageEditAdapter)
+    images = [source_image(i, size=48 - 16 * i) for i in range(sources)]  # 48 px and 32 px: resized to 32
+    latents = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    negative = adapter.encode_prompts([" "]) if adapter.uses_cfg else None
+
+    def ours(row_images):
+        cond = conditioning(adapter, ["make it red"], [row_images])
+        return sample_ode(adapter, cond, negative, latents.clone(), adapter.sigmas(3))
+
+    final = ours(images)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = dict(negative_prompt=" ") if true_cfg_scale > 1 else {}
+    kwargs = dict(height=32, width=32, num_inference_steps=3, true_cfg_scale=true_cfg_scale, **cfg)
+    resized = [image.resize((32, 32), Image.LANCZOS) for image in images]  # what the adapter does to each source
+    reference = pipe(image=resized, prompt="make it red", latents=latents.clone(), output_type="latent", **kwargs)
+    torch.testing.assert_close(final, reference.images, rtol=0, atol=1e-5)
+    decoded = np.asarray(adapter.decode(final)[0], dtype=np.float32) / 255
+    pixels = pipe(image=resized, prompt="make it red", latents=latents.clone(), output_type="np", **kwargs).images[0]
+    assert np.abs(decoded - pixels).max() <= 1.5 / 255  # PIL's 8-bit rounding
+    # the sources condition the edit (the tiny random transformer attends to them weakly)
+    change = (ours([source_image(7 + i) for i in range(sources)]) - final).abs().mean() / final.abs().mean()
+    assert change > 1e-4
+
+
+@pytest.mark.parametrize("true_cfg_scale", [1.0, 4.0])
+def test_adapter_sampling_matches_the_one_image_edit_pipeline(
+    true_cfg_scale, _base_edit_pipeline, vae_at_training_size
+):
+    pipe = QwenImageEditPipeline(**copy.deepcopy(_base_edit_pipeline).components)
+    adapter = configured(pipe, true_cfg_scale)
+    assert isinstance(adapter, QwenImageEditAdapter) and not adapter._plus
+    latents = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    negative = adapter.encode_prompts([" "]) if adapter.uses_cfg else None
+    final = sample_ode(
+        adapter, conditioning(adapter, ["add a cat"], [source_image(0)]), negative, latents.clone(), adapter.sigmas(3)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    cfg = dict(negative_prompt=" ") if true_cfg_scale > 1 else {}
+    reference = pipe(
+        image=source_image(0),
+        prompt="add a cat",
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        true_cfg_scale=true_cfg_scale,
+        latents=latents.clone(),
+        output_type="latent",
+        **cfg,
+    ).images
+    torch.testing.assert_close(final, reference, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one source image per row"):
+        adapter.encode_conditions({"image": [[source_image(0), source_image(1)]]})
+
+
+def test_text_embeddings_are_the_pipelines_for_each_prompt_and_sources(tiny_edit_pipeline):
+    """The instruction is read after the sources: the same instruction on other sources has other embeddings, each
+    equal to `encode_prompt` with the sources' 384 x 384 pictures."""
+    adapter = configured(tiny_edit_pipeline)
+    rows = [[source_image(0)], [source_image(1)], [source_image(0)]]
+    cond = conditioning(adapter, ["make it red", "make it red", "add a cat"], rows)
+    text, mask = adapter._text_states(cond)
+    for row, (prompt, images) in enumerate(zip(["make it red", "make it red", "add a cat"], rows)):
+        pictures = [image.resize((384, 384), Image.LANCZOS) for image in images]  # the pipeline's condition size
+        expected, _ = tiny_edit_pipeline.encode_prompt(prompt, image=pictures)
+        assert int(mask[row].sum()) == expected.shape[1]
+        torch.testing.assert_close(text[row, : expected.shape[1]], expected[0], rtol=0, atol=1e-6)
+    assert not torch.equal(text[0], text[1])
+
+
+def test_each_distinct_pair_is_encoded_once_and_rewards_see_the_sources(tiny_edit_pipeline, edits, tmp_path):
+    """Over a training run with true CFG: one text encoding per distinct (instruction, source) of a round and one per
+    source for the negative prompt, however many samples and denoiser calls use them; rewards get each sample's own
+    source. Training is exactly on-policy on its first pass and moves the LoRA."""
+    encodes = []
+    encode_prompt = tiny_edit_pipeline.encode_prompt
+    tiny_edit_pipeline.encode_prompt = lambda prompt, image, **kw: (
+        encodes.append(prompt[0]) or encode_prompt(prompt, image, **kw)
+    )
+    seen = []
+
+    def source_blueness(prompts, images, image, **kwargs):
+        seen.extend(zip(prompts, (np.asarray(s).tobytes() for s in image)))
+        return blueness(prompts, images)
+
+    trainer = make_trainer(
+        tiny_edit_pipeline, [source_blueness], edits, tmp_path, steps_per_generation=1, max_steps=2, **EDIT
+    )
+    before = {n: p.detach().clone() for n, p in trainer.adapter.denoiser.named_parameters() if p.requires_grad}
+    trainer.train()
+    for key in ("log_ratio_mean", "log_ratio_std", "clip_frac_high", "clip_frac_low"):
+        assert all(v == 0.0 for v in logged(trainer, key)), key
+    assert all(np.isfinite(logged(trainer, "loss")))
+    after = dict(trainer.adapter.denoiser.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    # 2 rounds of 2 groups: each round's rows are 2 (instruction, source) pairs; the 8 edits' pairs are all distinct
+    pairs = {(p, np.asarray(s).tobytes()) for p, s in zip(edits["prompt"], edits["image"])}
+    assert len(seen) == 2 * 8 and set(seen) <= pairs
+    distinct_sources = {s for _, s in seen}
+    assert encodes.count(" ") == len(distinct_sources)  # the negative prompt, once per source
+    assert len(encodes) - encodes.count(" ") == len(set(seen))  # each pair once
+
+
+def test_rows_of_several_sources_and_what_is_refused(tiny_edit_pipeline):
+    adapter = configured(tiny_edit_pipeline)
+    two = [[source_image(0), source_image(1)], [source_image(1), source_image(0)]]
+    rows = PromptEncoder(adapter, torch.device("cpu")).rows(["a", "a"], {"image": two})
+    assert rows.tensors["image_latents"].shape == (2, 2 * adapter.latent_shape()[0], 16)
+    assert rows.tensors["condition_pixels"].shape == (2, 2, 384, 384, 3)
+    assert not torch.equal(rows.tensors["image_latents"][0], rows.tensors["image_latents"][1])  # the order counts
+    with pytest.raises(ValueError, match="1 and 2 source images"):
+        adapter.encode_conditions({"image": [[source_image(0)], two[0]]})
+    with pytest.raises(TypeError, match="holds a str"):
+        adapter.encode_conditions({"image": ["a.png"]})
+
+
+@pytest.mark.slow
+def test_resume_in_the_middle_of_a_round_is_exact(_base_edit_pipeline, edits, tmp_path):
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **EDIT)
+    full = make_trainer(copy.deepcopy(_base_edit_pipeline), [blueness], edits, tmp_path / "full", **settings)
+    full.train()
+    resumed = make_trainer(copy.deepcopy(_base_edit_pipeline), [blueness], edits, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
+    assert resumed.state.global_step == 4
+    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_loads_with_the_pipeline_and_reproduces_the_policy(
+    _base_edit_pipeline, edits, tmp_path, vae_at_training_size
+):
+    """`QwenImageEditPlusPipeline.load_lora_weights` on a fresh copy of the base pipeline (a saved edit pipeline
+    cannot be loaded without torchvision: see `tiny_qwen2_vl_processor`)."""
+    trainer = make_trainer(
+        copy.deepcopy(_base_edit_pipeline), [blueness], edits, tmp_path / "run", max_steps=2, **EDIT
+    )
+    trainer.train()
+    trainer.save_model()
+    sample = dict(
+        image=[source_image(0)],
+        prompt="edit number 1",
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        true_cfg_scale=4.0,
+        negative_prompt=" ",
+        output_type="np",
+    )
+    trainer.pipeline.set_progress_bar_config(disable=True)
+    trained = trainer.pipeline(generator=torch.Generator().manual_seed(0), **sample).images
+    fresh = copy.deepcopy(_base_edit_pipeline)
+    fresh.set_progress_bar_config(disable=True)
+    base = fresh(generator=torch.Generator().manual_seed(0), **sample).images
+    fresh.load_lora_weights(str(tmp_path / "run"))
+    reloaded = fresh(generator=torch.Generator().manual_seed(0), **sample).images
+    assert np.abs(reloaded - base).mean() > 1e-3
+    np.testing.assert_allclose(reloaded, trained, atol=1e-5)
+
+
+def test_trains_from_the_command_line_with_the_shipped_recipe(_base_edit_pipeline, tmp_path, monkeypatch):
+    """The shipped recipe's layout (a jsonl of instructions and image paths relative to it) trains; only the model,
+    the sizes and the reward change. The folder holds only model_index.json and the pipeline comes from memory: a
+    saved edit pipeline cannot be loaded without torchvision."""
+    import trl_guard.preflight
+    from trl_guard.scripts.grpo import main as grpo_main
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
+    monkeypatch.setattr(trl_guard.preflight, "load_pipeline", lambda model, kwargs: copy.deepcopy(_base_edit_pipeline))
+    data = tmp_path / "edits"
+    (data / "images").mkdir(parents=True)
+    with open(data / "train.jsonl", "w") as f:
+        for i in range(4):
+            source_image(i).save(data / "images" / f"{i}.png")
+            f.write(json.dumps({"prompt": f"make the sky number {i} red", "image": f"images/{i}.png"}) + "\n")
+    trainer = grpo_main(
+        [
+            "--config", "examples/recipes/qwenimage_edit_guard.yaml",
+            "--model_name_or_path", str(model_dir),
+            "--model_init_kwargs", "{}",
+            "--dataset_name", str(data / "train.jsonl"), "--eval_dataset_name", str(data / "train.jsonl"),
+            "--eval_strategy", "no",
+            "--reward_funcs", "cli_rewards.blueness",
+            "--output_dir", str(tmp_path / "out"),
+            "--height", "32", "--width", "32", "--num_inference_steps", "4", "--max_sequence_length", "32",
+            "--num_generations", "4", "--per_device_train_batch_size", "4", "--steps_per_generation", "2",
+            "--gradient_accumulation_steps", "1", "--max_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
+            "--bf16", "false", "--activation_checkpointing", "false", "--report_to", "none", "--save_strategy", "no",
+        ]
+    )  # fmt: skip
+    assert trainer.state.global_step == 1 and isinstance(trainer.pipeline, QwenImageEditPlusPipeline)
+    assert trainer.adapter.uses_cfg and trainer.args.sde_window_size == 1
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert any("img_mlp.net.2.lora_A" in key for key in lora)
+
+
+@pytest.mark.slow
+def test_real_width_samples_trains_and_reloads(edits, tmp_path):
+    """Qwen-Image-Edit-2511's real widths (24 heads of 128, Qwen2.5-VL-7B's 3584-wide text and 1280-wide vision tower
+    with 14 px patches, the 16-channel VAE, zero_cond_t) with one layer each: sample 2 steps with true CFG, train one
+    step with LoRA on the default targets, save, and reload the LoRA through `load_lora_weights` as a second adapter:
+    it gives the trained policy's velocity."""
+    pipe = build_real_width_qwenimage_edit_plus_pipeline(seed=0)
+    real = QWEN_IMAGE_EDIT_REAL
+    assert pipe.transformer.config.joint_attention_dim == pipe.text_encoder.config.text_config.hidden_size == 3584
+    assert pipe.text_encoder.config.vision_config.hidden_size == real["vision"]["hidden_size"]
+    trainer = make_trainer(
+        pipe,
+        [blueness],
+        edits.select([0, 1]),
+        tmp_path / "run",
+        num_generations=2,
+        per_device_train_batch_size=2,
+        steps_per_generation=1,
+        max_steps=1,
+        timestep_fraction=0.5,  # train the first of the 2 steps
+        max_sequence_length=16,
+        learning_rate=1e-3,
+        **{**EDIT, "num_inference_steps": 2},
+    )
+    adapter = trainer.adapter
+    assert adapter.latent_shape() == (4, 64)  # 32 px: 4x4 latents in 2x2 patches of 16 channels
+    trainer.train()
+    assert logged(trainer, "log_ratio_mean") == [0.0] and np.isfinite(logged(trainer, "loss")[0])
+    trainer.save_model()
+    assert any(p.abs().max() > 0 for n, p in adapter.denoiser.named_parameters() if "lora_B" in n)
+
+    cond = conditioning(adapter, ["edit number 0"], [source_image(0)])
+    latents = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.8])
+    with torch.no_grad():
+        trained = adapter.predict_velocity(latents, sigma, cond, None)
+        pipe.load_lora_weights(str(tmp_path / "run"), adapter_name="reloaded")
+        pipe.set_adapters("reloaded")
+        reloaded = adapter.predict_velocity(latents, sigma, cond, None)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)

@@ -1,0 +1,137 @@
+"""What training on several processes needs beyond one process: which accelerate setups the trainer takes, and the
+few places where a sharded (FSDP2) denoiser must be read or written through torch's distributed state-dict API.
+
+Gradients are never averaged here: under DDP the policy's gradient-carrying forwards go through accelerate's DDP
+wrapper (`PipelineAdapter.run_denoiser`) and under FSDP2 the sharded module reduce-scatters by itself; the trainer
+only switches synchronisation off (`Accelerator.no_sync`) for every backward of an optimizer step but the last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+
+#: Where docs/sharding.md records why DeepSpeed is refused.
+_SHARDING_DOC = "docs/sharding.md"
+
+
+def is_fsdp2(accelerator: Any) -> bool:
+    """Whether accelerate shards the denoiser with FSDP2."""
+    return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def check_distributed_setup(accelerator: Any, args: Any) -> None:
+    """Refuse, naming the fix, the accelerate setups the trainer cannot train correctly.
+
+    DDP (multi-GPU or multi-CPU) and FSDP2 are supported. FSDP1 is refused for FSDP2. DeepSpeed is refused: its
+    engine steps the optimizer on every `backward` unless its accumulation steps count every per-timestep backward,
+    and on this project's CPU test machines accelerate cannot run it as a multi-process job, so the path would ship
+    untested."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise NotImplementedError(
+            "DeepSpeed is not supported: its engine would step the optimizer after each per-timestep backward, and "
+            f"the path cannot be tested without GPUs ({_SHARDING_DOC}). Shard with FSDP2 instead: "
+            "`accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml ...`."
+        )
+    if kind == DistributedType.FSDP and not is_fsdp2(accelerator):
+        raise NotImplementedError(
+            "FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config (as "
+            "examples/accelerate_configs/fsdp2.yaml does)."
+        )
+    if accelerator.num_processes > 1 and kind not in (
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+        DistributedType.FSDP,
+    ):
+        raise NotImplementedError(
+            f"{kind} is not supported; launch with DDP (multi-GPU or multi-CPU) or FSDP2 (docs/launching.md)."
+        )
+    if is_fsdp2(accelerator):
+        unsupported = []
+        if args.ema_decay > 0:
+            unsupported.append(f"ema_decay={args.ema_decay} (set 0)")
+        if args.loss_type in ("nft", "awm"):
+            unsupported.append(f"loss_type={args.loss_type!r} (its lagged policy is a copy of the weights)")
+        if unsupported:
+            raise NotImplementedError(
+                "Under FSDP2 the trainer cannot yet keep copies of sharded weights, so it refuses "
+                f"{' and '.join(unsupported)}. Train these with DDP (examples/accelerate_configs/ddp.yaml)."
+            )
+
+
+def balanced_rows(num_rows: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """This rank's rows of an evaluation set, padded by repeating its last row so that every rank runs the same
+    number of forwards (each FSDP2 forward is a collective), and how many of them are real.
+
+    Example:
+        >>> balanced_rows(5, 1, 2)
+        ([1, 3, 3], 2)
+        >>> balanced_rows(5, 0, 2)
+        ([0, 2, 4], 3)
+    """
+    rows = list(range(rank, num_rows, world_size))
+    per_rank = math.ceil(num_rows / world_size) if num_rows else 0
+    real = len(rows)
+    rows += [rows[-1] if rows else 0] * (per_rank - real)
+    return rows, real
+
+
+_LORA_WEIGHT = re.compile(r"\.(lora_[A-Za-z_]+)\.(weight|bias)$")
+
+
+def lora_keys_in_model(state: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """LoRA weights keyed as a saved LoRA file keys them (prefix stripped) renamed to the module's own parameter
+    names, which carry the adapter's name (`...to_q.lora_A.weight` -> `...to_q.lora_A.default.weight`).
+
+    Example:
+        >>> list(lora_keys_in_model({"blocks.0.to_q.lora_A.weight": torch.zeros(1)}))
+        ['blocks.0.to_q.lora_A.default.weight']
+    """
+    return {_LORA_WEIGHT.sub(rf".\1.{adapter_name}.\2", key): value for key, value in state.items()}
+
+
+def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load full (unsharded) tensors into `module`, sharded or not: every rank passes the same full `state` and keeps
+    its own shard of each tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    result = set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise ValueError(f"The saved weights have keys this model does not: {unexpected[:5]}")
+
+
+def save_full_denoiser(state_dict: dict[str, torch.Tensor], denoiser: torch.nn.Module, folder: str) -> None:
+    """Write a gathered full state dict as diffusers' `from_pretrained` reads it: `config.json` and safetensors shards
+    named `diffusion_pytorch_model*.safetensors`.
+
+    diffusers' `save_pretrained` reads the module's own (sharded) state dict, and FSDP2 renames the module's class
+    (`FSDPSD3Transformer2DModel`), so the config is written with the class the weights belong to."""
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(folder, exist_ok=True)
+    denoiser.save_config(folder)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["_class_name"] = unsharded_class(denoiser).__name__
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    save_torch_state_dict(tensors, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+
+
+def unsharded_class(module: torch.nn.Module) -> type:
+    """The module's class before FSDP2 wrapped it (its own class when it is not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return type(module)
+    return next(c for c in type(module).__mro__[1:] if c is not FSDPModule and not issubclass(c, FSDPModule))
