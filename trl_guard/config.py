@@ -235,6 +235,19 @@ class GuardConfig(TrainingArguments):
             `gradient_accumulation_steps`.
         num_iterations (`int`, *optional*, defaults to `1`):
             Passes over each generation batch (PPO epochs; `mu` in the GRPO paper).
+        per_device_sample_batch_size (`int`, *optional*):
+            Images sampled per forward during a generation round (Flow-GRPO's `sample.batch_size`); it must divide
+            the round's images per process. Unset, it is `per_device_train_batch_size`, so that the first training
+            pass repeats the sampling forwards exactly. Sampling runs without gradients, so a larger batch often
+            fits and runs faster; in half precision a forward over a batch of another shape can differ in the last
+            bits, and the first pass is then not exactly on-policy: see `recompute_old_means`.
+        recompute_old_means (`bool`, *optional*, defaults to `False`):
+            Before the first update of each round, compute the sampling policy's means again with one no-grad
+            forward per trained step in the training micro-batch's shape, and use them as the old policy's (SDE
+            losses only). The first pass is then exactly on-policy whatever the sampling batch, at one extra forward
+            per trained step and sample. Worth it with half precision when `per_device_sample_batch_size` differs
+            from `per_device_train_batch_size`, or on hardware whose kernels are not deterministic
+            (docs/launching.md, "Precision").
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Shuffle the prompts each epoch. The order of an epoch is drawn from `(seed, epoch)` alone, so a resumed run
             sees the prompts in the same order from any checkpoint.
@@ -337,6 +350,8 @@ class GuardConfig(TrainingArguments):
     generation_batch_size: int | None = None
     steps_per_generation: int | None = None
     num_iterations: int = 1
+    per_device_sample_batch_size: int | None = None
+    recompute_old_means: bool = False
     shuffle_dataset: bool = True
 
     eval_kl: bool = False
@@ -366,6 +381,15 @@ class GuardConfig(TrainingArguments):
                 f"{self.generation_batch_size} images) must divide into whole prompt groups of "
                 f"num_generations={self.num_generations}. Change per_device_train_batch_size, steps_per_generation "
                 "or num_generations so that num_generations divides it."
+            )
+        if self.per_device_sample_batch_size is None:
+            self.per_device_sample_batch_size = self.per_device_train_batch_size
+        local_batch = self.per_device_train_batch_size * self.steps_per_generation
+        if self.per_device_sample_batch_size < 1 or local_batch % self.per_device_sample_batch_size != 0:
+            raise ValueError(
+                f"per_device_sample_batch_size={self.per_device_sample_batch_size} must divide the images each process "
+                f"samples per round (per_device_train_batch_size={self.per_device_train_batch_size} x "
+                f"steps_per_generation={self.steps_per_generation} = {local_batch})."
             )
 
     def _resolve_generation_batch(self) -> None:
@@ -496,7 +520,7 @@ class GuardConfig(TrainingArguments):
 
     #: Fields that only one algorithm family reads; the other family refuses them when set away from their default.
     _SDE_ONLY_FIELDS = ("noise_schedule", "cps_log_prob", "dance_weighting", "kl_type", "timestep_selection",
-                        "sde_window_size")  # fmt: skip
+                        "sde_window_size", "recompute_old_means")  # fmt: skip
     _FORWARD_ONLY_FIELDS = (
         "nft_beta",
         "lagged_decay_schedule",

@@ -61,6 +61,23 @@ class Rollout:
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Rollout:
         return cls(state["latents"], state["old_means"], state["sigmas"], int(state["start"]), state.get("final"))
 
+    def select(self, rows: slice) -> Rollout:
+        """The trajectories ``rows``."""
+        final = self.final[rows] if self.final is not None else None
+        return Rollout(self.latents[rows], self.old_means[rows], self.sigmas, self.start, final)
+
+    @classmethod
+    def cat(cls, rollouts: list[Rollout]) -> Rollout:
+        """One rollout of the trajectories of ``rollouts``, sampled on the same grid, in order."""
+        finals = [r.final for r in rollouts]
+        return cls(
+            torch.cat([r.latents for r in rollouts]),
+            torch.cat([r.old_means for r in rollouts]),
+            rollouts[0].sigmas,
+            rollouts[0].start,
+            None if finals[0] is None else torch.cat(finals),
+        )
+
 
 @dataclass
 class CleanRollout:
@@ -102,6 +119,17 @@ class CleanRollout:
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> CleanRollout:
         return cls(state["clean"], state["train_sigmas"], state["train_noise"])
+
+    def select(self, rows: slice) -> CleanRollout:
+        """The samples ``rows``."""
+        return CleanRollout(self.final[rows], self.train_sigmas[rows], self.train_noise[rows])
+
+    @classmethod
+    def cat(cls, rollouts: list[CleanRollout]) -> CleanRollout:
+        """One record of the samples of ``rollouts``, in order."""
+        return cls(
+            *(torch.cat(tensors) for tensors in zip(*((r.final, r.train_sigmas, r.train_noise) for r in rollouts)))
+        )
 
 
 @torch.no_grad()

@@ -308,14 +308,11 @@ class GuardGRPODiffusionTrainer(Trainer):
         latents = self._initial_latents(global_indices, Stream.INIT_NOISE, rollout_index)
         generators = [keyed_generator(args.seed, Stream.SDE_NOISE, rollout_index, i) for i in global_indices]
 
-        # Sample in the micro-batches training will use: the first training pass then recomputes exactly the
-        # sampling forward, so its ratio is exactly 1.
-        chunks = [
-            slice(s, s + args.per_device_train_batch_size)
-            for s in range(0, local_size, args.per_device_train_batch_size)
-        ]
+        # By default sampling runs in the micro-batches training will use: the first training pass then repeats the
+        # sampling forwards exactly, so its ratio is exactly 1.
+        chunks = _chunks(local_size, args.per_device_sample_batch_size)
         chunk_embeds = [row_embeds.index(chunk) for chunk in chunks]
-        rollouts, scored = [], []  # scored: futures or score tensors, one per micro-batch
+        rollouts, scored = [], []  # scored: futures or score tensors, one per sampled batch
         self.adapter.denoiser.eval()
         for chunk, embeds in zip(chunks, chunk_embeds):
             rollout = self.algorithm.sample(embeds, negative_embeds, latents[chunk], generators[chunk], plan)
@@ -346,6 +343,11 @@ class GuardGRPODiffusionTrainer(Trainer):
         for key, value in plan.metrics.items():
             self._metrics["train"][key].append(value)
         local_advantages = advantages[offset : offset + local_size]
+        train_chunks = _chunks(local_size, args.per_device_train_batch_size)
+        if train_chunks != chunks:  # sampled in batches of another size: cut the round into training micro-batches
+            whole = type(rollouts[0]).cat(rollouts)
+            rollouts = [whole.select(chunk) for chunk in train_chunks]
+            chunks, chunk_embeds = train_chunks, [row_embeds.index(chunk) for chunk in train_chunks]
         return [
             TrainBatch(rollout, embeds, negative_embeds, local_advantages[chunk], plan.train_steps)
             for rollout, embeds, chunk in zip(rollouts, chunk_embeds, chunks)
@@ -376,6 +378,8 @@ class GuardGRPODiffusionTrainer(Trainer):
             round_index = self._step // generate_every
             self.algorithm.on_round_start(round_index, self.state.global_step)
             self._buffered_batches = self._generate_and_score(inputs, rollout_index=round_index)
+            self.adapter.denoiser.train()  # as the training forwards run
+            self.algorithm.before_first_update(self._buffered_batches)
         batch = self._buffered_batches[self._step % self.args.steps_per_generation]
         self._step += 1
 
@@ -733,3 +737,8 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"{error}). The trained model and its card are intact in {self.args.output_dir}; retry with "
                 "trainer.push_to_hub() or `hf upload`."
             ) from error
+
+
+def _chunks(size: int, chunk: int) -> list[slice]:
+    """``range(size)`` cut into consecutive slices of ``chunk``."""
+    return [slice(start, start + chunk) for start in range(0, size, chunk)]

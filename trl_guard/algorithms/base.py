@@ -74,6 +74,10 @@ class Algorithm(ABC):
     ) -> Rollout:
         """Sample one micro-batch from ``latents`` (no gradients), recording what `loss` will need."""
 
+    def before_first_update(self, batches: list[TrainBatch]) -> None:  # noqa: B027
+        """Called once per round with all of the round's micro-batches, after scoring and before the first update,
+        with the denoiser in training mode. Nothing by default."""
+
     @abstractmethod
     def loss(self, batch: TrainBatch, unit: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar loss of one training unit of ``batch`` (with its graph) and detached scalar diagnostics, which

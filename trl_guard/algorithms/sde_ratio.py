@@ -116,6 +116,19 @@ class SDERatioAlgorithm(Algorithm):
             sde_steps=plan.sde_steps,
         )
 
+    @torch.no_grad()
+    def before_first_update(self, batches: list[TrainBatch]) -> None:
+        """With `recompute_old_means`, replace each trained step's recorded mean by the policy's mean computed again in
+        the training micro-batch's shape: the first pass then repeats these forwards exactly (ratio 1), however the
+        round was sampled."""
+        if not self.args.recompute_old_means:
+            return
+        for batch in batches:
+            old_means = batch.rollout.old_means.clone()
+            for step in batch.train_steps:
+                old_means[:, step - batch.rollout.start] = self._mean(batch, step)[0].to(old_means.dtype)
+            batch.rollout.old_means = old_means
+
     def _mean(self, batch: TrainBatch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         latents, next_latents, _, sigma, sigma_next = batch.rollout.step(step)
         return policy_mean(
