@@ -287,6 +287,7 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(_base_edit_pipelin
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # the reloaded LoRA is a second adapter
 def test_real_width_samples_trains_and_reloads(edits, tmp_path):
     """Qwen-Image-Edit-2511's real widths (24 heads of 128, Qwen2.5-VL-7B's 3584-wide text and 1280-wide vision tower
     with 14 px patches, the 16-channel VAE, zero_cond_t) with one layer each: sample 2 steps with true CFG, train one

@@ -18,7 +18,6 @@ from trl_guard.adapters.wan22 import (
     LORA_WEIGHT_NAMES,
     WAN22_LORA_TARGETS,
     Wan22Adapter,
-    Wan22SamplingSettings,
     split_lora_targets,
 )
 from trl_guard.rewards import video_reward
@@ -79,7 +78,7 @@ def test_sampling_matches_the_pipeline(guidance_scale, guidance_scale_2, tiny_wa
     pipe = tiny_wan22_pipeline
     adapter = get_adapter(pipe)
     assert isinstance(adapter, Wan22Adapter)
-    settings = Wan22SamplingSettings(
+    settings = SamplingSettings(
         32, 32, guidance_scale, max_sequence_length=16, num_frames=FRAMES, guidance_scale_2=guidance_scale_2
     )
     adapter.configure(settings)
@@ -146,7 +145,7 @@ def test_a_batch_straddling_the_boundary_is_split_per_sample(tiny_wan22_pipeline
     own guidance scale, and gradients reach both experts."""
     adapter = get_adapter(tiny_wan22_pipeline)
     adapter.configure(
-        Wan22SamplingSettings(32, 32, 4.0, max_sequence_length=16, num_frames=FRAMES, guidance_scale_2=2.0)
+        SamplingSettings(32, 32, 4.0, max_sequence_length=16, num_frames=FRAMES, guidance_scale_2=2.0)
     )
     adapter.add_lora(lora_config(target_modules=None))
     sigma = torch.tensor([0.95, 0.3, 0.8, 0.1])  # timesteps 950, 300, 800, 100: high, low, high, low
@@ -224,7 +223,7 @@ def test_wan21_stays_with_its_adapter_and_bad_settings_are_refused(tiny_wan22_pi
     assert type(get_adapter(build_tiny_wan_pipeline())) is WanAdapter  # one transformer: Wan2.1
     adapter = get_adapter(tiny_wan22_pipeline)
     with pytest.raises(ValueError, match="guidance_scale_2=3.0 with guidance_scale=1.0: WanPipeline runs CFG only"):
-        adapter.configure(Wan22SamplingSettings(32, 32, 1.0, num_frames=FRAMES, guidance_scale_2=3.0))
+        adapter.configure(SamplingSettings(32, 32, 1.0, num_frames=FRAMES, guidance_scale_2=3.0))
     no_boundary = copy.deepcopy(tiny_wan22_pipeline)
     no_boundary.register_to_config(boundary_ratio=None)
     with pytest.raises(ValueError, match="no boundary_ratio, so WanPipeline never calls transformer_2"):
@@ -383,7 +382,7 @@ def test_real_a14b_widths_sample_train_save_and_reload(tmp_path):
     assert isinstance(adapter, Wan22Adapter)
     real = WAN22_T2V_A14B["pipeline"]
     adapter.configure(
-        Wan22SamplingSettings(
+        SamplingSettings(
             16, 16, real["guidance_scale"], max_sequence_length=8, guidance_scale_2=real["guidance_scale_2"]
         )
     )

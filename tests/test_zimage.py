@@ -163,6 +163,7 @@ def test_first_pass_is_exactly_on_policy_and_training_learns(
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base_zimage_pipeline, prompts, tmp_path):
     settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **BASE)
     full = make_trainer(copy.deepcopy(_base_zimage_pipeline), [blueness], prompts, tmp_path / "full", **settings)
@@ -225,6 +226,7 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(_base_zimage_pipel
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # the reloaded LoRA is a second adapter
 def test_real_width_samples_trains_and_reloads(prompts, tmp_path):
     """Z-Image-Turbo's real widths (3840-wide blocks of 30 heads, Qwen3-4B's 2560-wide text, the 16-channel VAE) with
     one block of each kind: sample 2 steps, train one step with LoRA on the default targets, save, and reload the

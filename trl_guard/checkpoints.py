@@ -136,7 +136,12 @@ STAGING = ".staging"  # checkpoints are written here first, then moved into plac
 EMA_STATE_NAME = "ema_state.safetensors"  # live weights and their EMA, when ema_decay > 0
 ALGORITHM_STATE_NAME = "algorithm_state.safetensors"  # what an algorithm keeps across rounds, when it keeps anything
 #: The saved model files a finished run leaves in `output_dir` (a LoRA, or the full denoiser).
-FINAL_MODEL_FILES = ("pytorch_lora_weights.safetensors", os.path.join("transformer", "config.json"))
+FINAL_MODEL_FILES = (
+    "pytorch_lora_weights.safetensors",
+    "pytorch_lora_weights_transformer_2.safetensors",  # Wan2.2's low-noise expert
+    os.path.join("transformer", "config.json"),
+    os.path.join("transformer_2", "config.json"),
+)
 #: The settings that decide how a generation round is cut into micro-batches: a mid-round buffer only fits them.
 BUFFER_LAYOUT_FIELDS = (
     "per_device_train_batch_size",

@@ -108,12 +108,17 @@ class GuardConfig(TrainingArguments):
         eval_num_inference_steps (`int`, *optional*, defaults to `40`):
             ODE sampling steps used by `evaluate()`.
         guidance_scale (`float`, *optional*, defaults to `4.5`):
-            For SD3: the classifier-free guidance scale (`<= 1` disables CFG; with CFG both branches run as one
-            batched forward). For guidance-distilled models such as FLUX.1-dev: the value fed to the guidance
+            For SD3, Wan and FLUX.2 [klein]: the classifier-free guidance scale (`<= 1` disables CFG; with CFG both
+            branches run as one batched forward). Z-Image follows its pipeline: CFG is on above 0 (Turbo runs at 0).
+            For guidance-distilled models such as FLUX.1-dev and FLUX.2 [dev]: the value fed to the guidance
             embedding (no CFG; DanceGRPO trains FLUX this way, typically at 3.5).
+        guidance_scale_2 (`float`, *optional*):
+            Two-expert families (Wan2.2 A14B): the CFG scale of the low-noise expert, as `WanPipeline`'s
+            `guidance_scale_2`; unset, `guidance_scale` guides both.
         true_cfg_scale (`float`, *optional*, defaults to `1.0`):
-            Real classifier-free guidance for guidance-distilled families (FLUX), with `negative_prompt` as the
-            unconditional branch; `<= 1` disables it. Ignored by SD3, whose CFG is `guidance_scale`.
+            Real classifier-free guidance for guidance-distilled families (FLUX.1, Kontext) and Qwen-Image(-Edit),
+            with `negative_prompt` as the unconditional branch; `<= 1` disables it. Ignored by SD3, whose CFG is
+            `guidance_scale`.
         negative_prompt (`str`, *optional*, defaults to `""`):
             Prompt of the unconditional branch of CFG.
         height (`int`, *optional*, defaults to `512`):
@@ -316,6 +321,7 @@ class GuardConfig(TrainingArguments):
     num_inference_steps: int = 10
     eval_num_inference_steps: int = 40
     guidance_scale: float = 4.5
+    guidance_scale_2: float | None = None
     true_cfg_scale: float = 1.0
     negative_prompt: str = ""
     height: int = 512

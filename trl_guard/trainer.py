@@ -166,6 +166,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 width=args.width,
                 guidance_scale=args.guidance_scale,
                 true_cfg_scale=args.true_cfg_scale,
+                guidance_scale_2=args.guidance_scale_2,
                 max_sequence_length=args.max_sequence_length,
                 num_frames=args.num_frames,
             )

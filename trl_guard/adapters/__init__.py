@@ -20,10 +20,14 @@ with quiet_known_noise("torchvision_fallback"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from .flux import FluxAdapter  # noqa: E402
+from .flux2 import Flux2Adapter, Flux2KleinAdapter  # noqa: E402
 from .flux_kontext import FluxKontextAdapter  # noqa: E402
 from .qwenimage import QwenImageAdapter  # noqa: E402
+from .qwenimage_edit import QwenImageEditAdapter  # noqa: E402
 from .sd3 import SD3Adapter  # noqa: E402
 from .wan import WanAdapter  # noqa: E402
+from .wan22 import Wan22Adapter  # noqa: E402
+from .zimage import ZImageAdapter  # noqa: E402
 
 
 def adapter_class(pipeline_class: str) -> type[PipelineAdapter] | None:
@@ -32,8 +36,10 @@ def adapter_class(pipeline_class: str) -> type[PipelineAdapter] | None:
 
 
 def get_adapter(pipeline: Any) -> PipelineAdapter:
-    """Return the adapter for `pipeline`, or raise naming the supported pipeline classes."""
-    cls = adapter_class(type(pipeline).__name__)
+    """Return the adapter for `pipeline` (the registered adapter of its class that `accepts` it), or raise naming the
+    supported pipeline classes."""
+    name = type(pipeline).__name__
+    cls = next((a for a in ADAPTERS if name in a.pipeline_classes and a.accepts(pipeline)), None)
     if cls is None:
         supported = sorted(c for a in ADAPTERS for c in a.pipeline_classes)
         raise ValueError(
@@ -44,14 +50,19 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "Flux2Adapter",
+    "Flux2KleinAdapter",
     "FluxAdapter",
     "FluxKontextAdapter",
     "PipelineAdapter",
     "PromptEmbeddings",
     "QwenImageAdapter",
+    "QwenImageEditAdapter",
     "SD3Adapter",
     "SamplingSettings",
+    "Wan22Adapter",
     "WanAdapter",
+    "ZImageAdapter",
     "adapter_class",
     "get_adapter",
 ]

@@ -34,6 +34,8 @@ class SamplingSettings:
     true_cfg_scale: float = 1.0
     max_sequence_length: int = 128
     num_frames: int = 1
+    #: The low-noise expert's CFG scale for two-expert families (Wan2.2); None means `guidance_scale`.
+    guidance_scale_2: float | None = None
 
 
 @dataclass
@@ -110,6 +112,12 @@ class PipelineAdapter:
     #: Dataset columns the family is conditioned on besides the prompt, such as an editing model's source image
     #: (`("image",)`). The trainer requires them in its datasets and passes them to `encode_conditions`.
     condition_columns: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def accepts(cls, pipeline: Any) -> bool:
+        """Whether this adapter drives `pipeline`, among the pipelines of its `pipeline_classes`: a family sharing
+        its pipeline class with another (Wan2.1 and Wan2.2 are both `WanPipeline`) tells them apart here."""
+        return True
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline

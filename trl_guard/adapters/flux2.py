@@ -5,8 +5,9 @@ What differs from FLUX.1 (flux.py), and how the adapter follows the pipelines:
   model's chat template, is padded to `max_sequence_length`, and three hidden layers are stacked per token
   (`text_encoder_out_layers`: (10, 20, 30) for [dev], (9, 18, 27) for [klein]) into `(L, 3 x hidden)`. There is no
   pooled embedding. No text mask reaches the transformer: the padding tokens are attended to, so `max_sequence_length`
-  is part of the conditioning (sample and train at the same length; the pipelines default to 512). Every prompt's
-  embedding has the same length, so any two concatenate;
+  is part of the conditioning (sample and train at the same length; the pipelines default to 512, and [dev]'s system
+  message takes about 30 of those tokens). Every prompt's embedding has the same length, so any two concatenate.
+  Loading FLUX.2-dev needs torchvision: its tokenizer is a `PixtralProcessor`;
 - latents: the VAE's 32 channels are cut into 2x2 patches (128 channels), normalised by the VAE's batch-norm running
   statistics and flattened row-major into `(H/16 x W/16, 128)` tokens: the token layout of FLUX.1's packing
   (`PackedLatentsMixin.pack`), which `decode` undoes after the normalisation;
@@ -37,12 +38,13 @@ from PIL import Image
 
 from .base import PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, SamplingSettings
 
-#: Flow-Factory's FLUX.2 and FLUX.2 [klein] LoRA targets (X-GenGroup/Flow-Factory src/flow_factory/models/flux/flux2.py
-#: and flux2_klein.py, `default_target_modules`): both streams' attention projections and MLPs in the double-stream
-#: blocks, the fused QKV+MLP input projection of the single-stream blocks. Flow-Factory also lists `attn.to_out.0` for
-#: the single-stream blocks, where the output projection is a plain `attn.to_out` Linear, so it adapts none there;
-#: neither does this list. (diffusers' train_dreambooth_lora_flux2.py instead adapts the image stream's to_q/k/v/out
-#: and the single-stream to_qkv_mlp_proj and to_out, naming each block's to_out.)
+#: Flow-Factory's FLUX.2 and FLUX.2 [klein] LoRA targets (X-GenGroup/Flow-Factory at commit a0b2bc5,
+#: src/flow_factory/models/flux/flux2.py and flux2_klein.py, `default_target_modules`): both streams' attention
+#: projections and MLPs in the double-stream blocks, the fused QKV+MLP input projection of the single-stream blocks.
+#: Flow-Factory also lists `attn.to_out.0` for the single-stream blocks, where the output projection is a plain
+#: `attn.to_out` Linear, so it adapts none there; neither does this list. (diffusers'
+#: examples/dreambooth/train_dreambooth_lora_flux2.py instead adapts the image stream's to_q/k/v/out.0 and, in the
+#: single-stream blocks, to_qkv_mlp_proj and each block's to_out, named by index.)
 FLUX2_LORA_TARGETS = [
     "attn.to_q",
     "attn.to_k",
@@ -170,9 +172,9 @@ class Flux2KleinAdapter(Flux2Adapter):
             )
         if self.is_distilled and settings.guidance_scale > 1:
             warnings.warn(
-                f"guidance_scale={settings.guidance_scale} is ignored: this FLUX.2 [klein] checkpoint is step-distilled "
-                "(is_distilled), which Flux2KleinPipeline samples without CFG. Set guidance_scale to 1.0, or train "
-                "an undistilled [klein] base checkpoint to use CFG.",
+                f"guidance_scale={settings.guidance_scale} is ignored: this FLUX.2 [klein] checkpoint is "
+                "step-distilled (is_distilled), which Flux2KleinPipeline samples without CFG. Set guidance_scale to "
+                "1.0, or train an undistilled [klein] base checkpoint to use CFG.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -141,18 +141,24 @@ class QwenImageEditAdapter(QwenImageAdapter):
         """Each row's Qwen2.5-VL embeddings of its prompt read after its sources, padded to the longest row under a
         mask: from the cache, or through the pipeline's own `encode_prompt`."""
         tensors = conditioning.tensors
-        rows = []
+        keys, missing = [], {}
         for ids, keep, pixels, key in zip(
             tensors["prompt_ids"], tensors["prompt_mask"].bool(), tensors["condition_pixels"], tensors["source_key"]
         ):
             ids = ids[keep]
-            cache_key = (ids.cpu().numpy().tobytes(), key.cpu().numpy().tobytes())
-            if cache_key not in self._text_cache:
-                self._text_cache[cache_key] = self._encode_pair(ids, pixels)
-                while len(self._text_cache) > self.text_cache_size:
-                    self._text_cache.popitem(last=False)
+            keys.append((ids.cpu().numpy().tobytes(), key.cpu().numpy().tobytes()))
+            if keys[-1] not in self._text_cache:
+                missing[keys[-1]] = (ids, pixels)
+        if missing:
+            with self._text_encoder_on_device():  # once for all the pairs this call meets first
+                for cache_key, (ids, pixels) in missing.items():
+                    self._text_cache[cache_key] = self._encode_pair(ids, pixels)
+        rows = []
+        for cache_key in keys:
             self._text_cache.move_to_end(cache_key)
             rows.append(self._text_cache[cache_key])
+        while len(self._text_cache) > max(self.text_cache_size, len(keys)):
+            self._text_cache.popitem(last=False)
         length = max(len(row) for row in rows)
         text = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - len(row))) for row in rows])
         mask = torch.stack([(torch.arange(length, device=text.device) < len(row)).long() for row in rows])
@@ -164,10 +170,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
         with its sources' text-encoder pictures."""
         prompt = self.pipeline.tokenizer.decode(ids.tolist())
         images = [Image.fromarray(picture.cpu().numpy()) for picture in pixels]
-        with self._text_encoder_on_device():
-            embeds, _ = self.pipeline.encode_prompt(
-                prompt=[prompt], image=images if self._plus else images[0], device=self.device
-            )
+        embeds, _ = self.pipeline.encode_prompt(
+            prompt=[prompt], image=images if self._plus else images[0], device=self.device
+        )
         return embeds[0]
 
     @contextlib.contextmanager

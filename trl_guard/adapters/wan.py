@@ -11,8 +11,9 @@ What differs from the image families:
   Euler/SDE steps (as Flow-GRPO's Wan script does); `pipe()` itself runs UniPC's multistep solver on that grid, so
   its images match the adapter's ODE exactly only with a `FlowMatchEulerDiscreteScheduler(shift=...)`.
 
-Wan2.2's two-expert (`transformer_2`, `boundary_ratio`) and per-token-timestep (`expand_timesteps`) pipelines are
-refused: they need two denoisers, or timesteps per latent token, that this interface does not carry yet.
+Wan2.2's two-expert pipelines (`transformer_2`, `boundary_ratio`) go to `Wan22Adapter` (wan22.py); its
+per-token-timestep ones (`expand_timesteps`, TI2V-5B) are refused: they need timesteps per latent token, which this
+interface does not carry yet.
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ class WanAdapter(PipelineAdapter):
     default_lora_target_modules = WAN_ATTENTION_PROJECTIONS
     is_video = True
 
+    @classmethod
+    def accepts(cls, pipeline: Any) -> bool:
+        return getattr(pipeline, "transformer_2", None) is None  # two experts: Wan22Adapter (wan22.py)
+
     def __init__(self, pipeline: Any):
         config = pipeline.config
         if getattr(pipeline, "transformer_2", None) is not None or config.get("boundary_ratio") is not None:
             raise NotImplementedError(
-                "This WanPipeline has two experts (transformer_2, boundary_ratio: Wan2.2 A14B); only single-transformer "
-                "Wan2.1 pipelines are supported so far."
+                "This WanPipeline has two experts (transformer_2, boundary_ratio: Wan2.2 A14B): get_adapter gives it "
+                "Wan22Adapter."
             )
         if config.get("expand_timesteps", False):
             raise NotImplementedError(

@@ -23,8 +23,8 @@ The LoRA is written as one diffusers file per trained expert, both keyed under t
         folder, weight_name="pytorch_lora_weights_transformer_2.safetensors", load_into_transformer_2=True
     )
 
-Sampling settings: `guidance_scale_2` is read from the settings when they carry it (`Wan22SamplingSettings`) and is
-otherwise `guidance_scale`, as in `WanPipeline.__call__`. As there, CFG runs for both experts when `guidance_scale >
+Sampling settings: `guidance_scale_2` (`GuardConfig.guidance_scale_2`) guides the low-noise expert; unset, it is
+`guidance_scale`, as in `WanPipeline.__call__`. As there, CFG runs for both experts when `guidance_scale >
 1` and for neither otherwise.
 """
 
@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import ADAPTERS, PipelineAdapter, SamplingSettings
+from .base import PipelineAdapter, SamplingSettings
 from .wan import WanAdapter
 
 #: Each expert's attribute name in `WanPipeline`: the high-noise expert first.
@@ -67,14 +66,6 @@ LORA_WEIGHT_NAMES = {
 
 #: Keyword arguments of `WanTransformer3DModel.forward` that hold one row per sample.
 _BATCH_ARGUMENTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
-
-
-@dataclass(frozen=True)
-class Wan22SamplingSettings(SamplingSettings):
-    """`SamplingSettings` plus the low-noise expert's guidance scale (`WanPipeline`'s `guidance_scale_2`); `None`
-    uses `guidance_scale` for both experts, as the pipeline does."""
-
-    guidance_scale_2: float | None = None
 
 
 def has_two_experts(pipeline: Any) -> bool:
@@ -212,18 +203,14 @@ class Wan22Experts(torch.nn.Module):
 
 
 class Wan22Adapter(WanAdapter):
-    """Two-expert `WanPipeline`s (Wan2.2 A14B). It stands for `WanPipeline` in the adapter registry, and
-    constructing it for a single-transformer (Wan2.1) pipeline gives a `WanAdapter` (see `__new__`)."""
+    """Two-expert `WanPipeline`s (Wan2.2 A14B); single-transformer ones (Wan2.1) go to `WanAdapter` (`accepts`)."""
 
     pipeline_classes = ("WanPipeline",)
     default_lora_target_modules = WAN22_LORA_TARGETS
 
-    def __new__(cls, pipeline: Any = None, *args: Any, **kwargs: Any):
-        # WanPipeline is one class for Wan2.1 and Wan2.2, and get_adapter picks adapters by class name only. (No
-        # pipeline: `copy` and `pickle` rebuilding an instance.)
-        if cls is Wan22Adapter and pipeline is not None and not has_two_experts(pipeline):
-            return WanAdapter(pipeline)
-        return super().__new__(cls)
+    @classmethod
+    def accepts(cls, pipeline: Any) -> bool:
+        return has_two_experts(pipeline)
 
     def __init__(self, pipeline: Any):
         config = pipeline.config
@@ -361,10 +348,3 @@ class Wan22Adapter(WanAdapter):
             if unexpected:
                 raise ValueError(f"{path} has keys Wan2.2's {name} does not: {unexpected[:5]}")
 
-
-# `get_adapter` picks an adapter by the pipeline's class name alone, and `WanAdapter` (wan.py) names WanPipeline too.
-# This adapter takes its place in the registry and hands single-transformer pipelines to it (`__new__`), so WanPipeline
-# is listed once. The lasting fix belongs in base.py (an adapter hook saying which pipeline objects it takes); until
-# then the choice stays in this file.
-ADAPTERS.remove(Wan22Adapter)
-ADAPTERS[ADAPTERS.index(WanAdapter)] = Wan22Adapter

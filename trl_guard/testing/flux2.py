@@ -1,5 +1,6 @@
-"""Tiny FLUX.2 [dev] (`Flux2Pipeline`) and FLUX.2 [klein] (`Flux2KleinPipeline`) pipelines built from configs, and the
-real checkpoints' config values for the real-width tests (no download anywhere).
+"""Tiny FLUX.2 [dev] (`Flux2Pipeline`) and FLUX.2 [klein] (`Flux2KleinPipeline`) pipelines built from configs, and
+pipelines at the real checkpoints' widths with few layers, whose config values are recorded below as `Published`
+entries naming their sources (the convention of `trl_guard.testing.real_width`). Nothing is downloaded.
 
 FLUX.2 stacks three hidden layers of its text encoder per token (`text_encoder_out_layers`: (10, 20, 30) for [dev]'s
 Mistral3, (9, 18, 27) for [klein]'s Qwen3), so the tiny text encoders keep 31 and 28 layers, 16 wide, and the
@@ -15,43 +16,21 @@ from collections.abc import Iterator
 import torch
 
 from . import _byte_level_symbols, tiny_qwen2_tokenizer
+from .real_width import Family, Published
 
 # ---- the real checkpoints' values -----------------------------------------------------------------------------------
-# Transformer: huggingface/diffusers scripts/convert_flux2_to_diffusers.py, `get_flux2_transformer_config`, entries
-# "flux2-dev" (black-forest-labs/FLUX.2-dev) and "klein-4b" (the 4B [klein]; its transformer is shared by
-# FLUX.2-klein-4B and FLUX.2-klein-base-4B). [dev] leaves `guidance_embeds` at the class default, True.
-# VAE: the same script converts the released autoencoder into `AutoencoderKLFlux2()` with its class defaults, so the
-# defaults are the published values (both families share it).
-# Scheduler: diffusers/FLUX.2-dev-bnb-4bit scheduler/scheduler_config.json (the FLUX.1-dev settings, which the
-# conversion script copies: dynamic shifting; FLUX.2 replaces its `mu` by `compute_empirical_mu`).
-# Text encoders: [dev] loads mistralai/Mistral-Small-3.2-24B-Instruct-2506 (the conversion script); its text and vision
-# widths are transformers' `Mistral3Config` defaults, documented as Mistral-Small-3.1-24B-Instruct-2503, the same
-# architecture (an assumption: 3.2's config.json was not readable here). [klein] 4B uses Qwen/Qwen3-4B: hidden 2560 is
-# fixed by the transformer's joint_attention_dim 7680 = 3 x 2560 and stated by the latentdivergence/flux2-klein-edit-text
-# model card ("embedding table [151936, 2560]", "hidden states after layers 9, 18 and 27"); the other Qwen3-4B widths are
-# from Qwen3-4B's config.json as printed in third-party code (not read from FLUX.2-klein-4B/text_encoder/config.json).
-_FLUX2_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=32,
-    norm_num_groups=32,
-    patch_size=(2, 2),
-    batch_norm_eps=1e-4,
-    use_quant_conv=True,
-    use_post_quant_conv=True,
-)
-_FLUX2_SCHEDULER = dict(
-    use_dynamic_shifting=True, shift=3.0, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
-)
-
-FLUX2_DEV_CONFIG = dict(
-    transformer=dict(
+#: FLUX.2 [dev]: 48 heads x 128 = 6144, 8 double- and 48 single-stream blocks, RoPE over four axes of 32 of each head's
+#: 128 dims, a guidance embedding, text width 3 x 5120.
+FLUX2_DEV_TRANSFORMER = Published(
+    "huggingface/diffusers scripts/convert_flux2_to_diffusers.py (commit 58eb52c), get_flux2_transformer_config, "
+    "entry 'flux2-dev' (model_id black-forest-labs/FLUX.2-dev)",
+    dict(
         patch_size=1,
         in_channels=128,  # 32 VAE channels x a 2x2 patch
         num_layers=8,
         num_single_layers=48,
         attention_head_dim=128,
-        num_attention_heads=48,  # inner width 6144
+        num_attention_heads=48,
         joint_attention_dim=15360,  # 3 stacked Mistral hidden states of 5120
         timestep_guidance_channels=256,
         mlp_ratio=3.0,
@@ -60,7 +39,61 @@ FLUX2_DEV_CONFIG = dict(
         eps=1e-6,
         guidance_embeds=True,
     ),
-    text_encoder=dict(
+    note="The entry leaves guidance_embeds unset: the class default, True. FLUX.2-dev's own transformer/config.json "
+    "was not readable here.",
+)
+
+#: FLUX.2 [klein] 4B: 24 heads x 128 = 3072, 5 double- and 20 single-stream blocks, no guidance embedding, text width
+#: 3 x 2560.
+FLUX2_KLEIN_4B_TRANSFORMER = Published(
+    "huggingface/diffusers scripts/convert_flux2_to_diffusers.py (commit 58eb52c), get_flux2_transformer_config, "
+    "entry 'klein-4b' (the FLUX.2-klein-4B checkpoint)",
+    dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=5,
+        num_single_layers=20,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=7680,  # 3 stacked Qwen3 hidden states of 2560
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32),
+        rope_theta=2000,
+        eps=1e-6,
+        guidance_embeds=False,
+    ),
+    note="FLUX.2-klein-base-4B is taken to be the undistilled release of the same architecture (not read from its "
+    "config).",
+)
+
+#: The autoencoder both share: 32 latent channels, 8x compression, normalised after 2x2 patchifying by a batch norm.
+FLUX2_VAE = Published(
+    "huggingface/diffusers scripts/convert_flux2_to_diffusers.py (commit 58eb52c) converts the released autoencoder "
+    "into AutoencoderKLFlux2() with its class defaults, which are these",
+    dict(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=32,
+        norm_num_groups=32,
+        patch_size=(2, 2),
+        batch_norm_eps=1e-4,
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+    ),
+)
+
+FLUX2_SCHEDULER = Published(
+    "diffusers/FLUX.2-dev-bnb-4bit scheduler/scheduler_config.json",
+    dict(use_dynamic_shifting=True, shift=3.0, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"),
+    note="FLUX.1-dev's settings, which the conversion script copies; FLUX.2's pipelines pass their own mu "
+    "(compute_empirical_mu), so only use_dynamic_shifting and time_shift_type matter.",
+)
+
+#: Mistral Small 3.x's language model: FLUX.2 [dev]'s `text_encoder`. 32 query heads x 128 (8 key/value heads).
+MISTRAL_SMALL_3_TEXT = Published(
+    "transformers 5.24 Mistral3Config defaults (documented as mistralai/Mistral-Small-3.1-24B-Instruct-2503's config)",
+    dict(
         hidden_size=5120,
         intermediate_size=32768,
         num_attention_heads=32,
@@ -71,29 +104,23 @@ FLUX2_DEV_CONFIG = dict(
         rms_norm_eps=1e-5,
         rope_theta=1e9,
     ),
-    vision_encoder=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, head_dim=64, patch_size=14),
-    text_encoder_out_layers=(10, 20, 30),
-    vae=_FLUX2_VAE,
-    scheduler=_FLUX2_SCHEDULER,
+    note="FLUX.2-dev ships mistralai/Mistral-Small-3.2-24B-Instruct-2506 (convert_flux2_to_diffusers.py), assumed to "
+    "have 3.1's architecture: neither config.json was readable here. hidden_size 5120 is confirmed by "
+    "joint_attention_dim 15360 = 3 x 5120.",
 )
 
-FLUX2_KLEIN_4B_CONFIG = dict(
-    transformer=dict(
-        patch_size=1,
-        in_channels=128,
-        num_layers=5,
-        num_single_layers=20,
-        attention_head_dim=128,
-        num_attention_heads=24,  # inner width 3072
-        joint_attention_dim=7680,  # 3 stacked Qwen3 hidden states of 2560
-        timestep_guidance_channels=256,
-        mlp_ratio=3.0,
-        axes_dims_rope=(32, 32, 32, 32),
-        rope_theta=2000,
-        eps=1e-6,
-        guidance_embeds=False,
-    ),
-    text_encoder=dict(
+#: Its Pixtral vision tower, which text-to-image never runs (the builders keep one block of it).
+MISTRAL_SMALL_3_VISION = Published(
+    "transformers 5.24 Mistral3Config defaults, vision_config",
+    dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, head_dim=64, num_hidden_layers=24),
+)
+
+#: Qwen3-4B: FLUX.2 [klein] 4B's `text_encoder`. 32 query heads x 128 (8 key/value heads).
+QWEN3_4B_TEXT = Published(
+    "Qwen/Qwen3-4B config.json, as printed in third-party code; hidden_size and vocab_size also in the model card of "
+    "latentdivergence/flux2-klein-edit-text ('embedding table [151936, 2560]', 'prompt_embeds [1,64,7680] = hidden "
+    "states after layers 9, 18 and 27')",
+    dict(
         hidden_size=2560,
         intermediate_size=9728,
         num_attention_heads=32,
@@ -103,10 +130,25 @@ FLUX2_KLEIN_4B_CONFIG = dict(
         vocab_size=151936,
         rms_norm_eps=1e-6,
     ),
-    text_encoder_out_layers=(9, 18, 27),
-    vae=_FLUX2_VAE,
-    scheduler=_FLUX2_SCHEDULER,
+    note="Not read from black-forest-labs/FLUX.2-klein-4B text_encoder/config.json. hidden_size 2560 is confirmed by "
+    "joint_attention_dim 7680 = 3 x 2560.",
 )
+
+FLUX2_DEV = Family(
+    "FLUX.2 [dev]",
+    dict(
+        transformer=FLUX2_DEV_TRANSFORMER,
+        text_encoder=MISTRAL_SMALL_3_TEXT,
+        text_encoder_vision=MISTRAL_SMALL_3_VISION,
+        vae=FLUX2_VAE,
+        scheduler=FLUX2_SCHEDULER,
+    ),
+)
+FLUX2_KLEIN_4B = Family(
+    "FLUX.2 [klein] 4B",
+    dict(transformer=FLUX2_KLEIN_4B_TRANSFORMER, text_encoder=QWEN3_4B_TEXT, vae=FLUX2_VAE, scheduler=FLUX2_SCHEDULER),
+)
+FAMILIES = {"dev": FLUX2_DEV, "klein": FLUX2_KLEIN_4B}
 
 # ---- tokenizers ---------------------------------------------------------------------------------------------------
 #: Mistral's instruct format (system prompt, then the user turn), reading text parts of list-valued contents as
@@ -137,8 +179,9 @@ def tiny_mistral_tokenizer():
     merges it would be ~200 single-byte tokens and a short `max_sequence_length` would truncate every prompt away, so
     the tiny tokenizer knows the whole message as one added token.
 
-    `Flux2Pipeline` ships a `PixtralProcessor`, which needs torchvision (not installed here); for text the pipeline only
-    calls `apply_chat_template(..., tokenize=True, padding="max_length")`, which a tokenizer answers the same way."""
+    `Flux2Pipeline` ships a `PixtralProcessor`, which needs torchvision (not installed here); for text the pipeline
+    only calls `apply_chat_template(..., tokenize=True, padding="max_length")`, which a tokenizer answers the same
+    way."""
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -190,9 +233,8 @@ def mistral3_text_encoder(tokenizer, text: dict, vision: dict, num_hidden_layers
         **widths,
         **special,
     )
-    vision_config = dict(
-        model_type="pixtral", num_hidden_layers=1, image_size=32, num_channels=3, **{**vision, "patch_size": 8}
-    )
+    # One block of the vision tower, on 32 px images: text-to-image never runs it.
+    vision_config = dict(model_type="pixtral", **{**vision, "num_hidden_layers": 1, "patch_size": 8, "image_size": 32})
     config = Mistral3Config(
         text_config=text_config,
         vision_config=vision_config,
@@ -282,7 +324,7 @@ def build_tiny_flux2_pipeline(seed: int = 0):
     for module in (transformer, text_encoder, vae):
         module.eval()
     return Flux2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER.values),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -306,7 +348,7 @@ def build_tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     for module in (transformer, text_encoder, vae):
         module.eval()
     return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER.values),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -362,32 +404,36 @@ def build_real_width_flux2_pipeline(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
 ):
-    """A FLUX.2 pipeline with the real checkpoint's widths (`FLUX2_DEV_CONFIG` for `family="dev"`,
-    `FLUX2_KLEIN_4B_CONFIG` for `"klein"`: transformer, text encoder, VAE, scheduler) and the given numbers of
-    double-stream, single-stream and text-encoder layers, over the tiny tokenizers (a 260-300 token vocabulary).
-    `text_overrides` replaces text-encoder config values (for example a narrower MLP, to fit a memory budget).
+    """A FLUX.2 pipeline with the real checkpoint's widths (`FAMILIES[family]`: transformer, text encoder, VAE,
+    scheduler) and the given numbers of double-stream, single-stream and text-encoder layers, over the tiny tokenizers
+    (a 260-300 token vocabulary). `text_overrides` replaces text-encoder values (a narrower MLP, to fit a memory
+    budget). Weights are random (`fill_random`), seeded.
 
     With fewer than 28 text layers the pipeline's default `text_encoder_out_layers` do not exist: sample and train with
     layers the cut text encoder has (the pipelines' `text_encoder_out_layers` argument, the adapters' attribute)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
-    config = {"dev": FLUX2_DEV_CONFIG, "klein": FLUX2_KLEIN_4B_CONFIG}[family]
-    text_config = {**config["text_encoder"], **(text_overrides or {})}
-    transformer_config = {**config["transformer"], "num_layers": num_layers, "num_single_layers": num_single_layers}
+    parts = FAMILIES[family].components
+    text_config = {**parts["text_encoder"].values, **(text_overrides or {})}
+    transformer_config = {
+        **parts["transformer"].values,
+        "num_layers": num_layers,
+        "num_single_layers": num_single_layers,
+    }
     tokenizer = tiny_mistral_tokenizer() if family == "dev" else tiny_qwen3_tokenizer()
     with uninitialised(dtype):
         transformer = Flux2Transformer2DModel(**transformer_config)
         if family == "dev":
-            text = (tokenizer, text_config, config["vision_encoder"], text_layers)
+            text = (tokenizer, text_config, parts["text_encoder_vision"].values, text_layers)
             text_encoder = mistral3_text_encoder(*text, dtype=dtype)
         else:
             text_encoder = qwen3_text_encoder(tokenizer, text_config, text_layers, dtype=dtype)
-        vae = flux2_vae(seed, dtype=dtype, **config["vae"])
+        vae = flux2_vae(seed, dtype=dtype, **parts["vae"].values)
     for offset, module in enumerate((transformer, text_encoder, vae)):
         fill_random(module, seed + offset).eval()
     pipeline_class = Flux2Pipeline if family == "dev" else Flux2KleinPipeline
     return pipeline_class(
-        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**parts["scheduler"].values),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -13,14 +13,13 @@ it comes from. What the builders change, and only that:
   narrow blocks: latents have the real shape, decoding is cheap;
 - Qwen2.5-VL's vision tower, which text-to-image pipelines never call, is one narrow block.
 
-Weights are random and seeded (`fast_seeded_init`): a builder called twice with the same seed gives the same pipeline,
-and each pipeline's transformer is built first, from `seed` alone, so `build_real_width_<family>_transformer(seed, ...)`
-rebuilds it without the text encoders (the other components are drawn from `seed + 1`).
+Weights are random and seeded: a builder called twice with the same seed gives the same pipeline. Each pipeline's
+transformer is drawn from `seed` alone (the other components from `seed + 1`), so
+`build_real_width_<family>_transformer(seed, ...)` rebuilds it without the text encoders.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,8 +176,8 @@ SD35_MEDIUM_TRANSFORMER = Published(
         dual_attention_layers=tuple(range(13)),
         qk_norm="rms_norm",
     ),
-    note="The repository is gated; values as quoted from it by public loaders (e.g. a Tenstorrent SD3.5 loader and an "
-    "mflux SD3.5 port that pins them against the checkpoint's tensor shapes).",
+    note="The repository is gated: values as quoted from it by public SD3.5 loaders found with code search (one pins "
+    "them against the checkpoint's tensor shapes: exactly blocks 0-12 carry `attn2.*`).",
 )
 
 #: SD3.5 Large: 38 heads x 64 = 2432, no dual attention, RMS q/k norm.
@@ -199,7 +198,8 @@ SD35_LARGE_TRANSFORMER = Published(
         dual_attention_layers=(),
         qk_norm="rms_norm",
     ),
-    note="Gated; the config has no `dual_attention_layers` key (the class default, none, applies).",
+    note="Gated, quoted as for Medium. The file has no `dual_attention_layers` key (the class default, none, applies) "
+    "and the checkpoint no `attn2.*` tensors.",
 )
 
 SD35_VAE = Published(
@@ -455,133 +455,6 @@ WAN_VARIANTS = {"1.3b": WAN21_T2V_1_3B, "14b": WAN21_T2V_14B}
 _NARROW_VAE_BLOCKS = (8, 16, 16, 16)
 
 
-# ---- fast seeded initialisation -----------------------------------------------------------------------------------
-
-#: Lengths of the two random tables `_FastDraws` combines: coprime (both prime), so the combined stream does not repeat
-#: within their product, about 1.1e12 values.
-_TABLE_SIZES = (1_048_573, 1_048_571)
-
-
-class _FastDraws:
-    """Seeded random fills for hundreds of millions of weights, two to three times faster than torch's CPU generator
-    (on CPUs where memory bandwidth, not arithmetic, bounds it).
-
-    Value `i` of the stream combines two random tables of coprime lengths `p` and `q`: `(a[i % p] + b[i % q]) / sqrt(2)`
-    for standard normals, `frac(a[i % p] + b[i % q])` for uniforms on [0, 1). Each value has exactly the marginal
-    distribution of an independent draw; values that share a table entry are correlated, which does not matter for
-    weights that only need to be generic. Each fill writes its tensor in place, without temporaries.
-    """
-
-    def __init__(self, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        self._uniform = tuple(torch.rand(size, generator=generator) for size in _TABLE_SIZES)
-        self._normal = tuple(torch.randn(size, generator=generator) for size in _TABLE_SIZES)
-        self._position = 0
-
-    def _fill_sum(self, tensor: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Write `a[i % p] + b[i % q]`, for the next `tensor.numel()` positions `i` of the stream, into `tensor`."""
-        count = tensor.numel()
-        start, self._position = self._position, self._position + count
-        direct = tensor.is_contiguous() and tensor.dtype == torch.float32
-        flat = tensor.view(-1) if direct else torch.empty(count)
-        (a, b), done = tables, 0
-        while done < count:  # in runs that wrap neither table
-            i, j = (start + done) % len(a), (start + done) % len(b)
-            run = min(len(a) - i, len(b) - j, count - done)
-            torch.add(a[i : i + run], b[j : j + run], out=flat[done : done + run])
-            done += run
-        return flat if direct else tensor.copy_(flat.view(tensor.shape)).view(-1)
-
-    @torch.no_grad()
-    def uniform_(self, tensor: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        self._fill_sum(tensor, self._uniform).frac_().mul_(high - low).add_(low)
-        return tensor
-
-    @torch.no_grad()
-    def normal_(self, tensor: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-        self._fill_sum(tensor, self._normal).mul_(std * 0.5**0.5).add_(mean)
-        return tensor
-
-
-def _fast_initialisers(draws: _FastDraws) -> dict[str, Any]:
-    """Replacements for `torch.nn.init`'s random initialisers, drawing from `draws` with the same distributions
-    (`trunc_normal_` clamps instead of resampling)."""
-    init = torch.nn.init
-
-    def uniform_(tensor, a=0.0, b=1.0, generator=None):
-        return draws.uniform_(tensor, a, b)
-
-    def normal_(tensor, mean=0.0, std=1.0, generator=None):
-        return draws.normal_(tensor, mean, std)
-
-    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
-        with torch.no_grad():
-            return draws.normal_(tensor, mean, std).clamp_(a, b)
-
-    def kaiming_std(tensor, a, mode, nonlinearity) -> float:
-        return init.calculate_gain(nonlinearity, a) / init._calculate_correct_fan(tensor, mode) ** 0.5
-
-    def kaiming_uniform_(tensor, a=0, mode="fan_in", nonlinearity="leaky_relu", generator=None):
-        if tensor.numel() == 0:
-            return tensor
-        bound = 3**0.5 * kaiming_std(tensor, a, mode, nonlinearity)
-        return draws.uniform_(tensor, -bound, bound)
-
-    def kaiming_normal_(tensor, a=0, mode="fan_in", nonlinearity="leaky_relu", generator=None):
-        if tensor.numel() == 0:
-            return tensor
-        return draws.normal_(tensor, 0.0, kaiming_std(tensor, a, mode, nonlinearity))
-
-    def xavier_std(tensor, gain) -> float:
-        fan_in, fan_out = init._calculate_fan_in_and_fan_out(tensor)
-        return gain * (2.0 / (fan_in + fan_out)) ** 0.5
-
-    def xavier_uniform_(tensor, gain=1.0, generator=None):
-        bound = 3**0.5 * xavier_std(tensor, gain)
-        return draws.uniform_(tensor, -bound, bound)
-
-    def xavier_normal_(tensor, gain=1.0, generator=None):
-        return draws.normal_(tensor, 0.0, xavier_std(tensor, gain))
-
-    return dict(
-        uniform_=uniform_,
-        normal_=normal_,
-        trunc_normal_=trunc_normal_,
-        kaiming_uniform_=kaiming_uniform_,
-        kaiming_normal_=kaiming_normal_,
-        xavier_uniform_=xavier_uniform_,
-        xavier_normal_=xavier_normal_,
-    )
-
-
-@contextlib.contextmanager
-def fast_seeded_init(seed: int):
-    """Build modules inside this to initialise their random weights from `_FastDraws(seed)`, with the distributions
-    their classes ask for: a FLUX.1-wide block (hundreds of millions of weights) is built in about a second instead of
-    ten. `torch.manual_seed(seed)` is set too, for the few weights drawn with `torch.randn` directly.
-
-    Patches `torch.nn.init` and transformers' table of the originals (its own initialisers call those), and restores
-    both on exit.
-    """
-    replacements = _fast_initialisers(_FastDraws(seed))
-    tables: list[dict] = [vars(torch.nn.init)]  # the module's namespace: what `init.normal_(...)` looks up
-    try:
-        from transformers import initialization
-
-        tables.append(initialization.TORCH_INIT_FUNCTIONS)
-    except ImportError:  # a transformers without it calls torch.nn.init itself
-        pass
-    originals = [{name: table[name] for name in replacements if name in table} for table in tables]
-    torch.manual_seed(seed)
-    try:
-        for table, saved in zip(tables, originals):
-            table.update({name: replacements[name] for name in saved})
-        yield
-    finally:
-        for table, saved in zip(tables, originals):
-            table.update(saved)
-
-
 # ---- component builders -------------------------------------------------------------------------------------------
 
 
@@ -662,16 +535,13 @@ def build_real_width_sd3_transformer(
     from diffusers import SD3Transformer2DModel
 
     spec = SD3_VARIANTS[variant].components["transformer"].values
-    dual = tuple(i for i in spec["dual_attention_layers"] if i < num_layers)
-    with fast_seeded_init(seed):
-        transformer = SD3Transformer2DModel(
-            **{
-                **spec,
-                "num_layers": num_layers,
-                "dual_attention_layers": dual,
-                "pos_embed_max_size": pos_embed_max_size,
-            }
-        )
+    sizes = dict(
+        num_layers=num_layers,
+        dual_attention_layers=tuple(i for i in spec["dual_attention_layers"] if i < num_layers),
+        pos_embed_max_size=pos_embed_max_size,
+    )
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**{**spec, **sizes})
     return transformer.eval()
 
 
@@ -691,11 +561,11 @@ def build_real_width_sd3_pipeline(
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     transformer = build_real_width_sd3_transformer(seed, variant, num_layers, pos_embed_max_size)
-    with fast_seeded_init(seed + 1):
-        text_encoder, tokenizer = _clip_text_encoder(CLIP_L, num_layers=2, with_projection=True)
-        text_encoder_2, tokenizer_2 = _clip_text_encoder(CLIP_G, num_layers=2, with_projection=True)
-        text_encoder_3, tokenizer_3 = _t5_encoder(T5_XXL, num_layers=1)
-        vae = _narrow_autoencoder_kl(SD35_VAE)
+    torch.manual_seed(seed + 1)
+    text_encoder, tokenizer = _clip_text_encoder(CLIP_L, num_layers=2, with_projection=True)
+    text_encoder_2, tokenizer_2 = _clip_text_encoder(CLIP_G, num_layers=2, with_projection=True)
+    text_encoder_3, tokenizer_3 = _t5_encoder(T5_XXL, num_layers=1)
+    vae = _narrow_autoencoder_kl(SD35_VAE)
     _eval(text_encoder, text_encoder_2, text_encoder_3, vae)
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -715,8 +585,8 @@ def build_real_width_flux_transformer(seed: int = 0, num_layers: int = 1, num_si
     from diffusers import FluxTransformer2DModel
 
     sizes = {"num_layers": num_layers, "num_single_layers": num_single_layers}
-    with fast_seeded_init(seed):
-        transformer = FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER.values, **sizes})
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER.values, **sizes})
     return transformer.eval()
 
 
@@ -728,10 +598,10 @@ def build_real_width_flux_pipeline(
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
 
     transformer = build_real_width_flux_transformer(seed, num_layers, num_single_layers)
-    with fast_seeded_init(seed + 1):
-        text_encoder, tokenizer = _clip_text_encoder(CLIP_L, num_layers=1, with_projection=False)
-        text_encoder_2, tokenizer_2 = _t5_encoder(T5_XXL, num_layers=1)
-        vae = _narrow_autoencoder_kl(FLUX_VAE)
+    torch.manual_seed(seed + 1)
+    text_encoder, tokenizer = _clip_text_encoder(CLIP_L, num_layers=1, with_projection=False)
+    text_encoder_2, tokenizer_2 = _t5_encoder(T5_XXL, num_layers=1)
+    vae = _narrow_autoencoder_kl(FLUX_VAE)
     _eval(text_encoder, text_encoder_2, vae)
     pipeline_class = FluxKontextPipeline if kontext else FluxPipeline
     return pipeline_class(
@@ -793,8 +663,8 @@ def build_real_width_qwenimage_transformer(seed: int = 0, num_layers: int = 1):
     """The transformer of `build_real_width_qwenimage_pipeline(seed, num_layers)`, alone."""
     from diffusers import QwenImageTransformer2DModel
 
-    with fast_seeded_init(seed):
-        transformer = QwenImageTransformer2DModel(**{**QWEN_IMAGE_TRANSFORMER.values, "num_layers": num_layers})
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(**{**QWEN_IMAGE_TRANSFORMER.values, "num_layers": num_layers})
     return transformer.eval()
 
 
@@ -804,10 +674,10 @@ def build_real_width_qwenimage_pipeline(seed: int = 0, num_layers: int = 1):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     transformer = build_real_width_qwenimage_transformer(seed, num_layers)
-    with fast_seeded_init(seed + 1):
-        tokenizer = tiny_qwen2_tokenizer()
-        text_encoder = _qwen25_vl_text_encoder(tokenizer)
-        vae = AutoencoderKLQwenImage(**_narrow_causal_vae_kwargs(QWEN_IMAGE_VAE))
+    torch.manual_seed(seed + 1)
+    tokenizer = tiny_qwen2_tokenizer()
+    text_encoder = _qwen25_vl_text_encoder(tokenizer)
+    vae = AutoencoderKLQwenImage(**_narrow_causal_vae_kwargs(QWEN_IMAGE_VAE))
     _eval(text_encoder, vae)
     return QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER.values),
@@ -823,8 +693,8 @@ def build_real_width_wan_transformer(seed: int = 0, variant: str = "1.3b", num_l
     from diffusers import WanTransformer3DModel
 
     spec = WAN_VARIANTS[variant].components["transformer"].values
-    with fast_seeded_init(seed):
-        transformer = WanTransformer3DModel(**{**spec, "num_layers": num_layers})
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**{**spec, "num_layers": num_layers})
     return transformer.eval()
 
 
@@ -834,9 +704,9 @@ def build_real_width_wan_pipeline(seed: int = 0, variant: str = "1.3b", num_laye
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
     transformer = build_real_width_wan_transformer(seed, variant, num_layers)
-    with fast_seeded_init(seed + 1):
-        text_encoder, tokenizer = _t5_encoder(UMT5_XXL, num_layers=1, umt5=True)
-        vae = AutoencoderKLWan(**_narrow_causal_vae_kwargs(WAN21_VAE))
+    torch.manual_seed(seed + 1)
+    text_encoder, tokenizer = _t5_encoder(UMT5_XXL, num_layers=1, umt5=True)
+    vae = AutoencoderKLWan(**_narrow_causal_vae_kwargs(WAN21_VAE))
     _eval(text_encoder, vae)
     return WanPipeline(
         tokenizer=tokenizer,
