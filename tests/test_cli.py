@@ -108,7 +108,8 @@ def test_example_recipes_parse(recipe):
     parser = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig))
     # bf16 needs the GPU the recipes are written for; everything else is checked as on that machine.
     script_args, config, model_args = parser.parse_args_and_config(["--config", str(recipe), "--bf16", "false"])
-    assert script_args.reward_funcs and model_args.model_name_or_path and model_args.use_peft
+    assert script_args.reward_funcs and model_args.model_name_or_path
+    assert model_args.use_peft != recipe.name.startswith("full_")  # full_*: the recipes that train in full
     assert config.generation_batch_size % config.num_generations == 0
     if recipe.name.startswith("sd35m"):  # evaluated on the official test prompts with gold rewards
         assert script_args.eval_dataset_name.endswith(("_test.txt", "_test.jsonl")) and script_args.gold_reward_funcs
@@ -358,3 +359,25 @@ def test_config_forms_a_newcomer_types(tmp_path, monkeypatch):
         parse_arguments(["--config"])
     with pytest.raises(FileNotFoundError, match="missing.yaml: no such file"):
         parse_arguments(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_full_fine_tuning_recipe_is_the_lora_recipe_trained_in_full():
+    from trl import ModelConfig, TrlParser
+
+    from trl_guard import GuardConfig
+    from trl_guard.scripts.grpo import GuardScriptArguments
+
+    recipes = Path(__file__).parents[1] / "examples" / "recipes"
+
+    def values(name):
+        parser = TrlParser((GuardScriptArguments, GuardConfig, ModelConfig))
+        parsed = parser.parse_args_and_config(["--config", str(recipes / name), "--bf16", "false"])
+        return {k: v for part in parsed for k, v in vars(part).items()}
+
+    lora, full = values("sd35m_ocr_guard.yaml"), values("full_sd35m_ocr_guard.yaml")
+    differing = {k for k in lora if lora[k] != full[k] and k not in ("logging_dir", "run_name", "distributed_state")}
+    assert differing == {
+        "use_peft", "model_init_kwargs", "ema_decay", "learning_rate", "output_dir", "lora_r", "lora_alpha",
+        "lora_dropout",
+    }  # fmt: skip
+    assert not full["use_peft"] and full["ema_decay"] == 0 and full["model_init_kwargs"] is None

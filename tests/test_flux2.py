@@ -29,12 +29,13 @@ from trl_guard.testing.flux2 import (
 )
 
 PROMPTS = ["a red cat", "two blue dogs on a long green sofa"]
-#: [dev]: guidance embedding at 4 (no CFG); [klein] base: CFG at 4 against the empty prompt. Default LoRA targets.
-SETTINGS = {
-    "dev": dict(guidance_scale=4.0, peft_config=lora_config(target_modules=None)),
-    "klein": dict(guidance_scale=4.0, peft_config=lora_config(target_modules=None)),
-}
 PIPELINES = {"dev": Flux2Pipeline, "klein": Flux2KleinPipeline}
+
+
+def family_settings() -> dict:
+    """guidance_scale 4: [dev]'s guidance embedding (no CFG), [klein] base's CFG against the empty prompt; the default
+    LoRA targets (a fresh config each time: `add_lora` fills in its targets)."""
+    return dict(guidance_scale=4.0, peft_config=lora_config(target_modules=None))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_training_is_on_policy_on_its_first_pass_and_learns(base_pipelines, prom
         loss_type=loss_type,
         steps_per_generation=1,
         max_steps=2,
-        **SETTINGS[family],
+        **family_settings(),
     )
     assert trainer.adapter.uses_cfg == (family == "klein")
     before = {n: p.detach().clone() for n, p in trainer.adapter.denoiser.named_parameters() if p.requires_grad}
@@ -187,7 +188,7 @@ def test_training_is_on_policy_on_its_first_pass_and_learns(base_pipelines, prom
 
 @pytest.mark.parametrize("family", ["dev", "klein"])
 def test_lora_loads_with_the_pipeline_and_reproduces_the_policy(pipeline_dirs, prompts, family, tmp_path):
-    trainer = make_trainer(pipeline_dirs[family], [blueness], prompts, tmp_path / "run", **SETTINGS[family])
+    trainer = make_trainer(pipeline_dirs[family], [blueness], prompts, tmp_path / "run", **family_settings())
     trainer.train()
     trainer.save_model()
     sample = dict(
@@ -212,12 +213,14 @@ def test_lora_loads_with_the_pipeline_and_reproduces_the_policy(pipeline_dirs, p
 
 @pytest.mark.parametrize("family", ["dev", "klein"])
 def test_resume_in_the_middle_of_a_round_is_exact(base_pipelines, prompts, family, tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **SETTINGS[family])
-    full = make_trainer(copy.deepcopy(base_pipelines[family]), [blueness], prompts, tmp_path / "full", **settings)
+    def trainer(folder: str):
+        pipeline = copy.deepcopy(base_pipelines[family])
+        settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2)
+        return make_trainer(pipeline, [blueness], prompts, tmp_path / folder, **settings, **family_settings())
+
+    full = trainer("full")
     full.train()
-    resumed = make_trainer(
-        copy.deepcopy(base_pipelines[family]), [blueness], prompts, tmp_path / "resumed", **settings
-    )
+    resumed = trainer("resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
     assert resumed.state.global_step == 4
     final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()

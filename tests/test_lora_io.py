@@ -155,6 +155,35 @@ def test_resume_in_the_middle_of_a_generation_round_is_exact(tiny_pipeline, _bas
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
 
 
+def test_full_fine_tuning_resumes_exactly_and_saves_diffusers_weights(
+    tiny_pipeline, _base_pipeline, prompts, tmp_path
+):
+    import copy
+
+    from diffusers import SD3Transformer2DModel
+
+    settings = dict(
+        peft_config=None, max_steps=4, save_strategy="steps", save_steps=3, steps_per_generation=2, learning_rate=1e-2
+    )
+    straight = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path / "straight", **settings)
+    straight.train()
+    straight.save_model()
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / "rollout_buffer_0.safetensors").exists()  # in the middle of a round
+
+    resumed = make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected = straight.adapter.denoiser.state_dict()
+    for key, value in resumed.adapter.denoiser.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+
+    saved = SD3Transformer2DModel.from_pretrained(tmp_path / "straight", subfolder="transformer").state_dict()
+    base = _base_pipeline.transformer.state_dict()
+    assert max((saved[k] - base[k]).abs().max() for k in base) > 1e-4  # the whole model trained
+    for key, value in saved.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
 def test_rollout_buffer_round_trips_train_batches(tmp_path):
     import torch
 

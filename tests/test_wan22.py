@@ -144,9 +144,7 @@ def test_a_batch_straddling_the_boundary_is_split_per_sample(tiny_wan22_pipeline
     """Forward-process losses noise each sample of a batch to its own level: every sample gets its own expert and its
     own guidance scale, and gradients reach both experts."""
     adapter = get_adapter(tiny_wan22_pipeline)
-    adapter.configure(
-        SamplingSettings(32, 32, 4.0, max_sequence_length=16, num_frames=FRAMES, guidance_scale_2=2.0)
-    )
+    adapter.configure(SamplingSettings(32, 32, 4.0, max_sequence_length=16, num_frames=FRAMES, guidance_scale_2=2.0))
     adapter.add_lora(lora_config(target_modules=None))
     sigma = torch.tensor([0.95, 0.3, 0.8, 0.1])  # timesteps 950, 300, 800, 100: high, low, high, low
     latents = torch.randn(4, *adapter.latent_shape(), generator=torch.Generator().manual_seed(2))

@@ -347,4 +347,3 @@ class Wan22Adapter(WanAdapter):
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ValueError(f"{path} has keys Wan2.2's {name} does not: {unexpected[:5]}")
-
