@@ -203,3 +203,8 @@ def test_unreachable_remote_reward_fails_at_construction(prompts, tmp_path):
     # also when a video reward scores frames with it
     with pytest.raises(RemoteRewardError, match=rf"reward_funcs: .*127.0.0.1:{port}/score is unreachable"):
         make_trainer(MISSING, [video_reward(f"http://127.0.0.1:{port}/score")], prompts, tmp_path)
+
+
+def test_guidance_scale_2_is_refused_by_a_one_denoiser_family(tiny_pipeline, prompts, tmp_path):
+    with pytest.raises(ValueError, match="guidance_scale_2=3.0, but StableDiffusion3Pipeline has one denoiser"):
+        make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, guidance_scale_2=3.0)

@@ -112,6 +112,8 @@ class PipelineAdapter:
     #: Dataset columns the family is conditioned on besides the prompt, such as an editing model's source image
     #: (`("image",)`). The trainer requires them in its datasets and passes them to `encode_conditions`.
     condition_columns: ClassVar[tuple[str, ...]] = ()
+    #: Whether the family has a second expert that `SamplingSettings.guidance_scale_2` guides (Wan2.2).
+    takes_guidance_scale_2: ClassVar[bool] = False
 
     @classmethod
     def accepts(cls, pipeline: Any) -> bool:
@@ -135,6 +137,11 @@ class PipelineAdapter:
             raise ValueError(
                 f"num_frames={settings.num_frames}, but {type(self.pipeline).__name__} makes images: leave num_frames "
                 "at 1 (it sets the length of videos, for video families such as Wan)."
+            )
+        if settings.guidance_scale_2 is not None and not self.takes_guidance_scale_2:
+            raise ValueError(
+                f"guidance_scale_2={settings.guidance_scale_2}, but {type(self.pipeline).__name__} has one denoiser: "
+                "leave guidance_scale_2 unset (it guides the low-noise expert of two-expert families such as Wan2.2)."
             )
         self.check_resolution(settings.height, settings.width)
         self.settings = settings

@@ -207,6 +207,7 @@ class Wan22Adapter(WanAdapter):
 
     pipeline_classes = ("WanPipeline",)
     default_lora_target_modules = WAN22_LORA_TARGETS
+    takes_guidance_scale_2 = True
 
     @classmethod
     def accepts(cls, pipeline: Any) -> bool:
