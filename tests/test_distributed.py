@@ -68,3 +68,36 @@ def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
     assert lora_one.keys() == lora_two.keys()
     for key in lora_one:
         torch.testing.assert_close(lora_two[key], lora_one[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gradients_are_all_reduced_once_per_optimizer_step(launch_recipe, tmp_path):
+    """One all-reduce per optimizer step under DDP, however many timesteps each step backpropagates."""
+    launch(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(Path(__file__).parents[1] / "examples" / "accelerate_configs" / "ddp_cpu.yaml"),
+            str(Path(__file__).parent / "ddp_count_cpu.py"),
+            "--config",
+            str(launch_recipe),
+            "--output_dir",
+            "two",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--steps_per_generation",
+            "2",
+        ],
+        tmp_path,
+        env={"ALLREDUCE_COUNT": str(tmp_path / "allreduce")},
+    )
+    state = json.loads((tmp_path / "two" / "checkpoint-3" / "trainer_state.json").read_text())
+    first_log = next(entry for entry in state["log_history"] if "reward" in entry)
+    trained_timesteps = {key.split("/")[1] for key in first_log if key.startswith("timestep/")}
+    assert state["global_step"] == 3 and len(trained_timesteps) >= 3
+    # 3 optimizer steps x 2 micro-batches x >= 3 timesteps = >= 18 backward passes per process
+    assert [int((tmp_path / f"allreduce.{rank}").read_text()) for rank in (0, 1)] == [3, 3]
