@@ -41,7 +41,7 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
     name = type(pipeline).__name__
     cls = next((a for a in ADAPTERS if name in a.pipeline_classes and a.accepts(pipeline)), None)
     if cls is None:
-        supported = sorted(c for a in ADAPTERS for c in a.pipeline_classes)
+        supported = sorted({c for a in ADAPTERS for c in a.pipeline_classes})
         raise ValueError(
             f"{type(pipeline).__name__} is not supported. Supported pipeline classes: {', '.join(supported)}."
         )

@@ -36,7 +36,7 @@ import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from PIL import Image
 
-from .base import PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, SamplingSettings
+from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, SamplingSettings
 
 #: Flow-Factory's FLUX.2 and FLUX.2 [klein] LoRA targets (X-GenGroup/Flow-Factory at commit a0b2bc5,
 #: src/flow_factory/models/flux/flux2.py and flux2_klein.py, `default_target_modules`): both streams' attention
@@ -46,14 +46,7 @@ from .base import PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, Samplin
 #: examples/dreambooth/train_dreambooth_lora_flux2.py instead adapts the image stream's to_q/k/v/out.0 and, in the
 #: single-stream blocks, to_qkv_mlp_proj and each block's to_out, named by index.)
 FLUX2_LORA_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
+    *ATTENTION_PROJECTIONS,
     "ff.linear_in",
     "ff.linear_out",
     "ff_context.linear_in",

@@ -291,6 +291,22 @@ def tiny_qwen2_tokenizer():
     return tokenizer
 
 
+def tiny_qwenimage_transformer():
+    """A 2-layer `QwenImageTransformer2DModel` over 4 latent channels, text width 32 (Qwen-Image and its edit models)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
 def build_tiny_qwenimage_pipeline(seed: int = 0):
     """A Qwen-Image pipeline of ~25k transformer parameters (4-channel VAE latents at H/4, packed 2x2) for 16-64 px.
 
@@ -303,21 +319,11 @@ def build_tiny_qwenimage_pipeline(seed: int = 0):
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImagePipeline,
-        QwenImageTransformer2DModel,
     )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,  # 4 latent channels x a 2x2 patch
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=(2, 2, 4),
-    )
+    transformer = tiny_qwenimage_transformer()
     tokenizer = tiny_qwen2_tokenizer()
     text_config = dict(
         vocab_size=len(tokenizer),

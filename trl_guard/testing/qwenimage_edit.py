@@ -14,7 +14,7 @@ from unittest import mock
 
 import torch
 
-from . import _byte_level_symbols
+from . import _byte_level_symbols, tiny_qwenimage_transformer
 
 #: QwenImageEditPipeline's and QwenImageEditPlusPipeline's system prompt: the tiny tokenizer spells each of its
 #: pre-tokens as one token, as Qwen's real tokenizer does, so the prefix is the 64 tokens the pipelines drop
@@ -201,19 +201,10 @@ def build_tiny_qwenimage_edit_plus_pipeline(seed: int = 0, pipeline_class: str =
     2x2 merge) that the pipelines run on each condition image.
     """
     import diffusers
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,  # 4 latent channels x a 2x2 patch
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=(2, 2, 4),
-    )
+    transformer = tiny_qwenimage_transformer()
     tokenizer = tiny_qwen2_vl_tokenizer()
     # Multimodal RoPE splits each text head's 8 frequency pairs over (time, height, width).
     text = dict(

@@ -104,18 +104,7 @@ T5_XXL = Published(
 #: 256k vocabulary).
 UMT5_XXL = Published(
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers text_encoder/config.json (google/umt5-xxl)",
-    dict(
-        d_model=4096,
-        d_ff=10240,
-        d_kv=64,
-        num_heads=64,
-        num_layers=24,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        layer_norm_epsilon=1e-6,
-        vocab_size=256384,
-    ),
+    {**T5_XXL.values, "vocab_size": 256384},
 )
 
 #: Qwen2.5-VL-7B's language model: Qwen-Image's `text_encoder`. 28 query heads x 128 (4 key/value heads), and
