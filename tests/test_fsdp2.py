@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).parents[1]
 HARNESS = str(ROOT / "tests" / "fsdp2_cpu.py")
 FSDP2_CONFIG = str(ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml")
+DDP_CONFIG = str(ROOT / "examples" / "accelerate_configs" / "ddp_cpu.yaml")
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,10 @@ def assert_same_tensors(actual: dict, expected: dict):
 
 
 def test_lora_matches_one_process_and_is_really_sharded(launch_recipe, tmp_path):
-    one_process(launch_recipe, "one")
-    fsdp2(launch_recipe, "two", env={"SHARD_REPORT": str(tmp_path / "shards")})
+    # with an EMA: the saved LoRA is the EMA's, a copy of the weights that must be sharded like them
+    ema = ("--ema_decay", "0.5", "--ema_update_interval", "1")
+    one_process(launch_recipe, "one", *ema)
+    fsdp2(launch_recipe, "two", *ema, env={"SHARD_REPORT": str(tmp_path / "shards")})
 
     lora_one = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
     lora_two = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
@@ -68,6 +71,20 @@ def test_lora_matches_one_process_and_is_really_sharded(launch_recipe, tmp_path)
     pipe.load_lora_weights(tmp_path / "two")
     loaded = {n: p for n, p in pipe.transformer.named_parameters() if "lora_B" in n}
     assert loaded and max(p.abs().max() for p in loaded.values()) > 1e-3
+
+
+def test_nft_lagged_policy_follows_the_shards(launch_recipe, tmp_path):
+    """DiffusionNFT's old policy is a lagged copy of the trained weights, swapped into the model for its forwards:
+    under FSDP2 it is sharded like them. Two optimizer steps per round make the second step use it (the copy is then
+    the round's starting weights); two processes cut such a round differently from one, so the reference is DDP."""
+    flags = ("--loss_type", "nft", "--steps_per_generation", "2", "--max_steps", "4")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG]
+    command = [*launcher, "-m", "trl_guard.scripts.grpo", "--config", str(launch_recipe), "--output_dir", "ddp"]
+    launch([*command, "--per_device_train_batch_size", "8", *flags], launch_recipe.parent)
+    fsdp2(launch_recipe, "fsdp2", *flags)
+    lora_ddp = load_file(tmp_path / "ddp" / "pytorch_lora_weights.safetensors")
+    assert_same_tensors(load_file(tmp_path / "fsdp2" / "pytorch_lora_weights.safetensors"), lora_ddp)
+    assert max(t.abs().max() for k, t in lora_ddp.items() if "lora_B" in k) > 1e-3
 
 
 def _pipeline_dir(recipe) -> str:
@@ -96,11 +113,12 @@ def test_resume_in_the_middle_of_a_round_is_exact(launch_recipe, tmp_path):
     # rounds of two optimizer steps; checkpoint-3 is saved in the middle of the second round. AdamW: torch's
     # sharded optimizer loading cannot restore a stateless optimizer such as plain SGD ("Expected device to be set").
     flags = ("--steps_per_generation", "2", "--max_steps", "4", "--save_steps", "3", "--optim", "adamw_torch")
-    flags += ("--learning_rate", "1e-3")
+    flags += ("--learning_rate", "1e-3", "--ema_decay", "0.5", "--ema_update_interval", "1")  # the EMA resumes too
     fsdp2(launch_recipe, "straight", *flags)
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     assert (tmp_path / "resumed" / "checkpoint-3" / "rollout_buffer_1.safetensors").exists()
+    assert (tmp_path / "resumed" / "checkpoint-3" / "ema_state.safetensors").exists()
     fsdp2(launch_recipe, "resumed", *flags, "--resume_from_checkpoint", "true")
 
     straight = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")

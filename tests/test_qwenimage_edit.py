@@ -9,23 +9,31 @@ the comparisons set that area to the training one (`VAE_IMAGE_SIZE`, and the fir
 `calculate_dimensions`)."""
 
 import copy
+import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import blueness
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
+from datasets import Image as ImageFeature
+from datasets.info import DatasetInfo
+from datasets.table import InMemoryTable
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from helpers import logged, lora_config, make_trainer
 from PIL import Image
 from safetensors.torch import load_file
 
+from trl_guard import preflight
 from trl_guard.adapters import PromptEmbeddings, SamplingSettings, get_adapter
 from trl_guard.adapters.qwenimage_edit import QwenImageEditAdapter
-from trl_guard.conditioning import PromptEncoder
+from trl_guard.conditioning import PromptEncoder, content_key
+from trl_guard.rewards import ImageSimilarityReward
 from trl_guard.rollout import sample_ode
+from trl_guard.testing import build_tiny_clip
 from trl_guard.testing.qwenimage_edit import (
     QWEN_IMAGE_EDIT_REAL,
     build_real_width_qwenimage_edit_plus_pipeline,
@@ -203,6 +211,171 @@ def test_rows_of_several_sources_and_what_is_refused(tiny_edit_pipeline):
         adapter.encode_conditions({"image": ["a.png"]})
 
 
+def test_content_key_makes_equal_lists_of_sources_one_key(tiny_edit_pipeline):
+    """A dataset decodes new image objects for every row: lists of the same pictures in the same order share a key
+    (and are encoded once), other pictures or another order do not."""
+    a, b = source_image(0), source_image(1)
+    key = content_key([a, b])
+    assert key == content_key([a.copy(), b.copy()]) == content_key((a.copy(), b.copy()))
+    assert len({key, content_key([b, a]), content_key([a]), content_key(a), content_key([a, source_image(2)])}) == 5
+    adapter = configured(tiny_edit_pipeline)
+    encoded = []
+    encode_conditions = adapter.encode_conditions
+    adapter.encode_conditions = lambda columns: encoded.append(columns["image"]) or encode_conditions(columns)
+    rows = [[a, b], [a.copy(), b.copy()], [b, a], [a.copy(), b.copy()]]
+    conditioning = PromptEncoder(adapter, torch.device("cpu")).rows(["x", "y", "x", "z"], {"image": rows})
+    assert len(encoded) == 1 and [[id(s) for s in row] for row in encoded[0]] == [[id(a), id(b)], [id(b), id(a)]]
+    latents = conditioning.tensors["image_latents"]
+    assert torch.equal(latents[0], latents[1]) and torch.equal(latents[0], latents[3])
+    assert not torch.equal(latents[0], latents[2])
+
+
+def source_lists(rows: int = 8) -> Dataset:
+    """`rows` instructions, each on two sources: rows 2k and 2k+1 share the pictures (decoded apart), a
+    `datasets.List(Image())` column."""
+    lists = [[source_image(i // 2), source_image(10 + i // 2)] for i in range(rows)]
+    return Dataset.from_dict({"prompt": [f"edit number {i}" for i in range(rows)], "image": lists})
+
+
+def test_a_dataset_of_source_lists_trains_and_encodes_each_distinct_list_once(tiny_edit_pipeline, tmp_path):
+    """Through the trainer with true CFG: the `image` column holds two sources per row; each distinct list of a
+    round goes through `encode_conditions` once however many samples use it, rewards see each sample's list, the
+    first pass is on-policy and the LoRA moves; the evaluation grid shows both sources next to the edit."""
+    dataset = source_lists()
+    assert isinstance(dataset.features["image"], List)
+    seen = []
+
+    def sources_blueness(prompts, images, image, **kwargs):
+        assert all(isinstance(row, list) and len(row) == 2 for row in image)
+        seen.extend(tuple(np.asarray(s).tobytes() for s in row) for row in image)
+        return blueness(prompts, images)
+
+    trainer = make_trainer(
+        tiny_edit_pipeline,
+        [sources_blueness],
+        dataset,
+        tmp_path,
+        steps_per_generation=1,
+        max_steps=1,
+        eval_num_inference_steps=2,
+        **EDIT,
+    )
+    encoded = []
+    encode_conditions = trainer.adapter.encode_conditions
+    trainer.adapter.encode_conditions = lambda columns: encoded.append(columns["image"]) or encode_conditions(columns)
+    before = {n: p.detach().clone() for n, p in trainer.adapter.denoiser.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert logged(trainer, "log_ratio_mean") == [0.0] and np.isfinite(logged(trainer, "loss")[0])
+    after = dict(trainer.adapter.denoiser.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    # one round of 2 groups of 4 samples: one encoding, of each distinct list once
+    assert len(seen) == 8 and len(encoded) == 1
+    distinct = [tuple(np.asarray(s).tobytes() for s in row) for row in encoded[0]]
+    assert len(distinct) == len(set(distinct)) and set(distinct) == set(seen)
+
+    trainer.evaluate(source_lists(2))  # one grid entry per row: its 2 sources and the edit, 2 entries a row
+    (grid,) = (tmp_path / "eval_images").glob("*.png")
+    assert Image.open(grid).size == (2 * 3 * 32, 32)
+
+    a, b = source_image(0, size=48), source_image(1)  # a source at another size is shown at the training size
+    edit = Image.new("RGB", (32, 32), "red")
+    (entry,) = trainer._grid_entries([edit], {"image": [[a, b]]})
+    tiles = [np.asarray(entry.crop((32 * k, 0, 32 * (k + 1), 32))) for k in range(3)]
+    assert entry.size == (96, 32)
+    assert np.array_equal(tiles[0], np.asarray(a.resize((32, 32), Image.LANCZOS))) and np.array_equal(
+        tiles[1], np.asarray(b)
+    )
+    assert np.array_equal(tiles[2], np.asarray(edit))
+
+
+def test_preflight_takes_lists_of_sources_and_refuses_bad_ones(tiny_edit_pipeline, tmp_path, monkeypatch):
+    a, b = source_image(0), source_image(1)
+    check = preflight.check_condition_columns
+    plus = "QwenImageEditPlusPipeline"
+    check({"train_dataset": source_lists()}, plus)  # List(Image()), two per row
+    transformed = Dataset.from_dict({"prompt": ["x"], "image": ["a.png"]}).with_transform(
+        lambda batch: {"prompt": batch["prompt"], "image": [[a, b] for _ in batch["image"]]}
+    )
+    check({"train_dataset": transformed}, plus)  # lists of images its features do not declare
+    refused = {
+        "is an empty list: every row needs its source images": [[a], []],
+        r"\[1\] is missing \(None\)": [[a], None],
+        r"different numbers of source images \(row 0 has 1, row 1 has 2\).*filter": [[a], [a, b]],
+        r"holds str entries.*cast_column\('image', datasets.List\(datasets.Image\(\)\)\)": [["a.png", "b.png"]],
+        r"\[0\] is an empty list": [[]],  # no image anywhere: a list of nulls
+    }
+    for message, images in refused.items():
+        dataset = Dataset.from_dict({"prompt": ["x"] * len(images), "image": images})
+        with pytest.raises(ValueError, match=r"train_dataset\['image'\]" + ".*" + message):
+            check({"train_dataset": dataset}, plus)
+    # a missing image inside a list (only Arrow data can hold one), found in the second batch the check reads
+    monkeypatch.setattr(preflight, "_LIST_CHECK_BATCH", 2)
+    png = io.BytesIO()
+    a.save(png, "PNG")
+    encoded = {"bytes": png.getvalue(), "path": None}
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    lists = pa.array([[encoded, encoded]] * 2 + [[encoded, None]], type=pa.list_(struct))
+    table = InMemoryTable(pa.table({"prompt": ["x"] * 3, "image": lists}))
+    holed = Dataset(
+        table, info=DatasetInfo(features=Features({"prompt": Value("string"), "image": List(ImageFeature())}))
+    )
+    with pytest.raises(ValueError, match=r"\[2\] mixes images with a missing one"):
+        check({"train_dataset": holed.select([1, 0, 2])}, plus)
+    uneven = Dataset.from_dict({"prompt": ["x"] * 3, "image": [[a], [b], [a, b]]})
+    with pytest.raises(ValueError, match=r"\(row 0 has 1, row 2 has 2\)"):  # counted over the batches
+        check({"train_dataset": uneven}, plus)
+    mixed = transformed.with_transform(lambda batch: {"prompt": batch["prompt"], "image": [[a, "b.png"]]})
+    with pytest.raises(ValueError, match=r"\[0\] mixes images with str entries"):
+        check({"eval_dataset": mixed}, plus)
+    # the trainer runs the check before it builds anything
+    counts = Dataset.from_dict({"prompt": ["x", "y"], "image": [[a], [a, b]]})
+    with pytest.raises(ValueError, match="different numbers of source images"):
+        make_trainer(
+            tiny_edit_pipeline, [blueness], counts, tmp_path, num_generations=2, per_device_train_batch_size=2
+        )
+
+
+def test_a_prompt_file_names_several_sources_per_row(tmp_path):
+    """A `.jsonl` row may list its sources' paths (relative to the file): each is read; a missing one is named."""
+    from trl_guard.scripts.grpo import load_prompts
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        source_image(i).save(tmp_path / "images" / f"{i}.png")
+    rows = [{"prompt": "put 0 in 1", "image": ["images/0.png", "images/1.png"]}]
+    rows.append({"prompt": "put 2 in 0", "image": ["images/2.png", str(tmp_path / "images" / "0.png")]})
+    (tmp_path / "lists.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dataset = load_prompts(str(tmp_path / "lists.jsonl"))
+    assert isinstance(dataset.features["image"], List)
+    for row, expected in zip(dataset["image"], [[0, 1], [2, 0]]):
+        assert [np.asarray(image).tobytes() for image in row] == [
+            np.asarray(source_image(i)).tobytes() for i in expected
+        ]
+    rows[1]["image"][1] = "images/missing.png"
+    (tmp_path / "partial.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(FileNotFoundError, match="1 files that do not exist, for example 'images/missing.png'"):
+        load_prompts(str(tmp_path / "partial.jsonl"))
+    (tmp_path / "ids.jsonl").write_text(json.dumps({"prompt": "a", "image": ["coco-1", "coco-2"]}))
+    assert load_prompts(str(tmp_path / "ids.jsonl"))["image"] == [["coco-1", "coco-2"]]  # not paths: left alone
+
+
+def test_image_similarity_scores_several_sources_by_their_mean(tmp_path):
+    clip = build_tiny_clip(str(tmp_path / "clip"))
+    reward, first = ImageSimilarityReward(clip), ImageSimilarityReward(clip, sources="first")
+    a, b, c = source_image(0), source_image(1), source_image(2)
+    to_a, to_b = reward(["x", "x"], [c, c], image=[a, b])  # one source per row: as before
+    (both,) = reward(["x"], [c], image=[[a, b]])
+    assert both == pytest.approx((to_a + to_b) / 2, abs=1e-5) and abs(to_a - to_b) > 1e-4
+    # rows with one and with two sources in one batch; "first" compares with the first only
+    assert reward(["x", "x"], [a, c], image=[[a], (a.copy(), b)]) == pytest.approx([1.0, both], abs=1e-5)
+    assert first(["x"], [c], image=[[a, b]]) == pytest.approx([to_a], abs=1e-5)
+    with pytest.raises(ValueError, match="empty list of source images"):
+        reward(["x"], [c], image=[[]])
+    with pytest.raises(ValueError, match="sources='last'"):
+        ImageSimilarityReward(clip, sources="last")
+
+
 @pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base_edit_pipeline, edits, tmp_path):
     settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **EDIT)
@@ -248,10 +421,11 @@ def test_lora_loads_with_the_pipeline_and_reproduces_the_policy(
     np.testing.assert_allclose(reloaded, trained, atol=1e-5)
 
 
-def test_trains_from_the_command_line_with_the_shipped_recipe(_base_edit_pipeline, tmp_path, monkeypatch):
-    """The shipped recipe's layout (a jsonl of instructions and image paths relative to it) trains; only the model,
-    the sizes and the reward change. The folder holds only model_index.json and the pipeline comes from memory: a
-    saved edit pipeline cannot be loaded without torchvision."""
+@pytest.mark.parametrize("sources", [1, 2])
+def test_trains_from_the_command_line_with_the_shipped_recipe(sources, _base_edit_pipeline, tmp_path, monkeypatch):
+    """The shipped recipe's layout (a jsonl of instructions and image paths relative to it, or lists of them: several
+    sources per row) trains; only the model, the sizes and the reward change. The folder holds only model_index.json
+    and the pipeline comes from memory: a saved edit pipeline cannot be loaded without torchvision."""
     import trl_guard.preflight
     from trl_guard.scripts.grpo import main as grpo_main
 
@@ -264,7 +438,9 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(_base_edit_pipelin
     with open(data / "train.jsonl", "w") as f:
         for i in range(4):
             source_image(i).save(data / "images" / f"{i}.png")
-            f.write(json.dumps({"prompt": f"make the sky number {i} red", "image": f"images/{i}.png"}) + "\n")
+            paths = [f"images/{(i + k) % 4}.png" for k in range(sources)]
+            image = paths[0] if sources == 1 else paths
+            f.write(json.dumps({"prompt": f"make the sky number {i} red", "image": image}) + "\n")
     trainer = grpo_main(
         [
             "--config", "examples/recipes/qwenimage_edit_guard.yaml",
@@ -281,6 +457,9 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(_base_edit_pipelin
         ]
     )  # fmt: skip
     assert trainer.state.global_step == 1 and isinstance(trainer.pipeline, QwenImageEditPlusPipeline)
+    first = trainer.train_dataset[0]["image"]  # the paths were read as images
+    first = first if sources > 1 else [first]
+    assert len(first) == sources and all(isinstance(image, Image.Image) for image in first)
     assert trainer.adapter.uses_cfg and trainer.args.sde_window_size == 1
     lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert any("img_mlp.net.2.lora_A" in key for key in lora)

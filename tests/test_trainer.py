@@ -159,13 +159,13 @@ def test_timestep_grad_norms_are_measured_on_logged_steps_only(tiny_pipeline, pr
     from trl_guard.trainer import GuardGRPODiffusionTrainer
 
     calls = []
-    original = GuardGRPODiffusionTrainer._grad_norm_since
+    original = GuardGRPODiffusionTrainer._unit_grad_norm
 
-    def counted(params, before):
+    def counted(self, loss, params, defer_sync):
         calls.append(1)
-        return original(params, before)
+        return original(self, loss, params, defer_sync)
 
-    monkeypatch.setattr(GuardGRPODiffusionTrainer, "_grad_norm_since", staticmethod(counted))
+    monkeypatch.setattr(GuardGRPODiffusionTrainer, "_unit_grad_norm", counted)
     trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, max_steps=4, logging_steps=2)
     trainer.train()
     assert len(calls) == 2 * 4  # steps 2 and 4, one per trained timestep (4), one micro-step each

@@ -215,6 +215,8 @@ def test_lora_on_both_experts_and_the_reference_disables_both(tiny_wan22_pipelin
     only_low.add_lora(lora_config(target_modules=["transformer_2.attn1.to_q", "transformer_2.attn2.to_q"]))
     assert only_low.trained_experts == ["transformer_2"]
     assert only_low.has_lora and not getattr(only_low.pipeline.transformer, "peft_config", None)
+    (load,) = only_low.lora_load_code("me/wan22-lora").splitlines()  # the card loads the one file saved
+    assert "load_into_transformer_2=True" in load and LORA_WEIGHT_NAMES["transformer_2"] in load
 
 
 def test_wan21_stays_with_its_adapter_and_bad_settings_are_refused(tiny_wan22_pipeline):
@@ -275,6 +277,7 @@ def test_lora_loads_with_wan_pipeline_into_both_experts(tiny_wan22_pipeline_dir,
     )
     trainer.train()
     trainer.save_model()
+    trainer.create_model_card()
     files = {name: load_file(tmp_path / "run" / weight) for name, weight in LORA_WEIGHT_NAMES.items()}
     for weights in files.values():  # both keyed as WanPipeline.load_lora_weights reads them
         assert weights and all(k.startswith("transformer.blocks.") and ".lora_" in k for k in weights)
@@ -289,11 +292,14 @@ def test_lora_loads_with_wan_pipeline_into_both_experts(tiny_wan22_pipeline_dir,
     fresh.set_progress_bar_config(disable=True)
     assert fresh.config.boundary_ratio == BOUNDARY
     base = fresh(generator=torch.Generator().manual_seed(0), **sample).frames
-    fresh.load_lora_weights(str(tmp_path / "run"))  # the default file: the high-noise expert
+    # the model card's usage snippet loads each expert's file (here from the folder instead of the Hub repo "run")
+    card = (tmp_path / "run" / "README.md").read_text()
+    high, low = [line for line in card.splitlines() if line.startswith("pipe.load_lora_weights(")]
+    assert high.startswith('pipe.load_lora_weights("run")') and "weight_name" not in high  # the default file
+    assert f'weight_name="{LORA_WEIGHT_NAMES["transformer_2"]}"' in low and "load_into_transformer_2=True" in low
+    exec(high.replace('"run"', repr(str(tmp_path / "run"))), {"pipe": fresh})
     high_only = fresh(generator=torch.Generator().manual_seed(0), **sample).frames
-    fresh.load_lora_weights(
-        str(tmp_path / "run"), weight_name=LORA_WEIGHT_NAMES["transformer_2"], load_into_transformer_2=True
-    )
+    exec(low.replace('"run"', repr(str(tmp_path / "run"))), {"pipe": fresh})
     reloaded = fresh(generator=torch.Generator().manual_seed(0), **sample).frames
     assert np.abs(high_only - base).mean() > 1e-4 and np.abs(reloaded - high_only).mean() > 1e-4
     np.testing.assert_allclose(reloaded, trained, atol=1e-5)
@@ -317,11 +323,15 @@ def test_resume_in_the_middle_of_a_round_is_exact(_base_wan22_pipeline, prompts,
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
 
 
-def test_full_fine_tune_saves_both_experts_in_the_pipeline_layout(_base_wan22_pipeline, prompts, tmp_path):
-    settings = dict(peft_config=None, num_frames=FRAMES, max_steps=1, save_strategy="steps", save_steps=1)
-    trainer = make_trainer(
-        copy.deepcopy(_base_wan22_pipeline), [video_blueness()], prompts, tmp_path / "run", **settings
+def test_full_fine_tune_saves_both_experts_and_resumes_mid_round_exactly(_base_wan22_pipeline, prompts, tmp_path):
+    """Without LoRA both experts train whole, are saved in the pipeline's layout (`transformer/`, `transformer_2/`),
+    and a run resumed from a checkpoint in the middle of a round (its buffer replayed) ends where the uninterrupted
+    one does, in both experts."""
+    settings = dict(
+        peft_config=None, num_frames=FRAMES, max_steps=2, steps_per_generation=2, save_strategy="steps", save_steps=1
     )
+    reward = [video_blueness()]
+    trainer = make_trainer(copy.deepcopy(_base_wan22_pipeline), reward, prompts, tmp_path / "run", **settings)
     trainer.train()
     trainer.save_model()
     for name in ("transformer", "transformer_2"):
@@ -329,11 +339,24 @@ def test_full_fine_tune_saves_both_experts_in_the_pipeline_layout(_base_wan22_pi
         trained, base = getattr(trainer.pipeline, name).state_dict(), getattr(_base_wan22_pipeline, name).state_dict()
         assert all(torch.equal(saved[k], trained[k]) for k in trained)
         assert any(not torch.equal(trained[k], base[k]) for k in trained), name  # both experts were trained
-    resumed = make_trainer(
-        copy.deepcopy(_base_wan22_pipeline), [video_blueness()], prompts, tmp_path / "resumed", **settings
-    )
-    with pytest.raises(NotImplementedError, match="Resuming a full fine-tune of Wan2.2 is not supported yet"):
-        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    checkpoint = tmp_path / "run" / "checkpoint-1"  # step 1 of a 2-step round
+    assert (checkpoint / "transformer_2").is_dir() and list(checkpoint.glob("rollout_buffer*"))
+
+    resumed = make_trainer(copy.deepcopy(_base_wan22_pipeline), reward, prompts, tmp_path / "resumed", **settings)
+    at_checkpoint = resumed.adapter.full_weights(str(checkpoint))  # keyed as the two-expert module's state
+    assert at_checkpoint.keys() == resumed.adapter.denoiser.state_dict().keys()
+    for name in ("transformer", "transformer_2"):  # the step after the checkpoint changed each expert
+        final = getattr(trainer.pipeline, name).state_dict()
+        assert any(not torch.equal(at_checkpoint[f"{name}.{k}"], final[k]) for k in final), name
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2
+    for name in ("transformer", "transformer_2"):
+        final, final_resumed = (
+            getattr(trainer.pipeline, name).state_dict(),
+            getattr(resumed.pipeline, name).state_dict(),
+        )
+        for key in final:
+            torch.testing.assert_close(final_resumed[key], final[key], rtol=0, atol=1e-6)
 
 
 def test_trains_from_the_command_line_with_the_shipped_recipe(tiny_wan22_pipeline_dir, tmp_path):

@@ -31,9 +31,12 @@ def on_device(modules: Iterable[torch.nn.Module], device: torch.device, offload:
 
 
 def content_key(value: Any) -> Hashable:
-    """A key equal for equal values: the pixels' digest for images (a dataset decodes a new object per row)."""
+    """A key equal for equal values: the pixels' digest for images (a dataset decodes a new object per row), and for
+    a list or tuple (a row's several source images) the tuple of its elements' keys, in order."""
     if isinstance(value, Image.Image):
         return (value.mode, value.size, hashlib.blake2b(value.tobytes(), digest_size=16).digest())
+    if isinstance(value, (list, tuple)):
+        return tuple(content_key(item) for item in value)
     return value if isinstance(value, Hashable) else repr(value)
 
 

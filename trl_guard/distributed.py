@@ -26,7 +26,7 @@ def is_fsdp2(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
 
 
-def check_distributed_setup(accelerator: Any, args: Any) -> None:
+def check_distributed_setup(accelerator: Any) -> None:
     """Refuse, naming the fix, the accelerate setups the trainer cannot train correctly.
 
     DDP (multi-GPU or multi-CPU) and FSDP2 are supported. FSDP1 is refused for FSDP2. DeepSpeed is refused: its
@@ -53,17 +53,6 @@ def check_distributed_setup(accelerator: Any, args: Any) -> None:
         raise NotImplementedError(
             f"{kind} is not supported; launch with DDP (multi-GPU or multi-CPU) or FSDP2 (docs/launching.md)."
         )
-    if is_fsdp2(accelerator):
-        unsupported = []
-        if args.ema_decay > 0:
-            unsupported.append(f"ema_decay={args.ema_decay} (set 0)")
-        if args.loss_type in ("nft", "awm"):
-            unsupported.append(f"loss_type={args.loss_type!r} (its lagged policy is a copy of the weights)")
-        if unsupported:
-            raise NotImplementedError(
-                "Under FSDP2 the trainer cannot yet keep copies of sharded weights, so it refuses "
-                f"{' and '.join(unsupported)}. Train these with DDP (examples/accelerate_configs/ddp.yaml)."
-            )
 
 
 def balanced_rows(num_rows: int, rank: int, world_size: int) -> tuple[list[int], int]:

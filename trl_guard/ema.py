@@ -16,6 +16,20 @@ from collections.abc import Iterator
 import torch
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (`DTensor`, a collective every process must join), else the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def like(tensor: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """`tensor` (a whole tensor) sharded as `parameter` is, or as it is when `parameter` is not sharded."""
+    if hasattr(parameter, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(tensor.to(parameter.device), parameter.device_mesh, parameter.placements)
+    return tensor
+
+
 class EMAWeights:
     """The EMA of a fixed list of named parameters.
 
@@ -40,6 +54,27 @@ class EMAWeights:
         self.decay = decay
         self.update_interval = update_interval
         self.averages = {name: p.detach().clone() for name, p in parameters.items()}  # float32 like the weights
+        self.sharded_module: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def rebind(self, parameters: dict[str, torch.nn.Parameter], sharded_module: torch.nn.Module | None = None) -> None:
+        """Follow new parameter objects of the same names, as FSDP2 makes when it shards `sharded_module`: the
+        averages so far are kept, sharded as the new parameters are."""
+        self.averages = {name: like(full(self.averages[name]), p.detach()) for name, p in parameters.items()}
+        self.parameters = parameters
+        self.sharded_module = sharded_module
+
+    def _drop_gathered_weights(self) -> None:
+        """Make the sharded module gather its weights afresh at its next forward. FSDP2 keeps the root module's
+        gathered weights between a forward and its backward, so weights swapped into the shards would otherwise
+        not reach the root's own layers."""
+        if self.sharded_module is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.sharded_module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -67,15 +102,18 @@ class EMAWeights:
         try:
             for name, parameter in self.parameters.items():
                 parameter.copy_(self.averages[name])
+            self._drop_gathered_weights()
             yield
         finally:
             for name, parameter in self.parameters.items():
                 parameter.copy_(live[name])
+            self._drop_gathered_weights()
 
     def state_dict(self, prefix_live: str = "live/", prefix_ema: str = "ema/") -> dict[str, torch.Tensor]:
-        """Live weights and their averages, CPU tensors keyed ``live/<name>`` and ``ema/<name>``."""
-        state = {prefix_live + n: p.detach().cpu().clone() for n, p in self.parameters.items()}
-        state.update({prefix_ema + n: t.detach().cpu().clone() for n, t in self.averages.items()})
+        """Live weights and their averages, whole CPU tensors keyed ``live/<name>`` and ``ema/<name>``. With sharded
+        weights every process must call it (each tensor is gathered)."""
+        state = {prefix_live + n: full(p.detach()).cpu().clone() for n, p in self.parameters.items()}
+        state.update({prefix_ema + n: full(t.detach()).cpu().clone() for n, t in self.averages.items()})
         return state
 
     @torch.no_grad()
@@ -85,5 +123,5 @@ class EMAWeights:
         if missing:
             raise ValueError(f"The EMA state has no entry for {len(missing)} parameters, for example {missing[0]!r}.")
         for name, parameter in self.parameters.items():
-            parameter.copy_(state[f"live/{name}"])
-            self.averages[name].copy_(state[f"ema/{name}"])
+            parameter.copy_(like(state[f"live/{name}"], parameter))
+            self.averages[name].copy_(like(state[f"ema/{name}"], parameter))

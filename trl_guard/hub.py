@@ -149,7 +149,7 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
     gold = ", ".join(f"`{n}`" for n in trainer.gold_rewards.names) if trainer.gold_rewards is not None else "none"
     repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     load = (
-        f'pipe.load_lora_weights("{repo}")'
+        trainer.adapter.lora_load_code(repo)
         if trainer.adapter.has_lora
         else f'# full fine-tune: load the transformer from the "transformer" subfolder of {repo}'
     )

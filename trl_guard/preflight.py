@@ -74,7 +74,9 @@ def pipeline_class_name(model: Any) -> str | None:
 
 def check_condition_columns(datasets: dict[str, Dataset | None], pipeline_class: str) -> None:
     """Families conditioned on more than text (an editing model's source image) need those columns in every dataset,
-    as images. ``datasets`` maps each dataset's argument name to it."""
+    as images: one per row (a `datasets.Image()` column), or a list of them per row (a `datasets.List(Image())`
+    column), for families that edit several sources at once (Qwen-Image-Edit-Plus). ``datasets`` maps each dataset's
+    argument name to it."""
     from datasets import Image as ImageFeature
 
     adapter = adapter_class(pipeline_class)
@@ -90,11 +92,76 @@ def check_condition_columns(datasets: dict[str, Dataset | None], pipeline_class:
                     f"(columns: {dataset.column_names}). Add the source images as a {column!r} column of PIL images."
                 )
             feature = dataset.features.get(column)
-            if not isinstance(feature, ImageFeature) and not isinstance(dataset[0][column], Image.Image):
+            if isinstance(feature, ImageFeature):
+                continue
+            if isinstance(getattr(feature, "feature", None), ImageFeature):  # List(Image()): several per row
+                _check_image_lists(dataset, name, column)
+                continue
+            first = dataset[0][column]  # a dataset with a transform may yield images its features do not declare
+            if isinstance(first, (list, tuple)):
+                _check_first_image_list(first, name, column, pipeline_class)
+            elif not isinstance(first, Image.Image):
                 raise ValueError(
                     f"{name}[{column!r}] holds {feature}, but {pipeline_class} needs images there. Cast a column of "
                     f"file paths with `{name}.cast_column({column!r}, datasets.Image())`."
                 )
+
+
+#: Rows read at once when checking a column of image lists (their encoded bytes, not decoded pictures).
+_LIST_CHECK_BATCH = 1024
+
+
+def _check_image_lists(dataset: Dataset, name: str, column: str) -> None:
+    """Every row of a `List(Image())` column holds the same number (at least one) of images and no missing one:
+    rows are batched together, which needs as many sources in each. Read from the Arrow data, without decoding."""
+    import pyarrow.compute as pc
+
+    fix = (
+        f"Give every row of {name}[{column!r}] the same number of source images (split a dataset with different "
+        f"numbers, for example `{name}.filter(lambda row: len(row[{column!r}]) == 2)`, and train each part apart)."
+    )
+    counts: dict[int, int] = {}  # number of sources -> first row holding that many
+    offset = 0
+    for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=_LIST_CHECK_BATCH):
+        lists = batch.column(column)
+        lengths = pc.list_value_length(lists).to_pylist()
+        for i, length in enumerate(lengths):
+            if not length:  # None (a missing list) or 0 (an empty one)
+                what = "an empty list" if length == 0 else "missing (None)"
+                raise ValueError(
+                    f"{name}[{column!r}][{offset + i}] is {what}: every row needs its source images. Give it its "
+                    f"images, or drop such rows: `{name}.filter(lambda row: bool(row[{column!r}]))`."
+                )
+            counts.setdefault(length, offset + i)
+        missing = pc.list_flatten(lists).is_null()
+        if pc.any(missing).as_py():
+            row = pc.list_parent_indices(lists).filter(missing)[0].as_py()
+            raise ValueError(
+                f"{name}[{column!r}][{offset + row}] mixes images with a missing one (None). Remove it from the list "
+                "or give the image."
+            )
+        offset += len(lengths)
+    if len(counts) > 1:
+        rows = ", ".join(f"row {row} has {n}" for n, row in sorted(counts.items()))
+        raise ValueError(f"The rows of {name}[{column!r}] hold different numbers of source images ({rows}). {fix}")
+
+
+def _check_first_image_list(first: list | tuple, name: str, column: str, pipeline_class: str) -> None:
+    """A row that is a list must hold images only, at least one (the first row of a column whose features do not say
+    it holds images)."""
+    if not first:
+        raise ValueError(
+            f"{name}[{column!r}][0] is an empty list: {pipeline_class} needs each row's source images there. Give "
+            "every row its images."
+        )
+    others = sorted({type(item).__name__ for item in first if not isinstance(item, Image.Image)})
+    if others:
+        kind = "mixes images with" if any(isinstance(item, Image.Image) for item in first) else "holds"
+        raise ValueError(
+            f"{name}[{column!r}][0] {kind} {', '.join(others)} entries, but {pipeline_class} needs a list of images "
+            f"there. Cast a column of lists of file paths with "
+            f"`{name}.cast_column({column!r}, datasets.List(datasets.Image()))`."
+        )
 
 
 def check_generation_batch(train_dataset: Dataset | None, args: Any) -> None:

@@ -56,6 +56,17 @@ class _EMAUpdate(TrainerCallback):
         self.ema.step(state.global_step)
 
 
+class _FollowShardedWeights(TrainerCallback):
+    """Under FSDP2, points the copies of the weights (EMA, an algorithm's lagged policy) at the sharded parameters once
+    accelerate has made them (a resume has done so already, before loading the copies' state)."""
+
+    def __init__(self, trainer: GuardGRPODiffusionTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._follow_sharded_weights()
+
+
 class EpochSeededRepeatSampler(RepeatSampler):
     """TRL's `RepeatSampler`, reseeded at each epoch from `(seed, epoch)`.
 
@@ -185,13 +196,16 @@ class GuardGRPODiffusionTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        distributed.check_distributed_setup(self.accelerator, args)
+        distributed.check_distributed_setup(self.accelerator)
         adapt_tracker_callbacks(self)
         self.ema: EMAWeights | None = None
         if args.ema_decay > 0:
             trainable = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
             self.ema = EMAWeights(trainable, decay=args.ema_decay, update_interval=args.ema_update_interval)
             self.add_callback(_EMAUpdate(self.ema))
+        self._copies_follow_shards = False
+        if distributed.is_fsdp2(self.accelerator):
+            self.add_callback(_FollowShardedWeights(self))
         if not args.offload_frozen_modules:
             for module in self.adapter.frozen_modules:
                 module.to(self.accelerator.device)
@@ -576,15 +590,17 @@ class GuardGRPODiffusionTrainer(Trainer):
         return metrics
 
     def _grid_entries(self, images: list, columns: dict[str, list]) -> list:
-        """What the evaluation grid shows per sample: the sample, or for an editing family its source image (at the
-        training resolution) and the edit side by side."""
+        """What the evaluation grid shows per sample: the sample, or for an editing family the row's source image (or
+        each of its several, in order) at the training resolution and the edit, side by side."""
         if "image" not in self.adapter.condition_columns:
             return images
         size = (self.args.width, self.args.height)
-        return [
-            make_grid([source.convert("RGB").resize(size, Image.LANCZOS), edit], columns=2)
-            for source, edit in zip(columns["image"], images)
-        ]
+        entries = []
+        for sources, edit in zip(columns["image"], images):
+            sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+            tiles = [source.convert("RGB").resize(size, Image.LANCZOS) for source in sources]
+            entries.append(make_grid([*tiles, edit], columns=len(tiles) + 1))
+        return entries
 
     def _kl_to_reference(self, prompt_embeds: PromptEmbeddings, indices: list[int]) -> torch.Tensor:
         """Per prompt: the policy's path KL from the reference (`path_kl_to_reference`) along one SDE trajectory of
@@ -652,18 +668,22 @@ class GuardGRPODiffusionTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         transformer_dir = os.path.join(output_dir, "transformer")
-        with self._ema_weights():  # with an EMA, saved models are the averaged weights
-            if self.adapter.has_lora:
-                self.adapter.save_lora(output_dir, state_dict=state_dict)
-            elif state_dict is not None:
-                distributed.save_full_denoiser(state_dict, self.adapter.denoiser, transformer_dir)
-            else:
-                self.adapter.denoiser.save_pretrained(transformer_dir, safe_serialization=True)
+        if self.adapter.has_lora:
+            self.adapter.save_lora(output_dir, state_dict=state_dict)
+        elif state_dict is not None:
+            distributed.save_full_denoiser(state_dict, self.adapter.denoiser, transformer_dir)
+        else:
+            self.adapter.denoiser.save_pretrained(transformer_dir, safe_serialization=True)
         # JSON rather than the Trainer's pickled training_args.bin: tokens are redacted and nothing needs unpickling.
         with open(os.path.join(output_dir, "guard_config.json"), "w") as f:
             f.write(self.args.to_json_string())
         with open(os.path.join(output_dir, "log_history.json"), "w") as f:  # what `trl-guard report` draws
             json.dump(self.state.log_history, f)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, with the EMA weights in the model while it saves (and while FSDP2 gathers them)."""
+        with self._ema_weights():
+            super().save_model(output_dir, _internal_call)
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -687,11 +707,13 @@ class GuardGRPODiffusionTrainer(Trainer):
             # instead of resampling it with the already-updated policy.
             path = os.path.join(staged, checkpoints.rollout_buffer_name(self.accelerator.process_index))
             checkpoints.save_rollout_buffer(self._buffered_batches, path, checkpoints.buffer_layout(self.args))
+        # Gathered on every process: under FSDP2 each tensor is a collective.
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        algorithm_state = self.algorithm.state_dict()
         if self.args.should_save:
             checkpoints.write_run_settings(staged, self.run_settings())
-            if self.ema is not None:  # the model files hold the EMA; training resumes from the live weights kept here
-                save_file(self.ema.state_dict(), os.path.join(staged, checkpoints.EMA_STATE_NAME))
-            algorithm_state = self.algorithm.state_dict()
+            if ema_state is not None:  # the model files hold the EMA; training resumes from the live weights kept here
+                save_file(ema_state, os.path.join(staged, checkpoints.EMA_STATE_NAME))
             if algorithm_state:
                 save_file(algorithm_state, os.path.join(staged, checkpoints.ALGORITHM_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
@@ -699,7 +721,19 @@ class GuardGRPODiffusionTrainer(Trainer):
             checkpoints.publish_checkpoint(run_dir, name, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
+    def _follow_sharded_weights(self) -> None:
+        """Rebind the EMA and the algorithm's copies to the parameters FSDP2 made (once, after `prepare`)."""
+        if self._copies_follow_shards:
+            return
+        trainable = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
+        if self.ema is not None:
+            self.ema.rebind(trainable, self.adapter.denoiser)
+        self.algorithm.bind_parameters(trainable, self.adapter.denoiser)
+        self._copies_follow_shards = True
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if distributed.is_fsdp2(self.accelerator):  # called after `prepare`: the copies must hold shards first
+            self._follow_sharded_weights()
         device = str(self.accelerator.device)
         buffer = os.path.join(resume_from_checkpoint, checkpoints.rollout_buffer_name(self.accelerator.process_index))
         if os.path.exists(buffer):
@@ -709,7 +743,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         if self.adapter.has_lora:
             self.adapter.load_lora(resume_from_checkpoint, sharded=distributed.is_fsdp2(self.accelerator))
         else:
-            state = checkpoints.load_full_weights(os.path.join(resume_from_checkpoint, "transformer"))
+            state = self.adapter.full_weights(resume_from_checkpoint)
             distributed.load_full_state(self.adapter.denoiser, state)
         algorithm_state = os.path.join(resume_from_checkpoint, checkpoints.ALGORITHM_STATE_NAME)
         if os.path.exists(algorithm_state):

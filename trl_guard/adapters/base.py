@@ -264,6 +264,16 @@ class PipelineAdapter:
         This is what reward functions receive as `images` (docs/rewards.md)."""
         raise NotImplementedError
 
+    # ---- full fine-tuning --------------------------------------------------------------------------------------
+    def full_weights(self, checkpoint_folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The fully fine-tuned denoiser's weights in a checkpoint, keyed as `denoiser.state_dict()` (used on resume).
+
+        The trainer saves the denoiser with its `save_pretrained` into the checkpoint's `transformer` folder; a family
+        whose denoiser spans several pipeline components (Wan2.2's two experts) reads each of their folders."""
+        from ..checkpoints import load_full_weights
+
+        return load_full_weights(os.path.join(checkpoint_folder, "transformer"))
+
     # ---- LoRA ---------------------------------------------------------------------------------------------------
     def add_lora(self, peft_config: Any) -> None:
         if not peft_config.target_modules:
@@ -292,6 +302,11 @@ class PipelineAdapter:
             yield
         finally:
             self._use_reference = False
+
+    def lora_load_code(self, repo: str) -> str:
+        """The lines of the model card's usage snippet that load the LoRA `save_lora` wrote, from the Hub repository
+        (or folder) `repo`, into the pipeline `pipe`."""
+        return f'pipe.load_lora_weights("{repo}")'
 
     def lora_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The LoRA weights keyed as peft saves them, read from the denoiser or from `state_dict`, its full state

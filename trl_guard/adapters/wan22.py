@@ -23,6 +23,9 @@ The LoRA is written as one diffusers file per trained expert, both keyed under t
         folder, weight_name="pytorch_lora_weights_transformer_2.safetensors", load_into_transformer_2=True
     )
 
+A full fine-tune (no `peft_config`) trains both experts whole; it is saved in the pipeline's own layout, `transformer/`
+and `transformer_2/`, and resumes from both folders (`Wan22Adapter.full_weights`).
+
 Sampling settings: `guidance_scale_2` (`GuardConfig.guidance_scale_2`) guides the low-noise expert; unset, it is
 `guidance_scale`, as in `WanPipeline.__call__`. As there, CFG runs for both experts when `guidance_scale >
 1` and for neither otherwise.
@@ -190,17 +193,6 @@ class Wan22Experts(torch.nn.Module):
         self.transformer.save_pretrained(save_directory, **kwargs)
         self.transformer_2.save_pretrained(os.path.join(parent, "transformer_2"), **kwargs)
 
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        """`torch.nn.Module.load_state_dict`, refusing by name one expert's weights alone: what resuming a full
-        fine-tune hands over, as the trainer reads only the checkpoint's `transformer` folder."""
-        if any(key.split(".", 1)[0] not in EXPERTS for key in state_dict):
-            raise NotImplementedError(
-                "Resuming a full fine-tune of Wan2.2 is not supported yet: the trainer restores the checkpoint's "
-                "`transformer` folder only, and the low-noise expert is in `transformer_2`. Train with LoRA "
-                "(peft_config) to resume, or start the full fine-tune afresh."
-            )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
 
 class Wan22Adapter(WanAdapter):
     """Two-expert `WanPipeline`s (Wan2.2 A14B); single-transformer ones (Wan2.1) go to `WanAdapter` (`accepts`)."""
@@ -279,6 +271,19 @@ class Wan22Adapter(WanAdapter):
         scale = self._guidance.view(-1, *([1] * (cond.ndim - 1)))
         return uncond + (scale * (cond - uncond)).to(cond.dtype)
 
+    # ---- full fine-tuning --------------------------------------------------------------------------------------
+    def full_weights(self, checkpoint_folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Both experts' weights in a checkpoint of a full fine-tune, keyed as `Wan22Experts.state_dict()`
+        (`transformer.<key>`, `transformer_2.<key>`): each from the folder `Wan22Experts.save_pretrained` wrote it to,
+        the pipeline component's own (`transformer`, `transformer_2`)."""
+        from ..checkpoints import load_full_weights
+
+        return {
+            f"{name}.{key}": value
+            for name in EXPERTS
+            for key, value in load_full_weights(os.path.join(checkpoint_folder, name)).items()
+        }
+
     # ---- LoRA ---------------------------------------------------------------------------------------------------
     def add_lora(self, peft_config: Any) -> None:
         """One LoRA per expert its targets name (see `split_lora_targets`), with the rest of `peft_config` shared."""
@@ -297,6 +302,20 @@ class Wan22Adapter(WanAdapter):
     def trained_experts(self) -> list[str]:
         """Names of the experts that carry a LoRA, high-noise first."""
         return list(self._experts.lora_experts())
+
+    def lora_load_code(self, repo: str) -> str:
+        """The model card's loading lines: each trained expert's file (see `save_lora`), the low-noise one into
+        `transformer_2`."""
+        lines = []
+        for name in self.trained_experts:
+            if name == "transformer":
+                lines.append(f'pipe.load_lora_weights("{repo}")  # the high-noise expert')
+            else:
+                lines.append(
+                    f'pipe.load_lora_weights("{repo}", weight_name="{LORA_WEIGHT_NAMES[name]}", '
+                    "load_into_transformer_2=True)  # the low-noise expert"
+                )
+        return "\n".join(lines)
 
     def lora_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Every trained expert's LoRA weights, keyed `<expert>.<peft key>`; `state_dict` is the full state of

@@ -74,6 +74,10 @@ class Algorithm(ABC):
     ) -> Rollout:
         """Sample one micro-batch from ``latents`` (no gradients), recording what `loss` will need."""
 
+    def bind_parameters(self, parameters: dict[str, torch.nn.Parameter], sharded_module: torch.nn.Module) -> None:  # noqa: B027
+        """Follow the trainable parameters under new objects of the same names (FSDP2 replaces them when it shards
+        `sharded_module`): an algorithm that keeps copies of the weights rebinds them here. Nothing by default."""
+
     def before_first_update(self, batches: list[TrainBatch]) -> None:  # noqa: B027
         """Called once per round with all of the round's micro-batches, after scoring and before the first update,
         with the denoiser in training mode. Nothing by default."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapters import PipelineAdapter, PromptEmbeddings
-from ..ema import EMAWeights
+from ..ema import EMAWeights, full, like
 from ..losses import (
     awm_log_likelihood,
     compute_awm_loss,
@@ -50,7 +50,7 @@ class LaggedWeights(EMAWeights):
             self.averages[name].lerp_(parameter.detach().to(self.averages[name].dtype), 1 - decay)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {prefix + name: t.detach().cpu().clone() for name, t in self.averages.items()}
+        return {prefix + name: full(t.detach()).cpu().clone() for name, t in self.averages.items()}
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor], prefix: str) -> None:
@@ -58,7 +58,7 @@ class LaggedWeights(EMAWeights):
         if missing:
             raise ValueError(f"The saved algorithm state has no {prefix!r} entry for {missing[0]!r}.")
         for name, tensor in self.averages.items():
-            tensor.copy_(state[prefix + name])
+            tensor.copy_(like(state[prefix + name], tensor))
 
 
 class ForwardProcessAlgorithm(Algorithm):
@@ -164,6 +164,11 @@ class ForwardProcessAlgorithm(Algorithm):
             lagged_weight=args.awm_lagged_weight,
         )
         return loss + penalty, {**stats, **penalty_stats}
+
+    def bind_parameters(self, parameters: dict[str, torch.nn.Parameter], sharded_module: torch.nn.Module) -> None:
+        for copy in (self.lagged, self.round_start):
+            if copy is not None:
+                copy.rebind(parameters, sharded_module)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.lagged.state("lagged/")

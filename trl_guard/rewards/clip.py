@@ -126,17 +126,40 @@ class ImageSimilarityReward(ClipEmbeddingReward):
     (weight 0.5, with a GenEval count score). The source images are the dataset's `image` column, which the trainer
     passes as the `image` keyword argument. Default weights `openai/clip-vit-large-patch14` (MIT), as Flow-GRPO.
 
+    Several sources per row (a list of images, as Qwen-Image-Edit-Plus edits them): by default the score is the mean
+    of the similarities to each source, so an edit that combines them (the person of one image in the scene of
+    another) is rewarded for keeping each, whatever their order; with one source it is that source's similarity.
+    `sources="first"` compares with the first source only, for datasets whose first image is the one edited and the
+    others only references (an object or a style to bring in).
+
+    Args:
+        model_name_or_path (`str`, *optional*): CLIP weights, a Hub id or a local folder.
+        processor_name_or_path (`str`, *optional*): Its processor; defaults to `model_name_or_path`.
+        sources (`str`, *optional*, defaults to `"mean"`): How a row's several sources are scored: `"mean"` or
+            `"first"`.
+
     Example:
         ```python
         reward = ImageSimilarityReward("openai/clip-vit-large-patch14")
         reward(prompts=["add a cat"], images=[edited], image=[source])  # -> [0.93]
+        reward(prompts=["put her in this room"], images=[edited], image=[[person, room]])  # mean of both -> [0.81]
         ```
     """
 
     __name__ = "image_similarity"
+    SOURCE_REDUCTIONS = ("mean", "first")
 
-    def __init__(self, model_name_or_path: str | None = None, processor_name_or_path: str | None = None, **kwargs):
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        processor_name_or_path: str | None = None,
+        sources: str = "mean",
+        **kwargs,
+    ):
         super().__init__(model_name_or_path or CLIP_MODEL, processor_name_or_path, **kwargs)
+        if sources not in self.SOURCE_REDUCTIONS:
+            raise ValueError(f"sources={sources!r}: use one of {self.SOURCE_REDUCTIONS} (how several are scored).")
+        self.sources = sources
 
     def __call__(self, prompts, images, image=None, **kwargs):
         if image is None or isinstance(image, str) or len(image) != len(images):
@@ -148,8 +171,15 @@ class ImageSimilarityReward(ClipEmbeddingReward):
         return super().__call__(prompts, images, image=image, **kwargs)
 
     def _score(self, prompts, images, image):
-        sources = [source.convert("RGB") for source in image]
-        return (self.embed_images(images) * self.embed_images(sources)).sum(dim=-1).tolist()
+        rows = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in image]
+        if self.sources == "first":
+            rows = [row[:1] for row in rows]
+        if any(not row for row in rows):
+            raise ValueError("image_similarity got a row with an empty list of source images: give each its sources.")
+        # every source of the batch through CLIP at once, then each edit against its own row's sources
+        sources = self.embed_images([source.convert("RGB") for row in rows for source in row])
+        edits = self.embed_images(images)
+        return [(own @ edit).mean().item() for own, edit in zip(sources.split([len(row) for row in rows]), edits)]
 
 
 class AestheticHead(nn.Module):

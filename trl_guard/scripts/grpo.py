@@ -102,22 +102,38 @@ def load_prompts(name: str, split: str = "train", config: str | None = None):
 
 def _read_image_paths(dataset, folder: str):
     """An `image` column of file paths (editing datasets such as Flow-GRPO's counting_edit) becomes images, with
-    relative paths taken from the prompt file's folder. A column naming no existing file is left as it is."""
-    from datasets import Image, Value
+    relative paths taken from the prompt file's folder; a column of lists of paths (several source images per row, as
+    Qwen-Image-Edit-Plus edits them; a JSON list in a `.json` / `.jsonl` file) becomes lists of images. A column
+    naming no existing file is left as it is (ids, not paths); one naming some missing files is refused."""
+    from datasets import Image, List, Value
 
-    if dataset.features.get("image") != Value("string"):
+    feature = dataset.features.get("image")
+    nested = isinstance(feature, List) and feature.feature == Value("string")
+    if feature != Value("string") and not nested:
         return dataset
-    paths = [os.path.join(folder, p) if isinstance(p, str) else None for p in dataset["image"]]
-    exists = [p is not None and os.path.isfile(p) for p in paths]
-    if not any(exists):
+
+    def resolve(path):
+        return os.path.join(folder, path) if isinstance(path, str) else None
+
+    rows = dataset["image"]
+    paths = [[resolve(p) for p in row] if isinstance(row, list) else resolve(row) for row in rows]
+    # (path as written, path resolved) of every file named; a missing list (None) names none, and is left for the
+    # trainer's check of the column to refuse
+    named = [
+        pair
+        for row, resolved in zip(rows, paths)
+        for pair in (zip(row, resolved) if isinstance(row, list) else [] if nested else [(row, resolved)])
+    ]
+    missing = [given for given, path in named if path is None or not os.path.isfile(path)]
+    if len(missing) == len(named):
         return dataset
-    if not all(exists):
-        missing = dataset["image"][exists.index(False)]
+    if missing:
         raise FileNotFoundError(
-            f"The 'image' column names {exists.count(False)} files that do not exist, for example {missing!r} "
+            f"The 'image' column names {len(missing)} files that do not exist, for example {missing[0]!r} "
             f"(relative paths are read from {folder}). Fix the paths or put the images there."
         )
-    return dataset.remove_columns("image").add_column("image", paths).cast_column("image", Image())
+    images = List(Image()) if nested else Image()
+    return dataset.remove_columns("image").add_column("image", paths).cast_column("image", images)
 
 
 _USAGE = "trl-guard grpo [--config RECIPE.yaml] [--FIELD VALUE ...]"
