@@ -133,15 +133,8 @@ CASES = {
         lora_per_block={"blocks.0": 8, "blocks.1": 8},
         settings=dict(guidance_scale=5.0, num_frames=FRAMES),
     ),
-    "wan2.1-t2v-14b": Case(
-        build=lambda: rw.build_real_width_wan_pipeline(seed=0, variant="14b", num_layers=1),
-        rebuild_transformer=lambda: rw.build_real_width_wan_transformer(seed=0, variant="14b", num_layers=1),
-        family=rw.WAN21_T2V_14B,
-        adapter_class=WanAdapter,
-        cut=("num_layers",),
-        lora_per_block={"blocks.0": 8},
-        settings=dict(guidance_scale=5.0, num_frames=FRAMES),
-    ),
+    # Wan2.1-14B (`rw.WAN21_T2V_14B`, width 5120) is left out to keep the suite near ten minutes: its blocks are
+    # Wan2.2 A14B's, whose real-width test (tests/test_wan22.py) runs them.
 }
 
 
