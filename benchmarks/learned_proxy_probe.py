@@ -24,9 +24,14 @@ PROBE_FILE = os.path.join(RESULTS, "learned_proxy_probe.json")
 
 
 def proxy_reward(path: str | None):
-    """The shipped learned proxy, or the one saved in `path`, as a reward function."""
+    """The shipped learned proxy, or the one saved in `path`, as a reward function; `path="gold"` trains on the gold
+    itself (caption fidelity), the control: can RL raise it at all in this setting?"""
     from trl_guard.toy.learned_proxy import learned_proxy, load_learned_proxy, score
 
+    if path == "gold":
+        from trl_guard.toy import caption_fidelity
+
+        return caption_fidelity
     if path is None:
         return learned_proxy
     model = load_learned_proxy(path)
@@ -43,7 +48,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3])
-    parser.add_argument("--proxy-dir", default=None, help="weights from train_learned_proxy.py (default: shipped)")
+    parser.add_argument(
+        "--proxy-dir", default=None, help="weights from train_learned_proxy.py (default: shipped), or 'gold'"
+    )
     parser.add_argument("--results", default=PROBE_FILE)
     parser.add_argument("--shard", default="0/1")
     options = parser.parse_args()

@@ -1,0 +1,100 @@
+"""The learned-proxy study's measures on runs whose shape is known: a gold that rises then falls, one that only falls,
+and the alarm replayed on them."""
+
+import numpy as np
+import pytest
+
+from trl_guard.report.rise_and_fall import alarm_summary, peak_index, replay_alarm, rise_and_fall
+
+
+def run(golds, proxies=None, seed=0, step=5):
+    proxies = proxies if proxies is not None else np.linspace(0.5, 0.8, len(golds))
+    return {
+        "method": "m",
+        "seed": seed,
+        "evals": [
+            {"step": i * step, "gold": float(g), "proxy": float(p)} for i, (g, p) in enumerate(zip(golds, proxies))
+        ],
+    }
+
+
+def rising_then_falling(seed):
+    noise = np.random.default_rng(seed).normal(0, 0.005, 13)
+    golds = [0.45, 0.48, 0.51, 0.54, 0.56, 0.57, 0.56, 0.53, 0.49, 0.45, 0.41, 0.38, 0.36]
+    return run(np.array(golds) + noise, seed=seed)
+
+
+def test_a_rise_then_fall_is_found_with_its_peak_and_intervals():
+    runs = [rising_then_falling(seed) for seed in range(4)]
+    shape = rise_and_fall(runs)
+    assert shape.peak_step == 25  # the sixth evaluation, every 5 steps
+    assert shape.rise[1] > 0.09 and shape.fall[1] > 0.15 and shape.rises_then_falls
+    assert shape.final_proxy_gain[0] > 0  # the proxy kept rising after the gold's peak
+
+
+def test_a_gold_that_only_falls_does_not_count_as_a_rise():
+    runs = [run(0.45 - 0.01 * np.arange(13) + np.random.default_rng(s).normal(0, 0.005, 13), seed=s) for s in range(4)]
+    shape = rise_and_fall(runs)
+    assert peak_index(runs) <= 1 and not shape.rises_then_falls
+    assert shape.rise[1] < 0.01  # no interval far above zero
+
+
+def test_the_alarm_replay_stops_after_patience_and_keeps_the_best_weights():
+    outcome = replay_alarm(rising_then_falling(0), tolerance=0.02, patience=2)
+    # best at step 25 (0.57); the gold is more than 0.02 below it at steps 35 (0.53) and 40 (0.49), proxy rising
+    assert outcome.stop_step == 40
+    assert (
+        outcome.restored_gold == pytest.approx(outcome.best_gold) and outcome.restored_gold > outcome.last_gold + 0.15
+    )
+    assert not outcome.false_alarm
+
+
+def test_a_stop_where_the_gold_recovers_is_a_false_alarm():
+    golds = [0.45, 0.50, 0.46, 0.46, 0.50, 0.51, 0.50, 0.52]  # a dip the gold comes back from
+    outcome = replay_alarm(run(golds), tolerance=0.02, patience=2)
+    assert outcome.stop_step == 15 and outcome.false_alarm
+
+
+def test_no_stop_when_the_proxy_falls_with_the_gold():
+    golds = [0.45, 0.50, 0.40, 0.35, 0.30]
+    outcome = replay_alarm(run(golds, proxies=[0.5, 0.6, 0.5, 0.4, 0.3]), tolerance=0.02, patience=2)
+    assert outcome.stop_step is None and outcome.restored_gold == 0.30
+
+
+def test_alarm_summary_counts_stops_and_false_alarms():
+    runs = [rising_then_falling(s) for s in range(3)] + [run([0.45, 0.50, 0.46, 0.46, 0.50, 0.51, 0.50, 0.52])]
+    summary = alarm_summary(runs)
+    assert summary["runs"] == 4 and summary["stopped"] == 4 and summary["false_alarms"] == 1
+    assert summary["restored_minus_last"][0] > 0
+
+
+def test_the_study_script_analyses_a_study_and_resumes_from_its_file(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("learned_proxy_study", benchmarks / "learned_proxy_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+
+    runs = []
+    for seed in range(1, 4):
+        flow = rising_then_falling(seed)
+        guard = rising_then_falling(seed + 10)
+        guard["evals"] = [{**e, "gold": e["gold"] + 0.01 * i} for i, e in enumerate(guard["evals"])]
+        runs += [{**flow, "method": "flow_grpo"}, {**guard, "method": "grpo_guard"}]
+    table = study.analyse({"runs": runs})
+    assert "| flow_grpo | 3 | 25 |" in table and "| grpo_guard | 3 |" in table
+    assert "Claim 4" in table and "| flow_grpo | 3/3 | 0 |" in table
+
+    def fake_run(method, seed, rate, *args, **kwargs):
+        calls.append(method)
+        return {**runs[0], "method": method, "seed": seed, "learning_rate": rate}
+
+    calls = []
+    monkeypatch.setattr(study, "train_run", fake_run)
+    path = str(tmp_path / "study.json")
+    study.run_plan(path, [("flow_grpo", 1, 3e-3), ("grpo_guard", 1, 1e-3)], 10, 5, reward=None)
+    study.run_plan(path, [("flow_grpo", 1, 3e-3), ("grpo_guard", 1, 1e-3)], 10, 5, reward=None)
+    assert len(calls) == 2 and len(study.load(path)["runs"]) == 2  # the second pass trained nothing again
