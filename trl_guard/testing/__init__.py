@@ -291,6 +291,37 @@ def tiny_qwen2_tokenizer():
     return tokenizer
 
 
+def tiny_qwenimage_vae():
+    """A 4-channel `AutoencoderKLQwenImage` with a VAE factor of 4 and made-up latent statistics (so that the
+    pipeline's normalisation is exercised)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],  # two spatial downsamplings: vae_scale_factor 4
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 1.0],
+    )
+
+
+def tiny_qwenimage_scheduler():
+    """Qwen-Image's scheduler settings: exponential dynamic shift, stretched to a last non-zero sigma of 0.02."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+    )
+
+
 def tiny_qwenimage_transformer():
     """A 2-layer `QwenImageTransformer2DModel` over 4 latent channels, text width 32 (Qwen-Image and its edit models)."""
     from diffusers import QwenImageTransformer2DModel
@@ -315,11 +346,7 @@ def build_tiny_qwenimage_pipeline(seed: int = 0):
     latent statistics (made-up values, so decoding exercises the normalisation); the scheduler has the shift settings
     of Qwen-Image's own (exponential dynamic shift, stretched to a last non-zero sigma of 0.02).
     """
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-    )
+    from diffusers import QwenImagePipeline
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -356,26 +383,10 @@ def build_tiny_qwenimage_pipeline(seed: int = 0):
     text_encoder = Qwen2_5_VLForConditionalGeneration(
         Qwen2_5_VLConfig(text_config={**text_config, **special_ids}, vision_config=vision_config, **special_ids)
     )
-    vae = AutoencoderKLQwenImage(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],  # two spatial downsamplings: vae_scale_factor 4
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.8, 1.2, 1.0],
-    )
+    vae = tiny_qwenimage_vae()
     for module in (transformer, text_encoder, vae):
         module.eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        time_shift_type="exponential",
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-    )
+    scheduler = tiny_qwenimage_scheduler()
     return QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )

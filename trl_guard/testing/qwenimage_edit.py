@@ -14,7 +14,7 @@ from unittest import mock
 
 import torch
 
-from . import _byte_level_symbols, tiny_qwenimage_transformer
+from . import _byte_level_symbols, tiny_qwenimage_scheduler, tiny_qwenimage_transformer, tiny_qwenimage_vae
 
 #: QwenImageEditPipeline's and QwenImageEditPlusPipeline's system prompt: the tiny tokenizer spells each of its
 #: pre-tokens as one token, as Qwen's real tokenizer does, so the prefix is the 64 tokens the pipelines drop
@@ -176,22 +176,6 @@ def _vl_text_encoder(tokenizer, text: dict, vision: dict):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def _scheduler():
-    """Qwen-Image's scheduler settings (exponential dynamic shift, stretched to a last non-zero sigma of 0.02), as
-    the tiny Qwen-Image pipeline has them."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        time_shift_type="exponential",
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-    )
-
-
 def build_tiny_qwenimage_edit_plus_pipeline(seed: int = 0, pipeline_class: str = "QwenImageEditPlusPipeline"):
     """A Qwen-Image-Edit-Plus pipeline (or, with `pipeline_class="QwenImageEditPipeline"`, the one-image edit
     pipeline on the same components) of ~25k transformer parameters for 16-64 px images.
@@ -201,7 +185,6 @@ def build_tiny_qwenimage_edit_plus_pipeline(seed: int = 0, pipeline_class: str =
     2x2 merge) that the pipelines run on each condition image.
     """
     import diffusers
-    from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
     transformer = tiny_qwenimage_transformer()
@@ -229,19 +212,11 @@ def build_tiny_qwenimage_edit_plus_pipeline(seed: int = 0, pipeline_class: str =
         fullatt_block_indexes=[0],
     )
     text_encoder = _vl_text_encoder(tokenizer, text, vision)
-    vae = AutoencoderKLQwenImage(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],  # two spatial downsamplings: vae_scale_factor 4
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.8, 1.2, 1.0],
-    )
+    vae = tiny_qwenimage_vae()
     for module in (transformer, text_encoder, vae):
         module.eval()
     return getattr(diffusers, pipeline_class)(
-        scheduler=_scheduler(),
+        scheduler=tiny_qwenimage_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -274,7 +249,7 @@ def build_real_width_qwenimage_edit_plus_pipeline(seed: int = 0, layers: int = 1
     for module in (transformer, text_encoder, vae):
         module.eval().requires_grad_(False)
     return QwenImageEditPlusPipeline(
-        scheduler=_scheduler(),
+        scheduler=tiny_qwenimage_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
