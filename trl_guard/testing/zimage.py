@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import _tiny_vae, tiny_qwen2_tokenizer
+from .flux2 import QWEN3_4B_TEXT
+from .real_width import FLUX_VAE
 
 #: Qwen3's chat template for what ZImagePipeline renders: one user turn and the assistant's opening, with the empty
 #: thinking block only when `enable_thinking` is false (the pipeline passes true). From Qwen/Qwen3-4B's
@@ -37,28 +39,10 @@ ZIMAGE_REAL = {
         axes_dims=[32, 48, 48],
         axes_lens=[1536, 512, 512],
     ),
-    # text_encoder/config.json: Qwen3-4B (model_index.json loads it as Qwen3Model)
-    "text_encoder": dict(
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        num_hidden_layers=36,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        vocab_size=151936,
-    ),
+    # text_encoder/config.json: Qwen3-4B (model_index.json loads it as Qwen3Model), FLUX.2 [klein]'s text encoder
+    "text_encoder": {**QWEN3_4B_TEXT.values, "rope_theta": 1000000.0},
     # vae/config.json: FLUX.1's AutoencoderKL
-    "vae": dict(
-        block_out_channels=(128, 256, 512, 512),
-        latent_channels=16,
-        layers_per_block=2,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ),
+    "vae": dict(FLUX_VAE.values),
     # scheduler/scheduler_config.json: a constant shift, 3.0 for Turbo (6.0 for the base model)
     "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
 }
