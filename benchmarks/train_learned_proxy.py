@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-seed", type=int, default=0, help="caption split and sampling noise")
     parser.add_argument("--output-dir", default=WEIGHTS_DIR)
     parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the shipped weights: see config.json)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     from safetensors.torch import save_file
 

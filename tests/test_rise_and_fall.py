@@ -12,8 +12,10 @@ def run(golds, proxies=None, seed=0, step=5):
     return {
         "method": "m",
         "seed": seed,
+        "learning_rate": 1e-3,
         "evals": [
-            {"step": i * step, "gold": float(g), "proxy": float(p)} for i, (g, p) in enumerate(zip(golds, proxies))
+            {"step": i * step, "gold": float(g), "proxy": float(p), "kl": 0.01 * i, "train_seconds": 10.0 * i}
+            for i, (g, p) in enumerate(zip(golds, proxies))
         ],
     }
 
@@ -85,8 +87,9 @@ def test_the_study_script_analyses_a_study_and_resumes_from_its_file(tmp_path, m
         guard["evals"] = [{**e, "gold": e["gold"] + 0.01 * i} for i, e in enumerate(guard["evals"])]
         runs += [{**flow, "method": "flow_grpo"}, {**guard, "method": "grpo_guard"}]
     table = study.analyse({"runs": runs})
-    assert "| flow_grpo | 3 | 25 |" in table and "| grpo_guard | 3 |" in table
-    assert "Claim 4" in table and "| flow_grpo | 3/3 | 0 |" in table
+    assert "| flow_grpo | 0.001 | 3 | 25 |" in table and "| grpo_guard | 0.001 | 3 |" in table
+    assert "Claim 4 holds here" in table  # GRPO-Guard's gold is higher by 0.01 an evaluation at every proxy
+    assert "| flow_grpo | 3/3 | 40, 40, 40 | 0 |" in table
 
     def fake_run(method, seed, rate, *args, **kwargs):
         calls.append(method)
@@ -98,3 +101,25 @@ def test_the_study_script_analyses_a_study_and_resumes_from_its_file(tmp_path, m
     study.run_plan(path, [("flow_grpo", 1, 3e-3), ("grpo_guard", 1, 1e-3)], 10, 5, reward=None)
     study.run_plan(path, [("flow_grpo", 1, 3e-3), ("grpo_guard", 1, 1e-3)], 10, 5, reward=None)
     assert len(calls) == 2 and len(study.load(path)["runs"]) == 2  # the second pass trained nothing again
+
+
+def test_proxy_gain_per_second_and_gold_at_a_kl_level():
+    from trl_guard.report.overoptimization import gold_at_proxy
+    from trl_guard.report.rise_and_fall import proxy_gain_per_second
+
+    rising = rising_then_falling(0)  # proxy 0.5 -> 0.8 over 12 evaluations of 10 training seconds each
+    assert proxy_gain_per_second(rising) == pytest.approx(0.3 / 120)
+    golds = [e["gold"] for e in rising["evals"]]
+    # KL grows 0.01 an evaluation: sqrt(KL) = 0.2 is reached at evaluation 4, KL = 0.065 halfway between 6 and 7
+    assert gold_at_proxy(rising, 0.2**2, key="kl") == pytest.approx(golds[4])
+    assert gold_at_proxy(rising, 0.065, key="kl") == pytest.approx((golds[6] + golds[7]) / 2)
+    assert gold_at_proxy(rising, 1.0, key="kl") is None
+
+
+def test_the_plot_draws_every_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from trl_guard.report.rise_and_fall import plot_rise_and_fall
+
+    runs = {"flow_grpo": [rising_then_falling(s) for s in range(2)], "grpo_guard": [rising_then_falling(5)]}
+    path = plot_rise_and_fall(runs, str(tmp_path))
+    assert path is not None and (tmp_path / "learned_proxy.png").stat().st_size > 10_000

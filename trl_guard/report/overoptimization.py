@@ -35,14 +35,15 @@ def bootstrap_difference(a: list[float], b: list[float], resamples: int = 2000, 
     return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
-def gold_at_proxy(run: dict, level: float) -> float | None:
-    """The gold score where the run's proxy first reaches `level`, interpolated; None if it never does."""
+def gold_at_proxy(run: dict, level: float, key: str = "proxy") -> float | None:
+    """The gold score where the run's proxy (or another evaluation `key`, such as "kl") first reaches `level`,
+    interpolated; None if it never does."""
     evals = run["evals"]
     for before, after in zip(evals, evals[1:]):
-        if before["proxy"] >= level:
+        if before[key] >= level:
             return before["gold"]
-        if after["proxy"] >= level:
-            t = (level - before["proxy"]) / (after["proxy"] - before["proxy"])
+        if after[key] >= level:
+            t = (level - before[key]) / (after[key] - before[key])
             return before["gold"] + t * (after["gold"] - before["gold"])
     return None
 

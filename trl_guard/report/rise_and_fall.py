@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..overoptimization import OverOptimizationCallback
-from .overoptimization import t_interval
+from .overoptimization import means_by_step, save_figure, t_interval
 
 
 def window_mean(run: dict, index: int, key: str, half_width: int) -> float:
@@ -106,3 +106,41 @@ def alarm_summary(runs: list[dict], tolerance: float = 0.02, patience: int = 2) 
         "restored_minus_last": t_interval([o.restored_gold - o.last_gold for o in outcomes]),
         "stop_steps": [o.stop_step for o in outcomes],
     }
+
+
+def proxy_gain_per_second(run: dict) -> float:
+    """Proxy gained from the base to the last evaluation per second of training (evaluations excluded), as
+    `train_seconds` records it."""
+    first, last = run["evals"][0], run["evals"][-1]
+    return (last["proxy"] - first["proxy"]) / last["train_seconds"] if last["train_seconds"] > 0 else float("nan")
+
+
+def plot_rise_and_fall(runs: dict[str, list[dict]], plot_dir: str, name: str = "learned_proxy.png") -> str | None:
+    """Gold against step, against proxy and against sqrt(KL) per method: every run a thin line, each method's mean
+    over seeds thick."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for method, group in runs.items():
+        for run in group:
+            evals = run["evals"]
+            gold = [e["gold"] for e in evals]
+            axes[0].plot([e["step"] for e in evals], gold, color=colours[method], alpha=0.3, lw=0.8)
+            axes[1].plot([e["proxy"] for e in evals], gold, color=colours[method], alpha=0.3, lw=0.8)
+            axes[2].plot([np.sqrt(max(e["kl"], 0.0)) for e in evals], gold, color=colours[method], alpha=0.3, lw=0.8)
+        mean = means_by_step(group, ("step", "proxy", "gold", "kl"))
+        label = f"{method} (mean of {len(group)})"
+        axes[0].plot(mean["step"], mean["gold"], "o-", color=colours[method], lw=2, ms=3, label=label)
+        axes[1].plot(mean["proxy"], mean["gold"], "o-", color=colours[method], lw=2, ms=3)
+        axes[2].plot(np.sqrt(np.maximum(mean["kl"], 0.0)), mean["gold"], "o-", color=colours[method], lw=2, ms=3)
+    axes[0].set(xlabel="optimizer step", ylabel="gold (caption fidelity, held out)", title="gold over training")
+    axes[1].set(xlabel="learned proxy (held out)", ylabel="gold", title="gold against proxy")
+    axes[2].set(xlabel="sqrt(KL to the base policy)", ylabel="gold", title="gold against sqrt(KL)")
+    axes[0].legend(fontsize=8)
+    return save_figure(fig, plot_dir, name)
