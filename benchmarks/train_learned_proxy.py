@@ -1,7 +1,7 @@
 """Train the toy world's learned proxy: a small CNN that predicts caption fidelity from labelled base-model samples.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_learned_proxy.py                 # the shipped weights
-    OMP_NUM_THREADS=1 python benchmarks/train_learned_proxy.py --samples 512   # fewer labels
+    python benchmarks/train_learned_proxy.py --threads 2                        # the shipped weights (8,192 labels)
+    OMP_NUM_THREADS=1 python benchmarks/train_learned_proxy.py --samples 2048  # fewer labels
 
 The 64 held-out captions of the over-optimisation study (`benchmarks/overoptimization.py`) are never used here, so
 the proxy is evaluated there on captions it has not seen. The other 176 captions are split by `--data-seed` into
@@ -128,7 +128,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=2048, help="labelled samples of the training captions")
+    parser.add_argument("--samples", type=int, default=8192, help="labelled samples of the training captions")
     parser.add_argument("--heldout-samples", type=int, default=512, help="samples of the held-out captions")
     parser.add_argument("--heldout-captions", type=int, default=32)
     parser.add_argument("--width", type=int, default=32, help="channels of the first convolution")
