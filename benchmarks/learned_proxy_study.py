@@ -64,16 +64,18 @@ def analyse(study: dict, plot_dir: str | None = None) -> str:
     runs = by_method(study)
     lines = [
         "| method | rate | seeds | peak step | gold at peak | base-to-peak rise | peak-to-end fall | proxy at peak | "
-        "proxy gain after peak | proxy gain per 1,000 training s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "proxy gain after peak | proxy gain per 1,000 training s | training reward, last minus first log |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, group in runs.items():
         shape = rise_and_fall(group)
         per_second = t_interval([1000 * proxy_gain_per_second(r) for r in group])
+        # the proxy on the policy's own SDE samples of the training captions, as logged every `logging_steps`
+        train_gain = t_interval([r["train_rewards"][-1]["reward"] - r["train_rewards"][0]["reward"] for r in group])
         lines.append(
             f"| {method} | {group[0]['learning_rate']:g} | {len(group)} | {shape.peak_step} | {fmt(shape.peak_gold)} | "
             f"{fmt(shape.rise)} | {fmt(shape.fall)} | {fmt(shape.proxy_at_peak)} | {fmt(shape.final_proxy_gain)} | "
-            f"{fmt(per_second)} |"
+            f"{fmt(per_second)} | {fmt(train_gain)} |"
         )
 
     def gold_table(title: str, header: str, levels: list[float], key: str, to_key=float) -> list[str]:

@@ -13,6 +13,7 @@ def run(golds, proxies=None, seed=0, step=5):
         "method": "m",
         "seed": seed,
         "learning_rate": 1e-3,
+        "train_rewards": [{"step": 10, "reward": 0.5}, {"step": 20, "reward": 0.6}],
         "evals": [
             {"step": i * step, "gold": float(g), "proxy": float(p), "kl": 0.01 * i, "train_seconds": 10.0 * i}
             for i, (g, p) in enumerate(zip(golds, proxies))
