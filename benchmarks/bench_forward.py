@@ -188,14 +188,10 @@ def _matched_table(by_method: dict[str, list[dict]], title: str) -> list[str]:
 
 def plot(by_method: dict[str, list[dict]], plot_dir: str) -> str | None:
     """Proxy against step, and gold against proxy: every run thin, the mean over seeds thick."""
-    from trl_guard.report.overoptimization import means_by_step, save_figure
+    from trl_guard.report.overoptimization import means_by_step, pyplot_or_none, save_figure
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return None
     colours = dict(zip(sorted(by_method), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))

@@ -215,14 +215,10 @@ def clean_equal_time(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
 def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None:
     """Per method: proxy against training seconds, and gold against proxy; every run thin, the mean over seeds at
     each evaluation thick."""
-    from trl_guard.report.overoptimization import means_by_step, save_figure
+    from trl_guard.report.overoptimization import means_by_step, pyplot_or_none, save_figure
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return None
     methods = sorted({m for m, _ in groups})
     windows = sorted({w for _, w in groups})

@@ -52,14 +52,15 @@ def run_plan(path: str, plan: list[tuple[str, int, float]], steps: int, eval_ste
 
 
 def analyse(study: dict, plot_dir: str | None = None) -> str:
-    from trl_guard.report.overoptimization import by_method, claim4_verdict, fmt, gold_at_proxy, matched_levels
-    from trl_guard.report.rise_and_fall import (
-        alarm_summary,
-        plot_rise_and_fall,
-        proxy_gain_per_second,
-        rise_and_fall,
+    from trl_guard.report.overoptimization import (
+        by_method,
+        claim4_verdict,
+        fmt,
+        gold_at_proxy,
+        matched_levels,
         t_interval,
     )
+    from trl_guard.report.rise_and_fall import alarm_summary, plot_rise_and_fall, proxy_gain_per_second, rise_and_fall
 
     runs = by_method(study)
     lines = [

@@ -241,12 +241,8 @@ def claim4_verdict(
 def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str, sweep: dict | None = None) -> str | None:
     """Gold against proxy and against sqrt(KL): every run thin, each method's mean over seeds thick; with a sweep,
     a third panel shows every sweep run (gold against proxy, one line per method and rate)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return None
     colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     sweep_runs = (sweep or {}).get("runs", [])
@@ -291,6 +287,19 @@ def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str, sweep:
         )
         axes[2].legend(fontsize=7)
     return save_figure(fig, plot_dir, "overoptimization.png")
+
+
+def pyplot_or_none():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed (plots are an
+    extra: `pip install "trl-guard[report]"`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def means_by_step(group: list[dict], keys: tuple[str, ...]) -> dict[str, list[float]]:

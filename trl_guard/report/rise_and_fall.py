@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..overoptimization import OverOptimizationCallback
-from .overoptimization import means_by_step, save_figure, t_interval
+from .overoptimization import means_by_step, pyplot_or_none, save_figure, t_interval
 
 
 def window_mean(run: dict, index: int, key: str, half_width: int) -> float:
@@ -118,12 +118,8 @@ def proxy_gain_per_second(run: dict) -> float:
 def plot_rise_and_fall(runs: dict[str, list[dict]], plot_dir: str, name: str = "learned_proxy.png") -> str | None:
     """Gold against step, against proxy and against sqrt(KL) per method: every run a thin line, each method's mean
     over seeds thick."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     colours = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
