@@ -102,11 +102,12 @@ def toy_trainer(
     output_dir: str,
     eval_steps: int = 10,
     reward=None,
+    train_captions: list[str] | None = None,
     **overrides,
 ):
     """The study's trainer for `method` on the toy world, evaluated every `eval_steps`; `reward` replaces the colour
-    proxy (the learned-proxy probe), `overrides` replace or add `GuardConfig` fields (the window benchmark's
-    `sde_window_size`)."""
+    proxy (the learned-proxy probe), `train_captions` the 64 training captions (the Goodhart testbed's stream),
+    `overrides` replace or add `GuardConfig` fields (the window benchmark's `sde_window_size`)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -117,7 +118,8 @@ def toy_trainer(
     from trl_guard.toy.model import load_toy_pipeline
     from trl_guard.toy.train import MAX_SEQUENCE_LENGTH
 
-    train_captions, eval_captions = captions()
+    default_train, eval_captions = captions()
+    train_captions = default_train if train_captions is None else train_captions
     settings = METHODS[method]
     fields = dict(
         output_dir=output_dir,
@@ -172,12 +174,15 @@ def train_run(
     output_dir: str,
     eval_steps: int = 10,
     reward=None,
+    train_captions: list[str] | None = None,
     **overrides,
 ) -> dict:
     """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `overrides` are
     extra `GuardConfig` fields. Each evaluation records the seconds of training before it (evaluation time
     excluded)."""
-    trainer = toy_trainer(method, seed, learning_rate, steps, output_dir, eval_steps, reward, **overrides)
+    trainer = toy_trainer(
+        method, seed, learning_rate, steps, output_dir, eval_steps, reward, train_captions, **overrides
+    )
     settings = METHODS[method]
     clock = _TrainingClock()
     trainer.add_callback(clock)
