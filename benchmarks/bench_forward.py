@@ -117,7 +117,7 @@ def groups() -> dict[str, list[dict]]:
 
 
 def analyse(plot_dir: str | None = None) -> str:
-    from trl_guard.report.overoptimization import bootstrap, fmt
+    from analysis.overoptimization import bootstrap, fmt
 
     by_method = groups()
     if not any(m in by_method for m in METHODS):
@@ -170,7 +170,9 @@ def analyse(plot_dir: str | None = None) -> str:
 
 
 def _matched_table(by_method: dict[str, list[dict]], title: str) -> list[str]:
-    from trl_guard.report.overoptimization import bootstrap, fmt, gold_at_proxy, matched_levels
+    from analysis.overoptimization import bootstrap, fmt, matched_levels
+
+    from trl_guard.report.verdict import gold_at_proxy
 
     levels = matched_levels(by_method, count=4)
     if not levels:
@@ -188,7 +190,7 @@ def _matched_table(by_method: dict[str, list[dict]], title: str) -> list[str]:
 
 def plot(by_method: dict[str, list[dict]], plot_dir: str) -> str | None:
     """Proxy against step, and gold against proxy: every run thin, the mean over seeds thick."""
-    from trl_guard.report.overoptimization import means_by_step, pyplot_or_none, save_figure
+    from analysis.overoptimization import means_by_step, pyplot_or_none, save_figure
 
     plt = pyplot_or_none()
     if plt is None:

@@ -119,7 +119,9 @@ def at_time(run: dict, seconds: float, key: str) -> float:
 
 
 def analyse(plot_dir: str | None = None) -> str:
-    from trl_guard.report.overoptimization import bootstrap, fmt, gold_at_proxy, matched_levels
+    from analysis.overoptimization import bootstrap, fmt, matched_levels
+
+    from trl_guard.report.verdict import gold_at_proxy
 
     runs = load(WINDOW_FILE)["runs"]
     if not runs:
@@ -182,7 +184,7 @@ def analyse(plot_dir: str | None = None) -> str:
 def clean_equal_time(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     """Equal time from the idle one-process cost (`cost`): a configuration's runs are read at the step it reaches
     within the time the fastest configuration needs for its last step."""
-    from trl_guard.report.overoptimization import bootstrap, fmt
+    from analysis.overoptimization import bootstrap, fmt
 
     with open(COST_FILE) as f:
         seconds = {w: float(np.median(v)) for w, v in json.load(f)["seconds_per_step"].items()}
@@ -215,7 +217,7 @@ def clean_equal_time(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
 def plot(groups: dict[tuple[str, str], list[dict]], plot_dir: str) -> str | None:
     """Per method: proxy against training seconds, and gold against proxy; every run thin, the mean over seeds at
     each evaluation thick."""
-    from trl_guard.report.overoptimization import means_by_step, pyplot_or_none, save_figure
+    from analysis.overoptimization import means_by_step, pyplot_or_none, save_figure
 
     plt = pyplot_or_none()
     if plt is None:

@@ -29,7 +29,7 @@ Declared before the first calibration run (2026-12-06), and not changed after se
 - Screening (one seed): a candidate passes when the gold smoothed over 3 evaluations peaks at least 0.03 above the
   base, falls at least 0.03 from that peak by the end, and the proxy at the end is at least the proxy at the peak.
   The rise-then-fall itself is then shown with Student-t intervals over the study's Flow-GRPO seeds
-  (`trl_guard.report.rise_and_fall`), not by this screen.
+  (`benchmarks/analysis/rise_and_fall.py`), not by this screen.
 
 Each finished run is appended at once to `docs/results/goodhart_calibration.json` (with its candidate and rate) and
 skipped when the script runs again, so a stopped calibration resumes where it stopped.

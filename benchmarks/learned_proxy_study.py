@@ -13,9 +13,9 @@ Pre-declared before any study run:
   would have cost a third of the study's CPU budget. The colour-proxy sweeps found Flow-GRPO, GRPO-Guard and AWM best
   at one shared rate and NFT insensitive to it;
 - the study: every method of `METHODS`, seeds 1..`--seeds` (seed 0 was the calibration's), `--steps` steps;
-- the shape (`trl_guard.report.rise_and_fall`): the peak on the seed-averaged gold smoothed over 3 evaluations, the
+- the shape (`analysis/rise_and_fall.py`): the peak on the seed-averaged gold smoothed over 3 evaluations, the
   rise (gold there minus the base) and the fall (gold there minus the last 3 evaluations), Student-t intervals;
-- claim 4 (`trl_guard.report.overoptimization.claim4_verdict`): GRPO-Guard's minus Flow-GRPO's gold averaged over the
+- claim 4 (`analysis.overoptimization.claim4_verdict`): GRPO-Guard's minus Flow-GRPO's gold averaged over the
   matched proxy levels past the base, its interval deciding;
 - the alarm: `OverOptimizationCallback(tolerance=0.02, patience=2)` replayed on each run's evaluations.
 
@@ -52,15 +52,10 @@ def run_plan(path: str, plan: list[tuple[str, int, float]], steps: int, eval_ste
 
 
 def analyse(study: dict, plot_dir: str | None = None) -> str:
-    from trl_guard.report.overoptimization import (
-        by_method,
-        claim4_verdict,
-        fmt,
-        gold_at_proxy,
-        matched_levels,
-        t_interval,
-    )
-    from trl_guard.report.rise_and_fall import alarm_summary, plot_rise_and_fall, proxy_gain_per_second, rise_and_fall
+    from analysis.overoptimization import by_method, claim4_verdict, fmt, matched_levels, t_interval
+    from analysis.rise_and_fall import alarm_summary, plot_rise_and_fall, proxy_gain_per_second, rise_and_fall
+
+    from trl_guard.report.verdict import gold_at_proxy
 
     runs = by_method(study)
     lines = [

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = [(m, seed, rates[m]) for seed in range(1, options.seeds + 1) for m in options.methods]
         run_all(STUDY_FILE, plan[shard::shards], options.steps)
     else:
-        from trl_guard.report.overoptimization import analyse
+        from analysis.overoptimization import analyse
 
         print(analyse(load(STUDY_FILE), load(SWEEP_FILE), plot_dir=RESULTS))
 

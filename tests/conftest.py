@@ -1,10 +1,16 @@
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from datasets import Dataset
 
 from trl_guard.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+# The study analyses (benchmarks/analysis) are not part of the installed package: tests import them as
+# `analysis.overoptimization`, as the benchmark scripts do. Appended, so no benchmark script shadows another module.
+sys.path.append(str(Path(__file__).parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="session")

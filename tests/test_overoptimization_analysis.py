@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from analysis.overoptimization import analyse, bootstrap, bootstrap_difference
 
-from trl_guard.report.overoptimization import analyse, bootstrap, bootstrap_difference, gold_at_proxy
+from trl_guard.report.verdict import gold_at_proxy
 
 
 def run(method, seed, slope):
@@ -71,7 +72,7 @@ def test_sweep_runs_appear_in_the_plot(tmp_path):
 
 
 def test_shared_seeds_are_compared_in_pairs():
-    from trl_guard.report.overoptimization import difference
+    from analysis.overoptimization import difference
 
     # seed effects far larger than the method effect: only pairing by seed sees the method effect
     flow = {s: 0.1 * s for s in range(4)}
@@ -85,7 +86,7 @@ def test_shared_seeds_are_compared_in_pairs():
 
 
 def test_t_interval_matches_the_textbook():
-    from trl_guard.report.overoptimization import t_interval
+    from analysis.overoptimization import t_interval
 
     mean, low, high = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
     assert mean == 2.0 and high - mean == pytest.approx(4.303 / np.sqrt(3))

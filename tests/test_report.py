@@ -108,7 +108,7 @@ def test_runs_whose_folders_share_a_name_are_all_reported(tmp_path, capsys):
 
 
 def test_run_labels_are_distinct_however_folders_collide(tmp_path):
-    from trl_guard.report.build import run_labels
+    from trl_guard.report.runs import run_labels
 
     dirs = [tmp_path / "x" / "A" / "run", tmp_path / "y" / "A" / "run", tmp_path / "B" / "run", tmp_path / "solo"]
     assert run_labels([str(d) for d in dirs]) == ["x/A/run", "y/A/run", "B/run", "solo"]
@@ -247,7 +247,7 @@ def test_video_grids_are_shown_whole_with_their_prompts_in_order(tmp_path):
 
 
 def test_symlog_scale_reaches_down_to_the_smallest_step_but_not_to_near_zero_noise():
-    from trl_guard.report.build import _symlog_threshold
+    from trl_guard.report.figures import _symlog_threshold
 
     assert _symlog_threshold([-3e-6, -2e-2, 0.0]) == pytest.approx(1e-6)  # early steps on the logarithmic part
     assert _symlog_threshold([1e-15, -2e-2]) == pytest.approx(1e-8)  # at most six decades below the largest

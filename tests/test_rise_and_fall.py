@@ -3,8 +3,7 @@ and the alarm replayed on them."""
 
 import numpy as np
 import pytest
-
-from trl_guard.report.rise_and_fall import alarm_summary, peak_index, replay_alarm, rise_and_fall
+from analysis.rise_and_fall import alarm_summary, peak_index, replay_alarm, rise_and_fall
 
 
 def run(golds, proxies=None, seed=0, step=5):
@@ -105,8 +104,9 @@ def test_the_study_script_analyses_a_study_and_resumes_from_its_file(tmp_path, m
 
 
 def test_proxy_gain_per_second_and_gold_at_a_kl_level():
-    from trl_guard.report.overoptimization import gold_at_proxy
-    from trl_guard.report.rise_and_fall import proxy_gain_per_second
+    from analysis.rise_and_fall import proxy_gain_per_second
+
+    from trl_guard.report.verdict import gold_at_proxy
 
     rising = rising_then_falling(0)  # proxy 0.5 -> 0.8 over 12 evaluations of 10 training seconds each
     assert proxy_gain_per_second(rising) == pytest.approx(0.3 / 120)
@@ -119,7 +119,7 @@ def test_proxy_gain_per_second_and_gold_at_a_kl_level():
 
 def test_the_plot_draws_every_run(tmp_path):
     pytest.importorskip("matplotlib")
-    from trl_guard.report.rise_and_fall import plot_rise_and_fall
+    from analysis.rise_and_fall import plot_rise_and_fall
 
     runs = {"flow_grpo": [rising_then_falling(s) for s in range(2)], "grpo_guard": [rising_then_falling(5)]}
     path = plot_rise_and_fall(runs, str(tmp_path))

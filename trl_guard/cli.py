@@ -62,7 +62,7 @@ def report(argv: list[str]) -> None:
         help="text file of the evaluation prompts, one per line in the eval dataset's order: captions each sample",
     )
     options = parser.parse_args(argv)
-    from .report.build import ReportInputError, build_report
+    from .report import ReportInputError, build_report
 
     output = options.output or os.path.join(options.run_dirs[0], "report")
     try:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..overoptimization import OverOptimizationCallback
+from trl_guard.overoptimization import OverOptimizationCallback
+
 from .overoptimization import means_by_step, pyplot_or_none, save_figure, t_interval
 
 

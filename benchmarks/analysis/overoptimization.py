@@ -1,11 +1,12 @@
 """Over-optimisation analysis of runs evaluated on a proxy and a gold score: tables, intervals and plots.
 
-Used by `benchmarks/overoptimization.py analyse` (the multi-seed study) and the demo (its short form). A run is a
-dict with `method` and `evals`, a list of `{"step", "proxy", "gold", "kl", ...}` evaluations in step order.
+Used by `benchmarks/overoptimization.py analyse` (the multi-seed study) and the other benchmarks' analyses. A run
+is a dict with `method` and `evals`, a list of `{"step", "proxy", "gold", "kl", ...}` evaluations in step order.
 
 Intervals are 95% percentile bootstrap intervals over seeds (2,000 resamples). "Gold at matched proxy" reads, for each
 run, the gold score where its evaluation proxy first reaches a level (linear interpolation between the two evaluations
-around the crossing); runs that never reach a level are left out of it, and the tables say how many reached it.
+around the crossing, `trl_guard.report.verdict.gold_at_proxy`); runs that never reach a level are left out of it,
+and the tables say how many reached it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from trl_guard.report.verdict import gold_at_proxy
 
 
 def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -33,19 +36,6 @@ def bootstrap_difference(a: list[float], b: list[float], resamples: int = 2000, 
     rng = np.random.default_rng(seed)
     diffs = rng.choice(a, (resamples, len(a))).mean(1) - rng.choice(b, (resamples, len(b))).mean(1)
     return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
-
-
-def gold_at_proxy(run: dict, level: float, key: str = "proxy") -> float | None:
-    """The gold score where the run's proxy (or another evaluation `key`, such as "kl") first reaches `level`,
-    interpolated; None if it never does."""
-    evals = run["evals"]
-    for before, after in zip(evals, evals[1:]):
-        if before[key] >= level:
-            return before["gold"]
-        if after[key] >= level:
-            t = (level - before[key]) / (after[key] - before[key])
-            return before["gold"] + t * (after["gold"] - before["gold"])
-    return None
 
 
 def fmt(mean_low_high: tuple[float, float, float], digits: int = 3) -> str:
