@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import zipfile
@@ -16,6 +17,8 @@ from typing import Any, NoReturn
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+logger = logging.getLogger(__name__)
 
 RUN_SETTINGS_NAME = "run_settings.json"
 
@@ -65,6 +68,13 @@ def resolve_resume(
             raise FileNotFoundError(
                 f"resume_from_checkpoint={resume!r} does not exist. Give a checkpoint-N folder, or `true` for the "
                 f"last one in output_dir={output_dir!r}."
+            )
+        inside = checkpoints_in(resume)
+        if inside and not os.path.exists(os.path.join(resume, "trainer_state.json")):
+            raise ValueError(
+                f"resume_from_checkpoint={resume!r} is a run's output folder, not a checkpoint: it holds "
+                f"{', '.join(inside)}. Pass one of them (`resume_from_checkpoint={os.path.join(resume, inside[-1])}`), "
+                "or `true` for the last one in output_dir."
             )
         return resume
     existing = checkpoints_in(output_dir)
@@ -152,6 +162,11 @@ BUFFER_LAYOUT_FIELDS = (
 )
 
 
+def alarm_weights_name(index: int) -> str:
+    """The best-gold weights the `index`-th `OverOptimizationCallback` keeps, saved for a resume to restore."""
+    return f"overoptimization_best_{index}.safetensors"
+
+
 def rollout_buffer_name(rank: int) -> str:
     return f"rollout_buffer_{rank}.safetensors"
 
@@ -169,6 +184,46 @@ def check_no_finished_run(output_dir: str, overwrite_output_dir: bool) -> None:
             f"output_dir={output_dir!r} already holds a trained model ({', '.join(found)}) that this run would "
             "overwrite. Choose another output_dir, or set overwrite_output_dir=True to replace it."
         )
+
+
+PREVIOUS_RUN_PREFIX = "previous-run-"
+#: What a run leaves in `output_dir` besides its checkpoints (`save_model`'s files, the model card, the evaluation
+#: grids): moved aside with them, so that neither a resume nor `trl-guard report` takes them for the new run's.
+RUN_OUTPUTS = (
+    "pytorch_lora_weights.safetensors",
+    "pytorch_lora_weights_transformer_2.safetensors",
+    "transformer",
+    "transformer_2",
+    "guard_config.json",
+    "log_history.json",
+    "README.md",
+    "eval_images",
+)
+
+
+def move_previous_run(output_dir: str) -> str | None:
+    """Move an earlier run's `checkpoint-N` folders and finished model (`RUN_OUTPUTS`) into the first free
+    `output_dir/previous-run-K/`, and return that folder (None when there is nothing to move).
+
+    A fresh run with `overwrite_output_dir` would otherwise replace only the checkpoints it reaches: the earlier run's
+    later ones would stay beside its own, and a `resume_from_checkpoint=True` would take the newest of them. Nothing is
+    deleted, and a resume never looks inside the subfolder (only `checkpoint-N` folders directly in `output_dir`)."""
+    outputs = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+    names = checkpoints_in(output_dir) + outputs
+    if not names:
+        return None
+    index = 1
+    while os.path.exists(os.path.join(output_dir, f"{PREVIOUS_RUN_PREFIX}{index}")):
+        index += 1
+    aside = os.path.join(output_dir, f"{PREVIOUS_RUN_PREFIX}{index}")
+    os.makedirs(aside)
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+    logger.warning(
+        f"overwrite_output_dir=True: moved the earlier run's {', '.join(names)} from {output_dir} to {aside}, so "
+        "that no resume takes them for this run's. Delete that folder if you do not need it."
+    )
+    return aside
 
 
 def read_safetensors(path: str, device: str = "cpu") -> dict[str, Any]:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import re
+import types
+import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from transformers import TrainingArguments
 
+from .distributed import DEEPSPEED_REFUSAL
 from .losses import (
     AWM_WEIGHTINGS,
     DANCE_WEIGHTINGS,
@@ -78,8 +85,11 @@ class GuardConfig(TrainingArguments):
     `dataloader_pin_memory=False` (the data loader yields prompt strings: there is nothing to pin). Refused, with a
     message: `auto_find_batch_size` (it halves the micro-batch, which would cut prompt groups apart, as TRL's GRPO
     refuses it too), `load_best_model_at_end` (evaluations here score sampled images, not a loss; use
-    `OverOptimizationCallback(restore_best=True)` to end on the best gold score) and `fp16` (use `bf16`: the SDE log-ratio
-    needs float32's exponent range, which bf16 keeps and fp16 does not, and fp16 would need loss scaling).
+    `OverOptimizationCallback(restore_best=True)` to end on the best gold score), `fp16` (use `bf16`: the SDE log-ratio
+    needs float32's exponent range, which bf16 keeps and fp16 does not, and fp16 would need loss scaling) and
+    `deepspeed` (shard with FSDP2: docs/launching.md). Every field's value is checked against its type when the config
+    is built, naming the field: an int field reads an integral float such as `4.0` (a YAML recipe's) as `4` and
+    refuses `4.5`, a float field refuses nan and inf, and a field with choices refuses any other value.
 
     Batch sizes follow TRL's `GRPOConfig`: `per_device_train_batch_size` counts *images* per device per micro-step.
     One *generation batch* of `per_device_train_batch_size * num_processes * steps_per_generation` images is sampled
@@ -129,7 +139,9 @@ class GuardConfig(TrainingArguments):
             Frames per video, for video families (Wan2.1 takes `4k + 1`: Flow-GRPO trains it on 33). Image families
             take only 1. Reward functions then receive one list of frames per sample (docs/rewards.md).
         max_sequence_length (`int`, *optional*, defaults to `128`):
-            Maximum number of T5 tokens (Flow-GRPO uses 128; SD3's pipeline default is 256).
+            Maximum number of T5 tokens (Flow-GRPO uses 128; SD3's pipeline default is 256). At most the family's
+            pipeline limit (SD3 and FLUX.1 512, Qwen-Image 1024): refused above it, before loading when the model is a
+            pipeline object or a local folder.
         noise_level (`float`, *optional*, defaults to `0.7`):
             SDE noise multiplier (`a` in Flow-GRPO, `eta` in DanceGRPO).
         noise_schedule (`str`, *optional*, defaults to `"flow_grpo"`):
@@ -197,13 +209,13 @@ class GuardConfig(TrainingArguments):
             trained weights after each round, `copy <- d copy + (1 - d) weights`: `"nft"` (`d = min(0.001 step,
             0.5)`, NFT's default), `"nft_ocr"` (0 until step 75, then `min(0.0075 (step - 75), 0.999)`), `"awm"`
             (`min(0.001 step, 0.3)`) or `"none"` (`d = 0`: the copy is the policy just trained). Defaults to the
-            loss type's official schedule. `nft`/`awm` only.
+            loss type's official schedule. `nft`/`awm` only; under `awm`, only with `awm_lagged_weight > 0`.
         awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
             AWM's surrogate log-likelihood `-w(l, t)` of the flow-matching error `l = MEAN((v - v*)**2)` at noise level
             `t`: `"uniform"` (`l`), `"t"`, `"t_squared"`, `"huber"` or `"ghuber"` (`(t / p)((l + 1e-10)**p - 1e-10**p)`,
             every released config). `awm` only.
         awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
-            `p` of the `"ghuber"` weighting. `awm` only.
+            `p` of the `"ghuber"` weighting. `awm` with `awm_weighting="ghuber"` only.
         awm_lagged_weight (`float`, *optional*, defaults to `1.0`):
             Weight of AWM's penalty `MEAN((v - v_lagged)**2)` towards the lagged copy (`0` skips its forward). `awm`
             only.
@@ -293,8 +305,12 @@ class GuardConfig(TrainingArguments):
 
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Let a fresh run (no `resume_from_checkpoint`) start in an `output_dir` that already holds `checkpoint-N`
-            folders. Off, such a run is refused before its first step, so an earlier run's checkpoints are never
-            written over by mistake. (transformers 5 dropped this `TrainingArguments` field; it is ours now.)
+            folders or a finished model. Off, such a run is refused before its first step, so an earlier run's
+            checkpoints are never written over by mistake. On, the earlier run's `checkpoint-N` folders and finished
+            model (LoRA or `transformer/`, `guard_config.json`, `log_history.json`, `README.md`, `eval_images/`) are
+            moved into `output_dir/previous-run-1/` (or the next free number) before the first step, with a warning
+            saying where: nothing is deleted, and a later resume never takes one of them for this run's.
+            (transformers 5 dropped this `TrainingArguments` field; it is ours now.)
 
         > Parameters that control logging
 
@@ -371,12 +387,21 @@ class GuardConfig(TrainingArguments):
 
     log_timestep_grad_norm: bool = True
 
+    #: Fields whose annotation says less than transformers takes (`fsdp` is `str | None`, and a bool or a list of
+    #: options works too): their values are left to transformers.
+    _UNTYPED_FIELDS = ("fsdp",)
+
     def __post_init__(self):
+        # First, before any check compares or counts with a value: a recipe's `4.0` or `[0.1, 0.2]` reaches here
+        # as it is (argparse converts only the strings it is given), and would otherwise fail far from its field.
+        check_field_types(self, skip=self._UNTYPED_FIELDS)
+        self._check_choices()
         self.model_init_kwargs = _parse_model_init_kwargs(self.model_init_kwargs)
         self._refuse_unsupported()
         super().__post_init__()
-        self._validate()
+        # before `_validate`, whose SDE-window checks would otherwise complain about a window the loss never reads
         self._validate_family_fields()
+        self._validate()
         if self.epsilon is None:
             self.epsilon = DEFAULT_EPSILON.get(self.loss_type)
         self._resolve_generation_batch()
@@ -420,6 +445,17 @@ class GuardConfig(TrainingArguments):
             )
         self.steps_per_generation = self.generation_batch_size // global_batch
 
+    def _check_choices(self) -> None:
+        """Every field of ours that has `choices`: argparse checks them for flags only, not for a recipe's values or
+        the Python API. (Inherited fields are left to transformers, which takes more than some of its lists say.)"""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is None or f.name in _TRAINING_FIELDS or (value is None and f.default is None):
+                continue
+            if value not in choices:
+                raise ValueError(f"{f.name}={value!r} is unknown; use one of {tuple(choices)}.")
+
     def _refuse_unsupported(self) -> None:
         """Fields of `TrainingArguments` this trainer cannot honour, refused before the parent class's own checks (which
         would otherwise fail first with messages about other fields)."""
@@ -445,40 +481,24 @@ class GuardConfig(TrainingArguments):
             "scaling. Use bf16=True (mixed precision with float32's range), or load the pipeline in half precision "
             "with model_init_kwargs={'dtype': 'bfloat16'}.",
         )
+        # transformers would try to import deepspeed here, and fail on a missing package rather than on the setting
+        check(not self.deepspeed, f"deepspeed={self.deepspeed!r}: {DEEPSPEED_REFUSAL}")
 
     def _validate(self) -> None:
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
 
-        check(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is unknown; use one of {LOSS_TYPES}.")
+        # the fields with choices (loss_type, noise_schedule, ...) were checked by `_check_choices`
         check(
             self.learning_rate >= 0,
             f"learning_rate={self.learning_rate} must be >= 0 (GRPO-Guard's SD3.5-M recipe uses 1e-4).",
         )
         check(
-            self.noise_schedule in NOISE_SCHEDULES,
-            f"noise_schedule={self.noise_schedule!r} is unknown; use one of {NOISE_SCHEDULES}.",
-        )
-        check(
-            self.dance_weighting in DANCE_WEIGHTINGS,
-            f"dance_weighting={self.dance_weighting!r} is unknown; use one of {DANCE_WEIGHTINGS}.",
-        )
-        for name, value, allowed in (
-            ("kl_type", self.kl_type, KL_TYPES),
-            ("timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS),
-            ("cps_log_prob", self.cps_log_prob, CPS_LOG_PROBS),
-        ):
-            check(value in allowed, f"{name}={value!r} is unknown; use one of {allowed}.")
-        check(
             0 <= self.ema_decay < 1,
             f"ema_decay={self.ema_decay} must be in [0, 1): 0 turns the EMA off, Flow-GRPO's configs use 0.9.",
         )
         check(self.ema_update_interval >= 1, f"ema_update_interval={self.ema_update_interval} must be >= 1.")
-        check(
-            self.scale_rewards in SCALE_REWARDS,
-            f"scale_rewards={self.scale_rewards!r} is unknown; use one of {SCALE_REWARDS}.",
-        )
         check(
             self.num_generations >= 2,
             f"num_generations={self.num_generations}: group advantages need at least 2 images per prompt; "
@@ -556,6 +576,20 @@ class GuardConfig(TrainingArguments):
                 f"{family} does not read {', '.join(unused)}: leave these fields at their defaults, or pick a "
                 "loss_type they belong to (docs/method.md lists which fields each family reads)."
             )
+        if self.loss_type == "awm":
+            # options AWM reads only under another of its settings, refused as the other family's are
+            if self.awm_weighting != "ghuber" and self.awm_ghuber_power != defaults["awm_ghuber_power"]:
+                raise ValueError(
+                    f"awm_weighting={self.awm_weighting!r} does not read awm_ghuber_power={self.awm_ghuber_power!r}: "
+                    "only the 'ghuber' weighting has a power. Leave awm_ghuber_power at its default, or set "
+                    "awm_weighting='ghuber'."
+                )
+            if self.awm_lagged_weight == 0 and self.lagged_decay_schedule is not None:
+                raise ValueError(
+                    f"awm_lagged_weight=0 does not read lagged_decay_schedule={self.lagged_decay_schedule!r}: without "
+                    "the penalty towards the lagged copy, AWM never uses the copy. Leave lagged_decay_schedule unset, "
+                    "or set awm_lagged_weight > 0."
+                )
         if self.loss_type in FORWARD_LOSS_TYPES:
             if self.nft_beta <= 0:
                 raise ValueError(f"nft_beta={self.nft_beta} must be > 0 (DiffusionNFT uses 1.0, or 0.1 for OCR).")
@@ -568,10 +602,6 @@ class GuardConfig(TrainingArguments):
     def _validate_sde_window(self) -> None:
         if self.sde_window_size < 0:
             raise ValueError(f"sde_window_size={self.sde_window_size} must be >= 0 (0 turns the window off).")
-        if self.sde_window_schedule not in SDE_WINDOW_SCHEDULES:
-            raise ValueError(
-                f"sde_window_schedule={self.sde_window_schedule!r} is unknown; use one of {SDE_WINDOW_SCHEDULES}."
-            )
         if self.sde_window_shift_interval < 1:
             raise ValueError(f"sde_window_shift_interval={self.sde_window_shift_interval} must be >= 1.")
         if self.sde_window_size == 0:
@@ -624,3 +654,150 @@ def _parse_model_init_kwargs(value: Any) -> dict[str, Any] | None:
     if isinstance(dtype, str) and dtype not in _DTYPES:
         raise ValueError(f"model_init_kwargs dtype={dtype!r} is unknown; use one of {_DTYPES}.")
     return kwargs
+
+
+# ---- Field values against their type annotations ---------------------------------------------------------------
+
+_TRAINING_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+# What `_conform` returns for a value no part of the annotation takes, and for one that only a part this check does
+# not model (an enum, a dict, another class) might take: that value is left to the class's own checks.
+_MISMATCH = object()
+_UNCHECKED = object()
+
+
+def check_field_types(instance: Any, skip: Collection[str] = ()) -> None:
+    """Check every field of a dataclass instance against its type annotation, naming the field and the type it takes.
+
+    An int field takes an int, or an integral float, which is stored as the int (a YAML recipe's `4.0` is `4`); a
+    float field takes an int or a float, and never nan or inf; a str field a str, a bool field a bool; `X | None`
+    also None; a list field a list (or tuple) whose elements are checked the same way. Annotations this check does
+    not model exactly (enums, dicts, other classes) leave their values to the class, so that nothing it takes is
+    refused. Argparse converts only the strings a recipe or a flag gives, so this is what catches the rest.
+    """
+    annotations = _field_annotations(type(instance))
+    for f in dataclasses.fields(instance):
+        if not f.init or f.name in skip:
+            continue
+        value = getattr(instance, f.name)
+        conformed = _conform(value, annotations[f.name])
+        if conformed is _UNCHECKED:
+            continue
+        if conformed is _MISMATCH:
+            raise ValueError(
+                f"{f.name}={value!r} must be {_describe(annotations[f.name])}, not {type(value).__name__}"
+                f"{_yaml_hint(value, annotations[f.name])}."
+            )
+        if _has_non_finite(conformed):
+            raise ValueError(
+                f"{f.name}={value!r} must be finite: a nan or inf setting does not fail, it turns the weights or the "
+                "loss into nan (or silently into another setting). Give a finite number."
+            )
+        if conformed is not value:
+            setattr(instance, f.name, conformed)
+
+
+@functools.cache
+def _field_annotations(cls: type) -> dict[str, Any]:
+    # resolved once per class: this module's annotations are strings (`from __future__ import annotations`)
+    return typing.get_type_hints(cls)
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _conform(value: Any, annotation: Any) -> Any:
+    """`value` as a field annotated `annotation` takes it (itself, or an int for an integral float where an int is
+    expected); `_MISMATCH` if it fits no part of the annotation, `_UNCHECKED` if it fits none this check models
+    while the annotation has parts it does not model (an enum, a dict, another class: transformers also takes None
+    for `debug`, which is `str | list[DebugOption]`)."""
+    # every member as it is first, so that `4.0` stays a float where a float is also taken
+    for convert in (False, True):
+        for member in _members(annotation):
+            result = _conform_member(value, member, convert)
+            if result is not _MISMATCH:
+                return result
+    return _MISMATCH if _modelled(annotation) else _UNCHECKED
+
+
+_SCALARS = (Any, type(None), bool, int, float, str)
+
+
+def _modelled(annotation: Any) -> bool:
+    """Whether `_conform_member` knows every value each part of `annotation` takes."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return all(_modelled(member) for member in typing.get_args(annotation))
+    if annotation is list or origin is list:
+        return all(_modelled(element) for element in typing.get_args(annotation))
+    return origin is typing.Literal or any(annotation is scalar for scalar in _SCALARS)
+
+
+def _conform_member(value: Any, member: Any, convert: bool) -> Any:
+    origin = typing.get_origin(member)
+    if member is Any:
+        return value
+    if member is type(None):
+        return value if value is None else _MISMATCH
+    if member is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if member is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if convert and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return _MISMATCH
+    if member is float:
+        return value if isinstance(value, numbers.Real) and not isinstance(value, bool) else _MISMATCH
+    if member is str:
+        return value if isinstance(value, str) else _MISMATCH
+    if origin is typing.Literal:
+        return value if any(value == v and type(value) is type(v) for v in typing.get_args(member)) else _MISMATCH
+    if (member is list or origin is list) and isinstance(value, (list, tuple)):
+        (element,) = typing.get_args(member) or (Any,)
+        items = [_conform(item, element) for item in value]
+        if any(item is _MISMATCH or item is _UNCHECKED for item in items):
+            return _MISMATCH  # `_conform` leaves a list of unmodelled elements to the class
+        return type(value)(items)
+    return _MISMATCH
+
+
+def _has_non_finite(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v) for v in values)
+
+
+def _describe(annotation: Any) -> str:
+    """How a message names the type: "an int", "a list of float or None"."""
+
+    def name(member: Any) -> str:
+        if member is type(None):
+            return "None"
+        if typing.get_origin(member) is typing.Literal:
+            return " or ".join(repr(v) for v in typing.get_args(member))
+        if member is list or typing.get_origin(member) is list:
+            (element,) = typing.get_args(member) or (Any,)
+            return f"a list of {getattr(element, '__name__', str(element))}"
+        described = {int: "an int", float: "a float", str: "a str", bool: "a bool (true or false)"}
+        return described.get(member, getattr(member, "__name__", str(member)))
+
+    members = _members(annotation)
+    # None last: "a float or None"
+    return " or ".join(name(m) for m in sorted(members, key=lambda m: m is type(None)))
+
+
+def _yaml_hint(value: Any, annotation: Any) -> str:
+    """The fix for the two ways YAML gives a value of another type than the one written."""
+    strings = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+    # PyYAML reads a float only with a dot and a signed exponent: `1e-4` and `1.0e4` are strings
+    numbers_written = (re.fullmatch(r"([+-]?\d+)(\.\d*)?[eE]([+-]?)(\d+)", s.strip()) for s in strings)
+    match = next((m for m in numbers_written if m), None)
+    if match is not None:
+        mantissa, fraction, sign, exponent = match.groups()
+        written = f"{mantissa}{fraction or '.0'}e{sign or '+'}{exponent}"
+        return f" (YAML reads {match.group(0)} as a string: write {written}, with a dot and a signed exponent)"
+    if str in _members(annotation) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return " (quote it in a YAML recipe)"
+    return ""

@@ -19,11 +19,36 @@ from accelerate.utils import DistributedType
 
 #: Where docs/sharding.md records why DeepSpeed is refused.
 _SHARDING_DOC = "docs/sharding.md"
+#: Why DeepSpeed is refused and what to use instead; raised for an accelerate DeepSpeed launch and, by `GuardConfig`,
+#: for a `deepspeed` training argument.
+DEEPSPEED_REFUSAL = (
+    "DeepSpeed is not supported: its engine would step the optimizer after each per-timestep backward, and the path "
+    f"cannot be tested without GPUs ({_SHARDING_DOC}). Shard with FSDP2 instead: "
+    "`accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml ...`."
+)
 
 
 def is_fsdp2(accelerator: Any) -> bool:
     """Whether accelerate shards the denoiser with FSDP2."""
     return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def fsdp2_requested(args: Any) -> bool:
+    """Whether accelerate will shard with FSDP2, as far as it can be told before the Trainer builds its accelerator
+    (so that a family FSDP2 cannot train is refused before its weights load): several processes on CUDA GPUs, and
+    FSDP version 2 from the TrainingArguments' `fsdp` or from `accelerate launch`'s environment. Conservative: on
+    CPUs accelerate ignores an FSDP config (docs/sharding.md), and anything else is left to `is_fsdp2`, the authority
+    once the accelerator exists."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not torch.cuda.is_available():
+        return False
+    if getattr(args, "use_cpu", False) or os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+        return False
+    plugin = getattr(args, "fsdp_plugin_args", None)
+    if plugin:
+        return int(plugin.get("fsdp_version", 1)) == 2
+    return (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") == "2"
+    )
 
 
 def check_distributed_setup(accelerator: Any) -> None:
@@ -35,11 +60,7 @@ def check_distributed_setup(accelerator: Any) -> None:
     untested."""
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
-        raise NotImplementedError(
-            "DeepSpeed is not supported: its engine would step the optimizer after each per-timestep backward, and "
-            f"the path cannot be tested without GPUs ({_SHARDING_DOC}). Shard with FSDP2 instead: "
-            "`accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml ...`."
-        )
+        raise NotImplementedError(DEEPSPEED_REFUSAL)
     if kind == DistributedType.FSDP and not is_fsdp2(accelerator):
         raise NotImplementedError(
             "FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config (as "

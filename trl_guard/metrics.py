@@ -90,6 +90,16 @@ def eval_kl_key(prefix: str = "eval") -> str:
     return f"{prefix}_kl"
 
 
+def eval_keys(
+    reward_names: Iterable[str], gold_names: Iterable[str], eval_kl: bool, prefix: str = "eval"
+) -> list[str]:
+    """The keys of the metrics an evaluation logs (and hands to callbacks), for reward functions logged under
+    ``reward_names`` and gold rewards under ``gold_names``: known before training, for checks that refuse early."""
+    keys = [eval_rewards_key(name, prefix) for name in reward_names] + [eval_reward_key(prefix)]
+    keys += [eval_gold_key(name, prefix) for name in gold_names]
+    return keys + ([eval_kl_key(prefix)] if eval_kl else [])
+
+
 def timestep_values(history: Iterable[dict], keep=lambda entry: True) -> dict[str, dict[int, list[float]]]:
     """``{stat: {step: [values]}}`` of every per-step diagnostic in the logged entries that ``keep`` accepts."""
     values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))

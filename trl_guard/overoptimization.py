@@ -9,14 +9,41 @@ methods.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .metrics import EVAL_GOLD
 
 logger = logging.getLogger(__name__)
 
 
-class OverOptimizationCallback(TrainerCallback):
+def _eval_name(metric: str) -> str:
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
+def check_alarm_metric(metric: str, logged: Collection[str], field: str) -> None:
+    """Refuse, before training, a metric the alarm watches that evaluation will not log (a typo, or no
+    `gold_reward_funcs`): the first evaluation would otherwise raise, after training steps and with nothing saved.
+
+    Args:
+        metric: The metric as given; the `eval_` prefix may be left out.
+        logged: The keys evaluation will log (`metrics.eval_keys`).
+        field: How the error names the setting, for example `"overoptimization_gold_metric"`.
+    """
+    if _eval_name(metric) in logged:
+        return
+    hint = "" if any(key.startswith(EVAL_GOLD) for key in logged) else " Gold scores need gold_reward_funcs."
+    raise ValueError(
+        f"{field}={metric!r}: evaluation will not log {_eval_name(metric)!r}. It logs {', '.join(logged)}; name one "
+        f"of these.{hint}"
+    )
+
+
+class OverOptimizationCallback(TrainerCallback, ExportableState):
     """Early stopping on over-optimisation, for [`GuardGRPODiffusionTrainer`] (or any Trainer that evaluates).
 
     At each evaluation the callback tracks the best value of `gold_metric`. When gold has stayed more than `tolerance`
@@ -29,6 +56,10 @@ class OverOptimizationCallback(TrainerCallback):
     whole denoiser when it is trained in full) and put back at the end of training, so `save_model()` writes them.
     Under an EMA (`GuardConfig.ema_decay > 0`) the kept weights are the EMA weights that were evaluated, and the
     trainer restarts its EMA from them.
+
+    Its state goes into every checkpoint (the counts in `trainer_state.json`'s `stateful_callbacks`, the kept weights
+    in `overoptimization_best_<i>.safetensors`), and [`GuardGRPODiffusionTrainer`] restores it in place on resume, so a
+    resumed run stops at the same step, with the same weights, as an uninterrupted one.
 
     Args:
         gold_metric (`str`):
@@ -66,8 +97,8 @@ class OverOptimizationCallback(TrainerCallback):
             raise ValueError(f"tolerance={tolerance} must be >= 0.")
         if patience < 1:
             raise ValueError(f"patience={patience} must be >= 1.")
-        self.gold_metric = gold_metric if gold_metric.startswith("eval_") else f"eval_{gold_metric}"
-        self.proxy_metric = proxy_metric if proxy_metric.startswith("eval_") else f"eval_{proxy_metric}"
+        self.gold_metric = _eval_name(gold_metric)
+        self.proxy_metric = _eval_name(proxy_metric)
         self.tolerance = tolerance
         self.patience = patience
         self.restore_best = restore_best
@@ -77,6 +108,30 @@ class OverOptimizationCallback(TrainerCallback):
         self.bad_evaluations = 0
         self.stop_reason: str | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
+
+    #: What a checkpoint keeps of the bookkeeping (the kept weights go into a safetensors file beside it).
+    _STATE_ATTRIBUTES = ("best_gold", "best_step", "proxy_at_best", "bad_evaluations", "stop_reason")
+
+    def state(self) -> dict[str, Any]:
+        """The bookkeeping, as transformers writes stateful callbacks into `trainer_state.json`."""
+        return {
+            "args": {
+                "gold_metric": self.gold_metric,
+                "proxy_metric": self.proxy_metric,
+                "tolerance": self.tolerance,
+                "patience": self.patience,
+                "restore_best": self.restore_best,
+            },
+            "attributes": {name: getattr(self, name) for name in self._STATE_ATTRIBUTES},
+        }
+
+    def load_state(self, state: dict[str, Any], best_weights: dict[str, torch.Tensor] | None) -> None:
+        """Continue from a checkpoint's `state()` and kept weights, in place: whoever holds this callback keeps
+        reading its `stop_reason`. The settings stay this run's own."""
+        for name in self._STATE_ATTRIBUTES:
+            setattr(self, name, state.get("attributes", {}).get(name))
+        self.bad_evaluations = self.bad_evaluations or 0
+        self.best_weights = best_weights
 
     def update(self, step: int, gold: float, proxy: float) -> bool:
         """Record one evaluation; returns True when training should stop. Pure bookkeeping, no weights."""

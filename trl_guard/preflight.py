@@ -16,8 +16,9 @@ import torch
 from datasets import Dataset, IterableDataset
 from PIL import Image
 
-from .adapters import adapter_class
+from .adapters import ADAPTERS, PipelineAdapter, SamplingSettings, adapter_class
 from .adapters.base import check_resolution_multiple
+from .distributed import fsdp2_requested
 from .scoring import check_reward_columns as check_columns
 
 
@@ -65,11 +66,44 @@ def pipeline_class_name(model: Any) -> str | None:
     `model_index.json` entry (None for a Hub id, which is not looked up before loading)."""
     if not isinstance(model, str):
         return type(model).__name__
-    index = os.path.join(os.path.expanduser(model), "model_index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return json.load(f).get("_class_name")
-    return None
+    index = _model_index(model)
+    return index.get("_class_name") if index is not None else None
+
+
+def _model_index(folder: str) -> dict[str, Any] | None:
+    """A local pipeline folder's `model_index.json` (None when `folder` is not one)."""
+    path = os.path.join(os.path.expanduser(folder), "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def family_adapter(model: Any, pipeline_class: str, model_init_kwargs: Any = None) -> type[PipelineAdapter] | None:
+    """The adapter class that will drive `model`, known before loading: among those registered for `pipeline_class`,
+    the one that `accepts` a pipeline object, or for a local folder the one that `accepts_model_index` its
+    `model_index.json`, with `model_init_kwargs`' components (`transformer_2=None`) in place of the folder's."""
+    candidates = [a for a in ADAPTERS if pipeline_class in a.pipeline_classes]
+    if not isinstance(model, str):
+        return next((a for a in candidates if a.accepts(model)), None)
+    index = _model_index(model)
+    if index is None:
+        return None
+    if isinstance(model_init_kwargs, dict):
+        index = {**index, **{k: v for k, v in model_init_kwargs.items() if k in index}}
+    return next((a for a in candidates if a.accepts_model_index(index)), None)
+
+
+def check_family_settings(model: Any, pipeline_class: str, settings: SamplingSettings, args: Any) -> None:
+    """Before loading: the sampling settings the family refuses whatever its weights (`guidance_scale_2` for a
+    one-denoiser family, a `max_sequence_length` above its pipeline's limit; `PipelineAdapter.check_settings`), and
+    FSDP2 for a family it cannot shard when the launch asks for it (`distributed.fsdp2_requested`)."""
+    adapter = family_adapter(model, pipeline_class, getattr(args, "model_init_kwargs", None))
+    if adapter is None:
+        return
+    adapter.check_settings(settings, pipeline_class)
+    if adapter.fsdp2_refusal is not None and fsdp2_requested(args):
+        raise NotImplementedError(adapter.fsdp2_refusal)
 
 
 def check_condition_columns(datasets: dict[str, Dataset | None], pipeline_class: str) -> None:
@@ -93,6 +127,7 @@ def check_condition_columns(datasets: dict[str, Dataset | None], pipeline_class:
                 )
             feature = dataset.features.get(column)
             if isinstance(feature, ImageFeature):
+                _check_images_present(dataset, name, column)
                 continue
             if isinstance(getattr(feature, "feature", None), ImageFeature):  # List(Image()): several per row
                 _check_image_lists(dataset, name, column)
@@ -107,8 +142,25 @@ def check_condition_columns(datasets: dict[str, Dataset | None], pipeline_class:
                 )
 
 
-#: Rows read at once when checking a column of image lists (their encoded bytes, not decoded pictures).
+#: Rows read at once when checking a column of images or image lists (their encoded bytes, not decoded pictures).
 _LIST_CHECK_BATCH = 1024
+
+
+def _check_images_present(dataset: Dataset, name: str, column: str) -> None:
+    """Every row of an `Image()` column holds an image: a missing one (None) would otherwise fail only the round
+    that samples its row, without naming it. Read from the Arrow data, without decoding."""
+    import pyarrow.compute as pc
+
+    offset = 0
+    for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=_LIST_CHECK_BATCH):
+        images = batch.column(column)
+        row = pc.index(images.is_null(), True).as_py()
+        if row >= 0:
+            raise ValueError(
+                f"{name}[{column!r}][{offset + row}] is missing (None): every row needs its source image. Give it "
+                f"its image, or drop such rows: `{name}.filter(lambda row: row[{column!r}] is not None)`."
+            )
+        offset += len(images)
 
 
 def _check_image_lists(dataset: Dataset, name: str, column: str) -> None:

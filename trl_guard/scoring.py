@@ -143,6 +143,19 @@ def _check_signature(func: Any, field: str) -> None:
     )
 
 
+def reward_log_names(reward_funcs: Any) -> list[str]:
+    """The names reward functions (callables, built-in names, URLs or import paths) are logged under, in order: each
+    function's name, with its position appended when an earlier one has the same name (say two remote scorers), which
+    would otherwise overwrite its logs. Nothing is loaded: model rewards load on their first call."""
+    if not isinstance(reward_funcs, (list, tuple)):  # one reward, as RewardSet takes it
+        reward_funcs = [reward_funcs]
+    names: list[str] = []
+    for func in reward_funcs:
+        name = reward_func_name(resolve_reward_func(func))
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
 class RewardSet:
     """Reward functions resolved from callables, built-in names, URLs or import paths, with unique log names and
     weights. Calling it scores a batch with every function (see `score_images`)."""
@@ -161,11 +174,7 @@ class RewardSet:
                     remote.check_reachable()
                 except RemoteRewardError as error:
                     raise RemoteRewardError(f"{field}: {error}", url=error.url, attempts=1) from None
-        self.names: list[str] = []
-        for func in self.funcs:
-            name = reward_func_name(func)
-            # Two functions with one name (say two remote scorers) would overwrite each other's logs.
-            self.names.append(name if name not in self.names else f"{name}_{len(self.names)}")
+        self.names = reward_log_names(self.funcs)
         weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
         if len(weights) != len(self.funcs):
             raise ValueError(

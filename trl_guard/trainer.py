@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -38,12 +39,23 @@ from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid, make_grid
 from .losses import compute_advantages
-from .metrics import Stat, eval_gold_key, eval_kl_key, eval_reward_key, eval_rewards_key, reward_key, timestep_key
-from .overoptimization import OverOptimizationCallback
+from .metrics import (
+    Stat,
+    eval_gold_key,
+    eval_keys,
+    eval_kl_key,
+    eval_reward_key,
+    eval_rewards_key,
+    reward_key,
+    timestep_key,
+)
+from .overoptimization import OverOptimizationCallback, check_alarm_metric
 from .rollout import TrainBatch, sample_ode
 from .schedule import SDESchedule
 from .scoring import RewardSet
 from .seeding import Stream, keyed_generator
+
+logger = logging.getLogger(__name__)
 
 
 class _EMAUpdate(TrainerCallback):
@@ -65,6 +77,10 @@ class _FollowShardedWeights(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._follow_sharded_weights()
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or the gradients of an optimizer step are not finite: training stops before that step is taken."""
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -151,6 +167,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         # Everything that can be checked cheaply is checked before the pipeline is loaded.
         self.rewards = RewardSet(reward_funcs, args.reward_weights)
         self.gold_rewards = RewardSet(gold_reward_funcs, field="gold_reward_funcs") if gold_reward_funcs else None
+        self._check_alarm_metrics(callbacks or [], args)
         preflight.check_prompt_dataset(train_dataset, "train_dataset")
         preflight.check_prompt_dataset(eval_dataset, "eval_dataset")
         train_dataset, eval_dataset = preflight.as_dataset(train_dataset), preflight.as_dataset(eval_dataset)
@@ -160,10 +177,20 @@ class GuardGRPODiffusionTrainer(Trainer):
         check_hub_setup(args)
         if isinstance(model, str):
             preflight.check_model_path(model)
+        settings = SamplingSettings(
+            height=args.height,
+            width=args.width,
+            guidance_scale=args.guidance_scale,
+            true_cfg_scale=args.true_cfg_scale,
+            guidance_scale_2=args.guidance_scale_2,
+            max_sequence_length=args.max_sequence_length,
+            num_frames=args.num_frames,
+        )
         pipeline_class = preflight.pipeline_class_name(model)
         if pipeline_class is not None:  # before loading, for pipeline objects and local folders
             preflight.check_condition_columns(datasets, pipeline_class)
             preflight.check_resolution(model, pipeline_class, args)
+            preflight.check_family_settings(model, pipeline_class, settings, args)
 
         pipeline = preflight.load_pipeline(model, args.model_init_kwargs)
         self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
@@ -171,17 +198,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         if pipeline_class is None:  # a Hub id: its class is known only now
             preflight.check_condition_columns(datasets, type(pipeline).__name__)
-        self.adapter.configure(
-            SamplingSettings(
-                height=args.height,
-                width=args.width,
-                guidance_scale=args.guidance_scale,
-                true_cfg_scale=args.true_cfg_scale,
-                guidance_scale_2=args.guidance_scale_2,
-                max_sequence_length=args.max_sequence_length,
-                num_frames=args.num_frames,
-            )
-        )
+        self.adapter.configure(settings)
         self.pipeline = pipeline
         set_seed(args.seed)  # LoRA initialisation draws from the global RNG
         denoiser = self._prepare_denoiser(peft_config, args)
@@ -197,6 +214,9 @@ class GuardGRPODiffusionTrainer(Trainer):
             optimizers=optimizers,
         )
         distributed.check_distributed_setup(self.accelerator)
+        # Preflight can only guess whether the launch shards with FSDP2; the accelerator knows. Refused before sampling.
+        if distributed.is_fsdp2(self.accelerator) and self.adapter.fsdp2_refusal is not None:
+            raise NotImplementedError(self.adapter.fsdp2_refusal)
         adapt_tracker_callbacks(self)
         self.ema: EMAWeights | None = None
         if args.ema_decay > 0:
@@ -224,6 +244,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         }
         self._buffered_batches: list[TrainBatch] | None = None
         self._step: int | None = None
+        # The loss of the optimizer step being accumulated, and the last finite step's (step, loss, grad norm): what
+        # `_check_finite_step` reads and names.
+        self._step_loss: torch.Tensor | None = None
+        self._last_finite_step: tuple[int, float, float] | None = None
         self._negative_embeds: PromptEmbeddings | None = None
         self._staging_checkpoint = False
         self._scoring_pool = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
@@ -234,6 +258,15 @@ class GuardGRPODiffusionTrainer(Trainer):
             self.prompt_encoder.precompute(prompts + negative)
 
     # ---- setup --------------------------------------------------------------------------------------------------
+    def _check_alarm_metrics(self, callbacks: Sequence[TrainerCallback], args: GuardConfig) -> None:
+        """Refuse an `OverOptimizationCallback` whose metrics evaluation will not log, before any training (its first
+        evaluation would raise after training steps, with nothing saved)."""
+        gold_names = self.gold_rewards.names if self.gold_rewards is not None else []
+        logged = eval_keys(self.rewards.names, gold_names, args.eval_kl)
+        for alarm in (cb for cb in callbacks if isinstance(cb, OverOptimizationCallback)):
+            check_alarm_metric(alarm.gold_metric, logged, "OverOptimizationCallback gold_metric")
+            check_alarm_metric(alarm.proxy_metric, logged, "OverOptimizationCallback proxy_metric")
+
     def _prepare_denoiser(self, peft_config: Any | None, args: GuardConfig) -> torch.nn.Module:
         for module in self.adapter.frozen_modules:
             module.requires_grad_(False)
@@ -354,6 +387,12 @@ class GuardGRPODiffusionTrainer(Trainer):
         advantages = compute_advantages(
             total, args.num_generations, scale_rewards=args.scale_rewards, adv_clip_max=args.adv_clip_max
         )
+        if not bool(torch.isfinite(advantages).all()):  # the same on every process: computed from the gathered rewards
+            raise ValueError(
+                f"The advantages of generation round {rollout_index} are not finite: the weighted reward totals "
+                f"(from {total.min().item():.4g} to {total.max().item():.4g}) overflow float32 when summed, centred "
+                "and scaled. Scale the rewards down (the reward functions' values or reward_weights)."
+            )
         self._log_rewards(rewards, total, advantages)
         for key, value in plan.metrics.items():
             self._metrics["train"][key].append(value)
@@ -403,7 +442,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         # module in place, and `model` is then the denoiser itself).
         self.adapter.distributed_denoiser = model if model is not self.adapter.denoiser else None
         self._show_phase("training")
-        return self._train_on_batch(batch, model)
+        loss = self._train_on_batch(batch, model)
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss  # read before the step
+        return loss
 
     def _train_on_batch(self, batch: TrainBatch, model: torch.nn.Module) -> torch.Tensor:
         """One backward per training unit, so activations of only one unit are alive at a time. The loss is the mean
@@ -461,25 +502,78 @@ class GuardGRPODiffusionTrainer(Trainer):
             ]
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=loss.device)
 
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """`Trainer._get_grad_norm`: the step's gradient norm (the one `max_grad_norm` clips), measured right before
+        each optimizer step, which makes it the place to refuse a non-finite step before it reaches the weights."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._check_finite_step(grad_norm)
+        return grad_norm
+
+    def _check_finite_step(self, grad_norm: Any) -> None:
+        """Raise `TrainingDivergedError` when the loss or the gradient norm of the optimizer step about to be taken is
+        not finite (on any process), naming the step and the last finite one.
+
+        transformers would log a NaN loss as the mean of the earlier ones and step the optimizer with NaN gradients,
+        after which every sample, reward and saved weight is garbage. Raised before the step, it leaves the weights,
+        the EMA and the checkpoints as the earlier steps made them. It costs one host transfer per optimizer step (and
+        with several processes one all-reduce of two flags, so that all of them stop together), none per unit."""
+        device = self.accelerator.device
+        loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=device)
+        self._step_loss = None
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
+        values = torch.stack(
+            [loss.detach().float().reshape(()), torch.as_tensor(norm, dtype=torch.float32, device=device).reshape(())]
+        )
+        flags = (~torch.isfinite(values)).float()
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        loss_value, norm_value, loss_flag, norm_flag = torch.cat([values, flags]).tolist()
+        step = self.state.global_step + 1
+        if not (loss_flag or norm_flag):
+            self._last_finite_step = (step, loss_value, norm_value)
+            return
+        where = " (on at least one process)" if self.accelerator.num_processes > 1 else ""
+        if self._last_finite_step is not None:
+            last_step, last_loss, last_norm = self._last_finite_step
+            last = f"The last finite step was {last_step}: loss {last_loss:.4g}, gradient norm {last_norm:.4g}."
+        else:
+            last = "It is the first step of this run (or since its resume)."
+        raise TrainingDivergedError(
+            f"Training diverged at optimizer step {step}: the loss is {loss_value:.4g} and the gradient norm "
+            f"{norm_value:.4g}{where}. {last} Step {step} was not taken, so the weights and the checkpoints in "
+            f"{self.args.output_dir} are those of the earlier steps. Lower learning_rate (it is "
+            f"{self.args.learning_rate:g}), keep max_grad_norm > 0 (it is {self.args.max_grad_norm:g}), and start "
+            "again or resume from the last checkpoint."
+        )
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`transformers.Trainer.train`, which first refuses, naming the fix, to train without a train_dataset, to
         start afresh over `output_dir`'s checkpoints or finished model (unless `args.overwrite_output_dir`), or to
         resume from a damaged checkpoint or under settings that change what the checkpoint means (model, loss type,
-        group size, LoRA rank or targets, or for a mid-round checkpoint how the round is cut into micro-batches)."""
+        group size, LoRA rank or targets, or for a mid-round checkpoint how the round is cut into micro-batches).
+
+        A fresh run with `overwrite_output_dir` first moves an earlier run's checkpoints and model into
+        `output_dir/previous-run-K/`; a resume restores the over-optimisation alarms' state from the checkpoint."""
         if self.train_dataset is None:
             raise ValueError(
                 "train() needs a train_dataset: pass the prompts as GuardGRPODiffusionTrainer(train_dataset=...), a "
                 "datasets.Dataset with a 'prompt' column."
             )
+        self._check_alarm_metrics(self.callback_handler.callbacks, self.args)  # also those added by add_callback
         checkpoint = checkpoints.resolve_resume(
             self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir
         )
         if checkpoint is None:
             checkpoints.check_no_finished_run(self.args.output_dir, self.args.overwrite_output_dir)
+            if self.args.overwrite_output_dir:
+                if self.args.should_save:  # the process that writes output_dir's files
+                    checkpoints.move_previous_run(self.args.output_dir)
+                self.accelerator.wait_for_everyone()
         else:
             state = checkpoints.verify_checkpoint(checkpoint)
             checkpoints.check_run_settings(checkpoint, self.run_settings())
             self._check_mid_round_buffer(checkpoint, state.get("global_step", 0))
+            self._restore_alarms(checkpoint, state)
         output = super().train(checkpoint, *args, **kwargs)
         restored = any(
             isinstance(cb, OverOptimizationCallback) and cb.restore_best and cb.stop_reason is not None
@@ -488,6 +582,38 @@ class GuardGRPODiffusionTrainer(Trainer):
         if restored and self.ema is not None:
             self.ema.reset()  # the restored weights were the evaluated EMA: keep averaging from them
         return output
+
+    def _alarms(self) -> list[OverOptimizationCallback]:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, OverOptimizationCallback)]
+
+    def _restore_alarms(self, checkpoint: str, trainer_state: dict[str, Any]) -> None:
+        """Put each over-optimisation alarm back in the state `checkpoint` saved (its counts, from `trainer_state`'s
+        `stateful_callbacks`, and its kept best weights): a fresh alarm would count anew and stop at another step.
+        Alarms are matched in order, as transformers matches stateful callbacks of one class."""
+        saved = trainer_state.get("stateful_callbacks") or {}
+        taken: dict[str, int] = defaultdict(int)
+        for index, alarm in enumerate(self._alarms()):
+            name = type(alarm).__name__
+            states = saved.get(name, [])
+            states = states if isinstance(states, list) else [states]
+            if taken[name] >= len(states):
+                logger.warning(f"{checkpoint} holds no state for {name} #{taken[name]}: it starts counting afresh.")
+                continue
+            weights_path = os.path.join(checkpoint, checkpoints.alarm_weights_name(index))
+            weights = checkpoints.read_safetensors(weights_path) if os.path.exists(weights_path) else None
+            alarm.load_state(states[taken[name]], weights)
+            taken[name] += 1
+
+    def _load_callback_state(self) -> None:
+        """transformers' restore of stateful callbacks (with `restore_callback_states_from_checkpoint`), except for the
+        alarms, which `train()` restored in place: transformers would replace them by new instances, without their
+        kept weights and unknown to whoever holds the alarm."""
+        saved = self.state.stateful_callbacks
+        kept = {name: saved.pop(name) for name in {type(cb).__name__ for cb in self._alarms()} if name in saved}
+        try:
+            super()._load_callback_state()
+        finally:
+            saved.update(kept)
 
     def _round_is_open(self, global_step: int) -> bool:
         """Whether optimizer step ``global_step`` ends in the middle of a generation round."""
@@ -695,6 +821,11 @@ class GuardGRPODiffusionTrainer(Trainer):
         from safetensors.torch import save_file
 
         run_dir = self._get_output_dir(trial)
+        for value in self.state.stateful_callbacks.values():
+            # transformers appends each save's states of a class it holds several callbacks of to the last save's:
+            # start the list afresh, so the checkpoint holds this step's states only
+            if isinstance(value, list):
+                value.clear()
         self._staging_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
@@ -716,6 +847,10 @@ class GuardGRPODiffusionTrainer(Trainer):
                 save_file(ema_state, os.path.join(staged, checkpoints.EMA_STATE_NAME))
             if algorithm_state:
                 save_file(algorithm_state, os.path.join(staged, checkpoints.ALGORITHM_STATE_NAME))
+            for index, alarm in enumerate(self._alarms()):  # the best-gold weights a resumed alarm must restore
+                # (under FSDP2 the alarm keeps each process's shards, which one file cannot hold: not saved there)
+                if alarm.best_weights and not distributed.is_fsdp2(self.accelerator):
+                    save_file(alarm.best_weights, os.path.join(staged, checkpoints.alarm_weights_name(index)))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
         if self.args.should_save:
             checkpoints.publish_checkpoint(run_dir, name, self.args.save_total_limit)

@@ -92,6 +92,20 @@ def check_resolution_multiple(
             )
 
 
+def loads_component(model_index: dict[str, Any], name: str) -> bool:
+    """Whether a pipeline folder's `model_index.json` (with `model_init_kwargs` in place of its entries, as
+    `from_pretrained` takes them) gives the pipeline the component `name`: `[null, null]` and `None` say it has none.
+
+    Example:
+        >>> loads_component({"transformer_2": [None, None]}, "transformer_2")
+        False
+    """
+    entry = model_index.get(name)
+    if isinstance(entry, (list, tuple)):
+        return any(part is not None for part in entry)
+    return entry is not None
+
+
 class PipelineAdapter:
     """Base class of the model-family adapters. Subclasses fill in the family-specific methods."""
 
@@ -114,12 +128,40 @@ class PipelineAdapter:
     condition_columns: ClassVar[tuple[str, ...]] = ()
     #: Whether the family has a second expert that `SamplingSettings.guidance_scale_2` guides (Wan2.2).
     takes_guidance_scale_2: ClassVar[bool] = False
+    #: The largest `max_sequence_length` the family's pipeline takes: its own `__call__` refuses more (the check in
+    #: its `check_inputs`), and the trainer would otherwise encode prompts the pipeline never could. None when the
+    #: pipeline sets no limit.
+    max_sequence_length_limit: ClassVar[int | None] = None
+    #: Why the family cannot be sharded with FSDP2 (the error the trainer raises, before sampling), or None.
+    fsdp2_refusal: ClassVar[str | None] = None
 
     @classmethod
     def accepts(cls, pipeline: Any) -> bool:
         """Whether this adapter drives `pipeline`, among the pipelines of its `pipeline_classes`: a family sharing
         its pipeline class with another (Wan2.1 and Wan2.2 are both `WanPipeline`) tells them apart here."""
         return True
+
+    @classmethod
+    def accepts_model_index(cls, model_index: dict[str, Any]) -> bool:
+        """`accepts` before loading, from a pipeline folder's `model_index.json`: its components (`[library, class]`,
+        or `[null, null]` for an absent one, see `loads_component`) and its config values."""
+        return True
+
+    @classmethod
+    def check_settings(cls, settings: SamplingSettings, pipeline_class: str) -> None:
+        """The checks of `configure` that need the family only, not its weights: the trainer runs them before loading
+        whenever the pipeline class is known (a pipeline object, or a local folder's `model_index.json`)."""
+        if settings.guidance_scale_2 is not None and not cls.takes_guidance_scale_2:
+            raise ValueError(
+                f"guidance_scale_2={settings.guidance_scale_2}, but {pipeline_class} has one denoiser: leave "
+                "guidance_scale_2 unset (it guides the low-noise expert of two-expert families such as Wan2.2)."
+            )
+        limit = cls.max_sequence_length_limit
+        if limit is not None and settings.max_sequence_length > limit:
+            raise ValueError(
+                f"max_sequence_length={settings.max_sequence_length}, but {pipeline_class} takes at most {limit} "
+                f"text tokens (its own __call__ refuses more). Set max_sequence_length to {limit} or less."
+            )
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
@@ -132,17 +174,14 @@ class PipelineAdapter:
         self.check_scheduler()
 
     def configure(self, settings: SamplingSettings) -> None:
-        """Set the sampling settings, checking the resolution (and, for video families, the frame count)."""
+        """Set the sampling settings, checking the resolution, the family's limits (`check_settings`) and, for video
+        families, the frame count."""
         if settings.num_frames != 1 and not self.is_video:
             raise ValueError(
                 f"num_frames={settings.num_frames}, but {type(self.pipeline).__name__} makes images: leave num_frames "
                 "at 1 (it sets the length of videos, for video families such as Wan)."
             )
-        if settings.guidance_scale_2 is not None and not self.takes_guidance_scale_2:
-            raise ValueError(
-                f"guidance_scale_2={settings.guidance_scale_2}, but {type(self.pipeline).__name__} has one denoiser: "
-                "leave guidance_scale_2 unset (it guides the low-noise expert of two-expert families such as Wan2.2)."
-            )
+        self.check_settings(settings, type(self.pipeline).__name__)
         self.check_resolution(settings.height, settings.width)
         self.settings = settings
 

@@ -20,6 +20,7 @@ class FluxAdapter(PackedLatentsMixin, PipelineAdapter):
     family_name = "FLUX"
     pipeline_classes = ("FluxPipeline",)
     default_lora_target_modules = ATTENTION_PROJECTIONS  # matches both the double- and single-stream blocks
+    max_sequence_length_limit = 512  # FluxPipeline.check_inputs (and FluxKontextPipeline's)
 
     @property
     def cfg_scale(self) -> float:

@@ -37,6 +37,7 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
     family_name = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
     default_lora_target_modules = QWEN_IMAGE_LORA_TARGETS
+    max_sequence_length_limit = 1024  # QwenImagePipeline.check_inputs (and the edit pipelines')
 
     @property
     def cfg_scale(self) -> float:

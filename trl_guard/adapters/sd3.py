@@ -12,6 +12,7 @@ from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings, chec
 class SD3Adapter(PipelineAdapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     default_lora_target_modules = ATTENTION_PROJECTIONS
+    max_sequence_length_limit = 512  # StableDiffusion3Pipeline.check_inputs
 
     @property
     def cfg_scale(self) -> float:

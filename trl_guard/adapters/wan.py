@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings, check_resolution_multiple
+from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings, check_resolution_multiple, loads_component
 
 #: Self- and cross-attention projections of every Wan block (`attn1`, `attn2`), the layers Flow-GRPO's Wan script
 #: adapts (its list also names MMDiT's `add_*` projections, which a text-to-video Wan has none of).
@@ -39,6 +39,10 @@ class WanAdapter(PipelineAdapter):
     @classmethod
     def accepts(cls, pipeline: Any) -> bool:
         return getattr(pipeline, "transformer_2", None) is None  # two experts: Wan22Adapter (wan22.py)
+
+    @classmethod
+    def accepts_model_index(cls, model_index: dict[str, Any]) -> bool:
+        return not loads_component(model_index, "transformer_2")
 
     def __init__(self, pipeline: Any):
         config = pipeline.config

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .base import PipelineAdapter, SamplingSettings
+from .base import PipelineAdapter, SamplingSettings, loads_component
 from .wan import WanAdapter
 
 #: Each expert's attribute name in `WanPipeline`: the high-noise expert first.
@@ -66,6 +66,13 @@ LORA_WEIGHT_NAMES = {
     "transformer": "pytorch_lora_weights.safetensors",
     "transformer_2": "pytorch_lora_weights_transformer_2.safetensors",
 }
+
+#: Why FSDP2 is refused: it gathers each expert's weights in a collective at its forward, so processes whose samples
+#: route to different experts would wait on each other forever.
+FSDP2_REFUSAL = (
+    "Wan2.2's two experts cannot be sharded with FSDP2 yet: processes whose samples fall on different sides of "
+    "boundary_ratio would call different experts. Train with DDP (examples/accelerate_configs/ddp.yaml)."
+)
 
 #: Keyword arguments of `WanTransformer3DModel.forward` that hold one row per sample.
 _BATCH_ARGUMENTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
@@ -158,16 +165,11 @@ class Wan22Experts(torch.nn.Module):
         return Transformer2DModelOutput(sample=output)
 
     def _refuse_sharding(self) -> None:
-        """FSDP2 gathers each expert's weights in a collective at its forward: processes whose samples route to
-        different experts would wait on each other forever."""
+        """`FSDP2_REFUSAL`, should sharded experts get this far (the trainer refuses FSDP2 when it is built)."""
         from torch.distributed.fsdp import FSDPModule
 
         if any(isinstance(m, FSDPModule) for m in (self, self.transformer, self.transformer_2)):
-            raise NotImplementedError(
-                "Wan2.2's two experts cannot be sharded with FSDP2 yet: processes whose samples fall on different "
-                "sides of boundary_ratio would call different experts. Train with DDP "
-                "(examples/accelerate_configs/ddp.yaml)."
-            )
+            raise NotImplementedError(FSDP2_REFUSAL)
 
     # ---- what the trainer calls on a diffusers model ------------------------------------------------------------
     def enable_gradient_checkpointing(self) -> None:
@@ -200,10 +202,15 @@ class Wan22Adapter(WanAdapter):
     pipeline_classes = ("WanPipeline",)
     default_lora_target_modules = WAN22_LORA_TARGETS
     takes_guidance_scale_2 = True
+    fsdp2_refusal = FSDP2_REFUSAL
 
     @classmethod
     def accepts(cls, pipeline: Any) -> bool:
         return has_two_experts(pipeline)
+
+    @classmethod
+    def accepts_model_index(cls, model_index: dict[str, Any]) -> bool:
+        return loads_component(model_index, "transformer_2")
 
     def __init__(self, pipeline: Any):
         config = pipeline.config

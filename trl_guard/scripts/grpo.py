@@ -13,7 +13,9 @@ mapping in it sets environment variables. The fields come in four groups, in thi
   - transformers' TrainingArguments: output_dir, learning_rate, batch sizes, logging, saving, ...
 
 `lora_dropout` defaults to 0 here, not to TRL's 0.05: dropout is on in the training forward pass and off while
-sampling, so with it even the first update after sampling is off-policy and gets clipped.
+sampling, so with it even the first update after sampling is off-policy and gets clipped. LoRA fields need
+`use_peft: true` (without it they are refused, not ignored by a full fine-tune), and `lora_target_modules` is a list
+(`[attn.to_q, attn.to_v]`). Every value must have its field's type: `4.0` is read as 4 where an int is expected.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..checkpoints import resolve_resume
-from ..config import GuardConfig, document_fields
+from ..config import GuardConfig, check_field_types, document_fields
 
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -80,17 +82,23 @@ class GuardScriptArguments(ScriptArguments):
     overoptimization_restore_best: bool = True
 
 
-def load_prompts(name: str, split: str = "train", config: str | None = None):
-    """Load a prompt dataset from the Hub, a local folder or a file; a `.txt` file's lines become `prompt`."""
+def load_prompts(name: str, split: str = "train", config: str | None = None, field: str = "dataset_name"):
+    """Load a prompt dataset from the Hub, a local folder or a file; a `.txt` file's lines become `prompt`. `field`
+    is the argument that named it, for the messages."""
     from datasets import load_dataset
 
     extension = os.path.splitext(name)[1].lower()
     looks_local = os.path.sep in name or name.startswith(".") or extension in _FILE_BUILDERS
     if looks_local and not os.path.exists(name):
-        raise FileNotFoundError(f"dataset_name={name!r} does not exist. Give an existing file or folder, or a Hub id.")
+        raise FileNotFoundError(f"{field}={name!r} does not exist. Give an existing file or folder, or a Hub id.")
     if os.path.isfile(name):
         if extension not in _FILE_BUILDERS:
-            raise ValueError(f"dataset_name={name!r}: unsupported file type; use one of {sorted(_FILE_BUILDERS)}.")
+            raise ValueError(f"{field}={name!r}: unsupported file type; use one of {sorted(_FILE_BUILDERS)}.")
+        if not _has_content(name):  # datasets would fail on it with a schema-inference error that names no file
+            raise ValueError(
+                f"{field}={name!r} has no prompts: the file is empty. Give a file with at least one prompt (one per "
+                "line in a .txt file)."
+            )
         dataset = load_dataset(_FILE_BUILDERS[extension], data_files=name, split="train")
         dataset = _read_image_paths(dataset, os.path.dirname(os.path.abspath(name)))
     else:
@@ -98,6 +106,15 @@ def load_prompts(name: str, split: str = "train", config: str | None = None):
     if "prompt" not in dataset.column_names and "text" in dataset.column_names:
         dataset = dataset.rename_column("text", "prompt")
     return dataset
+
+
+def _has_content(path: str) -> bool:
+    """Whether the file holds anything but whitespace."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _read_image_paths(dataset, folder: str):
@@ -269,13 +286,13 @@ def read_recipe(path: str) -> dict[str, Any]:
     return recipe
 
 
-def check_recipe_keys(argv: list[str], dataclass_types: tuple) -> None:
+def check_recipe_keys(argv: list[str], dataclass_types: tuple) -> dict[str, Any]:
     """Refuse a YAML recipe that is not a mapping, or that has keys no argument class knows, before any of them is
     built: a typo such as `num_generation: 2` otherwise surfaces as another field's error (the default it left in
-    place)."""
+    place). Returns the recipe as written (empty without `--config`)."""
     path = _config_path(argv)
     if path is None:
-        return
+        return {}
     import difflib
 
     recipe = read_recipe(path)
@@ -289,17 +306,81 @@ def check_recipe_keys(argv: list[str], dataclass_types: tuple) -> None:
             for key in unknown
         ]
         raise ValueError(f"Unknown keys in {path}: {', '.join(hints)}.")
+    return recipe
+
+
+#: ModelConfig's LoRA settings: none of them does anything unless `use_peft` is on.
+_LORA_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(ModelConfig)
+    if f.name.startswith("lora_") or f.name in ("use_rslora", "use_dora")
+)
+#: Characters that make a `lora_target_modules` string a regular expression, as peft reads a string.
+_REGEX_CHARACTERS = frozenset("*+?[](){}|^$\\")
+
+
+def _is_target_pattern(value: str) -> bool:
+    """Whether a `lora_target_modules` string is one peft means as a string: `all-linear`, or a regular expression
+    matched against each module's full name. A plain module name (`attn.to_q`) is neither."""
+    return value.lower() == "all-linear" or any(c in _REGEX_CHARACTERS for c in value)
+
+
+def _refuse_target_module_string(argv: list[str], recipe: dict[str, Any]) -> None:
+    """A recipe's `lora_target_modules: attn.to_q`: peft reads a string as a regular expression that must match a
+    module's full name (`transformer_blocks.0.attn.to_q`), so a module name given as a string matches nothing, and
+    fails only once the pipeline is loaded."""
+    value = recipe.get("lora_target_modules")
+    flag = any(arg == "--lora_target_modules" or arg.startswith("--lora_target_modules=") for arg in argv)
+    if isinstance(value, str) and not flag and not _is_target_pattern(value):
+        raise ValueError(
+            f"lora_target_modules={value!r} is a single string, which peft reads as a regular expression over full "
+            f"module names (such as `transformer_blocks.0.attn.to_q`), so it matches none. Give a list: "
+            f"`lora_target_modules: [{value}]`."
+        )
+
+
+def _check_script_and_model_args(
+    script_args: GuardScriptArguments, model_args: ModelConfig, lora_defaults: dict[str, Any]
+) -> None:
+    """The script's and ModelConfig's fields, which no check of their own classes covers: their types (as
+    GuardConfig checks its own), and LoRA settings without `use_peft`, which would train the whole transformer."""
+    # a recipe's `reward_funcs: ocr` is one reward, as the trainer reads a string, so not refused as a non-list
+    for name in ("reward_funcs", "gold_reward_funcs"):
+        if isinstance(getattr(script_args, name), str):
+            setattr(script_args, name, [getattr(script_args, name)])
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str) and not _is_target_pattern(targets):
+        # TRL's ModelConfig turns a one-element list into its element (meant for `all-linear`), which peft would
+        # read as a regular expression: `[attn.to_q]` stays the list it was written as
+        model_args.lora_target_modules = targets = [targets]
+    check_field_types(script_args)
+    check_field_types(model_args, skip=("lora_target_modules",) if isinstance(targets, str) else ())
+    changed = [
+        f"{name}={getattr(model_args, name)!r}"
+        for name in _LORA_FIELDS
+        if getattr(model_args, name) != lora_defaults[name]
+    ]
+    if changed and not model_args.use_peft:
+        raise ValueError(
+            f"{', '.join(changed)}: LoRA settings, but use_peft is false, so the run would ignore them and train the "
+            "whole transformer (saved as `transformer/`). Set `use_peft: true` in the recipe (or pass `--use_peft`) "
+            "to train a LoRA, or remove them to train in full."
+        )
 
 
 def parse_arguments(argv: list[str]) -> tuple[GuardScriptArguments, GuardConfig, ModelConfig]:
     """The three argument objects of a command line, after the checks that need no model: the recipe is a mapping
-    of known fields, the required fields are set, evaluation settings have what they need. Warns when LoRA dropout
-    is on."""
+    of known fields, every field's value has its field's type, the required fields are set, LoRA settings come with
+    `use_peft`, evaluation settings have what they need. Warns when LoRA dropout is on."""
     argv = _split_config_equals(argv)
     types = (GuardScriptArguments, GuardConfig, ModelConfig)
-    check_recipe_keys(argv, types)
+    recipe = check_recipe_keys(argv, types)
+    _refuse_target_module_string(argv, recipe)
     parser = build_parser()
+    # read before parsing: TrlParser makes the recipe's values the parser's defaults
+    lora_defaults = {name: parser.get_default(name) for name in _LORA_FIELDS}
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    _check_script_and_model_args(script_args, model_args, lora_defaults)
     if not script_args.dataset_name:
         parser.error("dataset_name is required (a Hub id, a local folder or a prompt file).")
     if not script_args.reward_funcs:
@@ -312,6 +393,20 @@ def parse_arguments(argv: list[str]) -> tuple[GuardScriptArguments, GuardConfig,
             "gold_reward_funcs and overoptimization_gold_metric act at evaluation: set eval_strategy (for example "
             "`--eval_strategy steps --eval_steps 50`) and eval_dataset_name."
         )
+    if script_args.overoptimization_gold_metric:  # refused now, not at the first evaluation after training steps
+        from ..metrics import eval_keys
+        from ..overoptimization import check_alarm_metric
+        from ..scoring import reward_log_names
+
+        logged = eval_keys(
+            reward_log_names(script_args.reward_funcs),
+            reward_log_names(script_args.gold_reward_funcs),
+            training_args.eval_kl,
+        )
+        try:
+            check_alarm_metric(script_args.overoptimization_gold_metric, logged, "overoptimization_gold_metric")
+        except ValueError as error:
+            parser.error(str(error))
     if model_args.use_peft and model_args.lora_dropout > 0:
         warnings.warn(
             f"lora_dropout={model_args.lora_dropout}: dropout is active while training but not while sampling, so "
@@ -370,7 +465,12 @@ def load_eval_prompts(script_args: GuardScriptArguments, evaluates: bool):
     """The eval prompts: `eval_dataset_name`, else the test split of a Hub or folder `dataset_name` when the run
     evaluates, else none."""
     if script_args.eval_dataset_name:
-        return load_prompts(script_args.eval_dataset_name, script_args.dataset_test_split, script_args.dataset_config)
+        return load_prompts(
+            script_args.eval_dataset_name,
+            script_args.dataset_test_split,
+            script_args.dataset_config,
+            field="eval_dataset_name",
+        )
     if not evaluates:
         return None
     if os.path.isfile(script_args.dataset_name):
