@@ -7,7 +7,7 @@ import os
 import sys
 
 _COMMANDS = """commands:
-  demo    Flow-GRPO and GRPO-Guard side by side, offline on CPU: the toy world (about 10 min) or --world tiny (3).
+  demo    Flow-GRPO and GRPO-Guard side by side, offline on CPU: the toy world (about 4 min) or --world tiny.
           Prints the diagnostics, writes the LoRAs and a report, and judges the paper's claims 1-3.
   grpo    Train a diffusers pipeline from a YAML recipe and flags (--config RECIPE.yaml).
   report  Plots and an HTML page from one or more run folders.

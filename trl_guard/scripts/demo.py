@@ -5,7 +5,7 @@ Two worlds:
 - `toy` (default when the pretrained toy model is installed, `trl_guard/toy/pretrained`): a small SD3-architecture
   model pretrained on scenes of coloured shapes. It trains on a hackable colour proxy
   (`trl_guard.toy.colour_proxy`) and is watched by gold scores it never trains on: caption fidelity, cleanliness,
-  and diversity across seeds. About 10 minutes on 2 CPU cores.
+  and diversity across seeds. About 4 minutes on 2 CPU cores.
 - `tiny`: a randomly initialised tiny SD3 pipeline built on the spot, trained to make images bluer. It shows the
   mechanics and the clipping diagnostics, not over-optimisation of a pretrained model. About 3 minutes on
   2 CPU cores.
@@ -110,7 +110,9 @@ def toy_world() -> World:
         eval_prompts=held_out,
         config=dict(
             num_generations=8,
-            per_device_train_batch_size=32,
+            # 4 prompts x 8 samples a round (two optimizer steps of 16): half the 8 x 8 of the studies, for half the
+            # time, with the same verdict on claims 1-3 (docs/performance.md, "The toy world's time")
+            per_device_train_batch_size=16,
             num_inference_steps=10,
             eval_num_inference_steps=10,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
@@ -202,14 +204,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="A learning rate > 0 for every method; the world's default if unset (toy 3e-3, tiny 0.1).",
     )
     parser.add_argument("--seed", type=int, default=1, help="The seed of every method's run (default 1).")
-    parser.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=None,
-        help="Methods trained at once, each in its own process with an equal share of the CPU cores' threads. "
-        "Default: as many as there are methods and cores (on 2 cores, Flow-GRPO and GRPO-Guard train side by side "
-        "with one thread each); 1 trains them one after another with every thread.",
-    )
     return parser
 
 
@@ -228,37 +222,18 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     if options.world == "toy" and not toy_installed:
         parser.error(f"--world toy needs the pretrained toy model in {TOY_MODEL}, which is missing; use --world tiny.")
     options.world = options.world or ("toy" if toy_installed else "tiny")
-    options.jobs = min(options.jobs or os.cpu_count() or 1, len(options.loss_types))
     return options
 
 
-def threads_per_job(jobs: int) -> int:
-    """Each of `jobs` processes gets an equal share of the cores: on a small model two single-threaded processes
-    finish sooner than one process with two threads, which spends much of its time waiting at each operation's end."""
-    return max(1, (os.cpu_count() or 1) // jobs)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-
-
 def plan(world: World, options: argparse.Namespace) -> str:
-    """What the demo is about to run, and how: one method after another, or several side by side."""
+    """What the demo is about to run."""
     steps, _ = run_settings(world, options)
     methods = ", then ".join(f"{t} ({METHOD_NAMES.get(t, t)})" for t in options.loss_types)
-    jobs = getattr(options, "jobs", 1) or 1
-    if jobs > 1:
-        threads = threads_per_job(jobs)
-        how = (
-            f"{jobs} methods train at once, each in its own process with {threads} thread{'s' if threads > 1 else ''}; "
-            "a status line every 30 s says how far each has come and about how long is left."
-        )
-    else:
-        how = "The methods train one after another; each shows a progress bar with the time left."
     return (
         f"world: {world.name} ({world.summary}).\n"
         f"It trains {methods}: {steps} optimizer steps each, from the same base, seeds and prompts, then compares "
-        "them and judges the GRPO-Guard paper's claims 1-3 from the numbers.\n" + how
+        "them and judges the GRPO-Guard paper's claims 1-3 from the numbers. Each method shows a progress bar with "
+        "the time left."
     )
 
 
@@ -283,39 +258,23 @@ def run_settings(world: World, options: argparse.Namespace) -> tuple[int, float]
 
 @dataclass
 class Run:
-    """One trained method: where its LoRA is, what it logged (the base model's evaluation first) and the summary
-    printed for it."""
+    """One trained method: where its LoRA is, and what it logged (the base model's evaluation first)."""
 
     loss_type: str
     output_dir: str
     history: list[dict]
-    summary: str = ""
 
 
-def _headline(loss_type: str, world: World, options, position: tuple[int, int]) -> str:
-    steps, learning_rate = run_settings(world, options)
-    return (
-        f"[{position[0]}/{position[1]}] {loss_type} ({METHOD_NAMES.get(loss_type, loss_type)}): {steps} optimizer "
-        f"steps at learning rate {learning_rate:g}, into {os.path.join(options.output_dir, loss_type)}"
-    )
-
-
-def train_one(
-    loss_type: str, world: World, options, position: tuple[int, int] = (1, 1), progress_file: str | None = None
-) -> Run:
-    """Train one method and print its summary; `progress_file` gets `step/max_steps` after every optimizer step
-    (what the side-by-side runner reports)."""
+def demo_trainer(loss_type: str, world: World, options):
+    """The demo's trainer for one method: the world's model, rewards, prompts and settings."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
 
     from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
 
-    output_dir = os.path.join(options.output_dir, loss_type)
     steps, learning_rate = run_settings(world, options)
-    print("\n" + _headline(loss_type, world, options, position), flush=True)
     args = GuardConfig(
-        output_dir=output_dir,
+        output_dir=os.path.join(options.output_dir, loss_type),
         loss_type=loss_type,
         steps_per_generation=2,  # two optimizer steps per sampling round: the second one is off-policy
         max_steps=steps,
@@ -333,13 +292,7 @@ def train_one(
         seed=options.seed,
         **world.config,
     )
-
-    class ProgressFile(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            with open(progress_file, "w") as f:
-                f.write(f"{state.global_step}/{state.max_steps}")
-
-    trainer = GuardGRPODiffusionTrainer(
+    return GuardGRPODiffusionTrainer(
         model=world.build_pipeline(),
         reward_funcs=world.reward_funcs,
         args=args,
@@ -347,8 +300,19 @@ def train_one(
         eval_dataset=Dataset.from_dict({"prompt": world.eval_prompts}),
         peft_config=LoraConfig(init_lora_weights="gaussian", **world.lora),
         gold_reward_funcs=world.gold_reward_funcs,
-        callbacks=[ProgressFile()] if progress_file else None,
     )
+
+
+def train_one(loss_type: str, world: World, options, position: tuple[int, int] = (1, 1)) -> Run:
+    """Train one method and print its summary."""
+    output_dir = os.path.join(options.output_dir, loss_type)
+    steps, learning_rate = run_settings(world, options)
+    print(
+        f"\n[{position[0]}/{position[1]}] {loss_type} ({METHOD_NAMES.get(loss_type, loss_type)}): {steps} optimizer "
+        f"steps at learning rate {learning_rate:g}, into {output_dir}",
+        flush=True,
+    )
+    trainer = demo_trainer(loss_type, world, options)
     start = time.time()
     base_scores = trainer.evaluate()  # the base model's scores; train() starts a fresh log, so keep them
     trainer.train()
@@ -358,94 +322,15 @@ def train_one(
 
     history = trainer.state.log_history
     rewards = [(entry["step"], entry[Stat.REWARD]) for entry in history if Stat.REWARD in entry]
-    lines = [
-        f"loss_type={loss_type}: {steps} optimizer steps in {elapsed:.1f} s",
-        "proxy reward by step: " + ", ".join(f"{step}: {reward:.4f}" for step, reward in rewards),
-    ]
+    print(f"\nloss_type={loss_type}: {steps} optimizer steps in {elapsed:.1f} s")
+    print("proxy reward by step: " + ", ".join(f"{step}: {reward:.4f}" for step, reward in rewards))
     for entry in history:
         gold = {k: v for k, v in entry.items() if k.startswith((metrics.EVAL_GOLD, metrics.EVAL_REWARD))}
         if gold:
-            lines.append(f"  eval at step {entry['step']}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in gold.items()))
-    lines += ["per-timestep diagnostics (mean over the run; step 0 is the noisiest):", format_timestep_table(history)]
-    summary = "\n".join(lines)
-    print("\n" + summary, flush=True)
-    return Run(loss_type, output_dir, history, summary)
-
-
-def _train_in_worker(loss_type: str, options, position: tuple[int, int], threads: int) -> Run:
-    """`train_one` in a worker process of the side-by-side runner: `threads` torch threads, everything it prints
-    (progress bars included) into `<output_dir>/<loss_type>.log`."""
-    import torch
-
-    torch.set_num_threads(threads)
-    os.makedirs(options.output_dir, exist_ok=True)
-    with open(os.path.join(options.output_dir, f"{loss_type}.log"), "w") as log:  # the process's stdout and stderr
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    progress = os.path.join(options.output_dir, f"{loss_type}.progress")
-    return train_one(loss_type, WORLDS[options.world](), options, position, progress_file=progress)
-
-
-def _progress(options, loss_type: str) -> tuple[int, int] | None:
-    try:
-        with open(os.path.join(options.output_dir, f"{loss_type}.progress")) as f:
-            done, total = (int(x) for x in f.read().split("/"))
-        return done, total
-    except (OSError, ValueError):
-        return None
-
-
-def train_side_by_side(world: World, options) -> list[Run]:
-    """Train `options.loss_types`, `options.jobs` at a time in worker processes, printing a status line every 30 s and
-    each method's summary, in order, once all are done. A method that fails is reported with its log's end."""
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-    threads, total = threads_per_job(options.jobs), len(options.loss_types)
-    for i, loss_type in enumerate(options.loss_types, start=1):
-        print(_headline(loss_type, world, options, (i, total)) + f" (log: {options.output_dir}/{loss_type}.log)")
-    start = time.time()
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited by fork
-    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=context) as pool:
-        futures = [
-            pool.submit(_train_in_worker, loss_type, options, (i, total), threads)
-            for i, loss_type in enumerate(options.loss_types, start=1)
-        ]
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=30, return_when=FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in finished):
-                break
-            if pending:
-                print(_status(options, time.time() - start), flush=True)
-    for loss_type, future in zip(options.loss_types, futures):
-        if future.done() and future.exception() is not None:
-            log = os.path.join(options.output_dir, f"{loss_type}.log")
-            with open(log) as f:
-                tail = f.read()[-3000:]
-            raise RuntimeError(f"training {loss_type} failed; the end of {log}:\n{tail}") from future.exception()
-    runs = [future.result() for future in futures]
-    for run in runs:
-        print("\n" + run.summary)
-    print(f"\nall {total} methods trained in {time.time() - start:.0f} s")
-    return runs
-
-
-def _status(options, elapsed: float) -> str:
-    parts, fractions = [], []
-    for loss_type in options.loss_types:
-        progress = _progress(options, loss_type)
-        if progress is None:
-            parts.append(f"{loss_type} starting")
-            continue
-        done, total = progress
-        parts.append(f"{loss_type} {done}/{total}")
-        fractions.append(done / max(total, 1))
-    line = f"  {_duration(elapsed)} elapsed: " + ", ".join(parts)
-    if fractions and min(fractions) > 0:
-        left = elapsed / min(fractions) - elapsed  # the slowest method sets the end
-        line += f"; about {_duration(left)} left"
-    return line
+            print(f"  eval at step {entry['step']}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in gold.items()))
+    print("per-timestep diagnostics (mean over the run; step 0 is the noisiest):")
+    print(format_timestep_table(history))
+    return Run(loss_type, output_dir, history)
 
 
 @dataclass
@@ -488,7 +373,7 @@ def _verdict(parts: list[bool]) -> str:
 
 def judge_claims(tables: dict[str, dict[str, dict[int, float]]]) -> list[ClaimVerdict]:
     """Judge the GRPO-Guard paper's claims 1-3 from per-timestep means (`{loss_type: {stat: {timestep: value}}}`,
-    as `trl_guard.report.build.timestep_table` gives them) against the thresholds at the top of this module.
+    as `trl_guard.report.runs.timestep_table` gives them) against the thresholds at the top of this module.
 
     A claim that the numbers cannot speak to (a method missing, no off-policy update logged, a statistic not logged)
     is "not judged", with the reason.
@@ -643,19 +528,13 @@ def main(argv: list[str] | None = None) -> None:
 
     world = WORLDS[options.world]()
     print(plan(world, options), flush=True)
-    if options.jobs > 1:
-        runs = train_side_by_side(world, options)
-    else:
-        runs = [
-            train_one(loss_type, world, options, (i, len(options.loss_types)))
-            for i, loss_type in enumerate(options.loss_types, start=1)
-        ]
+    runs = [
+        train_one(loss_type, world, options, (i, len(options.loss_types)))
+        for i, loss_type in enumerate(options.loss_types, start=1)
+    ]
 
     diffusers.utils.logging.set_verbosity_error()  # silences "no LoRA keys for the text encoders" notices
-    from trl_guard._logging import quiet_known_noise
-
-    with quiet_known_noise("torchvision_fallback"):  # trained side by side, this process has not loaded them yet
-        base = world.build_pipeline()
+    base = world.build_pipeline()
     base.set_progress_bar_config(disable=True)
     prompt = world.eval_prompts[0]
     kwargs = dict(
