@@ -98,6 +98,24 @@ def test_non_finite_advantages_are_refused(tiny_pipeline, prompts, tmp_path):
     assert trainer.state.global_step == 0
 
 
+def test_logged_grad_norm_is_the_steps_norm_not_a_mean_of_the_timesteps(tiny_pipeline, prompts, tmp_path):
+    """`grad_norm` in the logs is the Trainer's: the norm of the whole step's gradient that `max_grad_norm` clips. The
+    per-timestep norms (the paper's Fig. 3) are logged under their own keys and used to replace it."""
+    trainer = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path, max_steps=2)
+    measured = []
+    original = trainer._get_grad_norm
+
+    def recording(model, grad_norm=None):
+        norm = original(model, grad_norm=grad_norm)
+        measured.append(float(norm))
+        return norm
+
+    trainer._get_grad_norm = recording
+    trainer.train()
+    assert logged(trainer, "grad_norm") == pytest.approx(measured, rel=1e-6)
+    assert logged(trainer, "timestep/00/grad_norm")  # the per-timestep norms are still logged
+
+
 # ---- item 9: max_sequence_length above the family's limit -------------------------------------------------------
 def test_max_sequence_length_above_the_family_limit_is_refused(tiny_pipeline, prompts, tmp_path):
     message = r"max_sequence_length={}, but StableDiffusion3Pipeline takes at most 512 text tokens"
