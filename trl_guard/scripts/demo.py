@@ -7,7 +7,7 @@ Two worlds:
   (`trl_guard.toy.colour_proxy`) and is watched by gold scores it never trains on: caption fidelity, cleanliness,
   and diversity across seeds. About 4 minutes on 2 CPU cores.
 - `tiny`: a randomly initialised tiny SD3 pipeline built on the spot, trained to make images bluer. It shows the
-  mechanics and the clipping diagnostics, not over-optimisation of a pretrained model. About 3 minutes on
+  mechanics and the clipping diagnostics, not over-optimisation of a pretrained model. About 20 seconds on
   2 CPU cores.
 
 The demo prints each reward curve and the per-timestep diagnostics the GRPO-Guard paper plots (log-ratio mean/std,
