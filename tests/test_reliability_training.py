@@ -218,3 +218,30 @@ def test_a_missing_source_image_is_named_by_row_before_loading(tmp_path):
     folder = index_only_folder(tmp_path / "edit", {"_class_name": "QwenImageEditPlusPipeline"})
     with pytest.raises(ValueError, match=r"train_dataset\['image'\]\[7\] is missing"):
         make_trainer(folder, [blueness], edits, tmp_path / "out")
+
+
+# ---- MISLEADING: docs/method.md said FSDP raises and that the trainer all-reduces gradients itself ---------------
+def test_method_docs_say_what_the_distributed_check_does():
+    """docs/method.md's multi-process bullet says what `check_distributed_setup` does: FSDP2 and DDP pass, DeepSpeed
+    and FSDP1 are refused by name. Checked against the function on stand-in accelerators, not only against the text."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    text = (Path(__file__).parents[1] / "docs" / "method.md").read_text()
+    bullet = next(line for line in text.splitlines() if "Multi-process training" in line)
+    bullet += text.split(bullet, 1)[1].splitlines()[1]  # the bullet's second line
+    assert "FSDP2" in bullet and "DeepSpeed and FSDP1 are refused by name" in bullet
+    assert "raise a clear error for now" not in text and "gradients are all-reduced once per optimizer" not in text
+
+    def accelerator(kind, fsdp2=False):
+        return SimpleNamespace(distributed_type=kind, num_processes=2, is_fsdp2=fsdp2)
+
+    for kind in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        distributed.check_distributed_setup(accelerator(kind))
+    distributed.check_distributed_setup(accelerator(DistributedType.FSDP, fsdp2=True))
+    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+        distributed.check_distributed_setup(accelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(NotImplementedError, match="FSDP1 is not supported"):
+        distributed.check_distributed_setup(accelerator(DistributedType.FSDP))
