@@ -33,6 +33,31 @@ Declared before the first calibration run (2026-12-06), and not changed after se
 
 Each finished run is appended at once to `docs/results/goodhart_calibration.json` (with its candidate and rate) and
 skipped when the script runs again, so a stopped calibration resumes where it stopped.
+
+The study, declared on 2026-12-06 after the calibration's first run (candidate a at 1e-3 passed the screen: gold
+0.482, peak +0.044 at step 40, fall 0.113 by step 100) and before any study run:
+
+    OMP_NUM_THREADS=1 nohup python benchmarks/goodhart_testbed.py study --shard 0/2 &   # and --shard 1/2
+    python benchmarks/goodhart_testbed.py analyse-study
+
+- The setting: candidate a (`stream`), 100 steps, evaluated every 10, as calibrated.
+- The methods (`STUDY_METHODS`): Flow-GRPO, GRPO-Guard, RatioNorm, TempFlow-GRPO's reweighting, Flow-GRPO with its
+  KL (beta 0.04), DiffusionNFT and AWM, with the settings of `benchmarks/overoptimization.py`; Flow-DPPO, DGPO and
+  DPO join as they land in the library.
+- The order: Flow-GRPO and GRPO-Guard first, then the others; within each, the sweeps and then the seeds.
+- The rates: a 2-rate sweep on seed 0 (`SWEEP_RATES`: GRPO-Guard 3e-4 and 1e-3, the paper's 3x lower rate; every
+  other method 1e-3 and 3e-3; Flow-GRPO's two runs are the calibration's), the best being the one with the highest
+  mean proxy over the last 3 evaluations (what a practitioner tuning for the reward picks); Flow-GRPO with KL takes
+  Flow-GRPO's. Then seeds 1-4 at each method's best rate. Results: `docs/results/goodhart_study.json`.
+- The shape: `analysis.rise_and_fall` on Flow-GRPO's seeds 1-4 (peak on the seed-averaged gold smoothed over 3
+  evaluations; rise and fall with Student-t intervals). The testbed shows over-optimisation when both intervals are
+  above 0.
+- Claim 4: `analysis.overoptimization.claim4_verdict`: GRPO-Guard's gold minus Flow-GRPO's at matched proxy levels
+  past the base, paired by seed, Student-t interval deciding (and Flow-DPPO's minus Flow-GRPO's once it lands).
+- The alarm: `OverOptimizationCallback(tolerance=0.02, patience=2)` watches every Flow-GRPO and GRPO-Guard run live;
+  it records the step it would stop at without stopping, so that every curve stays whole. It catches a run whose
+  gold fell at least 0.03 below its smoothed peak by the end when it fires at or after that peak; it raises a false
+  alarm when it fires in a run whose gold did not fall so.
 """
 
 from __future__ import annotations
@@ -40,6 +65,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -182,16 +208,157 @@ def analyse(results: dict) -> str:
     return "\n".join(lines)
 
 
+STUDY_FILE = os.path.join(RESULTS, "goodhart_study.json")
+STUDY_METHODS = ("flow_grpo", "grpo_guard", "ratio_norm", "temp_reweight", "flow_grpo_kl", "nft", "awm")
+SWEEP_RATES = {method: (1e-3, 3e-3) for method in STUDY_METHODS} | {"grpo_guard": (3e-4, 1e-3)}
+SHARES_RATE = {"flow_grpo_kl": "flow_grpo"}
+STUDY_SEEDS = (1, 2, 3, 4)
+WATCHED = ("flow_grpo", "grpo_guard")
+
+
+def _watching_alarm():
+    """`OverOptimizationCallback` deciding live at each evaluation, but recording its stop instead of stopping."""
+    from trl_guard import OverOptimizationCallback
+
+    class WatchingAlarm(OverOptimizationCallback):
+        first_stop: int | None = None
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            if self.update(state.global_step, float(metrics[self.gold_metric]), float(metrics[self.proxy_metric])):
+                self.first_stop = self.first_stop if self.first_stop is not None else state.global_step
+            return control
+
+    return WatchingAlarm("eval_gold/caption_fidelity", tolerance=0.02, patience=2, restore_best=False)
+
+
+def sweep_runs(method: str) -> list[dict]:
+    """Seed 0 at each swept rate: Flow-GRPO's are the calibration's candidate-a runs."""
+    runs = load(CALIBRATION_FILE)["runs"] if method == "flow_grpo" else load(STUDY_FILE)["runs"]
+    return [
+        r
+        for r in runs
+        if r["method"] == method and r["seed"] == 0 and r.get("candidate", "stream") == "stream"
+        and any(np.isclose(r["learning_rate"], rate) for rate in SWEEP_RATES[method])
+    ]  # fmt: skip
+
+
+def best_rate(method: str) -> float | None:
+    """The swept rate with the highest mean proxy over the last 3 evaluations; None until the sweep is complete."""
+    method = SHARES_RATE.get(method, method)
+    runs = sweep_runs(method)
+    if len(runs) < len(SWEEP_RATES[method]):
+        return None
+    return max(runs, key=lambda r: np.mean([e["proxy"] for e in r["evals"][-3:]]))["learning_rate"]
+
+
+def study_plan(methods: tuple[str, ...]) -> list[tuple[str, int, float | None]]:
+    """Flow-GRPO and GRPO-Guard first (the testbed's shape and claim 4), then the others: in each part the sweeps,
+    then seeds 1-4 seed-major. A seed run's rate (None here) is known once its method's sweep is complete."""
+
+    def part(group: list[str]) -> list[tuple[str, int, float | None]]:
+        sweeps = [(m, 0, rate) for m in group if m not in SHARES_RATE and m != "flow_grpo" for rate in SWEEP_RATES[m]]
+        return sweeps + [(m, seed, None) for seed in STUDY_SEEDS for m in group]
+
+    first = [m for m in methods if m in WATCHED]
+    return part(first) + part([m for m in methods if m not in WATCHED])
+
+
+def study_run(method: str, seed: int, rate: float) -> dict:
+    alarm = _watching_alarm() if method in WATCHED else None
+    run = train_run(
+        method,
+        seed,
+        rate,
+        STEPS,
+        f"/tmp/goodhart/study-{method}-{seed}-{rate:g}",
+        EVAL_STEPS,
+        candidate_reward("stream"),
+        train_captions=stream_captions(),
+        callbacks=[alarm] if alarm else None,
+        per_device_train_batch_size=PROMPTS_PER_ROUND * 8 // 2,
+    )
+    if alarm is not None:
+        run["alarm"] = {"first_stop": alarm.first_stop, "best_step": alarm.best_step}
+    return run
+
+
+def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
+    """Every planned run of this shard, each appended to the study file as it finishes; a seed run whose method's
+    sweep is not complete yet waits for a later pass, while the other runs go on."""
+    mine = study_plan(methods)[shard::shards]
+    while True:
+        progressed = waiting = False
+        for method, seed, rate in mine:
+            rate = rate if rate is not None else best_rate(method)
+            if rate is None:
+                waiting = True
+                continue
+            if any(
+                r["method"] == method and r["seed"] == seed and np.isclose(r["learning_rate"], rate)
+                for r in load(STUDY_FILE)["runs"]
+            ):
+                continue
+            print(f"{method} seed {seed} lr {rate:g} ...", flush=True)
+            run = study_run(method, seed, rate)
+            append(STUDY_FILE, run)
+            print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
+            progressed = True
+        if not waiting:
+            return
+        if not progressed:
+            time.sleep(300)  # another shard is running the sweep this shard waits for
+
+
+def analyse_study(study: dict) -> str:
+    from analysis.overoptimization import by_method, claim4_verdict, fmt, gold_at_proxy, matched_levels
+    from analysis.rise_and_fall import rise_and_fall
+
+    seeded = {m: [r for r in group if r["seed"] in STUDY_SEEDS] for m, group in by_method(study).items()}
+    seeded = {m: group for m, group in seeded.items() if group}
+    lines = [
+        "| method | rate | seeds | peak step | rise | fall | proxy gain after peak | alarm fired |",
+        "|---" * 8 + "|",
+    ]
+    for method, group in seeded.items():
+        shape = rise_and_fall(group) if len(group) > 1 else None
+        fired = [r["alarm"]["first_stop"] for r in group if "alarm" in r]
+        cells = (
+            [str(shape.peak_step), fmt(shape.rise), fmt(shape.fall), fmt(shape.final_proxy_gain)]
+            if shape
+            else ["-"] * 4
+        )
+        lines.append(
+            f"| {method} | {group[0]['learning_rate']:g} | {len(group)} | " + " | ".join(cells)
+            + f" | {', '.join('-' if f is None else str(f) for f in fired) or 'not watched'} |"
+        )  # fmt: skip
+    pair = {m: seeded[m] for m in ("grpo_guard", "flow_grpo") if m in seeded and len(seeded[m]) > 1}
+    if len(pair) == 2:
+        levels = matched_levels(pair)
+        at_level = {
+            level: {m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in pair.items()}
+            for level in levels
+        }  # fmt: skip
+        lines += ["", claim4_verdict(pair, levels, at_level)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["calibrate", "analyse"])
+    parser.add_argument("phase", choices=["calibrate", "analyse", "study", "analyse-study"])
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=["stream"])
+    parser.add_argument("--methods", nargs="+", choices=STUDY_METHODS, default=list(STUDY_METHODS))
     parser.add_argument("--shard", default="0/1", help="i/n: every n-th planned run starting at i")
     options = parser.parse_args(argv)
+    shard, shards = (int(x) for x in options.shard.split("/"))
     if options.phase == "analyse":
         print(analyse(load(CALIBRATION_FILE)))
         return
-    shard, shards = (int(x) for x in options.shard.split("/"))
+    if options.phase == "analyse-study":
+        print(analyse_study(load(STUDY_FILE)))
+        return
+    if options.phase == "study":
+        run_study(tuple(options.methods), shard, shards)
+        return
     for candidate, rate in calibration_plan(tuple(options.candidates))[shard::shards]:
         if done(CALIBRATION_FILE, candidate, rate):
             continue

@@ -175,17 +175,19 @@ def train_run(
     eval_steps: int = 10,
     reward=None,
     train_captions: list[str] | None = None,
+    callbacks: list | None = None,
     **overrides,
 ) -> dict:
-    """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `overrides` are
-    extra `GuardConfig` fields. Each evaluation records the seconds of training before it (evaluation time
-    excluded)."""
+    """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `callbacks` are added
+    to the trainer (the Goodhart study's live alarm), `overrides` are extra `GuardConfig` fields. Each evaluation
+    records the seconds of training before it (evaluation time excluded)."""
     trainer = toy_trainer(
         method, seed, learning_rate, steps, output_dir, eval_steps, reward, train_captions, **overrides
     )
     settings = METHODS[method]
     clock = _TrainingClock()
-    trainer.add_callback(clock)
+    for callback in [clock, *(callbacks or [])]:
+        trainer.add_callback(callback)
     start = time.time()
     base = trainer.evaluate()
     trainer.train()
