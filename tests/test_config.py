@@ -109,7 +109,9 @@ def test_docstring_entries_are_read_whole():
     assert entries["num_generations"] == (
         "Images sampled per prompt (the group size). The generation batch must be a multiple of it. Must be >= 2."
     )
-    assert entries["log_timestep_grad_norm"].endswith("with full fine-tuning, log less often or turn it off.")
+    assert entries["log_timestep_grad_norm"].endswith(
+        "the mean of the processes' norms, each of the gradient of its own samples."
+    )
 
 
 def test_an_undocumented_field_fails_at_definition():

@@ -101,3 +101,107 @@ def test_gradients_are_all_reduced_once_per_optimizer_step(launch_recipe, tmp_pa
     assert state["global_step"] == 3 and len(trained_timesteps) >= 3
     # 3 optimizer steps x 2 micro-batches x >= 3 timesteps = >= 18 backward passes per process
     assert [int((tmp_path / f"allreduce.{rank}").read_text()) for rank in (0, 1)] == [3, 3]
+
+
+def _run(launch_recipe, cwd, output_dir, processes, *args):
+    """The recipe's CLI run, on one process or under `accelerate launch` on two."""
+    launcher = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(Path(__file__).parents[1] / "examples" / "accelerate_configs" / "ddp_cpu.yaml"),
+    ]
+    command = [sys.executable, *(launcher if processes == 2 else []), "-m", "trl_guard.scripts.grpo"]
+    launch([*command, "--config", str(launch_recipe), "--output_dir", output_dir, *args], cwd)
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_whole_batch_diagnostics(launch_recipe, tmp_path):
+    """The per-timestep diagnostics two processes log are those of their whole batch: what one process logs when it
+    trains the same 16 samples in one micro-batch. Two passes per round, so that the second is off-policy and the
+    log-ratios are not all 0."""
+    common = ("--loss_type", "grpo_guard", "--num_iterations", "2", "--max_steps", "4", "--save_steps", "4")
+    _run(launch_recipe, tmp_path, "one", 1, "--per_device_train_batch_size", "16", *common)
+    _run(launch_recipe, tmp_path, "two", 2, "--per_device_train_batch_size", "8", *common)
+
+    def diagnostics(run):
+        state = json.loads((tmp_path / run / "checkpoint-4" / "trainer_state.json").read_text())
+        stats = ("log_ratio_mean", "log_ratio_std", "raw_log_ratio_mean", "clip_frac_high", "clip_frac_low")
+        return [
+            {key: value for key, value in entry.items() if key.split("/")[-1] in stats}
+            for entry in state["log_history"]
+            if "log_ratio_mean" in entry
+        ]
+
+    one, two = diagnostics("one"), diagnostics("two")
+    assert (tmp_path / "two" / "checkpoint-4" / "rng_state_1.pth").exists()  # really two processes
+    assert len(one) == 4 and [entry.keys() for entry in two] == [entry.keys() for entry in one]
+    off_policy = one[1]  # the second pass of the first round
+    assert off_policy["log_ratio_std"] > 0 and off_policy["clip_frac_high"] + off_policy["clip_frac_low"] > 0
+    for entry_two, entry_one in zip(two, one):
+        assert entry_two == pytest.approx(entry_one, rel=1e-3, abs=1e-9)  # log-ratios are ~1e-5 here
+
+
+REDUCE_METRICS = """
+import json
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+
+from trl_guard.trainer import GuardGRPODiffusionTrainer
+
+accelerator = Accelerator()
+rank = accelerator.process_index
+samples = torch.load("samples.pt")[rank]  # (micro-batches, samples): this process's log-ratios at timestep 0
+stats = {
+    "timestep/00/log_ratio_mean": list(samples.mean(dim=1)),
+    "timestep/00/log_ratio_std": list(samples.std(dim=1, unbiased=False)),
+    "log_ratio_mean": list(samples.mean(dim=1)),
+    "log_ratio_std": list(samples.std(dim=1, unbiased=False)),
+    "reward": [torch.tensor(0.25)],  # gathered before it is logged: the same on every process
+}
+if rank == 1:
+    stats = dict(reversed(stats.items()))  # the same keys, held in another order
+trainer = SimpleNamespace(accelerator=accelerator, _metrics={"train": defaultdict(list, stats), "eval": {}})
+trainer._whole_batch = lambda series: GuardGRPODiffusionTrainer._whole_batch(trainer, series)
+reduced = GuardGRPODiffusionTrainer._reduce_metrics(trainer, "train")
+assert GuardGRPODiffusionTrainer._reduce_metrics(trainer, "eval") == {}  # empty everywhere: no collective left waiting
+# statistics that differ between the processes (which the trainer never logs): each key averaged where it is held
+odd = {"timestep/05/clip_frac_high": [0.5, 1.0]} if rank == 1 else {"only_here": [3.0], "reward": [0.25]}
+trainer._metrics["train"] = defaultdict(list, odd)
+fallback = GuardGRPODiffusionTrainer._reduce_metrics(trainer, "train")
+with open(f"reduced.{rank}.json", "w") as f:
+    json.dump([reduced, fallback], f)
+accelerator.end_training()  # destroys the process group: gloo left running can abort the exit
+"""
+
+
+@pytest.mark.slow
+def test_reduced_metrics_are_the_whole_batch_of_every_process(tmp_path):
+    """`_reduce_metrics` on two processes: each micro-batch's statistics become those of both processes' samples
+    together (the log-ratio spread pooled, not averaged), then they are averaged over the logging window as on one
+    process. Statistics that differ between the processes neither misalign nor hang: each is averaged where held."""
+    samples = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([[[1.0]], [[3.0]]])
+    samples[1] += 2.0  # the processes' means differ: a mean of their spreads would be far off
+    torch.save(samples, tmp_path / "samples.pt")
+    (tmp_path / "reduce_metrics.py").write_text(REDUCE_METRICS)
+    config = Path(__file__).parents[1] / "examples" / "accelerate_configs" / "ddp_cpu.yaml"
+    launch(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "reduce_metrics.py"],
+        tmp_path,
+    )
+    reduced = [json.loads((tmp_path / f"reduced.{rank}.json").read_text()) for rank in (0, 1)]
+    assert reduced[0] == reduced[1]
+    whole = samples.permute(1, 0, 2).reshape(3, 8)  # each micro-batch's samples of both processes
+    spread = whole.std(dim=1, unbiased=False).mean().item()
+    expected = {
+        "timestep/00/log_ratio_mean": samples.mean().item(),
+        "timestep/00/log_ratio_std": spread,
+        "log_ratio_mean": samples.mean().item(),
+        "log_ratio_std": spread,
+        "reward": 0.25,
+    }
+    assert reduced[0][0] == pytest.approx(expected, rel=1e-5)
+    assert reduced[0][1] == pytest.approx({"timestep/05/clip_frac_high": 0.75, "only_here": 3.0, "reward": 0.25})

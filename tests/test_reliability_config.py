@@ -53,6 +53,15 @@ def test_lora_fields_without_use_peft_are_refused(where, named, tmp_path):
     assert not model_args.use_peft
 
 
+def test_a_lora_recipe_turned_into_a_full_fine_tune_on_purpose_warns(tmp_path):
+    """`--use_peft false` over a LoRA recipe is a choice, not an omission: it trains in full, saying the LoRA fields
+    are ignored."""
+    argv = with_recipe(tmp_path, "use_peft: true\nlora_r: 8\n", "--use_peft", "false")
+    with pytest.warns(UserWarning, match="lora_r=8: LoRA settings, but use_peft is false"):
+        _, _, model_args = parse_arguments(argv)
+    assert not model_args.use_peft
+
+
 # ---- 5 and 6. Types of every field ---------------------------------------------------------------------------------
 
 

@@ -1,7 +1,9 @@
 """Reward functions fail early and by name: values float32 cannot hold, dataset columns that collide with the
 keywords rewards are called with, and signatures a keyword call cannot fill."""
 
+import asyncio
 import math
+import time
 
 import pytest
 import torch
@@ -79,3 +81,52 @@ def test_positional_only_parameters_with_defaults_are_accepted():
         return [scale] * len(kwargs["images"])
 
     assert RewardSet([reward])(PROMPTS, IMAGES).tolist() == [[1.0], [1.0]]
+
+
+def latency_reward(value, seconds, log):
+    async def slow_reward(prompts, images, **kwargs):
+        log.append(("start", value))
+        await asyncio.sleep(seconds)
+        log.append(("end", value))
+        return [value] * len(images)
+
+    return slow_reward
+
+
+def test_async_rewards_are_awaited_concurrently_within_a_call():
+    log = []
+
+    def plain(prompts, images, **kwargs):
+        log.append(("plain", None))
+        return [9.0] * len(images)
+
+    rewards = RewardSet([latency_reward(float(i), 0.4, log) for i in range(3)] + [plain])
+    start = time.perf_counter()
+    scores = rewards(PROMPTS, IMAGES, trainer_state=None)
+    elapsed = time.perf_counter() - start
+    assert scores.tolist() == [[0.0, 1.0, 2.0, 9.0]] * 2  # each function's values in its own column
+    assert elapsed < 0.8  # one wait of 0.4 s, not three
+    events = [event for event, _ in log]
+    assert max(i for i, e in enumerate(events) if e == "start") < min(i for i, e in enumerate(events) if e == "end")
+
+
+def test_async_rewards_are_checked_and_their_errors_raised_by_name():
+    async def short_reward(prompts, images, **kwargs):
+        return [1.0]
+
+    async def failing_reward(prompts, images, **kwargs):
+        raise RuntimeError("judge crashed")
+
+    with pytest.raises(ValueError, match=r"'short_reward' returned 1 values for 2 images"):
+        RewardSet([short_reward])(PROMPTS, IMAGES)
+    with pytest.raises(RuntimeError, match="judge crashed"):
+        RewardSet([latency_reward(1.0, 0.0, []), failing_reward])(PROMPTS, IMAGES)
+
+
+def test_async_rewards_run_from_a_thread_that_already_runs_an_event_loop():
+    rewards = RewardSet([latency_reward(0.5, 0.01, [])])
+
+    async def notebook_cell():
+        return rewards(PROMPTS, IMAGES)
+
+    assert asyncio.run(notebook_cell()).tolist() == [[0.5], [0.5]]

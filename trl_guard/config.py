@@ -26,6 +26,7 @@ from .losses import (
     KL_TYPES,
     LAGGED_DECAY_SCHEDULES,
     LOSS_TYPES,
+    MULTI_REWARD_NORMALIZATIONS,
     SCALE_REWARDS,
 )
 from .sde import CPS_LOG_PROBS, NOISE_SCHEDULES
@@ -239,9 +240,17 @@ class GuardConfig(TrainingArguments):
             std (`"batch"`) or not at all (`"none"`). Rewards are always centred per group.
         reward_weights (`list[float]`, *optional*):
             Weight of each reward function in the summed reward; all `1.0` if unset.
+        multi_reward_normalization (`str`, *optional*, defaults to `"sum"`):
+            How several reward functions become one advantage. `"sum"`: their weighted sum is normalised within each
+            group, so a reward on a large scale (a judge's 1-10 next to a CLIP score's 0.2-0.3) decides the ranking
+            unless the weights make up the scale. `"decoupled"` (GDPO): each reward is normalised within its group
+            first (as `scale_rewards` says), then the normalised rewards are weighted and summed, so each counts by
+            its weight whatever its scale. With several rewards, each one's own normalised advantage is logged as
+            `advantages/<name>/abs_mean`, with its correlation to the advantage trained on, `advantages/<name>/corr`.
         overlap_reward_scoring (`bool`, *optional*, defaults to `True`):
             Score each micro-batch's images in a worker thread while the next micro-batch is sampled (Flow-GRPO
-            does the same). Reward functions are still called one at a time, in order.
+            does the same). Plain reward functions are still called one at a time, in order; `async def` ones are
+            awaited concurrently with each other.
         generation_batch_size (`int`, *optional*):
             Images sampled per generation round over all processes; it must be a multiple of the global micro-batch
             (`per_device_train_batch_size * num_processes`) and of `num_generations`. Set this or
@@ -317,7 +326,8 @@ class GuardConfig(TrainingArguments):
         log_timestep_grad_norm (`bool`, *optional*, defaults to `True`):
             Log the gradient norm of each timestep's loss (the paper's Fig. 3). Measured on the optimizer steps that
             are logged (every `logging_steps`), where it costs a copy of the trainable gradients per timestep: cheap
-            for LoRA; with full fine-tuning, log less often or turn it off.
+            for LoRA; with full fine-tuning, log less often or turn it off. On several processes, the mean of the
+            processes' norms, each of the gradient of its own samples.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -368,6 +378,7 @@ class GuardConfig(TrainingArguments):
     adv_clip_max: float = 5.0
     scale_rewards: str = field(default="group", metadata={"choices": list(SCALE_REWARDS)})
     reward_weights: list[float] | None = None
+    multi_reward_normalization: str = field(default="sum", metadata={"choices": list(MULTI_REWARD_NORMALIZATIONS)})
     overlap_reward_scoring: bool = True
     generation_batch_size: int | None = None
     steps_per_generation: int | None = None

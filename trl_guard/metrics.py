@@ -74,6 +74,11 @@ def reward_key(name: str, stat: str) -> str:
     return f"{REWARDS}{name}/{stat}"
 
 
+def advantage_key(name: str, stat: str) -> str:
+    """Where a statistic of one reward function's own (group-normalised) advantage is logged."""
+    return f"advantages/{name}/{stat}"
+
+
 def eval_reward_key(prefix: str = "eval") -> str:
     return f"{prefix}_reward"
 

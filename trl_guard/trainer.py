@@ -38,14 +38,16 @@ from .config import GuardConfig
 from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid, make_grid
-from .losses import compute_advantages
+from .losses import compute_multi_reward_advantages
 from .metrics import (
     Stat,
+    advantage_key,
     eval_gold_key,
     eval_keys,
     eval_kl_key,
     eval_reward_key,
     eval_rewards_key,
+    parse_timestep_key,
     reward_key,
     timestep_key,
 )
@@ -173,6 +175,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         train_dataset, eval_dataset = preflight.as_dataset(train_dataset), preflight.as_dataset(eval_dataset)
         datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
         preflight.check_reward_columns(datasets)
+        self.rewards.check_columns(datasets)
+        if self.gold_rewards is not None:  # scored at evaluation only
+            self.gold_rewards.check_columns({"eval_dataset": eval_dataset})
         preflight.check_generation_batch(train_dataset, args)
         check_hub_setup(args)
         if isinstance(model, str):
@@ -361,14 +366,17 @@ class GuardGRPODiffusionTrainer(Trainer):
         chunks = _chunks(local_size, args.per_device_sample_batch_size)
         chunk_embeds = [row_embeds.index(chunk) for chunk in chunks]
         rollouts, scored = [], []  # scored: futures or score tensors, one per sampled batch
+        local_images: list = []  # kept for group-wise rewards, scored once the round is complete
         self.adapter.denoiser.eval()
         for chunk, embeds in zip(chunks, chunk_embeds):
             rollout = self.algorithm.sample(embeds, negative_embeds, latents[chunk], generators[chunk], plan)
             rollouts.append(rollout)
+            decoded = self._decode(rollout.final_latents)
+            local_images.extend(decoded if self.rewards.has_group_rewards else [])
             score = partial(
                 self.rewards,
                 prompts[chunk],
-                self._decode(rollout.final_latents),
+                decoded,
                 {key: values[chunk] for key, values in columns.items()},
                 trainer_state=self.state,
             )
@@ -376,16 +384,19 @@ class GuardGRPODiffusionTrainer(Trainer):
             scored.append(self._scoring_pool.submit(score) if self._scoring_pool else score())
         self._show_phase("scoring")
         local_rewards = torch.cat([s.result() if isinstance(s, Future) else s for s in scored]).to(device)
-        missing = torch.isnan(local_rewards).all(dim=1)
-        if missing.any():
-            prompt = prompts[int(missing.nonzero()[0])]
-            raise ValueError(
-                f"Every reward function returned None for prompt {prompt!r}: at least one must score each sample."
-            )
+        if not self.rewards.has_group_rewards:
+            _refuse_unscored(local_rewards, prompts)
         rewards = self.accelerator.gather(local_rewards)  # (generation batch, num_funcs), in global order
+        if self.rewards.has_group_rewards:
+            rewards = self._score_groups(rewards, prompts, local_images, columns)
         total = self.rewards.total(rewards)
-        advantages = compute_advantages(
-            total, args.num_generations, scale_rewards=args.scale_rewards, adv_clip_max=args.adv_clip_max
+        advantages, reward_advantages = compute_multi_reward_advantages(
+            rewards,
+            self.rewards.weights,
+            args.num_generations,
+            normalization=args.multi_reward_normalization,
+            scale_rewards=args.scale_rewards,
+            adv_clip_max=args.adv_clip_max,
         )
         if not bool(torch.isfinite(advantages).all()):  # the same on every process: computed from the gathered rewards
             raise ValueError(
@@ -393,7 +404,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"(from {total.min().item():.4g} to {total.max().item():.4g}) overflow float32 when summed, centred "
                 "and scaled. Scale the rewards down (the reward functions' values or reward_weights)."
             )
-        self._log_rewards(rewards, total, advantages)
+        self._log_rewards(rewards, total, advantages, reward_advantages)
         for key, value in plan.metrics.items():
             self._metrics["train"][key].append(value)
         local_advantages = advantages[offset : offset + local_size]
@@ -407,12 +418,42 @@ class GuardGRPODiffusionTrainer(Trainer):
             for rollout, embeds, chunk in zip(rollouts, chunk_embeds, chunks)
         ]
 
-    def _log_rewards(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
+    def _score_groups(
+        self, rewards: torch.Tensor, prompts: list[str], images: list, columns: dict[str, list]
+    ) -> torch.Tensor:
+        """Fill the group-wise rewards' columns of the round's gathered `rewards`: every process gathers the round's
+        images, scores its share of the groups (group `g` on process `g % num_processes`), and the shares are
+        gathered back, so that each group is scored once, whatever the process layout."""
+        accelerator, n = self.accelerator, self.args.num_generations
+        if accelerator.num_processes > 1:
+            prompts, images = gather_object(prompts), gather_object(images)
+            columns = {key: gather_object(values) for key, values in columns.items()}
+        groups = range(accelerator.process_index, len(images) // n, accelerator.num_processes)
+        scores = self.rewards.score_groups(
+            prompts, images, columns, num_generations=n, groups=groups, trainer_state=self.state
+        ).to(rewards.device)
+        if accelerator.num_processes > 1:
+            shares = accelerator.gather(scores.unsqueeze(0))  # (processes, N, F): NaN outside each one's groups
+            scored = ~torch.isnan(shares)
+            scores = torch.where(scored.any(dim=0), shares.nan_to_num().sum(dim=0), float("nan"))
+        groupwise = torch.tensor(self.rewards.groupwise, device=rewards.device)
+        rewards = torch.where(groupwise, scores, rewards)
+        _refuse_unscored(rewards, prompts)  # the same tensor on every process: all raise together
+        return rewards
+
+    def _log_rewards(
+        self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor, reward_advantages: torch.Tensor
+    ) -> None:
         metrics = self._metrics["train"]
         for j, name in enumerate(self.rewards.names):
             metrics[reward_key(name, "mean")].append(torch.nanmean(rewards[:, j]))
             valid = rewards[:, j][~torch.isnan(rewards[:, j])]
             metrics[reward_key(name, "std")].append(valid.std(unbiased=False) if len(valid) else 0.0)
+            if len(self.rewards) > 1:
+                # How much each reward drives the advantage trained on: under "sum", a reward on a small scale
+                # correlates with it only weakly, whatever its weight.
+                metrics[advantage_key(name, "abs_mean")].append(reward_advantages[:, j].abs().mean())
+                metrics[advantage_key(name, "corr")].append(_correlation(reward_advantages[:, j], advantages))
         grouped = total.view(-1, self.args.num_generations)
         metrics[Stat.REWARD].append(total.mean())
         metrics[Stat.REWARD_STD].append(total.std(unbiased=False))
@@ -747,24 +788,59 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     # ---- logging ------------------------------------------------------------------------------------------------
     def _reduce_metrics(self, mode: str) -> dict[str, float]:
-        """The mean of each statistic of ``mode`` gathered since the last log, then cleared. Statistics stay tensors
-        on the device while training and cross to the host here, in one transfer: each `.item()` on a GPU is a
-        synchronisation."""
-        gathered = self._metrics[mode]
-        if not gathered:
-            return {}
+        """The mean of each statistic of ``mode`` since the last log, over the whole batch of every process, then
+        cleared. A collective when there are several processes: every process calls it (as `Trainer.log` runs on each).
+
+        Each logged value is one micro-batch's statistic (of one training unit). Statistics stay tensors on the device
+        while training and reach the host here in one transfer (each `.item()` on a GPU is a synchronisation); with
+        several processes they first cross in one gather (`_whole_batch`), which turns each micro-batch's values on
+        the processes into the whole micro-batch's. The values are then averaged over the logging window, so that one
+        process logs exactly what it always has."""
         device = self.accelerator.device
-        means = torch.stack(
-            [
-                torch.stack(
-                    [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values]
-                ).mean()
-                for values in gathered.values()
-            ]
-        ).tolist()
-        reduced = dict(zip(gathered, means))
-        gathered.clear()
-        return reduced
+        series = {
+            key: torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
+            for key, values in self._metrics[mode].items()
+        }
+        self._metrics[mode].clear()
+        if self.accelerator.num_processes > 1:
+            series = self._whole_batch(series)
+        if not series:
+            return {}
+        return dict(zip(series, torch.stack([values.mean() for values in series.values()]).tolist()))
+
+    def _whole_batch(self, series: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every process's values of each statistic, combined micro-batch by micro-batch into the whole batch's.
+
+        The processes train the same units on as many samples each, so they log the same keys with as many values:
+        the mean of their values is the whole batch's mean (the rewards, gathered before they are logged, are the same
+        on every process and stay as they are), and a log-ratio spread is pooled from the processes' spreads and
+        means. Should the processes' statistics differ all the same, each key is the mean of the processes'
+        window means, over the processes that have it."""
+        keys = sorted(series)
+        lengths = [len(series[key]) for key in keys]
+        layouts = gather_object([(keys, lengths)])
+        if any(layout != (keys, lengths) for layout in layouts):
+            windows = gather_object([{key: values.mean().item() for key, values in series.items()}])
+            union = sorted({key for window in windows for key in window})
+            return {
+                key: torch.tensor(
+                    [float(np.mean([w[key] for w in windows if key in w]))], device=self.accelerator.device
+                )
+                for key in union
+            }
+        if not keys:
+            return {}
+        table = self.accelerator.gather(torch.cat([series[key] for key in keys]).unsqueeze(0))  # (processes, values)
+        per_key = dict(zip(keys, table.split(lengths, dim=1)))
+        whole = {key: values.mean(dim=0) for key, values in per_key.items()}
+        for key, spreads in per_key.items():
+            step = parse_timestep_key(key)
+            stat = step[1] if step is not None else key
+            means_key = timestep_key(step[0], Stat.LOG_RATIO_MEAN) if step is not None else Stat.LOG_RATIO_MEAN
+            if stat == Stat.LOG_RATIO_STD and means_key in per_key:
+                means = per_key[means_key]
+                whole[key] = (spreads.square() + (means - means.mean(dim=0)).square()).mean(dim=0).sqrt()
+        return whole
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if any(key.startswith("eval_") for key in logs):
@@ -910,6 +986,22 @@ class GuardGRPODiffusionTrainer(Trainer):
                 f"{error}). The trained model and its card are intact in {self.args.output_dir}; retry with "
                 "trainer.push_to_hub() or `hf upload`."
             ) from error
+
+
+def _refuse_unscored(rewards: torch.Tensor, prompts: list[str]) -> None:
+    missing = torch.isnan(rewards).all(dim=1)
+    if missing.any():
+        prompt = prompts[int(missing.nonzero()[0])]
+        raise ValueError(
+            f"Every reward function returned None for prompt {prompt!r}: at least one must score each sample."
+        )
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson's correlation of two vectors; 0 when either is constant. Stays on the device (no host sync)."""
+    a, b = a.float() - a.float().mean(), b.float() - b.float().mean()
+    scale = (a.square().sum() * b.square().sum()).sqrt()
+    return torch.where(scale > 0, (a * b).sum() / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
 def _chunks(size: int, chunk: int) -> list[slice]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import textwrap
@@ -50,9 +51,12 @@ class GuardScriptArguments(ScriptArguments):
         reward_funcs (`list[str]`):
             The rewards trained on, summed with `reward_weights`. Each is a built-in name (`pickscore`, `clip_score`,
             `aesthetic`, `ocr`, `video_ocr`, `image_similarity`, `image_reward`, `hpsv2`, `jpeg_compressibility`,
-            `jpeg_incompressibility`), the URL
-            of a remote scorer (`http://host:port/score`), or a dotted import path of a function
-            (`my_package.rewards.my_reward`).
+            `jpeg_incompressibility`, `vlm_judge`, `win_rate`), the URL of a remote scorer (`http://host:port/score`),
+            or a dotted import path of a function (`my_package.rewards.my_reward`).
+        reward_kwargs (`list[dict]`, *optional*):
+            The arguments of each entry of `reward_funcs`, in order: one mapping per reward, `{}` for one that takes
+            none. A built-in reward takes its class's arguments (`vlm_judge` needs `base_url` and `model`), a URL
+            `RemoteReward`'s (`timeout`, `name`, ...). On the command line, a JSON list.
         eval_dataset_name (`str`, *optional*):
             The evaluation prompts, in any form `dataset_name` takes (for a Hub id or folder, the split
             `dataset_test_split` is used). If unset while `eval_strategy` is not `"no"`, the `dataset_test_split`
@@ -60,6 +64,8 @@ class GuardScriptArguments(ScriptArguments):
         gold_reward_funcs (`list[str]`, *optional*):
             Rewards scored at evaluation only, never trained on, in the forms `reward_funcs` takes; each is logged
             as `eval_gold/<name>`. Watching them against `eval_reward` shows reward over-optimisation.
+        gold_reward_kwargs (`list[dict]`, *optional*):
+            The arguments of each entry of `gold_reward_funcs`, as `reward_kwargs` gives them to `reward_funcs`.
         overoptimization_gold_metric (`str`, *optional*):
             Turn on `OverOptimizationCallback` for this logged gold metric (for example
             `eval_gold/clip_score`): training stops once it has stayed more than `overoptimization_tolerance` below
@@ -74,8 +80,10 @@ class GuardScriptArguments(ScriptArguments):
 
     dataset_name: str | None = None
     reward_funcs: list[str] = field(default_factory=list)
+    reward_kwargs: list[dict] | str | None = None
     eval_dataset_name: str | None = None
     gold_reward_funcs: list[str] = field(default_factory=list)
+    gold_reward_kwargs: list[dict] | str | None = None
     overoptimization_gold_metric: str | None = None
     overoptimization_tolerance: float = 0.02
     overoptimization_patience: int = 2
@@ -339,15 +347,45 @@ def _refuse_target_module_string(argv: list[str], recipe: dict[str, Any]) -> Non
         )
 
 
+def _parse_reward_kwargs(value: Any, name: str) -> list[dict] | None:
+    """`reward_kwargs` as a list of mappings: a recipe gives the list, a flag its JSON; a lone mapping is the list of
+    one reward's arguments."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise ValueError(
+                f"{name}={value!r} is not valid JSON ({error}). Give a JSON list of objects, one per reward, for "
+                'example \'[{}, {"base_url": "http://127.0.0.1:8000/v1", "model": "judge"}]\'.'
+            ) from None
+    if isinstance(value, dict):
+        value = [value]
+    if value is not None and (
+        not isinstance(value, (list, tuple)) or not all(v is None or isinstance(v, dict) for v in value)
+    ):
+        raise ValueError(
+            f"{name}={value!r} must be a list of mappings, one per reward in order (`{{}}` for a reward without "
+            "arguments)."
+        )
+    return None if value is None else [dict(v or {}) for v in value]
+
+
 def _check_script_and_model_args(
-    script_args: GuardScriptArguments, model_args: ModelConfig, lora_defaults: dict[str, Any]
+    script_args: GuardScriptArguments,
+    model_args: ModelConfig,
+    lora_defaults: dict[str, Any],
+    use_peft_given: bool = False,
 ) -> None:
     """The script's and ModelConfig's fields, which no check of their own classes covers: their types (as
-    GuardConfig checks its own), and LoRA settings without `use_peft`, which would train the whole transformer."""
+    GuardConfig checks its own), and LoRA settings without `use_peft`, which would train the whole transformer:
+    refused when `use_peft` was never given, a warning when it was given as false on purpose (a LoRA recipe
+    turned into a full fine-tune by `--use_peft false`)."""
     # a recipe's `reward_funcs: ocr` is one reward, as the trainer reads a string, so not refused as a non-list
     for name in ("reward_funcs", "gold_reward_funcs"):
         if isinstance(getattr(script_args, name), str):
             setattr(script_args, name, [getattr(script_args, name)])
+    for name in ("reward_kwargs", "gold_reward_kwargs"):
+        setattr(script_args, name, _parse_reward_kwargs(getattr(script_args, name), name))
     targets = model_args.lora_target_modules
     if isinstance(targets, str) and not _is_target_pattern(targets):
         # TRL's ModelConfig turns a one-element list into its element (meant for `all-linear`), which peft would
@@ -360,7 +398,14 @@ def _check_script_and_model_args(
         for name in _LORA_FIELDS
         if getattr(model_args, name) != lora_defaults[name]
     ]
-    if changed and not model_args.use_peft:
+    if changed and not model_args.use_peft and use_peft_given:
+        warnings.warn(
+            f"{', '.join(changed)}: LoRA settings, but use_peft is false: they are ignored and the whole transformer "
+            "trains (saved as `transformer/`).",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif changed and not model_args.use_peft:
         raise ValueError(
             f"{', '.join(changed)}: LoRA settings, but use_peft is false, so the run would ignore them and train the "
             "whole transformer (saved as `transformer/`). Set `use_peft: true` in the recipe (or pass `--use_peft`) "
@@ -380,13 +425,23 @@ def parse_arguments(argv: list[str]) -> tuple[GuardScriptArguments, GuardConfig,
     # read before parsing: TrlParser makes the recipe's values the parser's defaults
     lora_defaults = {name: parser.get_default(name) for name in _LORA_FIELDS}
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    _check_script_and_model_args(script_args, model_args, lora_defaults)
+    use_peft_given = "use_peft" in (recipe or {}) or any(
+        a == "--use_peft" or a.startswith("--use_peft=") for a in argv
+    )
+    _check_script_and_model_args(script_args, model_args, lora_defaults, use_peft_given)
     if not script_args.dataset_name:
         parser.error("dataset_name is required (a Hub id, a local folder or a prompt file).")
     if not script_args.reward_funcs:
         parser.error("reward_funcs is required: at least one built-in reward name, URL or dotted import path.")
     if not model_args.model_name_or_path:
         parser.error("model_name_or_path is required (a Hub id or a local pipeline folder).")
+    # Built (nothing loads, nothing is contacted) so that a wrong argument, a missing judge key or a count that does
+    # not match fails now, not after the pipeline has loaded.
+    from ..scoring import resolve_reward_funcs
+
+    resolve_reward_funcs(script_args.reward_funcs, script_args.reward_kwargs, "reward_funcs")
+    if script_args.gold_reward_funcs or script_args.gold_reward_kwargs:
+        resolve_reward_funcs(script_args.gold_reward_funcs, script_args.gold_reward_kwargs, "gold_reward_funcs")
     evaluates = training_args.eval_strategy != "no"
     if (script_args.gold_reward_funcs or script_args.overoptimization_gold_metric) and not evaluates:
         parser.error(
@@ -399,8 +454,8 @@ def parse_arguments(argv: list[str]) -> tuple[GuardScriptArguments, GuardConfig,
         from ..scoring import reward_log_names
 
         logged = eval_keys(
-            reward_log_names(script_args.reward_funcs),
-            reward_log_names(script_args.gold_reward_funcs),
+            reward_log_names(script_args.reward_funcs, script_args.reward_kwargs),
+            reward_log_names(script_args.gold_reward_funcs, script_args.gold_reward_kwargs),
             training_args.eval_kl,
         )
         try:
@@ -446,15 +501,22 @@ def main(argv: list[str] | None = None):
                 restore_best=script_args.overoptimization_restore_best,
             )
         )
+    from ..scoring import resolve_reward_funcs
+
+    gold_reward_funcs = None
+    if script_args.gold_reward_funcs:
+        gold_reward_funcs = resolve_reward_funcs(
+            script_args.gold_reward_funcs, script_args.gold_reward_kwargs, "gold_reward_funcs"
+        )
     trainer = GuardGRPODiffusionTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=script_args.reward_funcs,
+        reward_funcs=resolve_reward_funcs(script_args.reward_funcs, script_args.reward_kwargs, "reward_funcs"),
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         callbacks=callbacks,
         peft_config=peft_config,
-        gold_reward_funcs=script_args.gold_reward_funcs or None,
+        gold_reward_funcs=gold_reward_funcs,
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
