@@ -1,7 +1,9 @@
 """Small shared builders for trainer tests."""
 
+import contextlib
 import os
 import subprocess
+import threading
 
 from peft import LoraConfig
 
@@ -138,3 +140,20 @@ def launch(command, cwd, env=None):
     }
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@contextlib.contextmanager
+def loopback_server(handler):
+    """An HTTP server on a free 127.0.0.1 port, serving `handler` (a `BaseHTTPRequestHandler` class) from a thread:
+    yields its `http://127.0.0.1:PORT` and shuts it down after."""
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -9,9 +9,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from helpers import loopback_server
 from PIL import Image
 
 from trl_guard.rewards import resolve_reward_func
@@ -81,15 +82,10 @@ def server():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/score"
-    yield state
-    state.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with loopback_server(Handler) as url:
+        state.url = f"{url}/score"
+        yield state
+        state.stop.set()
 
 
 def images(n, size=(64, 48)):

@@ -11,9 +11,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from helpers import loopback_server
 from PIL import Image
 
 from trl_guard.rewards import VLMJudge, group_reward, resolve_reward_func
@@ -94,14 +95,9 @@ def server():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with loopback_server(Handler) as url:
+        state.url = f"{url}/v1"
+        yield state
 
 
 def answer(content="Yes", top=None):
@@ -583,14 +579,9 @@ def recording_proxy(served_llava):
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with loopback_server(Handler) as url:
+        state.url = f"{url}/v1"
+        yield state
 
 
 def test_the_judge_scores_each_image_through_transformers_serve(served_llava, recording_proxy, monkeypatch):
