@@ -212,7 +212,7 @@ def run(family: str, recompute: bool, options: argparse.Namespace, output_dir: s
         recompute_old_means=recompute,
         bf16=options.dtype == "bf16",
         use_cpu=not cuda,
-        gradient_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing=options.gradient_checkpointing,  # transformers 5 deprecates the old name
         learning_rate=1e-4,
         report_to="none",
         save_strategy="no",
