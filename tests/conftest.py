@@ -50,6 +50,13 @@ def tiny_flux_pipeline_dir(_base_flux_pipeline, tmp_path_factory):
 
 
 @pytest.fixture
+def no_proxy(monkeypatch):
+    """urllib honours the *_proxy variables: requests to a test's loopback server must not go through one."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def prompts():
     return Dataset.from_dict({"prompt": [f"prompt number {i}" for i in range(8)], "label": list(range(8))})
 

@@ -48,11 +48,7 @@ class Server:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    # urllib honours *_proxy variables; requests to the test server must stay on loopback.
-    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_proxy")  # requests go to the tests' loopback servers
 
 
 @pytest.fixture

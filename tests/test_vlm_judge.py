@@ -61,11 +61,7 @@ class Server:
     in_flight_max: int = 0
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    # urllib honours *_proxy variables; requests to the test servers must stay on loopback.
-    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_proxy")  # requests go to the tests' loopback servers
 
 
 @pytest.fixture
