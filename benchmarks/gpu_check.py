@@ -86,10 +86,10 @@ def build_pipeline(family: str, layers: int | None, text_layers: int | None, res
             )
             torch.manual_seed(1)
             # SD3 conditions on the CLIP towers' penultimate hidden state: at least 2 layers
-            clip_l, tokenizer = rw._clip_text_encoder(rw.CLIP_L, text_depth(rw.CLIP_L, "num_hidden_layers", 2), True)
-            clip_g, tokenizer_2 = rw._clip_text_encoder(rw.CLIP_G, text_depth(rw.CLIP_G, "num_hidden_layers", 2), True)
-            t5, tokenizer_3 = rw._t5_encoder(rw.T5_XXL, text_depth(rw.T5_XXL, "num_layers"))
-            vae = rw._narrow_autoencoder_kl(rw.SD35_VAE)
+            clip_l, tokenizer = rw.clip_text_encoder(rw.CLIP_L, text_depth(rw.CLIP_L, "num_hidden_layers", 2), True)
+            clip_g, tokenizer_2 = rw.clip_text_encoder(rw.CLIP_G, text_depth(rw.CLIP_G, "num_hidden_layers", 2), True)
+            t5, tokenizer_3 = rw.t5_encoder(rw.T5_XXL, text_depth(rw.T5_XXL, "num_layers"))
+            vae = rw.narrow_autoencoder_kl(rw.SD35_VAE)
             components = dict(
                 text_encoder=clip_l,
                 tokenizer=tokenizer,
@@ -104,9 +104,9 @@ def build_pipeline(family: str, layers: int | None, text_layers: int | None, res
                 0, depth(spec["num_layers"]), depth(spec["num_single_layers"])
             )
             torch.manual_seed(1)
-            clip_l, tokenizer = rw._clip_text_encoder(rw.CLIP_L, text_depth(rw.CLIP_L, "num_hidden_layers"), False)
-            t5, tokenizer_2 = rw._t5_encoder(rw.T5_XXL, text_depth(rw.T5_XXL, "num_layers"))
-            vae = rw._narrow_autoencoder_kl(rw.FLUX_VAE)
+            clip_l, tokenizer = rw.clip_text_encoder(rw.CLIP_L, text_depth(rw.CLIP_L, "num_hidden_layers"), False)
+            t5, tokenizer_2 = rw.t5_encoder(rw.T5_XXL, text_depth(rw.T5_XXL, "num_layers"))
+            vae = rw.narrow_autoencoder_kl(rw.FLUX_VAE)
             components = dict(text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2)
         else:
             raise ValueError(f"Unknown family {family!r}; expected one of {FAMILIES}.")

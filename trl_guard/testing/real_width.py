@@ -447,7 +447,7 @@ _NARROW_VAE_BLOCKS = (8, 16, 16, 16)
 # ---- component builders -------------------------------------------------------------------------------------------
 
 
-def _clip_text_encoder(spec: Published, num_layers: int, with_projection: bool):
+def clip_text_encoder(spec: Published, num_layers: int, with_projection: bool):
     """A CLIP text tower of `spec`'s width with `num_layers` layers over the tiny byte-level CLIP tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -462,7 +462,7 @@ def _clip_text_encoder(spec: Published, num_layers: int, with_projection: bool):
     return model_class(config), tokenizer
 
 
-def _t5_encoder(spec: Published, num_layers: int, umt5: bool = False):
+def t5_encoder(spec: Published, num_layers: int, umt5: bool = False):
     """A T5 (or umT5) encoder of `spec`'s width with `num_layers` layers over the tiny Unigram tokenizer."""
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
@@ -477,7 +477,7 @@ def _t5_encoder(spec: Published, num_layers: int, umt5: bool = False):
     return model_class(config), tokenizer
 
 
-def _narrow_autoencoder_kl(spec: Published):
+def narrow_autoencoder_kl(spec: Published):
     """An AutoencoderKL with `spec`'s latent channels, 8x compression, scaling and shift, and narrow blocks."""
     from diffusers import AutoencoderKL
 
@@ -551,10 +551,10 @@ def build_real_width_sd3_pipeline(
 
     transformer = build_real_width_sd3_transformer(seed, variant, num_layers, pos_embed_max_size)
     torch.manual_seed(seed + 1)
-    text_encoder, tokenizer = _clip_text_encoder(CLIP_L, num_layers=2, with_projection=True)
-    text_encoder_2, tokenizer_2 = _clip_text_encoder(CLIP_G, num_layers=2, with_projection=True)
-    text_encoder_3, tokenizer_3 = _t5_encoder(T5_XXL, num_layers=1)
-    vae = _narrow_autoencoder_kl(SD35_VAE)
+    text_encoder, tokenizer = clip_text_encoder(CLIP_L, num_layers=2, with_projection=True)
+    text_encoder_2, tokenizer_2 = clip_text_encoder(CLIP_G, num_layers=2, with_projection=True)
+    text_encoder_3, tokenizer_3 = t5_encoder(T5_XXL, num_layers=1)
+    vae = narrow_autoencoder_kl(SD35_VAE)
     _eval(text_encoder, text_encoder_2, text_encoder_3, vae)
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -588,9 +588,9 @@ def build_real_width_flux_pipeline(
 
     transformer = build_real_width_flux_transformer(seed, num_layers, num_single_layers)
     torch.manual_seed(seed + 1)
-    text_encoder, tokenizer = _clip_text_encoder(CLIP_L, num_layers=1, with_projection=False)
-    text_encoder_2, tokenizer_2 = _t5_encoder(T5_XXL, num_layers=1)
-    vae = _narrow_autoencoder_kl(FLUX_VAE)
+    text_encoder, tokenizer = clip_text_encoder(CLIP_L, num_layers=1, with_projection=False)
+    text_encoder_2, tokenizer_2 = t5_encoder(T5_XXL, num_layers=1)
+    vae = narrow_autoencoder_kl(FLUX_VAE)
     _eval(text_encoder, text_encoder_2, vae)
     pipeline_class = FluxKontextPipeline if kontext else FluxPipeline
     return pipeline_class(
@@ -694,7 +694,7 @@ def build_real_width_wan_pipeline(seed: int = 0, variant: str = "1.3b", num_laye
 
     transformer = build_real_width_wan_transformer(seed, variant, num_layers)
     torch.manual_seed(seed + 1)
-    text_encoder, tokenizer = _t5_encoder(UMT5_XXL, num_layers=1, umt5=True)
+    text_encoder, tokenizer = t5_encoder(UMT5_XXL, num_layers=1, umt5=True)
     vae = AutoencoderKLWan(**_narrow_causal_vae_kwargs(WAN21_VAE))
     _eval(text_encoder, vae)
     return WanPipeline(
