@@ -58,14 +58,15 @@ def test_flux_resolution_must_pack():
         adapter.configure(SamplingSettings(32, 30))
 
 
-def test_a_new_family_registers_by_subclassing():
+def test_a_new_family_registers_with_register():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from trl_guard.adapters import ADAPTERS, PipelineAdapter
+    from trl_guard.adapters import ADAPTERS, PipelineAdapter, register
 
     class MyPipeline:
         scheduler = FlowMatchEulerDiscreteScheduler()
 
+    @register
     class MyAdapter(PipelineAdapter):
         pipeline_classes = ("MyPipeline",)
 

@@ -92,14 +92,20 @@ def test_every_loss_type_is_checked_before_the_first_one_trains(tmp_path, capsys
     assert "lists grpo_guard more than once" in capsys.readouterr().err
 
 
-def test_the_loss_types_offered_are_read_from_the_library(monkeypatch):
-    import trl_guard.losses
+def test_the_loss_types_offered_are_read_from_the_library():
+    from trl_guard.algorithms import SDERatioAlgorithm, register_algorithm, unregister_algorithm
     from trl_guard.scripts.demo import build_parser
 
-    monkeypatch.setattr(trl_guard.losses, "LOSS_TYPES", (*trl_guard.losses.LOSS_TYPES, "nft"))
-    parser = build_parser()
-    assert parser.parse_args(["--loss-types", "nft", "grpo_guard"]).loss_types == ["nft", "grpo_guard"]
-    assert "nft" in next(a.help for a in parser._actions if a.dest == "loss_types")
+    class Extra(SDERatioAlgorithm):  # a family registered after import is offered too
+        loss_types = ("extra_loss",)
+
+    register_algorithm(Extra)
+    try:
+        parser = build_parser()
+    finally:
+        unregister_algorithm(Extra)
+    assert parser.parse_args(["--loss-types", "extra_loss", "nft"]).loss_types == ["extra_loss", "nft"]
+    assert "extra_loss" in next(a.help for a in parser._actions if a.dest == "loss_types")
 
 
 def test_help_keeps_its_lists_and_names_the_loss_types(capsys):

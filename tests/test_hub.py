@@ -83,8 +83,7 @@ def test_push_uploads_a_folder_that_loads_and_carries_a_complete_card(
         "rewards/blueness/mean",
         "eval_reward",
         "eval_gold/jpeg_compressibility",
-        "2510.22319",
-        "2505.05470",
+        *({"grpo_guard": ("2510.22319", "2505.05470"), "nft": ("2509.16117",)}[loss_type]),  # the family's papers
         "TRL",
         f"`loss_type` | `{loss_type}`",
         "images/samples.png",

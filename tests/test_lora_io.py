@@ -188,8 +188,7 @@ def test_rollout_buffer_round_trips_train_batches(tmp_path):
     import torch
 
     from trl_guard.adapters import PromptEmbeddings
-    from trl_guard.checkpoints import load_rollout_buffer, save_rollout_buffer
-    from trl_guard.rollout import Rollout, TrainBatch
+    from trl_guard.rollout import Rollout, TrainBatch, load_rollout_buffer, save_rollout_buffer
 
     def batch(seed, negative):
         g = torch.Generator().manual_seed(seed)
@@ -199,21 +198,26 @@ def test_rollout_buffer_round_trips_train_batches(tmp_path):
             torch.linspace(1, 0, 4),
         )
         embeds = PromptEmbeddings({"prompt_embeds": torch.randn(2, 5, 8, generator=g)})
-        return TrainBatch(rollout, embeds, embeds if negative else None, torch.randn(2, generator=g), [0, 2])
+        advantages, rewards = torch.randn(2, generator=g), torch.randn(2, generator=g)
+        groups = torch.tensor([seed, seed])
+        return TrainBatch(rollout, embeds, embeds if negative else None, advantages, [0, 2], rewards, groups)
 
     batches = [batch(0, negative=True), batch(1, negative=False)]
     layout = {"per_device_train_batch_size": 2, "steps_per_generation": 2}
     save_rollout_buffer(batches, str(tmp_path / "buffer.safetensors"), layout)
-    loaded = load_rollout_buffer(str(tmp_path / "buffer.safetensors"), torch.device("cpu"), layout)
+    loaded = load_rollout_buffer(str(tmp_path / "buffer.safetensors"), torch.device("cpu"), layout, Rollout)
     assert len(loaded) == 2 and loaded[1].negative_embeds is None and loaded[0].train_steps == [0, 2]
     for original, back in zip(batches, loaded):
         for name in ("latents", "old_means", "sigmas"):
             torch.testing.assert_close(getattr(back.rollout, name), getattr(original.rollout, name), rtol=0, atol=0)
         torch.testing.assert_close(back.advantages, original.advantages, rtol=0, atol=0)
         torch.testing.assert_close(back.prompt_embeds.tensors, original.prompt_embeds.tensors, rtol=0, atol=0)
+    two = dict(rewards=torch.zeros(2), group_ids=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="3 advantages for a batch of 2"):
-        TrainBatch(batches[0].rollout, batches[0].prompt_embeds, None, torch.zeros(3), [0])
+        TrainBatch(batches[0].rollout, batches[0].prompt_embeds, None, torch.zeros(3), [0], **two)
     with pytest.raises(ValueError, match=r"Train steps \[5\] were not recorded"):
-        TrainBatch(batches[0].rollout, batches[0].prompt_embeds, None, torch.zeros(2), [0, 5])
+        TrainBatch(batches[0].rollout, batches[0].prompt_embeds, None, torch.zeros(2), [0, 5], **two)
     with pytest.raises(ValueError, match="per_device_train_batch_size=2 in the checkpoint, 4 now"):
-        load_rollout_buffer(str(tmp_path / "buffer.safetensors"), "cpu", {**layout, "per_device_train_batch_size": 4})
+        load_rollout_buffer(
+            str(tmp_path / "buffer.safetensors"), "cpu", {**layout, "per_device_train_batch_size": 4}, Rollout
+        )

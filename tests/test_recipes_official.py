@@ -280,14 +280,19 @@ def test_forward_recipe_trains_the_official_number_of_noise_levels(name):
 def test_forward_recipe_leaves_the_other_family_fields_out(name):
     _, config, _ = parse(RECIPES / name)
     written = set(yaml.safe_load((RECIPES / name).read_text()))
-    refused = set(GuardConfig._SDE_ONLY_FIELDS)
+    from trl_guard.algorithms import ForwardProcessAlgorithm, SDERatioAlgorithm
+
+    owned = set(ForwardProcessAlgorithm.config_fields)
+    refused = set(SDERatioAlgorithm.config_fields) | (
+        owned - set(ForwardProcessAlgorithm.fields_read(config.loss_type))
+    )
     if config.loss_type == "nft":
-        refused |= set(GuardConfig._AWM_ONLY_FIELDS) | {"epsilon"}
+        refused |= {"epsilon"}
     assert not written & refused, (
         f"{name} sets {sorted(written & refused)}, which loss_type={config.loss_type} refuses"
     )
     defaults = {f.name: f.default for f in dataclasses.fields(GuardConfig)}
-    assert all(getattr(config, field) == defaults[field] for field in GuardConfig._SDE_ONLY_FIELDS)
+    assert all(getattr(config, field) == defaults[field] for field in SDERatioAlgorithm.config_fields)
 
 
 @pytest.mark.parametrize("name", sorted(FORWARD_OFFICIAL))

@@ -1,7 +1,8 @@
 """trl_guard: online RL (GRPO-Guard, Flow-GRPO, DanceGRPO) for flow-matching text-to-image pipelines.
 
 The math (`sde_step_with_logprob`, `compute_policy_loss`, `compute_advantages`) imports only torch; the config and
-trainer, which pull in transformers, TRL and diffusers, are imported on first use.
+trainer, which pull in transformers, TRL and diffusers, are imported on first use, as is `LOSS_TYPES`, read from the
+algorithm registry (`trl_guard.algorithms.ALGORITHMS`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .losses import KL_TYPES, LOSS_TYPES, compute_advantages, compute_kl, compute_policy_loss
+from .losses import KL_TYPES, compute_advantages, compute_kl, compute_policy_loss
 from .sde import NOISE_SCHEDULES, ode_step, sde_step_with_logprob
 
 __version__ = "0.1.0"
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
+    if name == "LOSS_TYPES":  # on each access: the registry may have grown
+        return importlib.import_module(".algorithms", __name__).loss_types()
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'trl_guard' has no attribute {name!r}")

@@ -145,21 +145,19 @@ def check_run_settings(checkpoint: str, settings: dict[str, Any]) -> None:
 STAGING = ".staging"  # checkpoints are written here first, then moved into place
 EMA_STATE_NAME = "ema_state.safetensors"  # live weights and their EMA, when ema_decay > 0
 ALGORITHM_STATE_NAME = "algorithm_state.safetensors"  # what an algorithm keeps across rounds, when it keeps anything
-#: The saved model files a finished run leaves in `output_dir` (a LoRA, or the full denoiser).
-FINAL_MODEL_FILES = (
-    "pytorch_lora_weights.safetensors",
-    "pytorch_lora_weights_transformer_2.safetensors",  # Wan2.2's low-noise expert
-    os.path.join("transformer", "config.json"),
-    os.path.join("transformer_2", "config.json"),
-)
-#: The settings that decide how a generation round is cut into micro-batches: a mid-round buffer only fits them.
-BUFFER_LAYOUT_FIELDS = (
-    "per_device_train_batch_size",
-    "steps_per_generation",
-    "gradient_accumulation_steps",
-    "num_iterations",
-    "world_size",
-)
+
+
+def final_model_files() -> tuple[str, ...]:
+    """What shows that `output_dir` holds a finished run's model: every family's LoRA files and the `config.json` of
+    its full fine-tune's folders (`PipelineAdapter.lora_weight_names`, `denoiser_components`).
+
+    Read from the adapter registry rather than from the run's own adapter: the earlier run in `output_dir` may have
+    trained another family, and no module but the adapters names a family's files."""
+    from .adapters import ADAPTERS
+
+    names = [name for adapter in ADAPTERS for name in adapter.lora_weight_names.values()]
+    names += [os.path.join(folder, "config.json") for adapter in ADAPTERS for folder in adapter.denoiser_components]
+    return tuple(dict.fromkeys(names))
 
 
 def alarm_weights_name(index: int) -> str:
@@ -167,18 +165,10 @@ def alarm_weights_name(index: int) -> str:
     return f"overoptimization_best_{index}.safetensors"
 
 
-def rollout_buffer_name(rank: int) -> str:
-    return f"rollout_buffer_{rank}.safetensors"
-
-
-def buffer_layout(args: Any) -> dict[str, int]:
-    return {name: int(getattr(args, name)) for name in BUFFER_LAYOUT_FIELDS}
-
-
 def check_no_finished_run(output_dir: str, overwrite_output_dir: bool) -> None:
     """Refuse a fresh run into an `output_dir` that holds a finished run's model files (no checkpoints left, for
     example with `save_strategy="no"`), which `save_model()` would overwrite."""
-    found = [name for name in FINAL_MODEL_FILES if os.path.exists(os.path.join(output_dir, name))]
+    found = [name for name in final_model_files() if os.path.exists(os.path.join(output_dir, name))]
     if found and not overwrite_output_dir:
         raise ValueError(
             f"output_dir={output_dir!r} already holds a trained model ({', '.join(found)}) that this run would "
@@ -187,28 +177,31 @@ def check_no_finished_run(output_dir: str, overwrite_output_dir: bool) -> None:
 
 
 PREVIOUS_RUN_PREFIX = "previous-run-"
-#: What a run leaves in `output_dir` besides its checkpoints (`save_model`'s files, the model card, the evaluation
-#: grids): moved aside with them, so that neither a resume nor `trl-guard report` takes them for the new run's.
-RUN_OUTPUTS = (
-    "pytorch_lora_weights.safetensors",
-    "pytorch_lora_weights_transformer_2.safetensors",
-    "transformer",
-    "transformer_2",
-    "guard_config.json",
-    "log_history.json",
-    "README.md",
-    "eval_images",
-)
+#: What a run leaves in `output_dir` besides its checkpoints and its model files: the run's settings and history, the
+#: model card, the evaluation grids.
+RUN_RECORDS = ("guard_config.json", "log_history.json", "README.md", "eval_images")
+
+
+def run_outputs() -> tuple[str, ...]:
+    """What a run leaves in `output_dir` besides its checkpoints: `save_model`'s files, those of every registered
+    family (`PipelineAdapter.saved_model_files`), and `RUN_RECORDS`. Moved aside with the checkpoints, so that neither
+    a resume nor `trl-guard report` takes them for the new run's.
+
+    The union over the adapter registry, not the run's adapter: `move_previous_run` clears what an earlier run of any
+    family left, and needs no pipeline (it runs before the first sampling, and may run before one is loaded)."""
+    from .adapters import ADAPTERS
+
+    return tuple(dict.fromkeys([*(name for a in ADAPTERS for name in a.saved_model_files()), *RUN_RECORDS]))
 
 
 def move_previous_run(output_dir: str) -> str | None:
-    """Move an earlier run's `checkpoint-N` folders and finished model (`RUN_OUTPUTS`) into the first free
+    """Move an earlier run's `checkpoint-N` folders and finished model (`run_outputs()`) into the first free
     `output_dir/previous-run-K/`, and return that folder (None when there is nothing to move).
 
     A fresh run with `overwrite_output_dir` would otherwise replace only the checkpoints it reaches: the earlier run's
     later ones would stay beside its own, and a `resume_from_checkpoint=True` would take the newest of them. Nothing is
     deleted, and a resume never looks inside the subfolder (only `checkpoint-N` folders directly in `output_dir`)."""
-    outputs = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+    outputs = [name for name in run_outputs() if os.path.exists(os.path.join(output_dir, name))]
     names = checkpoints_in(output_dir) + outputs
     if not names:
         return None
@@ -287,41 +280,6 @@ def _safetensors_end(path: str) -> int:
         header = json.loads(f.read(header_size))
     ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     return 8 + header_size + max(ends, default=0)
-
-
-def save_rollout_buffer(batches: list, path: str, layout: dict[str, int]) -> None:
-    """Write a generation round's training micro-batches to one safetensors file, so a run resumed in the middle of
-    the round trains on exactly the same data. ``layout`` (see `buffer_layout`) is stored beside them."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v for i, batch in enumerate(batches) for k, v in batch.state_dict(prefix=f"{i}.").items()}
-    metadata = {name: str(value) for name, value in layout.items()}
-    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, path, metadata=metadata)  # clone: shared
-
-
-def load_rollout_buffer(path: str, device: torch.device | str, layout: dict[str, int]) -> list:
-    """Read what `save_rollout_buffer` wrote, onto `device`, refusing naming the fields when the round was cut into
-    micro-batches under other settings than ``layout``."""
-    from safetensors import safe_open
-
-    from .rollout import TrainBatch
-
-    with safe_open(path, framework="pt") as f:
-        saved = f.metadata() or {}
-    differ = [
-        f"{name}={saved[name]} in the checkpoint, {value} now"
-        for name, value in layout.items()
-        if name in saved and int(saved[name]) != value
-    ]
-    if differ:
-        raise ValueError(
-            f"Cannot resume from the middle of a generation round in {os.path.dirname(path)}: its rollout buffer was "
-            f"cut into micro-batches under other settings ({'; '.join(differ)}). Resume with the checkpoint's values "
-            "of these fields, or from a checkpoint at the end of a round."
-        )
-    tensors = read_safetensors(path, device=str(device))
-    count = len({k.split(".")[0] for k in tensors})
-    return [TrainBatch.from_state_dict(tensors, prefix=f"{i}.") for i in range(count)]
 
 
 def publish_checkpoint(run_dir: str, name: str, save_total_limit: int | None) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import numbers
 import re
+import textwrap
 import types
 import typing
 from collections.abc import Collection
@@ -17,22 +18,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from . import algorithms
+from .algorithms import ALGORITHM_ARGUMENTS, algorithm_class
 from .distributed import DEEPSPEED_REFUSAL
-from .losses import (
-    AWM_WEIGHTINGS,
-    DANCE_WEIGHTINGS,
-    DEFAULT_EPSILON,
-    FORWARD_LOSS_TYPES,
-    KL_TYPES,
-    LAGGED_DECAY_SCHEDULES,
-    LOSS_TYPES,
-    MULTI_REWARD_NORMALIZATIONS,
-    SCALE_REWARDS,
-)
-from .sde import CPS_LOG_PROBS, NOISE_SCHEDULES
-
-TIMESTEP_SELECTIONS = ("first", "random")
-SDE_WINDOW_SCHEDULES = ("random", "sliding")
+from .losses.advantages import MULTI_REWARD_NORMALIZATIONS, SCALE_REWARDS
 
 _ENTRY = re.compile(r"^(\s+)(\w+) \(`[^\n]*\):$")
 
@@ -73,9 +62,25 @@ def document_fields(cls: type) -> type:
     return cls
 
 
+def document_algorithm_arguments(cls: type) -> type:
+    """Append each algorithm family's arguments (`ALGORITHM_ARGUMENTS`, which `cls` inherits) to `cls`'s documentation,
+    under a heading per family, so that `help(GuardConfig)` documents every field; their command-line help comes from
+    the same entries (`document_fields` on each arguments dataclass)."""
+    sections = []
+    for arguments in ALGORITHM_ARGUMENTS:
+        document_fields(arguments)
+        intro, _, entries = (arguments.__doc__ or "").partition("Parameters:\n")
+        heading = f"        > Parameters of `{arguments.__module__}.{arguments.__name__}`"
+        intro = textwrap.fill(" ".join(intro.split()), 119, initial_indent=" " * 8, subsequent_indent=" " * 8)
+        sections.append(f"\n{heading}\n\n{intro}\n\n{entries.rstrip()}\n")
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "".join(sections) + "    "
+    return cls
+
+
 @document_fields
+@document_algorithm_arguments
 @dataclass
-class GuardConfig(TrainingArguments):
+class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
     r"""
     Configuration for [`GuardGRPODiffusionTrainer`]: GRPO-Guard and its baselines (Flow-GRPO, DanceGRPO,
     TempFlow-GRPO reweighting and the paper's ablations) for flow-matching text-to-image pipelines.
@@ -145,33 +150,8 @@ class GuardConfig(TrainingArguments):
             pipeline object or a local folder.
         noise_level (`float`, *optional*, defaults to `0.7`):
             SDE noise multiplier (`a` in Flow-GRPO, `eta` in DanceGRPO).
-        noise_schedule (`str`, *optional*, defaults to `"flow_grpo"`):
-            `"flow_grpo"`: `s = noise_level * sqrt(sigma / (1 - sigma))`; `"dance_grpo"`: constant `s = noise_level`;
-            `"linear"`: `s = noise_level * sigma`, Flow-GRPO's Wan2.1 schedule (there `noise_level` is the sampling
-            grid's second sigma, `sigmas[1]`); `"cps"`: Coefficients-Preserving Sampling (Flow-GRPO's `sde_type="cps"`), noise std
-            `sigma_next * sin(noise_level * pi / 2)`, no noise at the last step (which is then never trained).
-        cps_log_prob (`str`, *optional*, defaults to `"official"`):
-            The log-probability under `noise_schedule="cps"`: `"official"` is Flow-GRPO's `-MEAN((x_next - mean)**2)`
-            (constants and variance dropped; its CPS configs clip at `1e-5`), `"gaussian"` the normalised density
-            (whose log-ratios are the official ones divided by `2 std**2`). docs/fidelity.md compares the two.
         init_same_noise (`bool`, *optional*, defaults to `False`):
             Start every image of a prompt group from the same initial noise (DanceGRPO); groups still differ.
-
-        sde_window_size (`int`, *optional*, defaults to `0`):
-            `0` samples every step with the SDE. Otherwise Flow-GRPO-Fast's (and MixGRPO's) SDE window: each round,
-            only `sde_window_size` consecutive steps are SDE steps and the others deterministic ODE steps; only the
-            window's steps are recorded and trained (`timestep_fraction` does not apply), so memory and training
-            time scale with the window, not with `num_inference_steps`. Flow-GRPO-Fast trains windows of 2.
-        sde_window_range (`list[int]`, *optional*):
-            `[start, end)`: the sampling steps the window may cover; defaults to `[0, num_inference_steps // 2]`,
-            the noisier half. The window's first step is drawn per round as set by `sde_window_schedule`.
-        sde_window_schedule (`str`, *optional*, defaults to `"random"`):
-            `"random"`: the window's first step is drawn uniformly from `[start, end - sde_window_size]` each round,
-            from the seed and the round index, so every process draws the same and a resumed run the same again.
-            `"sliding"` (MixGRPO): it starts at `start` and moves one step later every `sde_window_shift_interval`
-            rounds, stopping at `end - sde_window_size`.
-        sde_window_shift_interval (`int`, *optional*, defaults to `25`):
-            Rounds between two moves of a `"sliding"` window.
 
         > Parameters that control the loss
 
@@ -181,58 +161,25 @@ class GuardConfig(TrainingArguments):
             log-ratio times `std`) or `"grpo_guard"` (RatioNorm plus the per-step gradient reweighting): the SDE family,
             which samples with the SDE and clips an importance ratio. Or the forward-process family, which samples with
             the ODE, keeps only the clean samples and trains on them noised again: `"nft"` (DiffusionNFT) or `"awm"`
-            (Advantage Weighted Matching). SDE-only fields (`noise_schedule`, `cps_log_prob`, `dance_weighting`,
-            `kl_type`, `timestep_selection`, the SDE window) are refused under `nft`/`awm`, and their fields under
-            the SDE family.
+            (Advantage Weighted Matching). The loss types are those of the registered algorithm families
+            (`trl_guard.algorithms.ALGORITHMS`); each family's own fields are listed at the end of this documentation
+            and refused, set away from their defaults, under a loss type that does not read them.
         epsilon (`float`, *optional*):
             Clip range: ratios are clipped to `[1 - epsilon, 1 + epsilon]`. Log-probabilities are per-element MEANs
             over the latent (not sums), so ratios sit within ~1e-3 of 1 and clip ranges are tiny. Defaults to `1e-4`
             for `flow_grpo`, `temp_reweight` and `mean_revised`, `2e-6` for `ratio_norm` and `grpo_guard` (the
             papers' values; GRPO-Guard used `4e-6` for PickScore), and `1.0` for `awm` (its surrogate ratio, AWM's
             released configs). `nft` has no ratio and refuses it.
-        dance_weighting (`str`, *optional*, defaults to `"inverse"`):
-            GRPO-Guard's per-step weight under `noise_schedule="dance_grpo"`: `"inverse"` is `1 / (beta_t * (-dt))`,
-            `"paper"` is `beta_t / (-dt)` as printed in the paper, with `beta_t = 1 + noise_level**2 (1 - sigma) /
-            (2 sigma)`. The default is the inverse: it is the weight that undoes the `beta_t * (-dt)` scale of the
-            RatioNorm gradient, and it evened out per-timestep gradient norms (max/min 1.3x against 5.8x) on a tiny
-            FLUX; docs/dance_grpo_weighting.md has the measurement.
         beta (`float`, *optional*, defaults to `0.0`):
             Weight of the KL penalty to the reference policy (the transformer with LoRA disabled, or a frozen copy of
             the starting weights for full fine-tuning). `0` (GRPO-Guard's setting) skips the reference forward. Under
             `nft` and `awm` it weighs the velocity-space penalty `MEAN((v - v_ref)**2)` instead (DiffusionNFT: `1e-4`;
             AWM: `1e-4` for PickScore, `1e-3` GenEval, `3e-3` OCR).
-        nft_beta (`float`, *optional*, defaults to `1.0`):
-            DiffusionNFT's strength of the implicit policies, `v_plus = nft_beta v + (1 - nft_beta) v_old` and
-            `v_minus = (1 + nft_beta) v_old - nft_beta v` (`config.beta` in its code: 1.0, 0.1 for OCR and
-            multi-reward). `nft` only.
-        lagged_decay_schedule (`str`, *optional*):
-            How the lagged copy of the weights (NFT's old policy, which samples; AWM's regulariser target) follows the
-            trained weights after each round, `copy <- d copy + (1 - d) weights`: `"nft"` (`d = min(0.001 step,
-            0.5)`, NFT's default), `"nft_ocr"` (0 until step 75, then `min(0.0075 (step - 75), 0.999)`), `"awm"`
-            (`min(0.001 step, 0.3)`) or `"none"` (`d = 0`: the copy is the policy just trained). Defaults to the
-            loss type's official schedule. `nft`/`awm` only; under `awm`, only with `awm_lagged_weight > 0`.
-        awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
-            AWM's surrogate log-likelihood `-w(l, t)` of the flow-matching error `l = MEAN((v - v*)**2)` at noise level
-            `t`: `"uniform"` (`l`), `"t"`, `"t_squared"`, `"huber"` or `"ghuber"` (`(t / p)((l + 1e-10)**p - 1e-10**p)`,
-            every released config). `awm` only.
-        awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
-            `p` of the `"ghuber"` weighting. `awm` with `awm_weighting="ghuber"` only.
-        awm_lagged_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of AWM's penalty `MEAN((v - v_lagged)**2)` towards the lagged copy (`0` skips its forward). `awm`
-            only.
-        kl_type (`str`, *optional*, defaults to `"flow_grpo"`):
-            `"flow_grpo"`: Flow-GRPO's per-step KL, `MEAN((mean - ref_mean)**2) / (2 s**2)` with `s` the diffusion
-            coefficient, that is the exact Gaussian KL times `(-dt)`, so β values from its configs (0.01-0.04) carry
-            over. `"exact"`: the closed-form KL between the two Gaussians of the step.
         timestep_fraction (`float`, *optional*, defaults to `1.0`):
             Fraction of the sampling steps trained on per rollout: `max(1, int(num_inference_steps *
             timestep_fraction))` steps. Flow-GRPO's configs use `0.99`, which with 10 steps trains steps 0-8. Under
             `nft`/`awm`: that many noise levels per sample, drawn as a permutation of the sampling grid (DiffusionNFT:
             `0.99`).
-        timestep_selection (`str`, *optional*, defaults to `"first"`):
-            Which steps `timestep_fraction` keeps: `"first"` (the official rule: the first steps, in sampling order,
-            so `0.99` leaves out the last, least noisy step) or `"random"` (a subset drawn per rollout from the
-            seed, shared by every sample of the rollout). Steps without noise (CPS's last) are never trained.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to `[-adv_clip_max, adv_clip_max]`.
         scale_rewards (`str`, *optional*, defaults to `"group"`):
@@ -267,13 +214,6 @@ class GuardConfig(TrainingArguments):
             pass repeats the sampling forwards exactly. Sampling runs without gradients, so a larger batch often
             fits and runs faster; in half precision a forward over a batch of another shape can differ in the last
             bits, and the first pass is then not exactly on-policy: see `recompute_old_means`.
-        recompute_old_means (`bool`, *optional*, defaults to `False`):
-            Before the first update of each round, compute the sampling policy's means again with one no-grad
-            forward per trained step in the training micro-batch's shape, and use them as the old policy's (SDE
-            losses only). The first pass is then exactly on-policy whatever the sampling batch, at one extra forward
-            per trained step and sample. Worth it with half precision when `per_device_sample_batch_size` differs
-            from `per_device_train_batch_size`, or on hardware whose kernels are not deterministic
-            (docs/launching.md, "Precision").
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Shuffle the prompts each epoch. The order of an epoch is drawn from `(seed, epoch)` alone, so a resumed run
             sees the prompts in the same order from any checkpoint.
@@ -355,26 +295,14 @@ class GuardConfig(TrainingArguments):
     num_frames: int = 1
     max_sequence_length: int = 128
     noise_level: float = 0.7
-    noise_schedule: str = field(default="flow_grpo", metadata={"choices": list(NOISE_SCHEDULES)})
     init_same_noise: bool = False
-    sde_window_size: int = 0
-    sde_window_range: list[int] | None = None
-    sde_window_schedule: str = field(default="random", metadata={"choices": list(SDE_WINDOW_SCHEDULES)})
-    sde_window_shift_interval: int = 25
 
-    loss_type: str = field(default="grpo_guard", metadata={"choices": list(LOSS_TYPES)})
+    # the choices the command line offers: the families registered when this module is imported (`_check_choices`
+    # reads the registry as it is then)
+    loss_type: str = field(default="grpo_guard", metadata={"choices": list(algorithms.LOSS_TYPES)})
     epsilon: float | None = None
-    dance_weighting: str = field(default="inverse", metadata={"choices": list(DANCE_WEIGHTINGS)})
-    cps_log_prob: str = field(default="official", metadata={"choices": list(CPS_LOG_PROBS)})
     beta: float = 0.0
-    nft_beta: float = 1.0
-    lagged_decay_schedule: str | None = field(default=None, metadata={"choices": list(LAGGED_DECAY_SCHEDULES)})
-    awm_weighting: str = field(default="ghuber", metadata={"choices": list(AWM_WEIGHTINGS)})
-    awm_ghuber_power: float = 0.25
-    awm_lagged_weight: float = 1.0
-    kl_type: str = field(default="flow_grpo", metadata={"choices": list(KL_TYPES)})
     timestep_fraction: float = 1.0
-    timestep_selection: str = field(default="first", metadata={"choices": list(TIMESTEP_SELECTIONS)})
     adv_clip_max: float = 5.0
     scale_rewards: str = field(default="group", metadata={"choices": list(SCALE_REWARDS)})
     reward_weights: list[float] | None = None
@@ -384,7 +312,6 @@ class GuardConfig(TrainingArguments):
     steps_per_generation: int | None = None
     num_iterations: int = 1
     per_device_sample_batch_size: int | None = None
-    recompute_old_means: bool = False
     shuffle_dataset: bool = True
 
     eval_kl: bool = False
@@ -410,11 +337,12 @@ class GuardConfig(TrainingArguments):
         self.model_init_kwargs = _parse_model_init_kwargs(self.model_init_kwargs)
         self._refuse_unsupported()
         super().__post_init__()
-        # before `_validate`, whose SDE-window checks would otherwise complain about a window the loss never reads
-        self._validate_family_fields()
+        family = algorithm_class(self.loss_type)
+        self._refuse_other_families_fields(family)
         self._validate()
+        family.validate(self)
         if self.epsilon is None:
-            self.epsilon = DEFAULT_EPSILON.get(self.loss_type)
+            self.epsilon = family.default_epsilon(self.loss_type)
         self._resolve_generation_batch()
         if self.generation_batch_size % self.num_generations != 0:
             raise ValueError(
@@ -432,6 +360,16 @@ class GuardConfig(TrainingArguments):
                 f"per_device_sample_batch_size={self.per_device_sample_batch_size} must divide the images each process "
                 f"samples per round (per_device_train_batch_size={self.per_device_train_batch_size} x "
                 f"steps_per_generation={self.steps_per_generation} = {local_batch})."
+            )
+        if family.needs_whole_groups and self.per_device_train_batch_size % self.num_generations != 0:
+            # the sampler lays each group's samples out consecutively and each process takes a consecutive slice of
+            # the generation batch, so whole micro-batches of whole groups keep every group on one process too
+            raise ValueError(
+                f"loss_type={self.loss_type!r} compares the samples of a prompt group within one micro-batch, so "
+                f"num_generations={self.num_generations} must divide per_device_train_batch_size="
+                f"{self.per_device_train_batch_size}, or a group would be split across micro-batches or processes. "
+                "Set per_device_train_batch_size to a multiple of num_generations (raise steps_per_generation or "
+                "gradient_accumulation_steps to keep the generation batch), or lower num_generations."
             )
 
     def _resolve_generation_batch(self) -> None:
@@ -461,6 +399,8 @@ class GuardConfig(TrainingArguments):
         the Python API. (Inherited fields are left to transformers, which takes more than some of its lists say.)"""
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
+            if f.name == "loss_type":  # the registry as it is now: a family registered since import counts
+                choices = algorithms.loss_types()
             value = getattr(self, f.name)
             if choices is None or f.name in _TRAINING_FIELDS or (value is None and f.default is None):
                 continue
@@ -529,17 +469,6 @@ class GuardConfig(TrainingArguments):
             f"timestep_fraction={self.timestep_fraction} must be in (0, 1]; 1.0 trains on every sampling step.",
         )
         check(self.noise_level > 0, f"noise_level={self.noise_level} must be > 0 for a stochastic policy.")
-        check(
-            self.noise_schedule != "cps" or self.noise_level <= 1,
-            f"noise_level={self.noise_level} with noise_schedule='cps' must be <= 1: CPS's noise std is "
-            "sigma_next * sin(noise_level * pi / 2), which is largest at 1 (Flow-GRPO's CPS configs use 0.7-0.8).",
-        )
-        check(
-            self.noise_schedule != "cps" or self.num_inference_steps >= 2,
-            f"num_inference_steps={self.num_inference_steps} with noise_schedule='cps' leaves nothing to train: CPS's "
-            "last step adds no noise, so it needs at least 2 steps (Flow-GRPO samples 10).",
-        )
-        self._validate_sde_window()
         check(self.beta >= 0, f"beta={self.beta} must be >= 0.")
         check(self.adv_clip_max > 0, f"adv_clip_max={self.adv_clip_max} must be > 0.")
         check(self.height > 0 and self.width > 0, f"height={self.height} and width={self.width} must be > 0.")
@@ -555,83 +484,24 @@ class GuardConfig(TrainingArguments):
             f"steps_per_generation={self.steps_per_generation} must be >= 1.",
         )
 
-    #: Fields that only one algorithm family reads; the other family refuses them when set away from their default.
-    _SDE_ONLY_FIELDS = ("noise_schedule", "cps_log_prob", "dance_weighting", "kl_type", "timestep_selection",
-                        "sde_window_size", "recompute_old_means")  # fmt: skip
-    _FORWARD_ONLY_FIELDS = (
-        "nft_beta",
-        "lagged_decay_schedule",
-        "awm_weighting",
-        "awm_ghuber_power",
-        "awm_lagged_weight",
-    )
-    _AWM_ONLY_FIELDS = ("awm_weighting", "awm_ghuber_power", "awm_lagged_weight")
-
-    def _validate_family_fields(self) -> None:
+    def _refuse_other_families_fields(self, family: type[algorithms.Algorithm]) -> None:
+        """Refuse, in one message naming them, the fields another registered family owns (or this family owns but
+        this loss type does not read) that are set away from their defaults, and the shared settings the family
+        says this loss type does not read."""
+        owned = dict.fromkeys(name for cls in algorithms.ALGORITHMS for name in cls.config_fields)
+        read = set(family.fields_read(self.loss_type))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-
-        def changed(names: tuple[str, ...]) -> list[str]:
-            return [f"{name}={getattr(self, name)!r}" for name in names if getattr(self, name) != defaults[name]]
-
-        if self.loss_type in FORWARD_LOSS_TYPES:
-            other = self._SDE_ONLY_FIELDS if self.loss_type == "awm" else self._SDE_ONLY_FIELDS + self._AWM_ONLY_FIELDS
-            family = f"loss_type={self.loss_type!r} (a forward-process loss, sampled with the ODE)"
-        else:
-            other = self._FORWARD_ONLY_FIELDS
-            family = f"loss_type={self.loss_type!r} (an SDE-ratio loss)"
-        unused = changed(other)
-        if self.loss_type == "nft" and self.epsilon is not None:
-            unused.append(f"epsilon={self.epsilon!r}")
+        unused = [
+            f"{name}={getattr(self, name)!r}"
+            for name in owned
+            if name not in read and name in defaults and getattr(self, name) != defaults[name]
+        ]
+        unused += family.unread_settings(self)
         if unused:
             raise ValueError(
-                f"{family} does not read {', '.join(unused)}: leave these fields at their defaults, or pick a "
-                "loss_type they belong to (docs/method.md lists which fields each family reads)."
-            )
-        if self.loss_type == "awm":
-            # options AWM reads only under another of its settings, refused as the other family's are
-            if self.awm_weighting != "ghuber" and self.awm_ghuber_power != defaults["awm_ghuber_power"]:
-                raise ValueError(
-                    f"awm_weighting={self.awm_weighting!r} does not read awm_ghuber_power={self.awm_ghuber_power!r}: "
-                    "only the 'ghuber' weighting has a power. Leave awm_ghuber_power at its default, or set "
-                    "awm_weighting='ghuber'."
-                )
-            if self.awm_lagged_weight == 0 and self.lagged_decay_schedule is not None:
-                raise ValueError(
-                    f"awm_lagged_weight=0 does not read lagged_decay_schedule={self.lagged_decay_schedule!r}: without "
-                    "the penalty towards the lagged copy, AWM never uses the copy. Leave lagged_decay_schedule unset, "
-                    "or set awm_lagged_weight > 0."
-                )
-        if self.loss_type in FORWARD_LOSS_TYPES:
-            if self.nft_beta <= 0:
-                raise ValueError(f"nft_beta={self.nft_beta} must be > 0 (DiffusionNFT uses 1.0, or 0.1 for OCR).")
-            if self.awm_ghuber_power <= 0 or self.awm_lagged_weight < 0:
-                raise ValueError(
-                    f"awm_ghuber_power={self.awm_ghuber_power} must be > 0 and awm_lagged_weight="
-                    f"{self.awm_lagged_weight} >= 0."
-                )
-
-    def _validate_sde_window(self) -> None:
-        if self.sde_window_size < 0:
-            raise ValueError(f"sde_window_size={self.sde_window_size} must be >= 0 (0 turns the window off).")
-        if self.sde_window_shift_interval < 1:
-            raise ValueError(f"sde_window_shift_interval={self.sde_window_shift_interval} must be >= 1.")
-        if self.sde_window_size == 0:
-            return
-        if self.sde_window_range is None:
-            self.sde_window_range = [0, self.num_inference_steps // 2]
-        window = list(self.sde_window_range)
-        if not (len(window) == 2 and 0 <= window[0] < window[1] <= self.num_inference_steps) or (
-            window[1] - window[0] < self.sde_window_size
-        ):
-            raise ValueError(
-                f"sde_window_range={self.sde_window_range} must be [start, end) with 0 <= start < end <= "
-                f"num_inference_steps={self.num_inference_steps} and room for sde_window_size={self.sde_window_size} "
-                "steps (end - start >= sde_window_size)."
-            )
-        if self.noise_schedule == "cps" and self.sde_window_size == 1 and window[1] == self.num_inference_steps:
-            raise ValueError(
-                f"sde_window_size=1 with sde_window_range={window} can fall on CPS's last step, which has no noise and "
-                "nothing to train: end the range at num_inference_steps - 1 or widen the window."
+                f"loss_type={self.loss_type!r} ({family.description}) does not read {', '.join(unused)}: leave these "
+                "fields at their defaults, or pick a loss_type they belong to (docs/method.md lists which fields each "
+                "family reads)."
             )
 
 

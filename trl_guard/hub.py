@@ -7,74 +7,21 @@ import shutil
 from typing import Any
 
 from . import metrics as names
-from .losses import FORWARD_LOSS_TYPES
+from .algorithms import algorithm_class
 
-CITATIONS = """```bibtex
-@article{wang2025grpoguard,
-  title   = {GRPO-Guard: Mitigating Implicit Over-Optimization in Flow Matching via Regulated Clipping},
-  author  = {Wang, Jing and Liang, Jiajun and Liu, Jie and Liu, Henglin and Liu, Gongye and Zheng, Jun and
-             Pang, Wanyuan and Ma, Ao and Xie, Zhenyu and Wang, Xintao and Wang, Meng and Wan, Pengfei and
-             Liang, Xiaodan},
-  journal = {arXiv preprint arXiv:2510.22319},
-  year    = {2025}
-}
-@article{liu2025flowgrpo,
-  title   = {Flow-GRPO: Training Flow Matching Models via Online RL},
-  author  = {Liu, Jie and others},
-  journal = {arXiv preprint arXiv:2505.05470},
-  year    = {2025}
-}
-@article{xue2025dancegrpo,
-  title   = {DanceGRPO: Unleashing GRPO on Visual Generation},
-  author  = {Xue, Zeyue and others},
-  journal = {arXiv preprint arXiv:2505.07818},
-  year    = {2025}
-}
-@inproceedings{zheng2026diffusionnft,
-  title     = {DiffusionNFT: Online Diffusion Reinforcement with Forward Process},
-  author    = {Zheng, Kaiwen and Chen, Huayu and Ye, Haotian and others},
-  booktitle = {International Conference on Learning Representations},
-  year      = {2026},
-  note      = {arXiv:2509.16117}
-}
-@article{xue2025awm,
-  title   = {Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models},
-  author  = {Xue, Shuchen and Ge, Chongjian and Zhang, Shilong and Li, Yichen and Ma, Zhi-Ming},
-  journal = {arXiv preprint arXiv:2509.25050},
-  year    = {2025}
-}
-@misc{vonwerra2022trl,
+#: Cited by every card, after the run's algorithm family's papers (`Algorithm.citation`).
+TRL_CITATION = """@misc{vonwerra2022trl,
   title        = {TRL: Transformer Reinforcement Learning},
   author       = {von Werra, Leandro and others},
   howpublished = {\\url{https://github.com/huggingface/trl}},
   year         = {2020}
-}
-```"""
+}"""
 
-#: The card's settings every run shows, then those of each algorithm family.
-_COMMON_CARD_FIELDS = (
-    "epsilon",
-    "beta",
-    "num_inference_steps",
-    "guidance_scale",
-    "true_cfg_scale",
-    "num_generations",
-    "learning_rate",
-    "max_steps",
-    "height",
-    "width",
-    "timestep_fraction",
-    "scale_rewards",
-)
-CARD_FIELDS = (
-    "loss_type",
-    *_COMMON_CARD_FIELDS,
-    "noise_schedule",
-    "noise_level",
-    "init_same_noise",
-    "dance_weighting",
-)
-FORWARD_CARD_FIELDS = ("loss_type", "nft_beta", "lagged_decay_schedule", "awm_weighting", *_COMMON_CARD_FIELDS)
+
+def citations(loss_type: str) -> str:
+    """The card's citations: the papers of the family that implements ``loss_type``, then TRL."""
+    entries = [algorithm_class(loss_type).citation.strip(), TRL_CITATION]
+    return "```bibtex\n" + "\n".join(entry for entry in entries if entry) + "\n```"
 
 
 def check_hub_setup(args: Any) -> None:
@@ -140,7 +87,7 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
             "## Samples\n\nEvaluation prompts at the last evaluation, fixed seeds:\n\n![samples](images/samples.png)\n"
         )
 
-    fields = FORWARD_CARD_FIELDS if args.loss_type in FORWARD_LOSS_TYPES else CARD_FIELDS
+    fields = algorithm_class(args.loss_type).card_fields
     fields = (*fields, "num_frames") if video else fields
     config = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
     rewards = ", ".join(
@@ -148,11 +95,7 @@ def write_model_card(trainer: Any, folder: str, base_model: str | None, pipeline
     )
     gold = ", ".join(f"`{n}`" for n in trainer.gold_rewards.names) if trainer.gold_rewards is not None else "none"
     repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    load = (
-        trainer.adapter.lora_load_code(repo)
-        if trainer.adapter.has_lora
-        else f'# full fine-tune: load the transformer from the "transformer" subfolder of {repo}'
-    )
+    load = trainer.adapter.lora_load_code(repo) if trainer.adapter.has_lora else trainer.adapter.full_load_code(repo)
     call = 'pipe("a photo of a cat holding a sign that says \\"hello\\"")'
     usage = f"video = {call}.frames[0]  # a list of PIL frames" if video else f"image = {call}.images[0]"
     content = f"""---
@@ -194,7 +137,7 @@ Trained for {trainer.state.global_step} optimizer steps.
 {sample}
 ## Citations
 
-{CITATIONS}
+{citations(args.loss_type)}
 """
     path = os.path.join(folder, "README.md")
     ModelCard(content).save(path)

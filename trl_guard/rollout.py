@@ -1,12 +1,16 @@
-"""Sampling trajectories with the SDE (recording everything training needs) and with the ODE (for evaluation)."""
+"""Sampling trajectories with the SDE (recording everything training needs) and with the ODE (for evaluation); the
+training micro-batches of a round (`TrainBatch`) and the rollout buffer that keeps them in a mid-round checkpoint."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .adapters import PipelineAdapter, PromptEmbeddings
+from .checkpoints import read_safetensors
 from .schedule import SDESchedule
 from .sde import ode_step
 
@@ -222,18 +226,23 @@ def select_train_steps(
 @dataclass
 class TrainBatch:
     """One training micro-batch of a generation round, built once the round is scored: what its rollout recorded,
-    the conditioning it was sampled with, its advantages and the units to train on (sampling steps for the SDE
-    family, drawn noise levels for the forward-process family)."""
+    the conditioning it was sampled with, its training signal (`Algorithm.training_signal`: group advantages by
+    default), the units to train on (sampling steps for the SDE family, drawn noise levels for the forward-process
+    family), and for algorithms that compare the samples of a group, each sample's weighted reward total and its prompt
+    group (the index of its group in the round's global generation batch, ``global_index // num_generations``)."""
 
     rollout: Rollout | CleanRollout
     prompt_embeds: PromptEmbeddings
     negative_embeds: PromptEmbeddings | None
     advantages: torch.Tensor  # (B,)
     train_steps: list[int]
+    rewards: torch.Tensor  # (B,), the weighted reward total
+    group_ids: torch.Tensor  # (B,) long
 
     def __post_init__(self):
-        if len(self.advantages) != len(self.rollout):
-            raise ValueError(f"{len(self.advantages)} advantages for a batch of {len(self.rollout)} trajectories.")
+        for name in ("advantages", "rewards", "group_ids"):
+            if len(getattr(self, name)) != len(self.rollout):
+                raise ValueError(f"{len(getattr(self, name))} {name} for a batch of {len(self.rollout)} trajectories.")
         missing = [step for step in self.train_steps if step not in self.rollout.steps]
         if missing:
             raise ValueError(f"Train steps {missing} were not recorded (recorded: {list(self.rollout.steps)}).")
@@ -245,6 +254,8 @@ class TrainBatch:
         """Flat tensors for safetensors, keyed ``{prefix}{name}``; `from_state_dict` reads them back."""
         state = dict(self.rollout.state_dict())
         state["advantages"] = self.advantages
+        state["rewards"] = self.rewards
+        state["group_ids"] = self.group_ids
         state["train_steps"] = torch.tensor(self.train_steps, dtype=torch.long)
         state.update({f"prompt.{k}": v for k, v in self.prompt_embeds.tensors.items()})
         if self.negative_embeds is not None:
@@ -252,18 +263,89 @@ class TrainBatch:
         return {prefix + k: v for k, v in state.items()}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "") -> TrainBatch:
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], prefix: str = "", *, rollout_type: type[Rollout] | type[CleanRollout]
+    ) -> TrainBatch:
+        """Read back what `state_dict` wrote; ``rollout_type`` is the run's algorithm's (`Algorithm.rollout_type`)."""
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
         def group(name: str) -> dict[str, torch.Tensor]:
             return {k[len(name) + 1 :]: v for k, v in own.items() if k.startswith(f"{name}.")}
 
         negative = group("negative")
-        rollout_type = CleanRollout if "clean" in own else Rollout
         return cls(
             rollout=rollout_type.from_state_dict(own),
             prompt_embeds=PromptEmbeddings(group("prompt")),
             negative_embeds=PromptEmbeddings(negative) if negative else None,
             advantages=own["advantages"],
             train_steps=own["train_steps"].tolist(),
+            rewards=own["rewards"],
+            group_ids=own["group_ids"],
         )
+
+
+# ---- the rollout buffer: a generation round's micro-batches kept in a mid-round checkpoint -----------------------
+
+#: The settings that decide how a generation round is cut into micro-batches: a mid-round buffer only fits them.
+BUFFER_LAYOUT_FIELDS = (
+    "per_device_train_batch_size",
+    "steps_per_generation",
+    "gradient_accumulation_steps",
+    "num_iterations",
+    "world_size",
+)
+
+
+def rollout_buffer_name(rank: int) -> str:
+    return f"rollout_buffer_{rank}.safetensors"
+
+
+def buffer_layout(args: Any) -> dict[str, int]:
+    return {name: int(getattr(args, name)) for name in BUFFER_LAYOUT_FIELDS}
+
+
+def save_rollout_buffer(batches: list[TrainBatch], path: str, layout: dict[str, int]) -> None:
+    """Write a generation round's training micro-batches to one safetensors file, so a run resumed in the middle of
+    the round trains on exactly the same data. ``layout`` (see `buffer_layout`) is stored beside them."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v for i, batch in enumerate(batches) for k, v in batch.state_dict(prefix=f"{i}.").items()}
+    metadata = {name: str(value) for name, value in layout.items()}
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, path, metadata=metadata)  # clone: shared
+
+
+def load_rollout_buffer(
+    path: str,
+    device: torch.device | str,
+    layout: dict[str, int],
+    rollout_type: type[Rollout] | type[CleanRollout],
+) -> list[TrainBatch]:
+    """Read what `save_rollout_buffer` wrote, onto `device`, each rollout as ``rollout_type`` (the run's algorithm's
+    `Algorithm.rollout_type`), refusing naming the fields when the round was cut into micro-batches under other
+    settings than ``layout``, and refusing a buffer written before micro-batches kept their rewards and groups."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        saved = f.metadata() or {}
+    differ = [
+        f"{name}={saved[name]} in the checkpoint, {value} now"
+        for name, value in layout.items()
+        if name in saved and int(saved[name]) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"Cannot resume from the middle of a generation round in {os.path.dirname(path)}: its rollout buffer was "
+            f"cut into micro-batches under other settings ({'; '.join(differ)}). Resume with the checkpoint's values "
+            "of these fields, or from a checkpoint at the end of a round."
+        )
+    tensors = read_safetensors(path, device=str(device))
+    count = len({k.split(".")[0] for k in tensors})
+    if count and "0.group_ids" not in tensors:
+        # the raw rewards cannot be recovered from such a buffer, and resampling the round would not be exact
+        raise ValueError(
+            f"Cannot resume from the middle of a generation round in {os.path.dirname(path)}: its rollout buffer "
+            f"({os.path.basename(path)}) was written by an older trl_guard, which kept no rewards or prompt groups "
+            "with the micro-batches. Resume from a checkpoint at the end of a generation round, or finish the run "
+            "with the trl_guard version that wrote it."
+        )
+    return [TrainBatch.from_state_dict(tensors, prefix=f"{i}.", rollout_type=rollout_type) for i in range(count)]

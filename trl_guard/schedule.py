@@ -3,7 +3,7 @@
 Sampling, the policy loss, the KL penalty and the evaluation KL all need the same three choices (the noise level,
 the noise schedule and the form of the log-probability) and must never disagree about them. One immutable object
 holds them and offers the step, its noise std, and the per-step weight of each loss, so call sites pass one value
-instead of three loose arguments. The math itself stays in the pure functions of `sde.py` and `losses.py`.
+instead of three loose arguments. The math itself stays in the pure functions of `sde.py` and `losses/sde_ratio.py`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """GuardGRPODiffusionTrainer: online RL for flow-matching pipelines, GRPO-Guard by default.
 
 The trainer orchestrates one loop for every algorithm family: sample a generation round, score it, turn the rewards
-(gathered from all processes) into group advantages, then train over (micro-batch, unit) pairs with one backward per
-unit, so memory does not grow with the number of sampling steps; log. What a rollout records and how a unit's loss is
-computed belong to the algorithm (`trl_guard.algorithms`); what a model family's call looks like belongs to its
-adapter (`trl_guard.adapters`); pre-flight checks and checkpoint files have their own modules.
+(gathered from all processes) into the algorithm's training signal (group advantages by default), then train over
+(micro-batch, unit) pairs with one backward per unit, so memory does not grow with the number of sampling steps; log.
+What a rollout records and how a unit's loss is computed belong to the algorithm (`trl_guard.algorithms`); what a
+model family's call looks like belongs to its adapter (`trl_guard.adapters`); pre-flight checks and checkpoint files
+have their own modules.
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ from trl.trainer.utils import RepeatSampler, identity
 
 from . import checkpoints, distributed, preflight
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
-from .algorithms import Algorithm, get_algorithm, path_kl_to_reference
+from .algorithms import Algorithm, algorithm_class, get_algorithm, path_kl_to_reference
 from .callbacks import adapt_tracker_callbacks
 from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
 from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
 from .images import log_image_grid, make_grid
-from .losses import compute_multi_reward_advantages
 from .metrics import (
     Stat,
     advantage_key,
@@ -52,7 +52,14 @@ from .metrics import (
     timestep_key,
 )
 from .overoptimization import OverOptimizationCallback, check_alarm_metric
-from .rollout import TrainBatch, sample_ode
+from .rollout import (
+    TrainBatch,
+    buffer_layout,
+    load_rollout_buffer,
+    rollout_buffer_name,
+    sample_ode,
+    save_rollout_buffer,
+)
 from .schedule import SDESchedule
 from .scoring import RewardSet
 from .seeding import Stream, keyed_generator
@@ -286,7 +293,8 @@ class GuardGRPODiffusionTrainer(Trainer):
                     param.data = param.data.float()
         else:
             denoiser.requires_grad_(True)
-            if args.beta > 0 or args.eval_kl:
+            # (LoRA's reference is the model with the adapter disabled: no copy)
+            if algorithm_class(args.loss_type).needs_reference(args) or args.eval_kl:
                 self.adapter.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             # diffusers models expose `enable_gradient_checkpointing`, not the transformers hook the Trainer calls.
@@ -390,14 +398,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         if self.rewards.has_group_rewards:
             rewards = self._score_groups(rewards, prompts, local_images, columns)
         total = self.rewards.total(rewards)
-        advantages, reward_advantages = compute_multi_reward_advantages(
-            rewards,
-            self.rewards.weights,
-            args.num_generations,
-            normalization=args.multi_reward_normalization,
-            scale_rewards=args.scale_rewards,
-            adv_clip_max=args.adv_clip_max,
-        )
+        advantages, reward_advantages = type(self.algorithm).training_signal(rewards, self.rewards.weights, args)
         if not bool(torch.isfinite(advantages).all()):  # the same on every process: computed from the gathered rewards
             raise ValueError(
                 f"The advantages of generation round {rollout_index} are not finite: the weighted reward totals "
@@ -408,13 +409,23 @@ class GuardGRPODiffusionTrainer(Trainer):
         for key, value in plan.metrics.items():
             self._metrics["train"][key].append(value)
         local_advantages = advantages[offset : offset + local_size]
+        local_totals = total[offset : offset + local_size]
+        local_groups = torch.tensor(global_indices, device=device) // args.num_generations
         train_chunks = _chunks(local_size, args.per_device_train_batch_size)
         if train_chunks != chunks:  # sampled in batches of another size: cut the round into training micro-batches
             whole = type(rollouts[0]).cat(rollouts)
             rollouts = [whole.select(chunk) for chunk in train_chunks]
             chunks, chunk_embeds = train_chunks, [row_embeds.index(chunk) for chunk in train_chunks]
         return [
-            TrainBatch(rollout, embeds, negative_embeds, local_advantages[chunk], plan.train_steps)
+            TrainBatch(
+                rollout,
+                embeds,
+                negative_embeds,
+                local_advantages[chunk],
+                plan.train_steps,
+                rewards=local_totals[chunk],
+                group_ids=local_groups[chunk],
+            )
             for rollout, embeds, chunk in zip(rollouts, chunk_embeds, chunks)
         ]
 
@@ -667,7 +678,7 @@ class GuardGRPODiffusionTrainer(Trainer):
     def _check_mid_round_buffer(self, checkpoint: str, global_step: int) -> None:
         """A checkpoint saved in the middle of a round resumes only from its rollout buffer: refuse when it is missing
         (resampling would train the rest of the round on data from the already-updated policy)."""
-        buffer = os.path.join(checkpoint, checkpoints.rollout_buffer_name(self.accelerator.process_index))
+        buffer = os.path.join(checkpoint, rollout_buffer_name(self.accelerator.process_index))
         if self._round_is_open(global_step) and not os.path.exists(buffer):
             raise ValueError(
                 f"Cannot resume from {checkpoint}: it was saved in the middle of a generation round (step "
@@ -866,19 +877,17 @@ class GuardGRPODiffusionTrainer(Trainer):
         return json.loads(json.dumps(settings))  # as it reads back from the checkpoint
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the LoRA in the family's diffusers format (or the full denoiser in diffusers' `from_pretrained`
-        layout). `state_dict` is the denoiser's full state gathered by the Trainer when FSDP shards it."""
+        """Write the LoRA in the family's diffusers format (or the full denoiser in the pipeline's `from_pretrained`
+        layout): the adapter names the files. `state_dict` is the denoiser's full state gathered by the Trainer when
+        FSDP shards it."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        transformer_dir = os.path.join(output_dir, "transformer")
         if self.adapter.has_lora:
             self.adapter.save_lora(output_dir, state_dict=state_dict)
-        elif state_dict is not None:
-            distributed.save_full_denoiser(state_dict, self.adapter.denoiser, transformer_dir)
         else:
-            self.adapter.denoiser.save_pretrained(transformer_dir, safe_serialization=True)
+            self.adapter.save_full(output_dir, state_dict=state_dict)
         # JSON rather than the Trainer's pickled training_args.bin: tokens are redacted and nothing needs unpickling.
         with open(os.path.join(output_dir, "guard_config.json"), "w") as f:
             f.write(self.args.to_json_string())
@@ -915,8 +924,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         if self._buffered_batches is not None and self._round_is_open(self.state.global_step):
             # Saved in the middle of a generation round: keep the round's data so a resume trains on it unchanged
             # instead of resampling it with the already-updated policy.
-            path = os.path.join(staged, checkpoints.rollout_buffer_name(self.accelerator.process_index))
-            checkpoints.save_rollout_buffer(self._buffered_batches, path, checkpoints.buffer_layout(self.args))
+            path = os.path.join(staged, rollout_buffer_name(self.accelerator.process_index))
+            save_rollout_buffer(self._buffered_batches, path, buffer_layout(self.args))
         # Gathered on every process: under FSDP2 each tensor is a collective.
         ema_state = self.ema.state_dict() if self.ema is not None else None
         algorithm_state = self.algorithm.state_dict()
@@ -949,10 +958,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         if distributed.is_fsdp2(self.accelerator):  # called after `prepare`: the copies must hold shards first
             self._follow_sharded_weights()
         device = str(self.accelerator.device)
-        buffer = os.path.join(resume_from_checkpoint, checkpoints.rollout_buffer_name(self.accelerator.process_index))
+        buffer = os.path.join(resume_from_checkpoint, rollout_buffer_name(self.accelerator.process_index))
         if os.path.exists(buffer):
-            self._buffered_batches = checkpoints.load_rollout_buffer(
-                buffer, device, checkpoints.buffer_layout(self.args)
+            self._buffered_batches = load_rollout_buffer(
+                buffer, device, buffer_layout(self.args), type(self.algorithm).rollout_type
             )
         if self.adapter.has_lora:
             self.adapter.load_lora(resume_from_checkpoint, sharded=distributed.is_fsdp2(self.accelerator))

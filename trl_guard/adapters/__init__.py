@@ -1,33 +1,30 @@
 """Model-family adapters, picked from the pipeline's class.
 
-Every module in this package is imported here, and every `PipelineAdapter` subclass that names its
-`pipeline_classes` registers itself: adding a family is adding one file (docs/adding_a_model_family.md).
+Each adapter module registers its classes (`@register`, into `ADAPTERS`) when it is imported, and the imports below
+are the one list of the families, in the order `get_adapter` tries them (alphabetical, as isort keeps them; families
+sharing a pipeline class tell their pipelines apart with `accepts`): adding a family is adding its file and its line
+here (docs/adding_a_model_family.md).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from .._logging import quiet_known_noise
 
 # The adapters import diffusers' pipeline modules, whose first import makes transformers log its torchvision notice.
 with quiet_known_noise("torchvision_fallback"):
-    from .base import ADAPTERS, PipelineAdapter, PromptEmbeddings, SamplingSettings
-
-    for _module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-from .flux import FluxAdapter  # noqa: E402
-from .flux2 import Flux2Adapter, Flux2KleinAdapter  # noqa: E402
-from .flux_kontext import FluxKontextAdapter  # noqa: E402
-from .qwenimage import QwenImageAdapter  # noqa: E402
-from .qwenimage_edit import QwenImageEditAdapter  # noqa: E402
-from .sd3 import SD3Adapter  # noqa: E402
-from .wan import WanAdapter  # noqa: E402
-from .wan22 import Wan22Adapter  # noqa: E402
-from .zimage import ZImageAdapter  # noqa: E402
+    # The families, one line each: importing a module registers its adapters.
+    from .base import ADAPTERS, PipelineAdapter, PromptEmbeddings, SamplingSettings, register
+    from .flux import FluxAdapter
+    from .flux2 import Flux2Adapter, Flux2KleinAdapter
+    from .flux_kontext import FluxKontextAdapter
+    from .qwenimage import QwenImageAdapter
+    from .qwenimage_edit import QwenImageEditAdapter
+    from .sd3 import SD3Adapter
+    from .wan import WanAdapter
+    from .wan22 import Wan22Adapter
+    from .zimage import ZImageAdapter
 
 
 def adapter_class(pipeline_class: str) -> type[PipelineAdapter] | None:
@@ -65,4 +62,5 @@ __all__ = [
     "ZImageAdapter",
     "adapter_class",
     "get_adapter",
+    "register",
 ]

@@ -71,8 +71,20 @@ ATTENTION_PROJECTIONS = [
     "attn.to_add_out",
 ]
 
-#: Every adapter class that names its pipeline classes, in definition order (see `get_adapter`).
+#: The registered adapter classes, in registration order: the order of the imports in `adapters/__init__.py`, the one
+#: list of the families (see `get_adapter`).
 ADAPTERS: list[type[PipelineAdapter]] = []
+
+
+def register(cls: type[PipelineAdapter]) -> type[PipelineAdapter]:
+    """Class decorator that adds a family's adapter to `ADAPTERS`: each adapter module registers its classes, and
+    importing the module in `adapters/__init__.py` is what makes the family known. A subclass is not registered by
+    subclassing (a test's or a family's intermediate class stays out)."""
+    if not cls.pipeline_classes:
+        raise ValueError(f"{cls.__name__} names no pipeline_classes: set the diffusers pipeline classes it drives.")
+    if cls not in ADAPTERS:
+        ADAPTERS.append(cls)
+    return cls
 
 
 def check_resolution_multiple(
@@ -109,18 +121,18 @@ def loads_component(model_index: dict[str, Any], name: str) -> bool:
 class PipelineAdapter:
     """Base class of the model-family adapters. Subclasses fill in the family-specific methods."""
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.pipeline_classes:
-            ADAPTERS.append(cls)
-
     #: Class names of the diffusers pipelines this adapter drives.
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     #: LoRA target modules used when a `peft_config` leaves `target_modules` unset.
     default_lora_target_modules: ClassVar[list[str]] = []
     #: Prefix of the denoiser's keys in the family's LoRA file (diffusers' `transformer_name`).
     lora_prefix: ClassVar[str] = "transformer"
-    lora_weight_name: ClassVar[str] = "pytorch_lora_weights.safetensors"
+    #: The pipeline components the trained denoiser spans, by their names in the pipeline. A full fine-tune saves
+    #: each into the folder of its name (`save_full`), the layout `from_pretrained` reads a pipeline folder in.
+    denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
+    #: Each component's LoRA file (`save_lora`). The first keeps diffusers' default name, so that the pipeline's
+    #: `load_lora_weights(folder)` finds it alone.
+    lora_weight_names: ClassVar[dict[str, str]] = {"transformer": "pytorch_lora_weights.safetensors"}
     #: Whether `decode` returns videos (one list of frames per sample) rather than images.
     is_video: ClassVar[bool] = False
     #: Dataset columns the family is conditioned on besides the prompt, such as an editing model's source image
@@ -134,6 +146,13 @@ class PipelineAdapter:
     max_sequence_length_limit: ClassVar[int | None] = None
     #: Why the family cannot be sharded with FSDP2 (the error the trainer raises, before sampling), or None.
     fsdp2_refusal: ClassVar[str | None] = None
+
+    @classmethod
+    def saved_model_files(cls) -> tuple[str, ...]:
+        """The files and folders a finished run or a checkpoint of this family keeps its model in: the LoRA files and
+        a full fine-tune's component folders (`save_lora`, `save_full`). `checkpoints` reads them from every registered
+        adapter, so that no other module lists a family's file names."""
+        return (*cls.lora_weight_names.values(), *cls.denoiser_components)
 
     @classmethod
     def accepts(cls, pipeline: Any) -> bool:
@@ -196,10 +215,29 @@ class PipelineAdapter:
         return self.reference_denoiser if self._use_reference else self.denoiser
 
     @property
+    def denoiser_parts(self) -> dict[str, torch.nn.Module]:
+        """Each of `denoiser_components` as a module: the denoiser itself when it is one component, else its submodule
+        of that name, whose keys in the denoiser's state dict are then prefixed `<component>.`."""
+        if len(self.denoiser_components) == 1:
+            return {self.denoiser_components[0]: self.denoiser}
+        return {name: getattr(self.denoiser, name) for name in self.denoiser_components}
+
+    def _part_state(self, state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        """The part of the denoiser's `state_dict` that belongs to component `name`, keyed as that module's own."""
+        if len(self.denoiser_components) == 1:
+            return state_dict
+        return {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+
+    def _denoiser_key(self, name: str, key: str) -> str:
+        """The inverse of `_part_state` for one key: component `name`'s `key` as the denoiser's state dict has it."""
+        return key if len(self.denoiser_components) == 1 else f"{name}.{key}"
+
+    @property
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules never trained (text encoders, VAE)."""
         names = [n for n, c in self.pipeline.components.items() if isinstance(c, torch.nn.Module)]
-        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n) is not self.denoiser]
+        parts = list(self.denoiser_parts.values())
+        return [getattr(self.pipeline, n) for n in names if all(getattr(self.pipeline, n) is not p for p in parts)]
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -288,14 +326,17 @@ class PipelineAdapter:
             latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
         velocity = self.forward(self.active_denoiser, latents, sigma, conditioning)
         if use_cfg:
-            velocity = self.combine_guidance(*velocity.chunk(2))
+            uncond, cond = velocity.chunk(2)
+            velocity = self.combine_guidance(uncond, cond, sigma[: len(cond)])
         return velocity
 
-    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The guided velocity from the negative-prompt (`uncond`) and prompt (`cond`) velocities of one batch.
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided velocity from the negative-prompt (`uncond`) and prompt (`cond`) velocities of one batch at
+        noise levels `sigma` (B,).
 
         Families whose pipeline combines the two differently (Qwen-Image rescales the result) override this, so that
-        the batching above stays in one place."""
+        the batching above stays in one place. `sigma` is for families whose scale differs per sample (Wan2.2's
+        experts): the scale is a function of the arguments, never of state set around the call."""
         return uncond + self.cfg_scale * (cond - uncond)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
@@ -304,14 +345,28 @@ class PipelineAdapter:
         raise NotImplementedError
 
     # ---- full fine-tuning --------------------------------------------------------------------------------------
-    def full_weights(self, checkpoint_folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-        """The fully fine-tuned denoiser's weights in a checkpoint, keyed as `denoiser.state_dict()` (used on resume).
+    def save_full(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the fully fine-tuned denoiser into `folder` (a run's `output_dir` or a checkpoint) in the pipeline's
+        own layout: each of `denoiser_components` into the subfolder of its name, as `from_pretrained` reads it.
+        `state_dict` is the denoiser's full state when the trainer gathered it (FSDP shards the module's own)."""
+        from ..distributed import save_full_denoiser
 
-        The trainer saves the denoiser with its `save_pretrained` into the checkpoint's `transformer` folder; a family
-        whose denoiser spans several pipeline components (Wan2.2's two experts) reads each of their folders."""
+        for name, module in self.denoiser_parts.items():
+            target = os.path.join(folder, name)
+            if state_dict is None:
+                module.save_pretrained(target, safe_serialization=True)
+            else:
+                save_full_denoiser(self._part_state(state_dict, name), module, target)
+
+    def full_weights(self, checkpoint_folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The weights `save_full` wrote into a checkpoint, keyed as `denoiser.state_dict()` (used on resume)."""
         from ..checkpoints import load_full_weights
 
-        return load_full_weights(os.path.join(checkpoint_folder, "transformer"))
+        return {
+            self._denoiser_key(name, key): value
+            for name in self.denoiser_components
+            for key, value in load_full_weights(os.path.join(checkpoint_folder, name)).items()
+        }
 
     # ---- LoRA ---------------------------------------------------------------------------------------------------
     def add_lora(self, peft_config: Any) -> None:
@@ -342,54 +397,89 @@ class PipelineAdapter:
         finally:
             self._use_reference = False
 
+    def full_load_code(self, repo: str) -> str:
+        """The lines of the model card's usage snippet that load a full fine-tune `save_full` wrote, from the Hub
+        repository (or folder) `repo`, into the pipeline `pipe`: each component from the subfolder of its name."""
+        return "\n".join(
+            f'pipe.{name} = pipe.{name}.from_pretrained("{repo}", subfolder="{name}", dtype=torch.bfloat16).to("cuda")'
+            for name in self.denoiser_components
+        )
+
     def lora_load_code(self, repo: str) -> str:
         """The lines of the model card's usage snippet that load the LoRA `save_lora` wrote, from the Hub repository
         (or folder) `repo`, into the pipeline `pipe`."""
         return f'pipe.load_lora_weights("{repo}")'
 
-    def lora_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The LoRA weights keyed as peft saves them, read from the denoiser or from `state_dict`, its full state
-        (gathered by the trainer when the denoiser is sharded)."""
+    @property
+    def lora_parts(self) -> dict[str, torch.nn.Module]:
+        """The components that carry a LoRA, by name (one file each in `save_lora`)."""
+        return {name: m for name, m in self.denoiser_parts.items() if getattr(m, "peft_config", None)}
+
+    def _part_lora_state_dicts(
+        self, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Each LoRA-carrying component's LoRA weights, keyed as peft saves them."""
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.denoiser, state_dict=state_dict)
+        return {
+            name: get_peft_model_state_dict(
+                module, state_dict=None if state_dict is None else self._part_state(state_dict, name)
+            )
+            for name, module in self.lora_parts.items()
+        }
+
+    def lora_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA weights keyed as peft saves them (prefixed `<component>.` for a denoiser of several components),
+        read from the denoiser or from `state_dict`, its full state (gathered by the trainer when it is sharded)."""
+        return {
+            self._denoiser_key(name, key): value
+            for name, weights in self._part_lora_state_dicts(state_dict).items()
+            for key, value in weights.items()
+        }
 
     def save_lora(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the LoRA so that the family's `Pipeline.load_lora_weights(folder)` accepts it; `state_dict` as in
-        `lora_state_dict`."""
-        metadata = self.denoiser.peft_config["default"].to_dict()
-        type(self.pipeline).save_lora_weights(
-            folder,
-            transformer_lora_layers=self.lora_state_dict(state_dict),
-            transformer_lora_adapter_metadata=metadata,
-            weight_name=self.lora_weight_name,
-        )
+        """Write one file per LoRA-carrying component (`lora_weight_names`), each as the family's
+        `Pipeline.load_lora_weights` reads it; `state_dict` as in `lora_state_dict`."""
+        for name, weights in self._part_lora_state_dicts(state_dict).items():
+            type(self.pipeline).save_lora_weights(
+                folder,
+                transformer_lora_layers=weights,
+                transformer_lora_adapter_metadata=self.lora_parts[name].peft_config["default"].to_dict(),
+                weight_name=self.lora_weight_names[name],
+            )
 
     def load_lora(self, folder: str | os.PathLike, sharded: bool = False) -> None:
-        """Restore LoRA weights written by `save_lora` into the already-added adapter (used on resume); `sharded` when
+        """Restore the LoRA weights `save_lora` wrote into the already-added adapters (used on resume); `sharded` when
         FSDP2 has sharded the denoiser, whose weights then load through torch's distributed state-dict API."""
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         from ..distributed import load_full_state, lora_keys_in_model
 
-        state = load_file(os.path.join(folder, self.lora_weight_name))
-        prefix = f"{self.lora_prefix}."
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if sharded:
-            load_full_state(self.denoiser, lora_keys_in_model(state), strict=False)
-            return
-        result = set_peft_model_state_dict(self.denoiser, state)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"LoRA file in {folder} has keys this model does not: {unexpected[:5]}")
+        prefix = f"{self.lora_prefix}."  # save_lora_weights keys every component's file under it
+        for name, module in self.lora_parts.items():
+            path = os.path.join(folder, self.lora_weight_names[name])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: it holds the LoRA of the pipeline's {name}.")
+            state = {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+            if sharded:
+                load_full_state(module, lora_keys_in_model(state), strict=False)
+                continue
+            result = set_peft_model_state_dict(module, state)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"{path} has keys the pipeline's {name} does not: {unexpected[:5]}")
 
 
 class PackedLatentsMixin:
-    """For families whose transformer takes 2x2-packed latent tokens (FLUX, Qwen-Image): the resolution check, the
-    packed latent shape, `(H/16 * W/16, channels)` for a VAE factor of 8, and the token-count-shifted schedule."""
+    """For families whose transformer works on 2x2 patches of the VAE latents: FLUX, FLUX.2 and Qwen-Image take them
+    packed into tokens (`pack`, `unpack`), Z-Image patchifies them itself. The one copy of the resolution check, the
+    latent grid, the packed latent shape, `(H/16 * W/16, channels)` for a VAE factor of 8, and the schedule shifted by
+    the image's token count."""
 
     family_name = "this model"
+    #: Why sizes are multiples of twice the VAE factor, for the resolution error.
+    patch_reason = "x 2 for latent packing"
 
     @property
     def _latent_hw(self) -> tuple[int, int]:
@@ -400,19 +490,25 @@ class PackedLatentsMixin:
     def check_resolution(self, height: int, width: int) -> None:
         factor = self.pipeline.vae_scale_factor
         check_resolution_multiple(
-            height, width, factor * 2, model=self.family_name, reason=f"VAE factor {factor} x 2 for latent packing"
+            height, width, factor * 2, model=self.family_name, reason=f"VAE factor {factor} {self.patch_reason}"
         )
 
-    def latent_shape(self) -> tuple[int, ...]:
+    @property
+    def _image_tokens(self) -> int:
+        """The number of 2x2 patches of the latent grid."""
         h, w = self._latent_hw
-        return ((h // 2) * (w // 2), self.denoiser.config.in_channels)
+        return (h // 2) * (w // 2)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self._image_tokens, self.denoiser.config.in_channels)
 
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
         """`linspace(1, 1/N, N)` shifted by `mu`, which grows linearly with the number of image tokens between the
-        scheduler's `base_image_seq_len` and `max_image_seq_len`: what FluxPipeline and QwenImagePipeline both do."""
+        scheduler's `base_image_seq_len` and `max_image_seq_len`: what FluxPipeline, QwenImagePipeline and
+        ZImagePipeline do (the last only reaches schedulers with dynamic shifting)."""
         scheduler = self.pipeline.scheduler
         mu = calculate_shift(
-            self.latent_shape()[0],
+            self._image_tokens,
             scheduler.config.get("base_image_seq_len", 256),
             scheduler.config.get("max_image_seq_len", 4096),
             scheduler.config.get("base_shift", 0.5),

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings
+from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, register
 
 
+@register
 class FluxAdapter(PackedLatentsMixin, PipelineAdapter):
     family_name = "FLUX"
     pipeline_classes = ("FluxPipeline",)

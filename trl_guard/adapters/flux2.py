@@ -36,7 +36,14 @@ import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, SamplingSettings
+from .base import (
+    ATTENTION_PROJECTIONS,
+    PackedLatentsMixin,
+    PipelineAdapter,
+    PromptEmbeddings,
+    SamplingSettings,
+    register,
+)
 
 #: Flow-Factory's FLUX.2 and FLUX.2 [klein] LoRA targets (X-GenGroup/Flow-Factory at commit a0b2bc5,
 #: src/flow_factory/models/flux/flux2.py and flux2_klein.py, `default_target_modules`): both streams' attention
@@ -55,6 +62,7 @@ FLUX2_LORA_TARGETS = [
 ]
 
 
+@register
 class Flux2Adapter(PackedLatentsMixin, PipelineAdapter):
     family_name = "FLUX.2"
     pipeline_classes = ("Flux2Pipeline",)
@@ -135,17 +143,16 @@ class Flux2Adapter(PackedLatentsMixin, PipelineAdapter):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipeline.vae
-        h, w = self._latent_hw
-        batch, _, channels = latents.shape
-        # tokens -> the (B, 4C, h/2, w/2) patch grid, un-normalised with the VAE's batch-norm statistics, unpatchified
-        grid = latents.float().transpose(1, 2).reshape(batch, channels, h // 2, w // 2)
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
-        grid = self.pipeline._unpatchify_latents(grid * std + mean)
+        # Each token's 4C channels are one 2x2 patch's, as the VAE's batch norm saw them: un-normalise them per
+        # channel, then `unpack` them to the (B, C, h, w) latents, the pipeline's unpatchify of its token grid.
+        mean = vae.bn.running_mean.float()
+        std = torch.sqrt(vae.bn.running_var.float() + vae.config.batch_norm_eps)
+        grid = self.unpack(latents.float() * std + mean)
         images = vae.decode(grid.to(vae.dtype), return_dict=False)[0]
         return self.pipeline.image_processor.postprocess(images, output_type="pil")
 
 
+@register
 class Flux2KleinAdapter(Flux2Adapter):
     family_name = "FLUX.2 [klein]"
     pipeline_classes = ("Flux2KleinPipeline",)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .base import PromptEmbeddings
+from .base import PromptEmbeddings, register
 from .flux import FluxAdapter
 
 
+@register
 class FluxKontextAdapter(FluxAdapter):
     family_name = "FLUX.1 Kontext"
     pipeline_classes = ("FluxKontextPipeline",)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings
+from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, register
 
 #: The attention projections of both streams and both streams' MLPs: the layers Flow-GRPO's Qwen-Image script
 #: (scripts/train_qwenimage.py) adapts with LoRA.
@@ -33,6 +33,7 @@ QWEN_IMAGE_LORA_TARGETS = [
 ]
 
 
+@register
 class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
     family_name = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
@@ -79,11 +80,11 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
             return_dict=False,
         )[0]
 
-    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """QwenImagePipeline's combination: after `uncond + s (cond - uncond)`, each token's velocity is rescaled to
         the norm of the conditional one. The base class's plain combination would make the adapter sample a different
         model than `pipe(...)` as soon as `true_cfg_scale > 1`."""
-        guided = super().combine_guidance(uncond, cond)
+        guided = super().combine_guidance(uncond, cond, sigma)
         return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
     @torch.no_grad()

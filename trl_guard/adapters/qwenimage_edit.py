@@ -31,10 +31,11 @@ import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 from PIL import Image
 
-from .base import PromptEmbeddings
+from .base import PromptEmbeddings, register
 from .qwenimage import QWEN_IMAGE_LORA_TARGETS, QwenImageAdapter
 
 
+@register
 class QwenImageEditAdapter(QwenImageAdapter):
     family_name = "Qwen-Image-Edit"
     pipeline_classes = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")

@@ -6,9 +6,10 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings, check_resolution_multiple
+from .base import ATTENTION_PROJECTIONS, PipelineAdapter, PromptEmbeddings, check_resolution_multiple, register
 
 
+@register
 class SD3Adapter(PipelineAdapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     default_lora_target_modules = ATTENTION_PROJECTIONS

@@ -24,13 +24,21 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings, check_resolution_multiple, loads_component
+from .base import (
+    PipelineAdapter,
+    PromptEmbeddings,
+    SamplingSettings,
+    check_resolution_multiple,
+    loads_component,
+    register,
+)
 
 #: Self- and cross-attention projections of every Wan block (`attn1`, `attn2`), the layers Flow-GRPO's Wan script
 #: adapts (its list also names MMDiT's `add_*` projections, which a text-to-video Wan has none of).
 WAN_ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+@register
 class WanAdapter(PipelineAdapter):
     pipeline_classes = ("WanPipeline",)
     default_lora_target_modules = WAN_ATTENTION_PROJECTIONS
@@ -45,19 +53,24 @@ class WanAdapter(PipelineAdapter):
         return not loads_component(model_index, "transformer_2")
 
     def __init__(self, pipeline: Any):
-        config = pipeline.config
-        if getattr(pipeline, "transformer_2", None) is not None or config.get("boundary_ratio") is not None:
+        if pipeline.config.get("expand_timesteps", False):
+            raise NotImplementedError(
+                "This WanPipeline uses per-token timesteps (expand_timesteps: Wan2.2 TI2V); only the Wan2.1 and "
+                "Wan2.2-A14B text-to-video pipelines are supported so far."
+            )
+        self.check_experts(pipeline)
+        super().__init__(pipeline)
+        self._integer_timesteps = False  # set by `sigmas`, from the scheduler's own timesteps
+
+    @classmethod
+    def check_experts(cls, pipeline: Any) -> None:
+        """Refuse a pipeline whose experts are not this adapter's: one transformer (Wan2.1) here, both experts and
+        their boundary in `Wan22Adapter`."""
+        if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
             raise NotImplementedError(
                 "This WanPipeline has two experts (transformer_2, boundary_ratio: Wan2.2 A14B): get_adapter gives it "
                 "Wan22Adapter."
             )
-        if config.get("expand_timesteps", False):
-            raise NotImplementedError(
-                "This WanPipeline uses per-token timesteps (expand_timesteps: Wan2.2 TI2V); only Wan2.1 text-to-video "
-                "pipelines are supported so far."
-            )
-        super().__init__(pipeline)
-        self._integer_timesteps = False  # set by `sigmas`, from the scheduler's own timesteps
 
     def check_scheduler(self) -> None:
         config = self.pipeline.scheduler.config

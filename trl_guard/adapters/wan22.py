@@ -24,7 +24,7 @@ The LoRA is written as one diffusers file per trained expert, both keyed under t
     )
 
 A full fine-tune (no `peft_config`) trains both experts whole; it is saved in the pipeline's own layout, `transformer/`
-and `transformer_2/`, and resumes from both folders (`Wan22Adapter.full_weights`).
+and `transformer_2/` (`denoiser_components`: `PipelineAdapter.save_full` and `full_weights` write and read both).
 
 Sampling settings: `guidance_scale_2` (`GuardConfig.guidance_scale_2`) guides the low-noise expert; unset, it is
 `guidance_scale`, as in `WanPipeline.__call__`. As there, CFG runs for both experts when `guidance_scale >
@@ -34,12 +34,11 @@ Sampling settings: `guidance_scale_2` (`GuardConfig.guidance_scale_2`) guides th
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import torch
 
-from .base import PipelineAdapter, SamplingSettings, loads_component
+from .base import SamplingSettings, loads_component, register
 from .wan import WanAdapter
 
 #: Each expert's attribute name in `WanPipeline`: the high-noise expert first.
@@ -188,14 +187,8 @@ class Wan22Experts(torch.nn.Module):
         """The experts that carry a LoRA, by name."""
         return {name: e for name, e in self.experts.items() if getattr(e, "peft_config", None)}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Both experts in a pipeline folder's layout: `save_directory` is the pipeline's `transformer` folder (the
-        trainer passes `<output_dir>/transformer`) and the low-noise expert goes beside it, into `transformer_2`."""
-        parent = os.path.dirname(os.path.normpath(save_directory))
-        self.transformer.save_pretrained(save_directory, **kwargs)
-        self.transformer_2.save_pretrained(os.path.join(parent, "transformer_2"), **kwargs)
 
-
+@register
 class Wan22Adapter(WanAdapter):
     """Two-expert `WanPipeline`s (Wan2.2 A14B); single-transformer ones (Wan2.1) go to `WanAdapter` (`accepts`)."""
 
@@ -203,6 +196,8 @@ class Wan22Adapter(WanAdapter):
     default_lora_target_modules = WAN22_LORA_TARGETS
     takes_guidance_scale_2 = True
     fsdp2_refusal = FSDP2_REFUSAL
+    denoiser_components = EXPERTS
+    lora_weight_names = LORA_WEIGHT_NAMES
 
     @classmethod
     def accepts(cls, pipeline: Any) -> bool:
@@ -213,37 +208,27 @@ class Wan22Adapter(WanAdapter):
         return loads_component(model_index, "transformer_2")
 
     def __init__(self, pipeline: Any):
-        config = pipeline.config
+        super().__init__(pipeline)  # WanAdapter's checks, with `check_experts` below
+        boundary = pipeline.config["boundary_ratio"] * pipeline.scheduler.config.num_train_timesteps
+        self._experts = Wan22Experts(pipeline.transformer, pipeline.transformer_2, boundary)
+
+    @classmethod
+    def check_experts(cls, pipeline: Any) -> None:
         if getattr(pipeline, "transformer", None) is None or not has_two_experts(pipeline):
             raise ValueError(
                 "Wan22Adapter drives WanPipelines with both experts, `transformer` (high noise) and `transformer_2` "
                 "(low noise); this one lacks one of them."
             )
-        if config.get("boundary_ratio") is None:
+        if pipeline.config.get("boundary_ratio") is None:
             raise ValueError(
                 "This WanPipeline has a transformer_2 but no boundary_ratio, so WanPipeline never calls transformer_2. "
                 "Load it with its checkpoint's boundary_ratio (0.875 for Wan2.2-T2V-A14B)."
             )
-        if config.get("expand_timesteps", False):
-            raise NotImplementedError(
-                "This WanPipeline uses per-token timesteps (expand_timesteps: Wan2.2 TI2V); only the two-expert "
-                "text-to-video pipeline (Wan2.2-T2V-A14B) is supported."
-            )
-        PipelineAdapter.__init__(self, pipeline)  # not WanAdapter's, which refuses two experts
-        self._integer_timesteps = False  # set by `sigmas`, from the scheduler's own timesteps
-        boundary = config["boundary_ratio"] * pipeline.scheduler.config.num_train_timesteps
-        self._experts = Wan22Experts(pipeline.transformer, pipeline.transformer_2, boundary)
-        self._guidance: torch.Tensor | None = None  # per-sample CFG scales while `predict_velocity` runs
 
     # ---- components ---------------------------------------------------------------------------------------------
     @property
     def denoiser(self) -> Wan22Experts:
         return self._experts
-
-    @property
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        experts = list(self._experts.experts.values())
-        return [m for m in super().frozen_modules if all(m is not e for e in experts)]
 
     # ---- guidance -----------------------------------------------------------------------------------------------
     @property
@@ -262,34 +247,18 @@ class Wan22Adapter(WanAdapter):
             )
         super().configure(settings)
 
-    def predict_velocity(self, latents, sigma, prompt_embeds, negative_embeds):
-        """`PipelineAdapter.predict_velocity`, with each sample guided at its own expert's scale."""
+    def guidance_scales(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Each sample's CFG scale at noise level `sigma` (B,): its expert's, as `WanPipeline` guides each step."""
         high = self._experts.routes_high(self._timestep(sigma))
         scales = torch.tensor([self.settings.guidance_scale, self.guidance_scale_2], device=high.device)
-        self._guidance = torch.where(high, scales[0], scales[1])
-        try:
-            return super().predict_velocity(latents, sigma, prompt_embeds, negative_embeds)
-        finally:
-            self._guidance = None
+        return torch.where(high, scales[0], scales[1])
 
-    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Each sample guided at its own expert's scale (`guidance_scales`)."""
         # The scale stays float32 and the product is rounded to the velocity's dtype before the sum: what the
         # pipeline's `uncond + scale * (cond - uncond)` with a Python float computes, in bfloat16 too.
-        scale = self._guidance.view(-1, *([1] * (cond.ndim - 1)))
+        scale = self.guidance_scales(sigma).view(-1, *([1] * (cond.ndim - 1)))
         return uncond + (scale * (cond - uncond)).to(cond.dtype)
-
-    # ---- full fine-tuning --------------------------------------------------------------------------------------
-    def full_weights(self, checkpoint_folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-        """Both experts' weights in a checkpoint of a full fine-tune, keyed as `Wan22Experts.state_dict()`
-        (`transformer.<key>`, `transformer_2.<key>`): each from the folder `Wan22Experts.save_pretrained` wrote it to,
-        the pipeline component's own (`transformer`, `transformer_2`)."""
-        from ..checkpoints import load_full_weights
-
-        return {
-            f"{name}.{key}": value
-            for name in EXPERTS
-            for key, value in load_full_weights(os.path.join(checkpoint_folder, name)).items()
-        }
 
     # ---- LoRA ---------------------------------------------------------------------------------------------------
     def add_lora(self, peft_config: Any) -> None:
@@ -311,8 +280,8 @@ class Wan22Adapter(WanAdapter):
         return list(self._experts.lora_experts())
 
     def lora_load_code(self, repo: str) -> str:
-        """The model card's loading lines: each trained expert's file (see `save_lora`), the low-noise one into
-        `transformer_2`."""
+        """The model card's loading lines: each trained expert's file (`PipelineAdapter.save_lora` writes one per
+        expert, `LORA_WEIGHT_NAMES`), the low-noise one into `transformer_2`."""
         lines = []
         for name in self.trained_experts:
             if name == "transformer":
@@ -323,54 +292,3 @@ class Wan22Adapter(WanAdapter):
                     "load_into_transformer_2=True)  # the low-noise expert"
                 )
         return "\n".join(lines)
-
-    def lora_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Every trained expert's LoRA weights, keyed `<expert>.<peft key>`; `state_dict` is the full state of
-        `denoiser` when given (see `PipelineAdapter.lora_state_dict`)."""
-        return {
-            f"{name}.{key}": value
-            for name, weights in self._expert_lora_state_dicts(state_dict).items()
-            for key, value in weights.items()
-        }
-
-    def _expert_lora_state_dicts(
-        self, state_dict: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        from peft.utils import get_peft_model_state_dict
-
-        weights = {}
-        for name, expert in self._experts.lora_experts().items():
-            own = None
-            if state_dict is not None:
-                own = {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
-            weights[name] = get_peft_model_state_dict(expert, state_dict=own)
-        return weights
-
-    def save_lora(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """One file per trained expert (`LORA_WEIGHT_NAMES`), each as `WanPipeline.load_lora_weights` reads it (the
-        low-noise one with `load_into_transformer_2=True`)."""
-        for name, weights in self._expert_lora_state_dicts(state_dict).items():
-            type(self.pipeline).save_lora_weights(
-                folder,
-                transformer_lora_layers=weights,
-                transformer_lora_adapter_metadata=self._experts.experts[name].peft_config["default"].to_dict(),
-                weight_name=LORA_WEIGHT_NAMES[name],
-            )
-
-    def load_lora(self, folder: str | os.PathLike, sharded: bool = False) -> None:
-        """Restore each trained expert's LoRA from the files `save_lora` wrote (used on resume)."""
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        if sharded:
-            self._experts._refuse_sharding()
-        for name, expert in self._experts.lora_experts().items():
-            path = os.path.join(folder, LORA_WEIGHT_NAMES[name])
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} is missing: it holds the LoRA of Wan2.2's {name}.")
-            prefix = f"{self.lora_prefix}."  # save_lora_weights keys both files under `transformer.`
-            state = {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
-            result = set_peft_model_state_dict(expert, state)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise ValueError(f"{path} has keys Wan2.2's {name} does not: {unexpected[:5]}")

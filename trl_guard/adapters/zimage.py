@@ -17,12 +17,10 @@ What differs from the families before it, and why the adapter does each thing:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from .base import PipelineAdapter, PromptEmbeddings, check_resolution_multiple
+from .base import PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, register
 
 #: Attention and SwiGLU projections of every block (the 30 main blocks and the noise and caption refiners):
 #: Flow-Factory's default Z-Image LoRA targets (src/flow_factory/models/z_image/z_image.py, `default_target_modules`).
@@ -37,49 +35,27 @@ ZIMAGE_LORA_TARGETS = [
 ]
 
 
-class ZImageAdapter(PipelineAdapter):
+@register
+class ZImageAdapter(PackedLatentsMixin, PipelineAdapter):
+    """The latent grid, resolution check and token-count-shifted schedule are `PackedLatentsMixin`'s; the latents
+    stay unpacked (`latent_shape`), as the transformer patchifies them itself."""
+
     family_name = "Z-Image"
     pipeline_classes = ("ZImagePipeline",)
     default_lora_target_modules = ZIMAGE_LORA_TARGETS
+    patch_reason = "x 2x2 patches"
 
     @property
     def cfg_scale(self) -> float:
         """The standard-form scale of ZImagePipeline's CFG, `guidance_scale + 1`: CFG is on for `guidance_scale > 0`."""
         return self.settings.guidance_scale + 1.0
 
-    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """ZImagePipeline's own arithmetic, `cond + g (cond - uncond)`, so that sampling rounds as `pipe(...)` does."""
         return cond + self.settings.guidance_scale * (cond - uncond)
 
-    @property
-    def _latent_hw(self) -> tuple[int, int]:
-        factor = self.pipeline.vae_scale_factor * 2
-        return 2 * (self.settings.height // factor), 2 * (self.settings.width // factor)
-
-    def check_resolution(self, height: int, width: int) -> None:
-        factor = self.pipeline.vae_scale_factor
-        check_resolution_multiple(
-            height, width, factor * 2, model=self.family_name, reason=f"VAE factor {factor} x 2x2 patches"
-        )
-
     def latent_shape(self) -> tuple[int, ...]:
         return (self.denoiser.config.in_channels, *self._latent_hw)
-
-    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
-        """`linspace(1, 1/N, N)` through the scheduler with ZImagePipeline's `mu` (used only by schedulers with
-        dynamic shifting; the checkpoints' schedulers shift by a constant)."""
-        scheduler = self.pipeline.scheduler
-        h, w = self._latent_hw
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
-        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
-        return scheduler.sigmas.detach().clone().float()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:

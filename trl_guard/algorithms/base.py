@@ -9,16 +9,40 @@ unit is computed. docs/method.md ("Adding an algorithm") walks through writing o
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..losses.advantages import compute_multi_reward_advantages
+
 if TYPE_CHECKING:
     from ..adapters import PipelineAdapter, PromptEmbeddings
     from ..config import GuardConfig
-    from ..rollout import Rollout, TrainBatch
+    from ..rollout import CleanRollout, Rollout, TrainBatch
+
+#: The model card's settings every run shows (after `loss_type` and before or after the family's own).
+COMMON_CARD_FIELDS = (
+    "epsilon",
+    "beta",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "num_generations",
+    "learning_rate",
+    "max_steps",
+    "height",
+    "width",
+    "timestep_fraction",
+    "scale_rewards",
+)
+
+
+def field_names(arguments: type | None) -> tuple[str, ...]:
+    """The field names of an arguments dataclass, in order (none for ``None``)."""
+    return tuple(f.name for f in dataclasses.fields(arguments)) if arguments is not None else ()
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,10 @@ class RoundPlan:
 class Algorithm(ABC):
     """One algorithm family. Subclasses name the `loss_types` they implement and register in `ALGORITHMS`.
 
+    What the rest of the library needs to know about a family before any model exists is declared here, as class
+    attributes and classmethods, so that `GuardConfig` (validation, defaults), the trainer (reference copy, training
+    signal, buffer reading) and the model card read it from the registered class instead of from lists of names.
+
     Args:
         args: The run's configuration.
         adapter: The model family's adapter: the algorithm calls only its `sigmas`, `predict_velocity` and
@@ -50,6 +78,79 @@ class Algorithm(ABC):
 
     #: The `GuardConfig.loss_type` values this family implements.
     loss_types: ClassVar[tuple[str, ...]] = ()
+    #: How `GuardConfig`'s messages name the family, after ``loss_type=...``.
+    description: ClassVar[str] = ""
+    #: The dataclass of the family's own `GuardConfig` fields (documented in its docstring, TRL style), which
+    #: `GuardConfig` inherits; ``None`` for a family without fields of its own.
+    arguments: ClassVar[type | None] = None
+    #: The `GuardConfig` fields only this family reads: any other loss type refuses them when they are set away from
+    #: their defaults. Usually the fields of `arguments`.
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    #: What a rollout of this family is (`Rollout` or `CleanRollout`): a checkpoint's rollout buffer is read as it.
+    rollout_type: ClassVar[type[Rollout] | type[CleanRollout]]
+    #: Whether every prompt group must sit whole in one training micro-batch on one process (an algorithm that
+    #: compares the samples of a group within the loss): `GuardConfig` then refuses settings that could split one.
+    needs_whole_groups: ClassVar[bool] = False
+    #: The run settings the model card lists, in order.
+    card_fields: ClassVar[tuple[str, ...]] = ("loss_type", *COMMON_CARD_FIELDS)
+    #: BibTeX entries of the family's papers, cited by the model card.
+    citation: ClassVar[str] = ""
+
+    @classmethod
+    def fields_read(cls, loss_type: str) -> tuple[str, ...]:
+        """The fields of `config_fields` that ``loss_type`` reads (all of them unless a family says otherwise)."""
+        return cls.config_fields
+
+    @classmethod
+    def unread_settings(cls, args: GuardConfig) -> list[str]:
+        """Settings of shared fields that ``args.loss_type`` does not read (as ``"name=value"``), refused in the same
+        message as other families' fields (for example an `epsilon` given to a loss without a ratio). None by default.
+        """
+        return []
+
+    @classmethod  # noqa: B027 (a hook)
+    def validate(cls, args: GuardConfig) -> None:
+        """The family's own checks of ``args`` (ranges, options that only make sense together), raising a ValueError
+        that names the field and the fix. Called by `GuardConfig.__post_init__`, before any model is loaded, after the
+        other families' fields were refused and the shared fields checked. Nothing by default."""
+
+    @classmethod
+    def default_epsilon(cls, loss_type: str) -> float | None:
+        """The clip range `GuardConfig.epsilon` takes when unset (``None``: the loss has no ratio to clip)."""
+        return None
+
+    @classmethod
+    def needs_reference(cls, args: GuardConfig) -> bool:
+        """Whether training reads the frozen reference policy (by default when ``beta > 0`` weighs a penalty to it).
+        For full fine-tuning the trainer then keeps a frozen copy of the starting weights (with LoRA the reference is
+        the model with the adapter disabled, which costs nothing)."""
+        return args.beta > 0
+
+    @classmethod
+    def training_signal(
+        cls, rewards: torch.Tensor, weights: torch.Tensor, args: GuardConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """How a generation round's rewards become what training reads, on every process alike.
+
+        Args:
+            rewards: The round's gathered rewards (N, F) in global order, consecutive groups of `num_generations`,
+                NaN where a reward function does not apply.
+            weights: The reward functions' weights (F,).
+            args: The run's configuration.
+
+        Returns:
+            ``(advantages, reward_advantages)``: the per-sample training signal (N,) that `TrainBatch.advantages`
+            carries, and each reward's own normalised advantage (N, F), logged with several rewards. By default the
+            group-relative advantages of `compute_multi_reward_advantages`.
+        """
+        return compute_multi_reward_advantages(
+            rewards,
+            weights,
+            args.num_generations,
+            normalization=args.multi_reward_normalization,
+            scale_rewards=args.scale_rewards,
+            adv_clip_max=args.adv_clip_max,
+        )
 
     def __init__(self, args: GuardConfig, adapter: PipelineAdapter):
         self.args = args

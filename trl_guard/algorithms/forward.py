@@ -3,7 +3,7 @@
 Neither needs the sampler's log-probabilities, so a rollout samples with the deterministic ODE and keeps only the
 clean latents. Training noises each clean sample again at noise levels drawn from the rollout's grid (a permutation
 per sample, its first `max(1, int(T * timestep_fraction))`), with fresh noise, and fits the flow-matching regression
-there; the reward enters as a weight (formulas in :mod:`trl_guard.losses`).
+there; the reward enters as a weight (formulas in :mod:`trl_guard.losses.forward`).
 
 Both keep a *lagged copy* of the trained weights, pulled towards them once per round by `lagged_decay`: NFT's "old"
 policy, which samples the rounds and gives `v_old`, and AWM's regulariser target. For LoRA the copy is of the adapter
@@ -13,13 +13,18 @@ weights only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..adapters import PipelineAdapter, PromptEmbeddings
 from ..ema import EMAWeights, full, like
-from ..losses import (
+from ..losses.forward import (
+    AWM_WEIGHTINGS,
+    FORWARD_LOSS_TYPES,
+    LAGGED_DECAY_SCHEDULES,
     awm_log_likelihood,
     compute_awm_loss,
     compute_awm_regularizer,
@@ -28,13 +33,52 @@ from ..losses import (
     nft_optimality,
 )
 from ..rollout import CleanRollout, TrainBatch, sample_ode
-from .base import Algorithm, RoundPlan
+from .base import COMMON_CARD_FIELDS, Algorithm, RoundPlan, field_names
 
 if TYPE_CHECKING:
     from ..config import GuardConfig
 
 #: The lagged copy's decay schedule for each loss type when `lagged_decay_schedule` is unset (the official defaults).
 DEFAULT_LAGGED_DECAY = {"nft": "nft", "awm": "awm"}
+
+
+@dataclass
+class ForwardProcessArguments:
+    r"""
+    The `GuardConfig` fields only the forward-process family reads (`loss_type` `"nft"` or `"awm"`; the `awm_*` fields
+    only `"awm"`); every other loss type refuses them when they are set away from their defaults.
+
+    Parameters:
+        nft_beta (`float`, *optional*, defaults to `1.0`):
+            DiffusionNFT's strength of the implicit policies, `v_plus = nft_beta v + (1 - nft_beta) v_old` and
+            `v_minus = (1 + nft_beta) v_old - nft_beta v` (`config.beta` in its code: 1.0, 0.1 for OCR and
+            multi-reward). `nft` only.
+        lagged_decay_schedule (`str`, *optional*):
+            How the lagged copy of the weights (NFT's old policy, which samples; AWM's regulariser target) follows the
+            trained weights after each round, `copy <- d copy + (1 - d) weights`: `"nft"` (`d = min(0.001 step,
+            0.5)`, NFT's default), `"nft_ocr"` (0 until step 75, then `min(0.0075 (step - 75), 0.999)`), `"awm"`
+            (`min(0.001 step, 0.3)`) or `"none"` (`d = 0`: the copy is the policy just trained). Defaults to the
+            loss type's official schedule. `nft`/`awm` only; under `awm`, only with `awm_lagged_weight > 0`.
+        awm_weighting (`str`, *optional*, defaults to `"ghuber"`):
+            AWM's surrogate log-likelihood `-w(l, t)` of the flow-matching error `l = MEAN((v - v*)**2)` at noise level
+            `t`: `"uniform"` (`l`), `"t"`, `"t_squared"`, `"huber"` or `"ghuber"` (`(t / p)((l + 1e-10)**p - 1e-10**p)`,
+            every released config). `awm` only.
+        awm_ghuber_power (`float`, *optional*, defaults to `0.25`):
+            `p` of the `"ghuber"` weighting. `awm` with `awm_weighting="ghuber"` only.
+        awm_lagged_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of AWM's penalty `MEAN((v - v_lagged)**2)` towards the lagged copy (`0` skips its forward). `awm`
+            only.
+    """
+
+    nft_beta: float = 1.0
+    lagged_decay_schedule: str | None = field(default=None, metadata={"choices": list(LAGGED_DECAY_SCHEDULES)})
+    awm_weighting: str = field(default="ghuber", metadata={"choices": list(AWM_WEIGHTINGS)})
+    awm_ghuber_power: float = 0.25
+    awm_lagged_weight: float = 1.0
+
+
+#: The fields of `ForwardProcessArguments` that only AWM reads.
+_AWM_ONLY_FIELDS = ("awm_weighting", "awm_ghuber_power", "awm_lagged_weight")
 
 
 class LaggedWeights(EMAWeights):
@@ -64,7 +108,66 @@ class LaggedWeights(EMAWeights):
 class ForwardProcessAlgorithm(Algorithm):
     """DiffusionNFT and AWM on ODE rollouts of the clean samples."""
 
-    loss_types = ("nft", "awm")
+    loss_types = FORWARD_LOSS_TYPES
+    description = "a forward-process loss, sampled with the ODE"
+    arguments = ForwardProcessArguments
+    config_fields = field_names(ForwardProcessArguments)
+    rollout_type = CleanRollout
+    card_fields = ("loss_type", "nft_beta", "lagged_decay_schedule", "awm_weighting", *COMMON_CARD_FIELDS)
+    citation = """@inproceedings{zheng2026diffusionnft,
+  title     = {DiffusionNFT: Online Diffusion Reinforcement with Forward Process},
+  author    = {Zheng, Kaiwen and Chen, Huayu and Ye, Haotian and others},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2026},
+  note      = {arXiv:2509.16117}
+}
+@article{xue2025awm,
+  title   = {Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models},
+  author  = {Xue, Shuchen and Ge, Chongjian and Zhang, Shilong and Li, Yichen and Ma, Zhi-Ming},
+  journal = {arXiv preprint arXiv:2509.25050},
+  year    = {2025}
+}"""
+
+    @classmethod
+    def fields_read(cls, loss_type: str) -> tuple[str, ...]:
+        if loss_type == "awm":
+            return cls.config_fields
+        return tuple(name for name in cls.config_fields if name not in _AWM_ONLY_FIELDS)
+
+    @classmethod
+    def unread_settings(cls, args: GuardConfig) -> list[str]:
+        # NFT's loss has no ratio, so nothing to clip
+        return [f"epsilon={args.epsilon!r}"] if args.loss_type == "nft" and args.epsilon is not None else []
+
+    @classmethod
+    def default_epsilon(cls, loss_type: str) -> float | None:
+        # AWM's released configs (its ratio is 1 on-policy, so the clip rarely acts); NFT has no ratio
+        return 1.0 if loss_type == "awm" else None
+
+    @classmethod
+    def validate(cls, args: GuardConfig) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(ForwardProcessArguments)}
+        if args.loss_type == "awm":
+            # options AWM reads only under another of its settings, refused as the other family's are
+            if args.awm_weighting != "ghuber" and args.awm_ghuber_power != defaults["awm_ghuber_power"]:
+                raise ValueError(
+                    f"awm_weighting={args.awm_weighting!r} does not read awm_ghuber_power={args.awm_ghuber_power!r}: "
+                    "only the 'ghuber' weighting has a power. Leave awm_ghuber_power at its default, or set "
+                    "awm_weighting='ghuber'."
+                )
+            if args.awm_lagged_weight == 0 and args.lagged_decay_schedule is not None:
+                raise ValueError(
+                    f"awm_lagged_weight=0 does not read lagged_decay_schedule={args.lagged_decay_schedule!r}: without "
+                    "the penalty towards the lagged copy, AWM never uses the copy. Leave lagged_decay_schedule unset, "
+                    "or set awm_lagged_weight > 0."
+                )
+        if args.nft_beta <= 0:
+            raise ValueError(f"nft_beta={args.nft_beta} must be > 0 (DiffusionNFT uses 1.0, or 0.1 for OCR).")
+        if args.awm_ghuber_power <= 0 or args.awm_lagged_weight < 0:
+            raise ValueError(
+                f"awm_ghuber_power={args.awm_ghuber_power} must be > 0 and awm_lagged_weight="
+                f"{args.awm_lagged_weight} >= 0."
+            )
 
     def __init__(self, args: GuardConfig, adapter: PipelineAdapter):
         super().__init__(args, adapter)

@@ -3,25 +3,124 @@
 A rollout samples with the SDE and records, at every step it trains, the latents before and after the step and the
 mean of the step's Gaussian under the sampling policy. Training re-predicts that mean with the current policy at one
 recorded step at a time and compares the two through an importance ratio (the `loss_type` picks its form and weight;
-formulas in :mod:`trl_guard.losses`). The old policy is never re-run: its means were recorded.
+formulas in :mod:`trl_guard.losses.sde_ratio`). The old policy is never re-run: its means were recorded.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..adapters import PipelineAdapter, PromptEmbeddings
+from ..losses.sde_ratio import DANCE_WEIGHTINGS, KL_TYPES, SDE_LOSS_TYPES
 from ..metrics import Stat
 from ..rollout import Rollout, TrainBatch, sample_sde, select_train_steps
 from ..schedule import SDESchedule
+from ..sde import CPS_LOG_PROBS, NOISE_SCHEDULES
 from ..seeding import Stream, keyed_generator
-from .base import Algorithm, RoundPlan
+from .base import COMMON_CARD_FIELDS, Algorithm, RoundPlan, field_names
 
 if TYPE_CHECKING:
     from ..config import GuardConfig
+
+TIMESTEP_SELECTIONS = ("first", "random")
+SDE_WINDOW_SCHEDULES = ("random", "sliding")
+
+
+@dataclass
+class SDERatioArguments:
+    r"""
+    The `GuardConfig` fields only the SDE-ratio family reads (`loss_type` `"flow_grpo"`, `"temp_reweight"`,
+    `"mean_revised"`, `"ratio_norm"` or `"grpo_guard"`); every other loss type refuses them when they are set away from
+    their defaults.
+
+    Parameters:
+        noise_schedule (`str`, *optional*, defaults to `"flow_grpo"`):
+            `"flow_grpo"`: `s = noise_level * sqrt(sigma / (1 - sigma))`; `"dance_grpo"`: constant `s = noise_level`;
+            `"linear"`: `s = noise_level * sigma`, Flow-GRPO's Wan2.1 schedule (there `noise_level` is the sampling
+            grid's second sigma, `sigmas[1]`); `"cps"`: Coefficients-Preserving Sampling (Flow-GRPO's `sde_type="cps"`), noise std
+            `sigma_next * sin(noise_level * pi / 2)`, no noise at the last step (which is then never trained).
+        cps_log_prob (`str`, *optional*, defaults to `"official"`):
+            The log-probability under `noise_schedule="cps"`: `"official"` is Flow-GRPO's `-MEAN((x_next - mean)**2)`
+            (constants and variance dropped; its CPS configs clip at `1e-5`), `"gaussian"` the normalised density
+            (whose log-ratios are the official ones divided by `2 std**2`). docs/fidelity.md compares the two.
+        dance_weighting (`str`, *optional*, defaults to `"inverse"`):
+            GRPO-Guard's per-step weight under `noise_schedule="dance_grpo"`: `"inverse"` is `1 / (beta_t * (-dt))`,
+            `"paper"` is `beta_t / (-dt)` as printed in the paper, with `beta_t = 1 + noise_level**2 (1 - sigma) /
+            (2 sigma)`. The default is the inverse: it is the weight that undoes the `beta_t * (-dt)` scale of the
+            RatioNorm gradient, and it evened out per-timestep gradient norms (max/min 1.3x against 5.8x) on a tiny
+            FLUX; docs/dance_grpo_weighting.md has the measurement.
+        kl_type (`str`, *optional*, defaults to `"flow_grpo"`):
+            `"flow_grpo"`: Flow-GRPO's per-step KL, `MEAN((mean - ref_mean)**2) / (2 s**2)` with `s` the diffusion
+            coefficient, that is the exact Gaussian KL times `(-dt)`, so β values from its configs (0.01-0.04) carry
+            over. `"exact"`: the closed-form KL between the two Gaussians of the step.
+        timestep_selection (`str`, *optional*, defaults to `"first"`):
+            Which steps `timestep_fraction` keeps: `"first"` (the official rule: the first steps, in sampling order,
+            so `0.99` leaves out the last, least noisy step) or `"random"` (a subset drawn per rollout from the
+            seed, shared by every sample of the rollout). Steps without noise (CPS's last) are never trained.
+        sde_window_size (`int`, *optional*, defaults to `0`):
+            `0` samples every step with the SDE. Otherwise Flow-GRPO-Fast's (and MixGRPO's) SDE window: each round,
+            only `sde_window_size` consecutive steps are SDE steps and the others deterministic ODE steps; only the
+            window's steps are recorded and trained (`timestep_fraction` does not apply), so memory and training
+            time scale with the window, not with `num_inference_steps`. Flow-GRPO-Fast trains windows of 2.
+        sde_window_range (`list[int]`, *optional*):
+            `[start, end)`: the sampling steps the window may cover; defaults to `[0, num_inference_steps // 2]`,
+            the noisier half. The window's first step is drawn per round as set by `sde_window_schedule`.
+        sde_window_schedule (`str`, *optional*, defaults to `"random"`):
+            `"random"`: the window's first step is drawn uniformly from `[start, end - sde_window_size]` each round,
+            from the seed and the round index, so every process draws the same and a resumed run the same again.
+            `"sliding"` (MixGRPO): it starts at `start` and moves one step later every `sde_window_shift_interval`
+            rounds, stopping at `end - sde_window_size`.
+        sde_window_shift_interval (`int`, *optional*, defaults to `25`):
+            Rounds between two moves of a `"sliding"` window.
+        recompute_old_means (`bool`, *optional*, defaults to `False`):
+            Before the first update of each round, compute the sampling policy's means again with one no-grad
+            forward per trained step in the training micro-batch's shape, and use them as the old policy's (SDE
+            losses only). The first pass is then exactly on-policy whatever the sampling batch, at one extra forward
+            per trained step and sample. Worth it with half precision when `per_device_sample_batch_size` differs
+            from `per_device_train_batch_size`, or on hardware whose kernels are not deterministic
+            (docs/launching.md, "Precision").
+    """
+
+    noise_schedule: str = field(default="flow_grpo", metadata={"choices": list(NOISE_SCHEDULES)})
+    cps_log_prob: str = field(default="official", metadata={"choices": list(CPS_LOG_PROBS)})
+    dance_weighting: str = field(default="inverse", metadata={"choices": list(DANCE_WEIGHTINGS)})
+    kl_type: str = field(default="flow_grpo", metadata={"choices": list(KL_TYPES)})
+    timestep_selection: str = field(default="first", metadata={"choices": list(TIMESTEP_SELECTIONS)})
+    sde_window_size: int = 0
+    sde_window_range: list[int] | None = None
+    sde_window_schedule: str = field(default="random", metadata={"choices": list(SDE_WINDOW_SCHEDULES)})
+    sde_window_shift_interval: int = 25
+    recompute_old_means: bool = False
+
+
+def validate_window(args: GuardConfig) -> None:
+    """Check the SDE window's fields, and fill in `sde_window_range`'s default (the noisier half of the grid)."""
+    if args.sde_window_size < 0:
+        raise ValueError(f"sde_window_size={args.sde_window_size} must be >= 0 (0 turns the window off).")
+    if args.sde_window_shift_interval < 1:
+        raise ValueError(f"sde_window_shift_interval={args.sde_window_shift_interval} must be >= 1.")
+    if args.sde_window_size == 0:
+        return
+    if args.sde_window_range is None:
+        args.sde_window_range = [0, args.num_inference_steps // 2]
+    window = list(args.sde_window_range)
+    if not (len(window) == 2 and 0 <= window[0] < window[1] <= args.num_inference_steps) or (
+        window[1] - window[0] < args.sde_window_size
+    ):
+        raise ValueError(
+            f"sde_window_range={args.sde_window_range} must be [start, end) with 0 <= start < end <= "
+            f"num_inference_steps={args.num_inference_steps} and room for sde_window_size={args.sde_window_size} "
+            "steps (end - start >= sde_window_size)."
+        )
+    if args.noise_schedule == "cps" and args.sde_window_size == 1 and window[1] == args.num_inference_steps:
+        raise ValueError(
+            f"sde_window_size=1 with sde_window_range={window} can fall on CPS's last step, which has no noise and "
+            "nothing to train: end the range at num_inference_steps - 1 or widen the window."
+        )
 
 
 def policy_mean(
@@ -67,7 +166,66 @@ def window(args: GuardConfig, round_index: int) -> range | None:
 class SDERatioAlgorithm(Algorithm):
     """Clipped importance-ratio policy gradient on recorded SDE steps, with an optional KL to the reference."""
 
-    loss_types = ("flow_grpo", "temp_reweight", "mean_revised", "ratio_norm", "grpo_guard")
+    loss_types = SDE_LOSS_TYPES
+    description = "an SDE-ratio loss"
+    arguments = SDERatioArguments
+    config_fields = field_names(SDERatioArguments)
+    rollout_type = Rollout
+    card_fields = (
+        "loss_type",
+        *COMMON_CARD_FIELDS,
+        "noise_schedule",
+        "noise_level",
+        "init_same_noise",
+        "dance_weighting",
+    )
+    citation = """@article{wang2025grpoguard,
+  title   = {GRPO-Guard: Mitigating Implicit Over-Optimization in Flow Matching via Regulated Clipping},
+  author  = {Wang, Jing and Liang, Jiajun and Liu, Jie and Liu, Henglin and Liu, Gongye and Zheng, Jun and
+             Pang, Wanyuan and Ma, Ao and Xie, Zhenyu and Wang, Xintao and Wang, Meng and Wan, Pengfei and
+             Liang, Xiaodan},
+  journal = {arXiv preprint arXiv:2510.22319},
+  year    = {2025}
+}
+@article{liu2025flowgrpo,
+  title   = {Flow-GRPO: Training Flow Matching Models via Online RL},
+  author  = {Liu, Jie and others},
+  journal = {arXiv preprint arXiv:2505.05470},
+  year    = {2025}
+}
+@article{xue2025dancegrpo,
+  title   = {DanceGRPO: Unleashing GRPO on Visual Generation},
+  author  = {Xue, Zeyue and others},
+  journal = {arXiv preprint arXiv:2505.07818},
+  year    = {2025}
+}"""
+
+    #: Clip ranges the papers use: ``log r`` is ~1e-3 wide, the std-normalised log-ratio ~100x narrower.
+    _DEFAULT_EPSILON = {
+        "flow_grpo": 1e-4,
+        "temp_reweight": 1e-4,
+        "mean_revised": 1e-4,
+        "ratio_norm": 2e-6,
+        "grpo_guard": 2e-6,
+    }
+
+    @classmethod
+    def default_epsilon(cls, loss_type: str) -> float | None:
+        return cls._DEFAULT_EPSILON.get(loss_type)
+
+    @classmethod
+    def validate(cls, args: GuardConfig) -> None:
+        if args.noise_schedule == "cps" and args.noise_level > 1:
+            raise ValueError(
+                f"noise_level={args.noise_level} with noise_schedule='cps' must be <= 1: CPS's noise std is "
+                "sigma_next * sin(noise_level * pi / 2), which is largest at 1 (Flow-GRPO's CPS configs use 0.7-0.8)."
+            )
+        if args.noise_schedule == "cps" and args.num_inference_steps < 2:
+            raise ValueError(
+                f"num_inference_steps={args.num_inference_steps} with noise_schedule='cps' leaves nothing to train: "
+                "CPS's last step adds no noise, so it needs at least 2 steps (Flow-GRPO samples 10)."
+            )
+        validate_window(args)
 
     def __init__(self, args: GuardConfig, adapter: PipelineAdapter):
         super().__init__(args, adapter)

@@ -172,8 +172,10 @@ def _learning_rate(text: str) -> float:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    # read at call time: the tuple may grow, and the demo should offer whatever the trainer accepts
-    from trl_guard.losses import LOSS_TYPES
+    # read from the registry at call time: it may grow, and the demo should offer whatever the trainer accepts
+    from trl_guard.algorithms import loss_types
+
+    LOSS_TYPES = loss_types()
 
     parser = parser or argparse.ArgumentParser(
         prog="trl-guard demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _byte_level_symbols, tiny_qwen2_tokenizer
-from .real_width import Family, Published
+from .real_width import Family, Published, default_dtype
 
 # ---- the real checkpoints' values -----------------------------------------------------------------------------------
 #: FLUX.2 [dev]: 48 heads x 128 = 6144, 8 double- and 48 single-stream blocks, RoPE over four axes of 32 of each head's
@@ -163,7 +163,8 @@ _MISTRAL_CHAT_TEMPLATE = (
 )
 
 #: Qwen3's chat format for one user turn with the generation prompt; `enable_thinking=False` (what
-#: `Flux2KleinPipeline` passes) appends the empty thinking block, as Qwen3's own template does.
+#: `Flux2KleinPipeline` passes; `ZImagePipeline` passes true) appends the empty thinking block, as Qwen3's own template
+#: (Qwen/Qwen3-4B's tokenizer_config.json, reduced to these cases) does.
 _QWEN3_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
@@ -365,13 +366,8 @@ def uninitialised(dtype: torch.dtype) -> Iterator[None]:
     fill on one CPU thread. Fill the parameters with `fill_random` afterwards."""
     from transformers.initialization import no_init_weights
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights():
-            yield
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), no_init_weights():
+        yield
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from unittest import mock
 import torch
 
 from . import _byte_level_symbols, tiny_qwenimage_scheduler, tiny_qwenimage_transformer, tiny_qwenimage_vae
+from .real_width import Family, Published
 
 #: QwenImageEditPipeline's and QwenImageEditPlusPipeline's system prompt: the tiny tokenizer spells each of its
 #: pre-tokens as one token, as Qwen's real tokenizer does, so the prefix is the 64 tokens the pipelines drop
@@ -33,12 +34,10 @@ _SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-#: Values of the real checkpoints, with their sources, for the real-width test (`build_real_width_qwenimage_edit_pipeline`).
-QWEN_IMAGE_EDIT_REAL = {
-    # Qwen/Qwen-Image-Edit-2509 transformer/config.json (2511 is the same plus "zero_cond_t": true), as quoted by
-    # third-party loaders in the search index (a benchmark script's config dict for Qwen-Image-Edit-2511, and a
-    # loader's test that calls a config without zero_cond_t "a valid 2509 config.json"); the Hub file is not stored.
-    "transformer": dict(
+#: Qwen-Image-Edit-2509's transformer (2511 is the same plus "zero_cond_t": true).
+QWEN_IMAGE_EDIT_TRANSFORMER = Published(
+    "Qwen/Qwen-Image-Edit-2509 transformer/config.json",
+    dict(
         patch_size=2,
         in_channels=64,
         out_channels=16,
@@ -49,10 +48,20 @@ QWEN_IMAGE_EDIT_REAL = {
         guidance_embeds=False,
         num_layers=60,
     ),
-    # text_encoder/config.json: Qwen/Qwen2.5-VL-7B-Instruct's config.json, as several repositories in the search index
-    # reproduce it (conversion scripts building Qwen2_5_VLConfig for Qwen-Image's text encoder; a TensorRT-LLM test
-    # scenario). transformers' Qwen2_5_VLConfig defaults are not these (they are the 72B model's).
-    "text_encoder": dict(
+    note="As quoted by third-party loaders in the search index (a benchmark script's config dict for "
+    "Qwen-Image-Edit-2511, and a loader's test that calls a config without zero_cond_t 'a valid 2509 config.json'); "
+    "the Hub file is not stored.",
+)
+
+_QWEN25_VL_7B_NOTE = (
+    "Qwen/Qwen2.5-VL-7B-Instruct's config.json, as several repositories in the search index reproduce it (conversion "
+    "scripts building Qwen2_5_VLConfig for Qwen-Image's text encoder; a TensorRT-LLM test scenario). transformers' "
+    "Qwen2_5_VLConfig defaults are not these (they are the 72B model's)."
+)
+
+QWEN_IMAGE_EDIT_TEXT = Published(
+    "Qwen/Qwen-Image-Edit-2509 text_encoder/config.json (text_config)",
+    dict(
         hidden_size=3584,
         intermediate_size=18944,
         num_attention_heads=28,
@@ -62,7 +71,12 @@ QWEN_IMAGE_EDIT_REAL = {
         mrope_section=[16, 24, 24],
         vocab_size=152064,
     ),
-    "vision": dict(
+    note=_QWEN25_VL_7B_NOTE,
+)
+
+QWEN_IMAGE_EDIT_VISION = Published(
+    "Qwen/Qwen-Image-Edit-2509 text_encoder/config.json (vision_config)",
+    dict(
         depth=32,
         hidden_size=1280,
         intermediate_size=3420,
@@ -74,12 +88,25 @@ QWEN_IMAGE_EDIT_REAL = {
         window_size=112,
         fullatt_block_indexes=[7, 15, 23, 31],
     ),
-    # AutoencoderKLQwenImage's class defaults in diffusers, whose docstring ties them to Qwen-Image; the edit
-    # checkpoints ship Qwen-Image's VAE. Not checked against the Hub file (not in the search index).
-    "vae": dict(
-        base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
+    note=_QWEN25_VL_7B_NOTE,
+)
+
+QWEN_IMAGE_EDIT_VAE = Published(
+    "diffusers AutoencoderKLQwenImage class defaults, whose docstring ties them to Qwen-Image",
+    dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
+    note="The edit checkpoints ship Qwen-Image's VAE. Not checked against the Hub file (not in the search index).",
+)
+
+#: The real checkpoints' values, for the real-width test (`build_real_width_qwenimage_edit_plus_pipeline`).
+QWEN_IMAGE_EDIT_REAL = Family(
+    "Qwen-Image-Edit-2511",
+    dict(
+        transformer=QWEN_IMAGE_EDIT_TRANSFORMER,
+        text_encoder=QWEN_IMAGE_EDIT_TEXT,
+        vision=QWEN_IMAGE_EDIT_VISION,
+        vae=QWEN_IMAGE_EDIT_VAE,
     ),
-}
+)
 
 
 def tiny_qwen2_vl_tokenizer():
@@ -237,15 +264,17 @@ def build_real_width_qwenimage_edit_plus_pipeline(seed: int = 0, layers: int = 1
 
     torch.manual_seed(seed)
     real = QWEN_IMAGE_EDIT_REAL
-    transformer = QwenImageTransformer2DModel(**{**real["transformer"], "num_layers": layers}, zero_cond_t=zero_cond_t)
+    transformer = QwenImageTransformer2DModel(
+        **{**real["transformer"].values, "num_layers": layers}, zero_cond_t=zero_cond_t
+    )
     tokenizer = tiny_qwen2_vl_tokenizer()
-    text = {**real["text_encoder"], "num_hidden_layers": layers}
+    text = {**real["text_encoder"].values, "num_hidden_layers": layers}
     text.pop("vocab_size")  # the tiny tokenizer's vocabulary instead of 152k rows of 3584
-    vision = {**real["vision"], "depth": layers, "fullatt_block_indexes": [layers - 1]}
+    vision = {**real["vision"].values, "depth": layers, "fullatt_block_indexes": [layers - 1]}
     text_encoder = _vl_text_encoder(tokenizer, text, vision)
     # The VAE keeps its 16 latent channels, 8x spatial compression and latent statistics, 8-32 channels wide instead
     # of 96-384: latents have the real shape and encoding the sources costs little.
-    vae = AutoencoderKLQwenImage(**{**real["vae"], "base_dim": 8})
+    vae = AutoencoderKLQwenImage(**{**real["vae"].values, "base_dim": 8})
     for module in (transformer, text_encoder, vae):
         module.eval().requires_grad_(False)
     return QwenImageEditPlusPipeline(

@@ -20,7 +20,8 @@ transformer is drawn from `seed` alone (the other components from `seed + 1`), s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,10 +395,15 @@ WAN21_SCHEDULER = Published(
 
 @dataclass(frozen=True)
 class Family:
-    """The published configs a real-width builder draws on, by pipeline component."""
+    """The published configs a real-width builder draws on, by pipeline component (`family["transformer"]` is the
+    transformer's `Published` config). Every family's configs are recorded this way, in this module or in the family's
+    own testing module."""
 
     name: str
     components: dict[str, Published] = field(default_factory=dict)
+
+    def __getitem__(self, component: str) -> Published:
+        return self.components[component]
 
 
 SD35_MEDIUM = Family(
@@ -507,6 +513,18 @@ def _narrow_causal_vae_kwargs(spec: Published) -> dict[str, Any]:
         latents_mean=spec["latents_mean"],
         latents_std=spec["latents_std"],
     )
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly in `dtype`: a real-width block built in float32 first would double the peak memory.
+    The one dtype helper of the builders (`trl_guard.testing.flux2.uninitialised` adds skipping the initialisers)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _eval(*modules: torch.nn.Module) -> None:

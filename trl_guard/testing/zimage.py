@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from . import _tiny_vae, tiny_qwen2_tokenizer
-from .flux2 import QWEN3_4B_TEXT
-from .real_width import FLUX_VAE
+from . import _tiny_vae
+from .flux2 import QWEN3_4B_TEXT, tiny_qwen3_tokenizer
+from .real_width import FLUX_VAE, Family, Published
 
-#: Qwen3's chat template for what ZImagePipeline renders: one user turn and the assistant's opening, with the empty
-#: thinking block only when `enable_thinking` is false (the pipeline passes true). From Qwen/Qwen3-4B's
-#: tokenizer_config.json, reduced to those cases.
-QWEN3_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+#: Where the values below come from: Tongyi-MAI/Z-Image-Turbo's transformer, text_encoder and vae config.json
+#: (Z-Image, the base model, has the same architecture). The Hub files are not in the search index.
+_ZIMAGE_NOTE = (
+    "These are the values third-party loaders in the search index reproduce verbatim from the Hub files (for example "
+    "an MLX port's fallback configs and a loader's DEFAULT_ZIMAGE_TRANSFORMER_CONFIG, '_diffusers_version': "
+    "'0.36.0.dev0')."
 )
 
-#: The real checkpoints' values, for `build_real_width_zimage_pipeline`. Tongyi-MAI/Z-Image-Turbo's transformer,
-#: text_encoder and vae config.json (Z-Image, the base model, has the same architecture). The Hub files are not in
-#: the search index; these are the values third-party loaders in it reproduce verbatim from them (for example an
-#: MLX port's fallback configs and a loader's DEFAULT_ZIMAGE_TRANSFORMER_CONFIG, "_diffusers_version": "0.36.0.dev0").
-ZIMAGE_REAL = {
-    "transformer": dict(
+ZIMAGE_TRANSFORMER = Published(
+    "Tongyi-MAI/Z-Image-Turbo transformer/config.json",
+    dict(
         all_patch_size=(2,),
         all_f_patch_size=(1,),
         in_channels=16,
@@ -39,21 +35,28 @@ ZIMAGE_REAL = {
         axes_dims=[32, 48, 48],
         axes_lens=[1536, 512, 512],
     ),
-    # text_encoder/config.json: Qwen3-4B (model_index.json loads it as Qwen3Model), FLUX.2 [klein]'s text encoder
-    "text_encoder": {**QWEN3_4B_TEXT.values, "rope_theta": 1000000.0},
-    # vae/config.json: FLUX.1's AutoencoderKL
-    "vae": dict(FLUX_VAE.values),
-    # scheduler/scheduler_config.json: a constant shift, 3.0 for Turbo (6.0 for the base model)
-    "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
-}
+    note=_ZIMAGE_NOTE,
+)
 
+#: Qwen3-4B (model_index.json loads it as Qwen3Model): FLUX.2 [klein]'s text encoder, with its RoPE base.
+ZIMAGE_TEXT = Published(
+    "Tongyi-MAI/Z-Image-Turbo text_encoder/config.json",
+    {**QWEN3_4B_TEXT.values, "rope_theta": 1000000.0},
+    note=_ZIMAGE_NOTE,
+)
 
-def tiny_qwen3_tokenizer():
-    """The offline byte-level Qwen2 tokenizer (`tiny_qwen2_tokenizer`) with Qwen3's chat template, which
-    ZImagePipeline applies to every prompt."""
-    tokenizer = tiny_qwen2_tokenizer()
-    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
-    return tokenizer
+#: A constant shift, 3.0 for Turbo (6.0 for the base model).
+ZIMAGE_TURBO_SCHEDULER = Published(
+    "Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json",
+    dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+    note=_ZIMAGE_NOTE,
+)
+
+#: The real checkpoints' values, for `build_real_width_zimage_pipeline`; the VAE is FLUX.1's AutoencoderKL.
+ZIMAGE_REAL = Family(
+    "Z-Image-Turbo",
+    dict(transformer=ZIMAGE_TRANSFORMER, text_encoder=ZIMAGE_TEXT, vae=FLUX_VAE, scheduler=ZIMAGE_TURBO_SCHEDULER),
+)
 
 
 def _qwen3_text_encoder(tokenizer, **sizes):
@@ -121,14 +124,16 @@ def build_real_width_zimage_pipeline(seed: int = 0, layers: int = 1):
 
     torch.manual_seed(seed)
     real = ZIMAGE_REAL
-    transformer = ZImageTransformer2DModel(**{**real["transformer"], "n_layers": layers, "n_refiner_layers": layers})
+    transformer = ZImageTransformer2DModel(
+        **{**real["transformer"].values, "n_layers": layers, "n_refiner_layers": layers}
+    )
     tokenizer = tiny_qwen3_tokenizer()
-    text = {**real["text_encoder"], "num_hidden_layers": layers}
+    text = {**real["text_encoder"].values, "num_hidden_layers": layers}
     text.pop("vocab_size")
     text_encoder = _qwen3_text_encoder(tokenizer, **text)
     # The VAE keeps its latent channels, 8x compression and latent scaling and shift, with narrow blocks (8-16
     # channels instead of 128-512): latents have the real shape and decoding costs little.
-    vae_kwargs = {**real["vae"], "block_out_channels": (8, 16, 16, 16), "norm_num_groups": 4}
+    vae_kwargs = {**real["vae"].values, "block_out_channels": (8, 16, 16, 16), "norm_num_groups": 4}
     blocks = len(vae_kwargs["block_out_channels"])
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks, **vae_kwargs
@@ -136,7 +141,7 @@ def build_real_width_zimage_pipeline(seed: int = 0, layers: int = 1):
     for module in (transformer, text_encoder, vae):
         module.eval().requires_grad_(False)
     return ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**real["scheduler"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**real["scheduler"].values),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
