@@ -16,9 +16,19 @@ import torch
 from helpers import launch
 from safetensors.torch import load_file
 
+# Settings a loss type needs (or its recipe uses) on the launch recipe's 4-step grid: DGPO trains 2 of its first 3
+# noise levels.
+LOSS_ARGS = {
+    "dgpo": ["--dgpo_max_train_step", "2", "--dgpo_num_train_timesteps", "2"],
+    # Flow-DPPO as its recipe runs: SDE steps in a window, old means recomputed before a round's first update
+    "flow_dppo": ["--sde_window_size", "2", "--sde_window_range", "0", "3", "--recompute_old_means", "true"],
+    # online DPO with the reference refreshed every step, so that later rounds are sampled by trained weights
+    "dpo": ["--dpo_ref_update_steps", "1"],
+}
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm"])
+@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm", "dgpo", "flow_dppo", "dpo"])
 def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
     launch(
         [
@@ -33,6 +43,7 @@ def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
             "16",
             "--loss_type",
             loss_type,
+            *LOSS_ARGS.get(loss_type, []),
         ],
         tmp_path,
     )
@@ -53,6 +64,7 @@ def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
             "8",
             "--loss_type",
             loss_type,
+            *LOSS_ARGS.get(loss_type, []),
         ],
         tmp_path,
     )

@@ -216,6 +216,140 @@ FORWARD_OFFICIAL = {
     },
 }
 
+# Flow-DPPO: Tencent-Hunyuan/UniRL at commit 1a7b501e8fe8517b432a130220d2ff462f9b5afa (read again at b67c1766),
+# examples/diffusion/sd3_flowdppo.yaml and unirl/algorithms/flowdppo.py; our names on the left.
+DPPO_OFFICIAL = {
+    "sd35m_pickscore_flow_dppo.yaml": {
+        "model_name_or_path": "stabilityai/stable-diffusion-3.5-medium",  # bundle.config.pretrained_model_ckpt_path
+        "loss_type": "flow_dppo",  # algorithm._target_: unirl.algorithms.flowdppo.FlowDPPO
+        "dppo_kl_threshold": 1e-5,  # algorithm.kl_mask_threshold
+        "dppo_kl_normalize": True,  # algorithm.add_kl_coefficient
+        "epsilon": None,  # no clip_range: the KL mask replaces it
+        "beta": 0.0,  # no KL to the reference (FlowDPPOConfig.beta = 0.0)
+        "recompute_old_means": True,  # FlowDPPO.prepare_segment replays the old means before the first update
+        "num_inference_steps": 10,  # sampling.num_inference_steps
+        "guidance_scale": 1.0,  # sampling.guidance_scale
+        "height": 512,  # sampling.height
+        "width": 512,  # sampling.width
+        "num_generations": 16,  # sampling.samples_per_prompt
+        "noise_level": 0.7,  # sampling.eta
+        "noise_schedule": "flow_grpo",  # pipeline.strategy: unirl.sde.kernels.FlowSDEStrategy (Flow-GRPO's SDE)
+        "init_same_noise": False,  # sampling.init_same_noise
+        # sampling.scheduler: AllSDEScheduler(timestep_fraction=[0.0, 0.5], num_sde_steps=3): 3 SDE steps of 0-4 per
+        # round; ours the nearest, a window of 3 adjacent steps in [0, 5) (docs/fidelity.md D2)
+        "sde_window_size": 3,
+        "sde_window_range": [0, 5],
+        "sde_window_schedule": "random",
+        "scale_rewards": "batch",  # adv_use_global_std: true
+        "adv_clip_max": 1000.0,  # no advantage clip: a bound |A| <= sqrt(768) never reaches
+        "per_device_train_batch_size": 8,  # stack.micro_batch_size
+        "per_device_sample_batch_size": 8,  # rollout.forward_batch_size
+        "learning_rate": 3e-4,  # backend.optimizer_cfg.learning_rate
+        "adam_beta1": 0.9,  # optimizer_cfg.adam_beta1
+        "adam_beta2": 0.999,  # optimizer_cfg.adam_beta2
+        "adam_epsilon": 1e-8,  # optimizer_cfg.adam_epsilon
+        "weight_decay": 0.0,  # optimizer_cfg.weight_decay
+        "max_grad_norm": 1.0,  # stack.max_grad_norm
+        "lr_scheduler_type": "constant",  # scheduler_cfg.type
+        "warmup_steps": 0,  # scheduler_cfg.warmup_steps
+        "seed": 42,  # data_source run.seed, sampling.seed
+        "ema_decay": 0.0,  # no EMA in the v2 recipe
+        "activation_checkpointing": False,  # fsdp_cfg.activation_checkpointing
+        "lora_r": 32,  # backend.lora_cfg.rank
+        "lora_alpha": 64,  # lora_cfg.alpha
+        "lora_dropout": 0.0,  # lora_cfg.dropout
+        "lora_target_modules": [
+            "attn.add_k_proj",
+            "attn.add_q_proj",
+            "attn.add_v_proj",
+            "attn.to_add_out",
+            "attn.to_k",
+            "attn.to_out.0",
+            "attn.to_q",
+            "attn.to_v",
+        ],  # lora_cfg.target_modules
+        "reward_funcs": ["pickscore"],  # reward.backend: PickScoreRewardScorer (yuvalkirstain/PickScore_v1)
+        "dataset_name": "pickscore_train.txt",  # data_source run.data_path: datasets/pickscore/train.txt
+        "eval_dataset_name": "pickscore_test.txt",  # run.eval_data_path: datasets/pickscore/test.txt
+    },
+}
+
+# Online Diffusion-DPO: yifan123/flow_grpo at commit ac4c86e4cae021841f1fde853d340e0db67690dd, config/dpo.py
+# geneval_sd3() (on compressibility() and config/base.py get_config()), scripts/train_sd3_dpo.py and
+# scripts/single_node/dpo.sh (--num_processes=1); our names on the left. (pickscore_sd3 sets
+# train.gradient_accumulation_steps = 1 // 2 = 0 and cannot run as written: no recipe.)
+DPO_OFFICIAL = {
+    "sd35m_geneval_dpo.yaml": {
+        # the same base.py, EMA wrapper, text embeddings and LoRA as Flow-GRPO's (train_sd3_dpo.py: r 32, alpha 64)
+        **{key: value for key, value in COMMON.items() if key not in ("num_inference_steps", "timestep_selection")},
+        "loss_type": "dpo",  # train.algorithm = 'dpo'
+        "num_inference_steps": 40,  # sample.num_steps = 40 (the reference's SDE rollout)
+        "dpo_beta": 100.0,  # train.beta = 100
+        "dpo_ref_update_steps": None,  # train.ref_update_step = 10000000: never, the frozen base
+        "noise_schedule": "flow_grpo",  # pipeline_with_logprob's SDE, noise_level from base.py (0.7)
+        "epsilon": None,  # no ratio
+        "beta": 0.0,  # no penalty besides DPO's own reference term
+        "per_device_train_batch_size": 24,  # sample.train_batch_size = train.batch_size = 24
+        "num_iterations": 1,  # train.num_inner_epochs = 1
+        "learning_rate": 3e-4,  # base.py train.learning_rate
+        "seed": 42,  # base.py seed
+        "eval_steps": 40,  # eval_freq = 40 rounds of one optimizer step
+        "save_steps": 40,  # save_freq = 40
+        "per_device_eval_batch_size": 14,  # sample.test_batch_size = 14
+        "lora_target_modules": None,  # ours: the SD3 adapter's default, the same 8 attention projections
+        "reward_funcs": ["http://127.0.0.1:18085/geneval"],  # reward_fn = {"geneval": 1.0}
+        "reward_weights": None,  # one reward, weight 1
+        "dataset_name": "geneval_train.jsonl",  # dataset/geneval/train_metadata.jsonl
+        "eval_dataset_name": "geneval_test.jsonl",  # dataset/geneval/test_metadata.jsonl
+    },
+}
+
+# DGPO: Luo-Yihong/DGPO at commit 01ceb4b83c0bbc55d96246fe1b6d9a3d4749ebd6, config/dgpo.py general_ocr_sd3_4gpu() (on
+# compressibility() and config/base.py get_config()), scripts/train_sd3_dgpo.py and scripts/single_node/sd3_dgpo_ocr.sh
+# (--num_processes=4); our names on the left.
+DGPO_OFFICIAL = {
+    "sd35m_ocr_dgpo.yaml": {
+        # the same base.py, eval EMA (train.ema: 0.9 every 8 steps) and text embeddings as Flow-GRPO's
+        **{
+            key: value
+            for key, value in COMMON.items()
+            if key not in ("eval_num_inference_steps", "num_generations", "noise_level", "noise_schedule")
+            and key not in ("timestep_fraction", "timestep_selection", "lora_r", "lora_alpha")
+        },
+        "loss_type": "dgpo",  # scripts/train_sd3_dgpo.py
+        "eval_num_inference_steps": 14,  # sample.eval_num_steps = 14
+        "num_generations": 16,  # sample.num_image_per_prompt = 16
+        "per_device_train_batch_size": 16,  # sample.train_batch_size = train.batch_size = 16
+        "dgpo_beta": 100.0,  # train.beta_dpo = 100
+        "beta": 0.02,  # train.beta = 0.02 (velocity MSE to the LoRA-off model)
+        "epsilon": 1e-2,  # clip_range = 1e-2
+        "dgpo_num_train_timesteps": 4,  # compressibility: num_train_timesteps = 4
+        "dgpo_max_train_step": 6,  # compressibility: trunc_steps = 6
+        "dgpo_shared_noise": True,  # compressibility: use_shared_noise = True
+        "dgpo_clip_dsm": True,  # compressibility: clip_dsm = True
+        "dgpo_clip_kl": False,  # compressibility: clip_kl = False
+        "dgpo_lagged_reference": False,  # base.py: use_ema_ref = False
+        "dgpo_lagged_sampling_after": 200,  # compressibility: switch_ema_ref = 200
+        "timestep_fraction": 1.0,  # unread (train.timestep_fraction = 0.99 is unused there too)
+        "scale_rewards": "batch",  # sample.global_std = True
+        "num_iterations": 1,  # train.num_inner_epochs = 1
+        "learning_rate": 3e-4,  # base.py train.learning_rate
+        "seed": 42,  # base.py seed
+        "lora_r": 64,  # train_sd3_dgpo.py: LoraConfig(r=64, lora_alpha=128, init_lora_weights="gaussian")
+        "lora_alpha": 128,
+        "lora_target_modules": None,  # ours: the SD3 adapter's default, the same 8 attention projections
+        "eval_strategy": "steps",
+        "eval_steps": 60,  # eval_freq = 60 rounds of one optimizer step
+        "save_steps": 60,  # save_freq = 60
+        "eval_on_start": False,  # train_sd3_dgpo.py evaluates only when epoch > 0
+        "per_device_eval_batch_size": 16,  # sample.test_batch_size = 16
+        "reward_funcs": ["ocr"],  # reward_fn = {"ocr": 1.0}
+        "reward_weights": None,  # one reward, weight 1
+        "dataset_name": "ocr_train.txt",  # dataset/ocr/train.txt
+        "eval_dataset_name": "ocr_test.txt",  # dataset/ocr/test.txt
+    },
+}
+
 # Prompt groups of 24 images and optimizer steps per round, on 8 GPUs. NFT: num_groups = 48, num_batches_per_epoch =
 # 48 x 24 // (8 x 9) = 16 and gradient_accumulation_steps = 16 // gradient_step_per_epoch. AWM: sample.train_batch_size
 # 6 x num_batches_per_epoch 12 x 8 GPUs = 576 images = 24 groups, gradient_accumulation_steps = 6 // 2 x 12 = 36 = all
@@ -226,11 +360,20 @@ ROUNDS = {
     "sd35m_ocr_nft.yaml": (48, 2),
     "sd35m_pickscore_nft.yaml": (48, 1),
     "sd35m_pickscore_awm.yaml": (24, 1),
+    "sd35m_pickscore_flow_dppo.yaml": (48, 2),  # batch_size 48 prompts; stack.num_updates_per_batch 2
+    "sd35m_geneval_dpo.yaml": (1, 1),  # one prompt x 24 images, one optimizer step, on the one GPU of dpo.sh
+    "sd35m_ocr_dgpo.yaml": (8, 1),  # num_groups = 8 of 16 images; gradient_accumulation = num_batches_per_epoch
 }
+
+#: Recipes laid out for another number of processes than GPUS (the official's own launch).
+PROCESSES = {"sd35m_geneval_dpo.yaml": 1, "sd35m_ocr_dgpo.yaml": 4}
 
 EXPECTED = {
     **{name: {**COMMON, **values} for name, values in OFFICIAL.items()},
     **{name: {**FORWARD_COMMON, **values} for name, values in FORWARD_OFFICIAL.items()},
+    **DPPO_OFFICIAL,
+    **DPO_OFFICIAL,
+    **DGPO_OFFICIAL,
 }
 
 # Noise levels trained per sample and round. NFT: num_train_timesteps = int(sample.num_steps x train.timestep_fraction)
@@ -258,7 +401,7 @@ def test_recipe_matches_the_official_config(name):
     mismatched = {key: (values[key], want) for key, want in expected.items() if values[key] != want}
     assert not mismatched, f"{name}: (ours, official) = {mismatched}"
     groups, optimizer_steps = ROUNDS[name]
-    round_images = config.per_device_train_batch_size * GPUS * config.steps_per_generation
+    round_images = config.per_device_train_batch_size * PROCESSES.get(name, GPUS) * config.steps_per_generation
     assert round_images == groups * config.num_generations
     assert config.steps_per_generation // config.gradient_accumulation_steps == optimizer_steps
     assert config.steps_per_generation % config.gradient_accumulation_steps == 0

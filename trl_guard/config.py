@@ -132,7 +132,7 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
             Two-expert families (Wan2.2 A14B): the CFG scale of the low-noise expert, as `WanPipeline`'s
             `guidance_scale_2`; unset, `guidance_scale` guides both.
         true_cfg_scale (`float`, *optional*, defaults to `1.0`):
-            Real classifier-free guidance for guidance-distilled families (FLUX.1, Kontext) and Qwen-Image(-Edit),
+            Real classifier-free guidance for guidance-distilled families (FLUX.1, Kontext) and Qwen-Image (Edit, 2.1),
             with `negative_prompt` as the unconditional branch; `<= 1` disables it. Ignored by SD3, whose CFG is
             `guidance_scale`.
         negative_prompt (`str`, *optional*, defaults to `""`):
@@ -147,7 +147,8 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
         max_sequence_length (`int`, *optional*, defaults to `128`):
             Maximum number of T5 tokens (Flow-GRPO uses 128; SD3's pipeline default is 256). At most the family's
             pipeline limit (SD3 and FLUX.1 512, Qwen-Image 1024): refused above it, before loading when the model is a
-            pipeline object or a local folder.
+            pipeline object or a local folder. Qwen-Image 2.1's pipeline reads every prompt whole, so a longer one is
+            refused there rather than cut.
         noise_level (`float`, *optional*, defaults to `0.7`):
             SDE noise multiplier (`a` in Flow-GRPO, `eta` in DanceGRPO).
         init_same_noise (`bool`, *optional*, defaults to `False`):
@@ -159,17 +160,23 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
             `"flow_grpo"` (plain PPO-clipped log-ratio), `"temp_reweight"` (TempFlow-GRPO: per-step weight `std`),
             `"mean_revised"` (log-ratio with its negative mean removed), `"ratio_norm"` (RatioNorm: the mean-revised
             log-ratio times `std`) or `"grpo_guard"` (RatioNorm plus the per-step gradient reweighting): the SDE family,
-            which samples with the SDE and clips an importance ratio. Or the forward-process family, which samples with
-            the ODE, keeps only the clean samples and trains on them noised again: `"nft"` (DiffusionNFT) or `"awm"`
-            (Advantage Weighted Matching). The loss types are those of the registered algorithm families
-            (`trl_guard.algorithms.ALGORITHMS`); each family's own fields are listed at the end of this documentation
-            and refused, set away from their defaults, under a loss type that does not read them.
+            which samples with the SDE and clips an importance ratio; `"flow_dppo"` (Flow-DPPO) samples the same way
+            but masks the unclipped ratio where the step's KL to the old policy is high (`dppo_*` fields). Or the
+            forward-process family, which samples with the ODE, keeps only the clean samples and trains on them noised
+            again: `"nft"` (DiffusionNFT) or `"awm"` (Advantage Weighted Matching). Or `"dpo"` (online Diffusion-DPO),
+            which samples with its reference's SDE and trains one best-against-worst pair per prompt group, noised
+            again (`dpo_*` fields). Or `"dgpo"` (DGPO), which samples with the ODE and weighs each prompt group's
+            advantage-weighted flow matching by its group preference score (`dgpo_*` fields). The loss types are
+            those of the registered algorithm families (`trl_guard.algorithms.ALGORITHMS`); each family's own fields
+            are listed at the end of this documentation and refused, set away from their defaults, under a loss type
+            that does not read them.
         epsilon (`float`, *optional*):
             Clip range: ratios are clipped to `[1 - epsilon, 1 + epsilon]`. Log-probabilities are per-element MEANs
             over the latent (not sums), so ratios sit within ~1e-3 of 1 and clip ranges are tiny. Defaults to `1e-4`
             for `flow_grpo`, `temp_reweight` and `mean_revised`, `2e-6` for `ratio_norm` and `grpo_guard` (the
             papers' values; GRPO-Guard used `4e-6` for PickScore), and `1.0` for `awm` (its surrogate ratio, AWM's
-            released configs). `nft` has no ratio and refuses it.
+            released configs). `nft` has no ratio and `flow_dppo` no clip (its KL mask bounds the update): both
+            refuse it.
         beta (`float`, *optional*, defaults to `0.0`):
             Weight of the KL penalty to the reference policy (the transformer with LoRA disabled, or a frozen copy of
             the starting weights for full fine-tuning). `0` (GRPO-Guard's setting) skips the reference forward. Under

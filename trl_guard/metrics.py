@@ -31,6 +31,11 @@ class Stat:
     RAW_LOG_RATIO_MEAN = "raw_log_ratio_mean"
     CLIP_FRAC_HIGH = "clip_frac_high"
     CLIP_FRAC_LOW = "clip_frac_low"
+    # Flow-DPPO's mask, its stand-in for the clip: samples masked with A > 0 (r > 1) and with A < 0 (r < 1), and the
+    # mean KL score the mask compares with its threshold
+    MASK_FRAC_POS = "mask_frac_pos"
+    MASK_FRAC_NEG = "mask_frac_neg"
+    KL_SCORE = "kl_score"
     WEIGHT = "weight"
     KL = "kl"
     GRAD_NORM = "grad_norm"

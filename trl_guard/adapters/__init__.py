@@ -20,6 +20,7 @@ with quiet_known_noise("torchvision_fallback"):
     from .flux2 import Flux2Adapter, Flux2KleinAdapter
     from .flux_kontext import FluxKontextAdapter
     from .qwenimage import QwenImageAdapter
+    from .qwenimage21 import QwenImage21Adapter
     from .qwenimage_edit import QwenImageEditAdapter
     from .sd3 import SD3Adapter
     from .wan import WanAdapter
@@ -53,6 +54,7 @@ __all__ = [
     "FluxKontextAdapter",
     "PipelineAdapter",
     "PromptEmbeddings",
+    "QwenImage21Adapter",
     "QwenImageAdapter",
     "QwenImageEditAdapter",
     "SD3Adapter",

@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import Algorithm, RoundPlan
+from .dgpo import DGPOAlgorithm
+from .dpo import DPOAlgorithm
+from .flow_dppo import FlowDPPOAlgorithm
 from .forward import ForwardProcessAlgorithm, ForwardProcessArguments
 from .sde_ratio import SDERatioAlgorithm, SDERatioArguments, path_kl_to_reference, policy_mean
 
@@ -21,7 +24,13 @@ if TYPE_CHECKING:
     from ..config import GuardConfig
 
 #: Every algorithm family, in the order their loss types are listed. `register_algorithm` adds one at run time.
-ALGORITHMS: list[type[Algorithm]] = [SDERatioAlgorithm, ForwardProcessAlgorithm]
+ALGORITHMS: list[type[Algorithm]] = [
+    SDERatioAlgorithm,
+    ForwardProcessAlgorithm,
+    FlowDPPOAlgorithm,
+    DGPOAlgorithm,
+    DPOAlgorithm,
+]
 
 #: The families' arguments dataclasses, which `GuardConfig` inherits: fixed when `trl_guard.config` is imported.
 ALGORITHM_ARGUMENTS: tuple[type, ...] = tuple(

@@ -34,8 +34,8 @@ SDE_WINDOW_SCHEDULES = ("random", "sliding")
 class SDERatioArguments:
     r"""
     The `GuardConfig` fields only the SDE-ratio family reads (`loss_type` `"flow_grpo"`, `"temp_reweight"`,
-    `"mean_revised"`, `"ratio_norm"` or `"grpo_guard"`); every other loss type refuses them when they are set away from
-    their defaults.
+    `"mean_revised"`, `"ratio_norm"` or `"grpo_guard"`, and Flow-DPPO's `"flow_dppo"`, all but `dance_weighting`);
+    every other loss type refuses them when they are set away from their defaults.
 
     Parameters:
         noise_schedule (`str`, *optional*, defaults to `"flow_grpo"`):
