@@ -155,11 +155,11 @@ def analyse(plot_dir: str | None = None) -> str:
             f"| {method} | {len(group)} | {group[0]['learning_rate']:g} | {np.mean(per_step):.2f} | "
             f"{fmt(bootstrap(proxy))} | {fmt(bootstrap(gold))} | {fmt(bootstrap(gain), 5)} |"
         )
-    lines += _matched_table(by_method, "Gold at matched proxy, every method (runs that reach the level):")
+    lines += matched_table(by_method, "Gold at matched proxy, every method (runs that reach the level):")
     # A method that gains little caps the levels above; the others are compared again further out.
     far = {m: g for m, g in by_method.items() if np.median([max(e["proxy"] for e in r["evals"]) for r in g]) >= 0.2}
     if 2 <= len(far) < len(by_method):
-        lines += _matched_table(
+        lines += matched_table(
             far, f"Gold at matched proxy among the methods whose median run reaches 0.2 ({', '.join(sorted(far))}):"
         )
     if plot_dir:
@@ -169,7 +169,7 @@ def analyse(plot_dir: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _matched_table(by_method: dict[str, list[dict]], title: str) -> list[str]:
+def matched_table(by_method: dict[str, list[dict]], title: str) -> list[str]:
     from analysis.overoptimization import bootstrap, fmt, matched_levels
 
     from trl_guard.report.verdict import gold_at_proxy
@@ -188,8 +188,11 @@ def _matched_table(by_method: dict[str, list[dict]], title: str) -> list[str]:
     return lines
 
 
-def plot(by_method: dict[str, list[dict]], plot_dir: str) -> str | None:
-    """Proxy against step, and gold against proxy: every run thin, the mean over seeds thick."""
+def plot(
+    by_method: dict[str, list[dict]], plot_dir: str, name: str = "forward.png", sweep: list[dict] | None = None
+) -> str | None:
+    """Proxy against step, and gold against proxy: every run thin, the mean over seeds thick, and the sweep's runs
+    (`sweep`, by default this benchmark's) dotted; `benchmarks/bench_algorithms.py` draws its figure with it too."""
     from analysis.overoptimization import means_by_step, pyplot_or_none, save_figure
 
     plt = pyplot_or_none()
@@ -210,7 +213,7 @@ def plot(by_method: dict[str, list[dict]], plot_dir: str) -> str | None:
         label = f"{method} (mean of {len(group)})"
         axes[0].plot(mean["step"], mean["proxy"], "o-", color=colours[method], lw=2, ms=3, label=label)
         axes[1].plot(mean["proxy"], mean["gold"], "o-", color=colours[method], lw=2, ms=3, label=label)
-    for r in load(SWEEP_FILE)["runs"]:  # the sweep's runs too, dotted, so that every run is on the page
+    for r in load(SWEEP_FILE)["runs"] if sweep is None else sweep:  # dotted, so that every run is on the page
         colour = colours.get(r["method"], "grey")
         evals = r["evals"]
         axes[0].plot([e["step"] for e in evals], [e["proxy"] for e in evals], ":", color=colour, alpha=0.5, lw=0.8)
@@ -219,7 +222,7 @@ def plot(by_method: dict[str, list[dict]], plot_dir: str) -> str | None:
     axes[0].set(xlabel="optimizer step", ylabel="proxy reward (colour)", title="Proxy reward during training")
     axes[1].set(xlabel="proxy reward (colour)", ylabel="gold score (caption fidelity)", title="Gold against proxy")
     axes[0].legend(fontsize=8)
-    return save_figure(fig, plot_dir, "forward.png")
+    return save_figure(fig, plot_dir, name)
 
 
 def main() -> None:
