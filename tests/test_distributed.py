@@ -24,11 +24,36 @@ LOSS_ARGS = {
     "flow_dppo": ["--sde_window_size", "2", "--sde_window_range", "0", "3", "--recompute_old_means", "true"],
     # online DPO with the reference refreshed every step, so that later rounds are sampled by trained weights
     "dpo": ["--dpo_ref_update_steps", "1"],
+    # GARDO with its gate and KL (a built-in second reward as the auxiliary one, weighted 0: the JPEG size moves in
+    # whole bytes, so it stays out of the compared reward total) and a refresh threshold every step's KL exceeds;
+    # without image features, which need a feature model (tests/test_gardo.py runs them on two processes)
+    **{
+        loss_type: [
+            *("--reward_funcs", "tests_rewards.blueness", "jpeg_compressibility", "--reward_weights", "1", "0"),
+            *("--gardo_aux_rewards", "jpeg_compressibility", "--beta", "0.1", "--gardo_diversity", "false"),
+            *("--gardo_reset_kl_threshold", "1e-12"),
+        ]
+        for loss_type in ("gardo", "gardo_nft")
+    },
+}
+# The one-process run's own layout, where a loss reads the micro-batch's composition: GARDO's KL is a mean over each
+# micro-batch's gated samples (as officially, per process), so one process matches two when its micro-batches are the
+# two processes' (two of 8 per optimizer step, accumulated, instead of one of 16).
+ONE_PROCESS_ARGS = {
+    loss_type: [
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "2",
+        "--steps_per_generation",
+        "2",
+    ]
+    for loss_type in ("gardo", "gardo_nft")
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm", "dgpo", "flow_dppo", "dpo"])
+@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm", "dgpo", "flow_dppo", "dpo", "gardo", "gardo_nft"])
 def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
     launch(
         [
@@ -44,6 +69,7 @@ def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
             "--loss_type",
             loss_type,
             *LOSS_ARGS.get(loss_type, []),
+            *ONE_PROCESS_ARGS.get(loss_type, []),
         ],
         tmp_path,
     )

@@ -350,6 +350,39 @@ DGPO_OFFICIAL = {
     },
 }
 
+# GARDO on Flow-GRPO: tinnerhrhe/GARDO at commit 1cc77fb341a8f84013cbb51e7685805acbef3425, config/gardo.py
+# general_ocr_sd3() (on compressibility() and config/base.py get_config()) and scripts/train_sd3_grpo_gardo.py; our
+# names on the left. The same base.py, EMA wrapper, text embeddings and LoRA as Flow-GRPO's.
+GARDO_OFFICIAL = {
+    "sd35m_ocr_gardo.yaml": {
+        **COMMON,
+        "loss_type": "gardo",  # train.algorithm = 'gardo'
+        "timestep_fraction": 0.89,  # train.timestep_fraction = 0.89
+        "learning_rate": 3e-4,  # base.py train.learning_rate
+        "epsilon": 1e-4,  # base.py train.clip_range (clip_range_low/high are set but not read by the script)
+        "beta": 0.04,  # train.beta = 0.04
+        "kl_type": "flow_grpo",  # kl_loss = MEAN((mean - ref_mean)**2) / (2 std_dev_t**2) over the gated samples
+        "scale_rewards": "group",  # unread: type='gardo' divides by no std (sample.global_std = True is unused)
+        "gardo_aux_rewards": ["aesthetic", "image_reward"],  # the ranks of 'aesthetic' and 'imagereward'
+        "gardo_gate_fraction": 0.1,  # RiskCompensator(base=0.1)
+        "gardo_reset_kl_threshold": 3e-4,  # compressibility: kl_thres = 3e-4
+        "gardo_reset_interval": 15,  # compressibility: reset_freq = 15
+        "gardo_diversity": True,  # PerPromptStatTracker.update(..., type='gardo') with DINOv3 features
+        "gardo_feature_model": "facebook/dinov3-vitl16-pretrain-lvd1689m",  # timm vit_large_patch16_dinov3.lvd1689m
+        "reward_funcs": ["ocr", "aesthetic", "image_reward"],  # reward_fn: ocr, aesthetic, imagereward
+        "reward_weights": [1.0, 0.1, 0.1],  # the main reward trains unweighted: rewards[config.main_reward]
+        "num_iterations": 1,  # train.num_inner_epochs = 1
+        "seed": 42,  # base.py seed
+        "eval_steps": 120,  # eval_freq = 60 rounds of two optimizer steps
+        "save_steps": 120,  # save_freq = 60
+        "eval_on_start": False,  # evaluates only when epoch != 0
+        "per_device_eval_batch_size": 16,  # sample.test_batch_size = 16
+        "lora_target_modules": None,  # ours: the SD3 adapter's default, the same 8 attention projections
+        "dataset_name": "ocr_train.txt",  # dataset/ocr/train.txt
+        "eval_dataset_name": "ocr_test.txt",  # dataset/ocr/test.txt
+    },
+}
+
 # Prompt groups of 24 images and optimizer steps per round, on 8 GPUs. NFT: num_groups = 48, num_batches_per_epoch =
 # 48 x 24 // (8 x 9) = 16 and gradient_accumulation_steps = 16 // gradient_step_per_epoch. AWM: sample.train_batch_size
 # 6 x num_batches_per_epoch 12 x 8 GPUs = 576 images = 24 groups, gradient_accumulation_steps = 6 // 2 x 12 = 36 = all
@@ -363,6 +396,7 @@ ROUNDS = {
     "sd35m_pickscore_flow_dppo.yaml": (48, 2),  # batch_size 48 prompts; stack.num_updates_per_batch 2
     "sd35m_geneval_dpo.yaml": (1, 1),  # one prompt x 24 images, one optimizer step, on the one GPU of dpo.sh
     "sd35m_ocr_dgpo.yaml": (8, 1),  # num_groups = 8 of 16 images; gradient_accumulation = num_batches_per_epoch
+    "sd35m_ocr_gardo.yaml": (48, 2),  # 8 GPUs x 9 x num_batches_per_epoch 16 = 48 x 24; gradient_accumulation 16 // 2
 }
 
 #: Recipes laid out for another number of processes than GPUS (the official's own launch).
@@ -374,6 +408,7 @@ EXPECTED = {
     **DPPO_OFFICIAL,
     **DPO_OFFICIAL,
     **DGPO_OFFICIAL,
+    **GARDO_OFFICIAL,
 }
 
 # Noise levels trained per sample and round. NFT: num_train_timesteps = int(sample.num_steps x train.timestep_fraction)

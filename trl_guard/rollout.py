@@ -4,7 +4,7 @@ training micro-batches of a round (`TrainBatch`) and the rollout buffer that kee
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -238,11 +238,17 @@ class TrainBatch:
     train_steps: list[int]
     rewards: torch.Tensor  # (B,), the weighted reward total
     group_ids: torch.Tensor  # (B,) long
+    #: Further per-sample tensors (B, ...) of the algorithm's training signal (the third element `training_signal` may
+    #: return, for example GARDO's gate), keyed by name.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("advantages", "rewards", "group_ids"):
             if len(getattr(self, name)) != len(self.rollout):
                 raise ValueError(f"{len(getattr(self, name))} {name} for a batch of {len(self.rollout)} trajectories.")
+        for name, values in self.extras.items():
+            if len(values) != len(self.rollout):
+                raise ValueError(f"{len(values)} values of {name!r} for a batch of {len(self.rollout)} trajectories.")
         missing = [step for step in self.train_steps if step not in self.rollout.steps]
         if missing:
             raise ValueError(f"Train steps {missing} were not recorded (recorded: {list(self.rollout.steps)}).")
@@ -257,6 +263,7 @@ class TrainBatch:
         state["rewards"] = self.rewards
         state["group_ids"] = self.group_ids
         state["train_steps"] = torch.tensor(self.train_steps, dtype=torch.long)
+        state.update({f"extra.{k}": v for k, v in self.extras.items()})
         state.update({f"prompt.{k}": v for k, v in self.prompt_embeds.tensors.items()})
         if self.negative_embeds is not None:
             state.update({f"negative.{k}": v for k, v in self.negative_embeds.tensors.items()})
@@ -281,6 +288,7 @@ class TrainBatch:
             train_steps=own["train_steps"].tolist(),
             rewards=own["rewards"],
             group_ids=own["group_ids"],
+            extras=group("extra"),
         )
 
 

@@ -77,6 +77,20 @@ class _EMAUpdate(TrainerCallback):
         self.ema.step(state.global_step)
 
 
+class _AlgorithmStepEnd(TrainerCallback):
+    """Tells the algorithm each optimizer step has been taken (`Algorithm.on_optimizer_step`), on every process and
+    before that step's checkpoint, with a mean over the processes to reduce what the step measured."""
+
+    def __init__(self, trainer: GuardGRPODiffusionTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        accelerator = self.trainer.accelerator
+        self.trainer.algorithm.on_optimizer_step(
+            state.global_step, lambda tensor: accelerator.reduce(tensor, reduction="mean")
+        )
+
+
 class _FollowShardedWeights(TrainerCallback):
     """Under FSDP2, points the copies of the weights (EMA, an algorithm's lagged policy) at the sharded parameters once
     accelerate has made them (a resume has done so already, before loading the copies' state)."""
@@ -175,6 +189,7 @@ class GuardGRPODiffusionTrainer(Trainer):
 
         # Everything that can be checked cheaply is checked before the pipeline is loaded.
         self.rewards = RewardSet(reward_funcs, args.reward_weights)
+        algorithm_class(args.loss_type).check_setup(args, self.rewards.names)
         self.gold_rewards = RewardSet(gold_reward_funcs, field="gold_reward_funcs") if gold_reward_funcs else None
         self._check_alarm_metrics(callbacks or [], args)
         preflight.check_prompt_dataset(train_dataset, "train_dataset")
@@ -235,6 +250,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             trainable = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
             self.ema = EMAWeights(trainable, decay=args.ema_decay, update_interval=args.ema_update_interval)
             self.add_callback(_EMAUpdate(self.ema))
+        self.add_callback(_AlgorithmStepEnd(self))
         self._copies_follow_shards = False
         if distributed.is_fsdp2(self.accelerator):
             self.add_callback(_FollowShardedWeights(self))
@@ -375,12 +391,16 @@ class GuardGRPODiffusionTrainer(Trainer):
         chunk_embeds = [row_embeds.index(chunk) for chunk in chunks]
         rollouts, scored = [], []  # scored: futures or score tensors, one per sampled batch
         local_images: list = []  # kept for group-wise rewards, scored once the round is complete
+        signal_inputs = type(self.algorithm).signal_inputs(args)
+        local_features = []  # for an algorithm whose training signal reads image features
         self.adapter.denoiser.eval()
         for chunk, embeds in zip(chunks, chunk_embeds):
             rollout = self.algorithm.sample(embeds, negative_embeds, latents[chunk], generators[chunk], plan)
             rollouts.append(rollout)
             decoded = self._decode(rollout.final_latents)
             local_images.extend(decoded if self.rewards.has_group_rewards else [])
+            if "image_features" in signal_inputs:
+                local_features.append(self.algorithm.image_features(decoded).to(device))
             score = partial(
                 self.rewards,
                 prompts[chunk],
@@ -398,7 +418,15 @@ class GuardGRPODiffusionTrainer(Trainer):
         if self.rewards.has_group_rewards:
             rewards = self._score_groups(rewards, prompts, local_images, columns)
         total = self.rewards.total(rewards)
-        advantages, reward_advantages = type(self.algorithm).training_signal(rewards, self.rewards.weights, args)
+        inputs: dict[str, Any] = {}
+        if "reward_names" in signal_inputs:
+            inputs["reward_names"] = list(self.rewards.names)
+        if "image_features" in signal_inputs:
+            inputs["image_features"] = self.accelerator.gather(torch.cat(local_features))  # in global order
+        # on the algorithm object: a signal that keeps state across rounds is a method
+        signal = self.algorithm.training_signal(rewards, self.rewards.weights, args, **inputs)
+        advantages, reward_advantages = signal[0], signal[1]
+        extras = signal[2] if len(signal) > 2 else {}
         if not bool(torch.isfinite(advantages).all()):  # the same on every process: computed from the gathered rewards
             raise ValueError(
                 f"The advantages of generation round {rollout_index} are not finite: the weighted reward totals "
@@ -411,6 +439,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         local_advantages = advantages[offset : offset + local_size]
         local_totals = total[offset : offset + local_size]
         local_groups = torch.tensor(global_indices, device=device) // args.num_generations
+        local_extras = {key: values[offset : offset + local_size] for key, values in extras.items()}
         train_chunks = _chunks(local_size, args.per_device_train_batch_size)
         if train_chunks != chunks:  # sampled in batches of another size: cut the round into training micro-batches
             whole = type(rollouts[0]).cat(rollouts)
@@ -425,6 +454,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 plan.train_steps,
                 rewards=local_totals[chunk],
                 group_ids=local_groups[chunk],
+                extras={key: values[chunk] for key, values in local_extras.items()},
             )
             for rollout, embeds, chunk in zip(rollouts, chunk_embeds, chunks)
         ]
@@ -772,7 +802,8 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     def _grid_entries(self, images: list, columns: dict[str, list]) -> list:
         """What the evaluation grid shows per sample: the sample, or for an editing family the row's source image (or
-        each of its several, in order) at the training resolution and the edit, side by side."""
+        each of its several, in order) at the training resolution and the edit, side by side. For an image-to-video
+        family the source leads the video's frames, so that the strip (and the GIF) shows it first."""
         if "image" not in self.adapter.condition_columns:
             return images
         size = (self.args.width, self.args.height)
@@ -780,7 +811,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         for sources, edit in zip(columns["image"], images):
             sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
             tiles = [source.convert("RGB").resize(size, Image.LANCZOS) for source in sources]
-            entries.append(make_grid([*tiles, edit], columns=len(tiles) + 1))
+            is_video = isinstance(edit, (list, tuple))
+            entries.append([*tiles, *edit] if is_video else make_grid([*tiles, edit], columns=len(tiles) + 1))
         return entries
 
     def _kl_to_reference(self, prompt_embeds: PromptEmbeddings, indices: list[int]) -> torch.Tensor:

@@ -25,6 +25,7 @@ with quiet_known_noise("torchvision_fallback"):
     from .sd3 import SD3Adapter
     from .wan import WanAdapter
     from .wan22 import Wan22Adapter
+    from .wan_i2v import Wan22I2VAdapter, WanI2VAdapter
     from .zimage import ZImageAdapter
 
 
@@ -60,7 +61,9 @@ __all__ = [
     "SD3Adapter",
     "SamplingSettings",
     "Wan22Adapter",
+    "Wan22I2VAdapter",
     "WanAdapter",
+    "WanI2VAdapter",
     "ZImageAdapter",
     "adapter_class",
     "get_adapter",

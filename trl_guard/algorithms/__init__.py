@@ -17,6 +17,7 @@ from .dgpo import DGPOAlgorithm
 from .dpo import DPOAlgorithm
 from .flow_dppo import FlowDPPOAlgorithm
 from .forward import ForwardProcessAlgorithm, ForwardProcessArguments
+from .gardo import GardoAlgorithm, GardoNFTAlgorithm
 from .sde_ratio import SDERatioAlgorithm, SDERatioArguments, path_kl_to_reference, policy_mean
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ ALGORITHMS: list[type[Algorithm]] = [
     FlowDPPOAlgorithm,
     DGPOAlgorithm,
     DPOAlgorithm,
+    GardoAlgorithm,
+    GardoNFTAlgorithm,
 ]
 
 #: The families' arguments dataclasses, which `GuardConfig` inherits: fixed when `trl_guard.config` is imported.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -126,11 +127,33 @@ class Algorithm(ABC):
         the model with the adapter disabled, which costs nothing)."""
         return args.beta > 0
 
+    @classmethod  # noqa: B027 (a hook)
+    def check_setup(cls, args: GuardConfig, reward_names: Sequence[str]) -> None:
+        """The family's checks of what only the trainer knows, run before the pipeline loads: ``reward_names`` are the
+        reward functions' log names, in order (for example a field that names some of them). Nothing by default."""
+
+    @classmethod
+    def signal_inputs(cls, args: GuardConfig) -> tuple[str, ...]:
+        """The extra inputs `training_signal` takes by keyword, none by default: ``"reward_names"`` (the reward
+        functions' log names, in the order of the rewards' columns) and ``"image_features"`` (per-sample features
+        (N, D) of the round's decoded samples from `image_features`, computed where the rewards are scored and
+        gathered from every process like them, in global order)."""
+        return ()
+
+    def image_features(self, images: Sequence[Any]) -> torch.Tensor:
+        """Feature vectors (B, D) of one sampled micro-batch's decoded images (PIL images, or lists of frames for a
+        video family); called only when `signal_inputs` names ``"image_features"``."""
+        raise NotImplementedError(f"{type(self).__name__} reads no image features.")
+
     @classmethod
     def training_signal(
         cls, rewards: torch.Tensor, weights: torch.Tensor, args: GuardConfig
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """How a generation round's rewards become what training reads, on every process alike.
+
+        The trainer calls it on the algorithm object, once per round, with the keyword inputs `signal_inputs` names:
+        a family whose signal keeps state across rounds may override it as a method (its state then belongs in
+        `state_dict`).
 
         Args:
             rewards: The round's gathered rewards (N, F) in global order, consecutive groups of `num_generations`,
@@ -141,7 +164,9 @@ class Algorithm(ABC):
         Returns:
             ``(advantages, reward_advantages)``: the per-sample training signal (N,) that `TrainBatch.advantages`
             carries, and each reward's own normalised advantage (N, F), logged with several rewards. By default the
-            group-relative advantages of `compute_multi_reward_advantages`.
+            group-relative advantages of `compute_multi_reward_advantages`. A third element, a dict of per-sample
+            tensors (N, ...), may follow: each `TrainBatch` carries its samples' rows in `extras` (and the rollout
+            buffer keeps them, so a mid-round resume reads them back).
         """
         return compute_multi_reward_advantages(
             rewards,
@@ -159,6 +184,11 @@ class Algorithm(ABC):
     def on_round_start(self, round_index: int, global_step: int) -> None:  # noqa: B027 (a hook)
         """Called before round ``round_index`` is sampled, after ``global_step`` optimizer steps (for example to
         update a lagged copy of the weights). The SDE family needs nothing here."""
+
+    def on_optimizer_step(self, global_step: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:  # noqa: B027
+        """Called on every process after optimizer step ``global_step`` (before that step's checkpoint), for example to
+        act on what the step's units measured. ``reduce`` averages a tensor over the processes (a collective: call it
+        on every process or on none). Nothing by default."""
 
     @abstractmethod
     def plan(self, round_index: int) -> RoundPlan:
