@@ -19,6 +19,7 @@ with quiet_known_noise("torchvision_fallback"):
     from .flux import FluxAdapter
     from .flux2 import Flux2Adapter, Flux2KleinAdapter
     from .flux_kontext import FluxKontextAdapter
+    from .hunyuanvideo15 import HunyuanVideo15Adapter
     from .qwenimage import QwenImageAdapter
     from .qwenimage21 import QwenImage21Adapter
     from .qwenimage_edit import QwenImageEditAdapter
@@ -53,6 +54,7 @@ __all__ = [
     "Flux2KleinAdapter",
     "FluxAdapter",
     "FluxKontextAdapter",
+    "HunyuanVideo15Adapter",
     "PipelineAdapter",
     "PromptEmbeddings",
     "QwenImage21Adapter",

@@ -133,6 +133,9 @@ class PipelineAdapter:
     #: Each component's LoRA file (`save_lora`). The first keeps diffusers' default name, so that the pipeline's
     #: `load_lora_weights(folder)` finds it alone.
     lora_weight_names: ClassVar[dict[str, str]] = {"transformer": "pytorch_lora_weights.safetensors"}
+    #: The class whose `save_lora_weights` writes the LoRA files, or None for the pipeline's own class; set by a family
+    #: whose pipeline has no LoRA loader mixin (HunyuanVideo 1.5 in diffusers 0.42) to one writing the same format.
+    lora_file_writer: ClassVar[type | None] = None
     #: Whether `decode` returns videos (one list of frames per sample) rather than images.
     is_video: ClassVar[bool] = False
     #: Dataset columns the family is conditioned on besides the prompt, such as an editing model's source image
@@ -440,8 +443,9 @@ class PipelineAdapter:
     def save_lora(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write one file per LoRA-carrying component (`lora_weight_names`), each as the family's
         `Pipeline.load_lora_weights` reads it; `state_dict` as in `lora_state_dict`."""
+        writer = self.lora_file_writer or type(self.pipeline)
         for name, weights in self._part_lora_state_dicts(state_dict).items():
-            type(self.pipeline).save_lora_weights(
+            writer.save_lora_weights(
                 folder,
                 transformer_lora_layers=weights,
                 transformer_lora_adapter_metadata=self.lora_parts[name].peft_config["default"].to_dict(),
