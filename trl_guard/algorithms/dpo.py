@@ -161,7 +161,7 @@ def compute_dpo_loss(
         >>> import torch
         >>> v, target = torch.zeros(2, 3, requires_grad=True), torch.ones(2, 3)
         >>> loss, stats = compute_dpo_loss(v, v.detach(), target, beta=100.0)
-        >>> round(float(loss), 4), float(stats["implicit_acc"])  # policy == reference: log 2
+        >>> round(loss.item(), 4), float(stats["implicit_acc"])  # policy == reference: log 2
         (0.6931, 0.0)
     """
     if beta <= 0:
