@@ -104,6 +104,17 @@ def check_resolution_multiple(
             )
 
 
+def check_frame_count(num_frames: int, temporal_factor: int, *, model: str) -> None:
+    """Raise naming `num_frames` and a count that fits unless it is `temporal_factor * k + 1`: a video VAE that
+    compresses time by `temporal_factor` keeps the first frame and encodes the rest in groups of that size."""
+    if num_frames < 1 or (num_frames - 1) % temporal_factor != 0:
+        suggestion = max(0, num_frames - 1) // temporal_factor * temporal_factor + 1
+        raise ValueError(
+            f"num_frames={num_frames} does not fit {model}: its VAE compresses time by {temporal_factor}, so it takes "
+            f"{temporal_factor}k + 1 frames. Set num_frames to, for example, {suggestion}."
+        )
+
+
 def loads_component(model_index: dict[str, Any], name: str) -> bool:
     """Whether a pipeline folder's `model_index.json` (with `model_init_kwargs` in place of its entries, as
     `from_pretrained` takes them) gives the pipeline the component `name`: `[null, null]` and `None` say it has none.

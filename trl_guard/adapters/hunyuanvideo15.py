@@ -38,7 +38,14 @@ import torch
 from diffusers.loaders import HunyuanVideoLoraLoaderMixin
 from PIL import Image
 
-from .base import PipelineAdapter, PromptEmbeddings, SamplingSettings, check_resolution_multiple, register
+from .base import (
+    PipelineAdapter,
+    PromptEmbeddings,
+    SamplingSettings,
+    check_frame_count,
+    check_resolution_multiple,
+    register,
+)
 
 #: Attention projections of both streams of every dual-stream block (video `to_*`, text `add_*_proj`,
 #: `to_add_out`), the layers Flow-GRPO-style LoRAs adapt on MMDiTs.
@@ -99,13 +106,7 @@ class HunyuanVideo15Adapter(PipelineAdapter):
         return math.lcm(16, self.pipeline.vae_scale_factor_spatial * patch)
 
     def configure(self, settings: SamplingSettings) -> None:
-        temporal = self.pipeline.vae_scale_factor_temporal
-        if settings.num_frames < 1 or (settings.num_frames - 1) % temporal != 0:
-            raise ValueError(
-                f"num_frames={settings.num_frames} does not fit HunyuanVideo 1.5: its VAE compresses time by "
-                f"{temporal}, so it takes {temporal}k + 1 frames. Set num_frames to, for example, "
-                f"{max(0, settings.num_frames - 1) // temporal * temporal + 1}."
-            )
+        check_frame_count(settings.num_frames, self.pipeline.vae_scale_factor_temporal, model="HunyuanVideo 1.5")
         super().configure(settings)
 
     def check_resolution(self, height: int, width: int) -> None:

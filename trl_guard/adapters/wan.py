@@ -28,6 +28,7 @@ from .base import (
     PipelineAdapter,
     PromptEmbeddings,
     SamplingSettings,
+    check_frame_count,
     check_resolution_multiple,
     loads_component,
     register,
@@ -91,13 +92,7 @@ class WanAdapter(PipelineAdapter):
         return math.lcm(16, factor * patch_h, factor * patch_w)
 
     def configure(self, settings: SamplingSettings) -> None:
-        temporal = self.pipeline.vae_scale_factor_temporal
-        if settings.num_frames < 1 or (settings.num_frames - 1) % temporal != 0:
-            raise ValueError(
-                f"num_frames={settings.num_frames} does not fit Wan: its VAE compresses time by {temporal}, so it "
-                f"takes {temporal}k + 1 frames. Set num_frames to, for example, "
-                f"{max(0, settings.num_frames - 1) // temporal * temporal + 1}."
-            )
+        check_frame_count(settings.num_frames, self.pipeline.vae_scale_factor_temporal, model="Wan")
         super().configure(settings)
 
     def check_resolution(self, height: int, width: int) -> None:
