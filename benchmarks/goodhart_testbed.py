@@ -43,7 +43,9 @@ The study, declared on 2026-12-06 after the calibration's first run (candidate a
 - The setting: candidate a (`stream`), 100 steps, evaluated every 10, as calibrated.
 - The methods (`STUDY_METHODS`): Flow-GRPO, GRPO-Guard, RatioNorm, TempFlow-GRPO's reweighting, Flow-GRPO with its
   KL (beta 0.04), DiffusionNFT and AWM, with the settings of `benchmarks/overoptimization.py`; Flow-DPPO, DGPO and
-  DPO join as they land in the library.
+  DPO join as they land in the library. They landed, and joined on 2026-12-07 before any of their study runs, with
+  the settings of `benchmarks/bench_algorithms.py` (its `METHODS`), the other methods' rates (1e-3 and 3e-3) and
+  their place at the end of `STUDY_METHODS` (their sweeps come after NFT's and AWM's, before the seeds).
 - The order: Flow-GRPO and GRPO-Guard first, then the others; within each, the sweeps and then the seeds.
 - The rates: a 2-rate sweep on seed 0 (`SWEEP_RATES`: GRPO-Guard 3e-4 and 1e-3, the paper's 3x lower rate; every
   other method 1e-3 and 3e-3; Flow-GRPO's two runs are the calibration's), the best being the one with the highest
@@ -209,7 +211,10 @@ def analyse(results: dict) -> str:
 
 
 STUDY_FILE = os.path.join(RESULTS, "goodhart_study.json")
-STUDY_METHODS = ("flow_grpo", "grpo_guard", "ratio_norm", "temp_reweight", "flow_grpo_kl", "nft", "awm")
+STUDY_METHODS = (
+    *("flow_grpo", "grpo_guard", "ratio_norm", "temp_reweight", "flow_grpo_kl", "nft", "awm"),
+    *("flow_dppo", "dgpo", "dpo"),
+)
 SWEEP_RATES = {method: (1e-3, 3e-3) for method in STUDY_METHODS} | {"grpo_guard": (3e-4, 1e-3)}
 SHARES_RATE = {"flow_grpo_kl": "flow_grpo"}
 STUDY_SEEDS = (1, 2, 3, 4)
@@ -264,7 +269,10 @@ def study_plan(methods: tuple[str, ...]) -> list[tuple[str, int, float | None]]:
 
 
 def study_run(method: str, seed: int, rate: float) -> dict:
+    import bench_algorithms  # its import registers the newer methods in the study's table
+
     alarm = _watching_alarm() if method in WATCHED else None
+    fields = bench_algorithms.overrides(method) if method in bench_algorithms.METHODS else {}
     run = train_run(
         method,
         seed,
@@ -276,6 +284,7 @@ def study_run(method: str, seed: int, rate: float) -> dict:
         train_captions=stream_captions(),
         callbacks=[alarm] if alarm else None,
         per_device_train_batch_size=PROMPTS_PER_ROUND * 8 // 2,
+        **fields,
     )
     if alarm is not None:
         run["alarm"] = {"first_stop": alarm.first_stop, "best_step": alarm.best_step}
