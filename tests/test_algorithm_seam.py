@@ -287,3 +287,15 @@ def test_every_family_field_is_documented_in_guard_config():
         for f in dataclasses.fields(arguments):
             assert entries.get(f.name), f.name
             assert f.name in {g.name for g in dataclasses.fields(GuardConfig)}
+
+
+def test_every_loss_type_names_its_method():
+    """Scripts print a method's name from its family (`method_names`), not from a list of loss types of their own."""
+    from trl_guard.algorithms import loss_types, method_name
+
+    names = {loss_type: method_name(loss_type) for loss_type in loss_types()}
+    assert names["grpo_guard"] == "GRPO-Guard" and names["flow_dppo"] == "Flow-DPPO"
+    assert all(name != loss_type for loss_type, name in names.items()), names
+    assert len(set(names.values())) == len(names)
+    with pytest.raises(ValueError, match="unknown"):
+        method_name("not_a_loss")

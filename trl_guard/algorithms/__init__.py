@@ -75,6 +75,11 @@ def unregister_algorithm(cls: type[Algorithm]) -> None:
     ALGORITHMS.remove(cls)
 
 
+def method_name(loss_type: str) -> str:
+    """The method ``loss_type`` runs, as people name it (the family's `method_names`), or ``loss_type`` itself."""
+    return algorithm_class(loss_type).method_names.get(loss_type, loss_type)
+
+
 def algorithm_class(loss_type: str) -> type[Algorithm]:
     """The family that implements ``loss_type``, or a ValueError naming the known loss types."""
     for cls in ALGORITHMS:
@@ -100,6 +105,7 @@ __all__ = [
     "algorithm_class",
     "get_algorithm",
     "loss_types",
+    "method_name",
     "path_kl_to_reference",
     "policy_mean",
     "register_algorithm",

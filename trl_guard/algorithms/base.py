@@ -81,6 +81,8 @@ class Algorithm(ABC):
     loss_types: ClassVar[tuple[str, ...]] = ()
     #: How `GuardConfig`'s messages name the family, after ``loss_type=...``.
     description: ClassVar[str] = ""
+    #: The method each loss type runs, as people name it (``"flow_grpo"``: ``"Flow-GRPO"``), for scripts' output.
+    method_names: ClassVar[dict[str, str]] = {}
     #: The dataclass of the family's own `GuardConfig` fields (documented in its docstring, TRL style), which
     #: `GuardConfig` inherits; ``None`` for a family without fields of its own.
     arguments: ClassVar[type | None] = None

@@ -296,6 +296,7 @@ class DGPOAlgorithm(Algorithm):
 
     loss_types = ("dgpo",)
     description = "DGPO's group preference loss, sampled with the ODE"
+    method_names = {"dgpo": "DGPO"}
     arguments = DGPOArguments
     config_fields = field_names(DGPOArguments)
     rollout_type = CleanRollout

@@ -235,6 +235,7 @@ class DPOAlgorithm(Algorithm):
 
     loss_types = ("dpo",)
     description = "online Diffusion-DPO, sampled with the reference's SDE"
+    method_names = {"dpo": "online Diffusion-DPO"}
     arguments = DPOArguments
     config_fields = field_names(DPOArguments)
     rollout_type = CleanRollout

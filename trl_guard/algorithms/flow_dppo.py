@@ -158,6 +158,7 @@ class FlowDPPOAlgorithm(SDERatioAlgorithm):
 
     loss_types = ("flow_dppo",)
     description = "Flow-DPPO's KL-masked SDE-ratio loss"
+    method_names = {"flow_dppo": "Flow-DPPO"}
     arguments = FlowDPPOArguments
     config_fields = field_names(FlowDPPOArguments)
     card_fields = (

@@ -110,6 +110,7 @@ class ForwardProcessAlgorithm(Algorithm):
 
     loss_types = FORWARD_LOSS_TYPES
     description = "a forward-process loss, sampled with the ODE"
+    method_names = {"nft": "DiffusionNFT", "awm": "AWM"}
     arguments = ForwardProcessArguments
     config_fields = field_names(ForwardProcessArguments)
     rollout_type = CleanRollout

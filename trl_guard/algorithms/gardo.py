@@ -690,6 +690,7 @@ class GardoAlgorithm(_Gardo, SDERatioAlgorithm):
 
     loss_types = ("gardo",)
     description = "GARDO on Flow-GRPO's SDE-ratio loss"
+    method_names = {"gardo": "GARDO on Flow-GRPO"}
     card_fields = (
         "loss_type",
         *COMMON_CARD_FIELDS,
@@ -762,6 +763,7 @@ class GardoNFTAlgorithm(_Gardo, ForwardProcessAlgorithm):
 
     loss_types = ("gardo_nft",)
     description = "GARDO on DiffusionNFT's forward-process loss"
+    method_names = {"gardo_nft": "GARDO on DiffusionNFT"}
     rollout_type = CleanRollout
     card_fields = ("loss_type", "nft_beta", "lagged_decay_schedule", *COMMON_CARD_FIELDS, *_GARDO_CARD_FIELDS)
     citation = _Gardo.citation + "\n" + _NFT_CITATION

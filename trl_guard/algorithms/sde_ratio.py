@@ -168,6 +168,13 @@ class SDERatioAlgorithm(Algorithm):
 
     loss_types = SDE_LOSS_TYPES
     description = "an SDE-ratio loss"
+    method_names = {
+        "flow_grpo": "Flow-GRPO",
+        "grpo_guard": "GRPO-Guard",
+        "temp_reweight": "TempFlow-GRPO's reweighting",
+        "mean_revised": "the mean-revised ratio, an ablation",
+        "ratio_norm": "RatioNorm without reweighting, an ablation",
+    }
     arguments = SDERatioArguments
     config_fields = field_names(SDERatioArguments)
     rollout_type = Rollout

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from trl_guard import metrics
+from trl_guard.algorithms import method_name
 from trl_guard.metrics import Stat
 
 DIAGNOSTICS = (Stat.LOG_RATIO_MEAN, Stat.LOG_RATIO_STD, Stat.CLIP_FRAC_HIGH, Stat.CLIP_FRAC_LOW, Stat.GRAD_NORM)
@@ -131,16 +132,6 @@ def toy_world() -> World:
 WORLDS: dict[str, Callable[[], World]] = {"toy": toy_world, "tiny": tiny_world}
 
 
-METHOD_NAMES = {
-    "flow_grpo": "Flow-GRPO",
-    "grpo_guard": "GRPO-Guard",
-    "temp_reweight": "TempFlow-GRPO's reweighting",
-    "mean_revised": "the mean-revised ratio, an ablation",
-    "ratio_norm": "RatioNorm without reweighting, an ablation",
-    "nft": "DiffusionNFT",
-    "awm": "AWM",
-}
-
 # Thresholds of the verdict on the paper's claims 1-3; the verdict prints each one next to the measured value.
 SHIFTED_SHARE = 2 / 3  # claim 1: Flow-GRPO's mean log-ratio is below 0 at this share of the timesteps or more
 CENTRED = 0.2  # claim 1: GRPO-Guard's |mean log-ratio| is at most this many of its stds at every timestep
@@ -230,7 +221,7 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 def plan(world: World, options: argparse.Namespace) -> str:
     """What the demo is about to run."""
     steps, _ = run_settings(world, options)
-    methods = ", then ".join(f"{t} ({METHOD_NAMES.get(t, t)})" for t in options.loss_types)
+    methods = ", then ".join(f"{t} ({method_name(t)})" for t in options.loss_types)
     return (
         f"world: {world.name} ({world.summary}).\n"
         f"It trains {methods}: {steps} optimizer steps each, from the same base, seeds and prompts, then compares "
@@ -310,7 +301,7 @@ def train_one(loss_type: str, world: World, options, position: tuple[int, int] =
     output_dir = os.path.join(options.output_dir, loss_type)
     steps, learning_rate = run_settings(world, options)
     print(
-        f"\n[{position[0]}/{position[1]}] {loss_type} ({METHOD_NAMES.get(loss_type, loss_type)}): {steps} optimizer "
+        f"\n[{position[0]}/{position[1]}] {loss_type} ({method_name(loss_type)}): {steps} optimizer "
         f"steps at learning rate {learning_rate:g}, into {output_dir}",
         flush=True,
     )
