@@ -78,12 +78,19 @@ def score_images(
     Plain functions are called one after another, in order; `async def` ones (or any returning an awaitable) are
     awaited concurrently with each other, and with the plain ones, on a shared event loop.
 
+    Videos decoded with their audio (`VideosWithAudio`, LTX-2) also give every function `audios`: one
+    `(waveform, sample_rate)` per video, `waveform` a float32 numpy array `(channels, samples)`.
+
     A ``None`` from a function becomes NaN (the sample is skipped in that function's sum). A wrong count, a value
     that is not a real number, or one that is not finite in float32 (NaN, inf, beyond float32's range) raises a
     ValueError that names the function and the prompt. A column named like one of the call's own keywords raises too
     (see `check_reward_columns`).
     """
     columns = columns or {}
+    # A family that makes sound with its videos (LTX-2) decodes to `VideosWithAudio`: its rewards get `audios=`.
+    audios = getattr(images, "audios", None)
+    if audios is not None:
+        kwargs = {**kwargs, "audios": list(audios)}
     # Checked here as well as before training, for callers that score without the trainer's pre-flight checks:
     # Python's own error ("got multiple values for keyword argument") names neither the column nor the fix.
     _refuse_collisions(sorted(columns), ("prompts", "images", *kwargs), dataset_name="the dataset")

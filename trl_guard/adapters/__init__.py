@@ -20,6 +20,7 @@ with quiet_known_noise("torchvision_fallback"):
     from .flux2 import Flux2Adapter, Flux2KleinAdapter
     from .flux_kontext import FluxKontextAdapter
     from .hunyuanvideo15 import HunyuanVideo15Adapter
+    from .ltx2 import LTX2Adapter
     from .qwenimage import QwenImageAdapter
     from .qwenimage21 import QwenImage21Adapter
     from .qwenimage_edit import QwenImageEditAdapter
@@ -55,6 +56,7 @@ __all__ = [
     "FluxAdapter",
     "FluxKontextAdapter",
     "HunyuanVideo15Adapter",
+    "LTX2Adapter",
     "PipelineAdapter",
     "PromptEmbeddings",
     "QwenImage21Adapter",

@@ -58,6 +58,26 @@ class PromptEmbeddings:
         return PromptEmbeddings({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
+class VideosWithAudio(list):
+    """What `decode` returns for a family that makes sound with its videos (LTX-2): the videos, one list of PIL frames
+    per sample as for every video family, that also carry `audios`, one `(waveform, sample_rate)` per sample
+    (`waveform` a float32 numpy array `(channels, samples)`, as the pipeline's vocoder makes it).
+
+    A list, so that everything that takes decoded videos takes these; slicing keeps each video's audio. Scoring passes
+    `audios` to reward functions next to `images` (docs/rewards.md); families without audio never make one."""
+
+    def __init__(self, videos: list, audios: list[tuple[np.ndarray, int]]):
+        if len(videos) != len(audios):
+            raise ValueError(f"{len(videos)} videos but {len(audios)} audios: give one audio per video.")
+        super().__init__(videos)
+        self.audios = list(audios)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return VideosWithAudio(list.__getitem__(self, index), self.audios[index])
+        return list.__getitem__(self, index)
+
+
 #: LoRA targets for MMDiT denoisers (SD3, FLUX): every attention projection of the image and text streams, as
 #: Flow-GRPO trains SD3.5.
 ATTENTION_PROJECTIONS = [
