@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blueness
+from datasets import Dataset
 from diffusers import ClassifierFreeGuidance
 from helpers import logged, lora_config, make_trainer
 
@@ -16,7 +17,11 @@ from trl_guard.adapters import HunyuanVideo15Adapter, SamplingSettings, get_adap
 from trl_guard.adapters.hunyuanvideo15 import HUNYUANVIDEO15_ATTENTION_PROJECTIONS
 from trl_guard.rewards import video_reward
 from trl_guard.rollout import sample_ode
-from trl_guard.testing.hunyuanvideo15 import build_tiny_hunyuanvideo15_pipeline
+from trl_guard.testing.hunyuanvideo15 import (
+    HUNYUANVIDEO15_480P_T2V,
+    build_real_width_hunyuanvideo15_pipeline,
+    build_tiny_hunyuanvideo15_pipeline,
+)
 
 # The second prompt quotes a text: its ByT5 glyph stream is not empty.
 PROMPTS = ["a red cat", 'a sign that reads "hi"']
@@ -216,3 +221,80 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(_base_pipeline, tm
     trainer.adapter.predict_velocity(latents, torch.ones(1), embeds, None)
     hook.remove()
     assert widths == [int(embeds.tensors["encoder_attention_mask"].sum())]
+
+
+def test_the_published_record_is_the_classes_defaults_but_the_task():
+    """The record's transformer and VAE values are diffusers' class defaults (which the conversion script that wrote
+    the checkpoint builds the VAE from) but `task_type`: the class defaults to image-to-video."""
+    import inspect
+
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+
+    for component, cls in (("transformer", HunyuanVideo15Transformer3DModel), ("vae", AutoencoderKLHunyuanVideo15)):
+        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        values = HUNYUANVIDEO15_480P_T2V[component].values
+        assert set(values) == set(defaults), component
+        assert {k for k in values if values[k] != defaults[k]} == (
+            {"task_type"} if component == "transformer" else set()
+        )
+    assert HUNYUANVIDEO15_480P_T2V["transformer"]["task_type"] == "t2v"
+
+
+@pytest.mark.slow  # ~1 min: 1 G parameters (the 3-layer, 3584-wide Qwen text model is 0.7 G of them)
+def test_real_widths_sample_train_save_and_reload(tmp_path):
+    """The 480p checkpoint's real widths (`HUNYUANVIDEO15_480P_T2V`: 2048-wide blocks of 16 heads x 128, Qwen2.5-VL's
+    3584-wide and ByT5's 1472-wide text states, SigLIP's 1152-wide image slot, the 32-channel VAE at 16x / 4x) with one
+    dual-stream block and the published scheduler shift and CFG scale: sample and train one LoRA step on the default
+    targets, save, and load the LoRA with the model card's line (`transformer.load_lora_adapter`): it gives the trained
+    policy's velocity."""
+    real = HUNYUANVIDEO15_480P_T2V
+    spec = real["transformer"]
+    pipe = build_real_width_hunyuanvideo15_pipeline(seed=0)
+    transformer = pipe.transformer
+    width = spec["num_attention_heads"] * spec["attention_head_dim"]
+    assert width == 2048 and transformer.x_embedder.proj.out_channels == width
+    assert transformer.x_embedder.proj.in_channels == spec["in_channels"] == 2 * spec["out_channels"] + 1
+    assert transformer.transformer_blocks[0].ff.net[2].in_features == spec["mlp_ratio"] * width
+    assert tuple(transformer.rope.rope_dim) == spec["rope_axes_dim"] and sum(spec["rope_axes_dim"]) == 128
+    assert pipe.text_encoder.config.hidden_size == spec["text_embed_dim"] == real["text_encoder"]["hidden_size"]
+    assert pipe.text_encoder_2.config.d_model == spec["text_embed_2_dim"] == real["text_encoder_2"]["d_model"]
+    assert pipe.vae.config.latent_channels == spec["out_channels"] == real["vae"]["latent_channels"]
+    assert pipe.guider.guidance_scale == 6.0 and pipe.scheduler.config.shift == 5.0
+
+    captions = Dataset.from_dict({"prompt": PROMPTS})  # the second one fills ByT5's glyph stream
+    trainer = make_trainer(
+        pipe,
+        [video_blueness()],
+        captions,
+        tmp_path / "run",
+        num_generations=2,
+        per_device_train_batch_size=2,
+        steps_per_generation=1,
+        max_steps=1,
+        num_inference_steps=2,
+        timestep_fraction=0.5,  # train the first of the 2 steps
+        guidance_scale=real["pipeline"]["guidance_scale"],
+        learning_rate=1e-3,
+        **HUNYUAN,
+    )
+    adapter = trainer.adapter
+    assert adapter.uses_cfg
+    assert adapter.latent_shape() == (32, 2, 2, 2)  # 5 frames, 32 px: 2 latent frames of 2 x 2, 8 tokens
+    trainer.train()
+    assert logged(trainer, "log_ratio_mean") == [0.0] and np.isfinite(logged(trainer, "loss")[0])
+    trainer.save_model()
+
+    embeds, negative = adapter.encode_prompts(PROMPTS[1:]), adapter.encode_prompts([""])
+    assert embeds.tensors["encoder_hidden_states"].shape[-1] == 3584
+    assert embeds.tensors["encoder_hidden_states_2"].shape[-1] == 1472
+    assert embeds.tensors["encoder_attention_mask_2"].sum() > 0
+    latents = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.8])
+    with torch.no_grad():
+        trained = adapter.predict_velocity(latents, sigma, embeds, negative)
+        transformer.delete_adapters("default")
+        base = adapter.predict_velocity(latents, sigma, embeds, negative)
+        exec(adapter.lora_load_code(str(tmp_path / "run")), {"pipe": pipe})  # the model card's loading line
+        reloaded = adapter.predict_velocity(latents, sigma, embeds, negative)
+    assert (trained - base).abs().max() > 1e-4  # the step moved the LoRA (its B matrices start at zero)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)

@@ -1,4 +1,6 @@
-"""A tiny HunyuanVideo 1.5 text-to-video pipeline built from configs, for tests (no download)."""
+"""HunyuanVideo 1.5 text-to-video pipelines built from configs, for tests (no download): a tiny one, and one at the
+published 480p checkpoint's real widths with its layers cut (`HUNYUANVIDEO15_480P_T2V` records where each value comes
+from)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,118 @@ import numpy as np
 import torch
 
 from . import tiny_qwen2_tokenizer
-from .flux2 import _QWEN3_CHAT_TEMPLATE
+from .flux2 import _QWEN3_CHAT_TEMPLATE, fill_random, uninitialised
+from .real_width import QWEN25_VL_7B_TEXT, Family, Published
+
+#: The checkpoint `examples/recipes/hunyuanvideo15_t2v_guard.yaml` trains (diffusers' HunyuanVideo15Pipeline example).
+HUNYUANVIDEO15_REPO = "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"
+
+#: The Hub files are not in the search index. diffusers' conversion script wrote the repository (its usage line:
+#: `--original_state_dict_repo_id tencent/HunyuanVideo-1.5 --save_pipeline --transformer_type 480p_t2v`), so its
+#: tables for "480p_t2v" are the values; third-party loaders in the index quote the same config.json files.
+_CONVERSION_SCRIPT = "huggingface/diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py"
+
+#: 54 dual-stream blocks of 16 heads x 128 = 2048, patch 1 x 1 x 1 over 32-channel latents (65 input channels: the
+#: latents, the condition latents and a mask), a 2-block token refiner over Qwen2.5-VL's 3584-wide states, a projection
+#: of ByT5's 1472-wide glyph states and one of SigLIP's 1152-wide image states, RoPE over (16, 56, 56) of each head.
+HUNYUANVIDEO15_TRANSFORMER = Published(
+    f"{HUNYUANVIDEO15_REPO} transformer/config.json",
+    dict(
+        in_channels=65,
+        out_channels=32,
+        num_attention_heads=16,
+        attention_head_dim=128,
+        num_layers=54,
+        num_refiner_layers=2,
+        mlp_ratio=4.0,
+        patch_size=1,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        text_embed_dim=3584,
+        text_embed_2_dim=1472,
+        image_embed_dim=1152,
+        rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56),
+        target_size=640,
+        task_type="t2v",
+        use_meanflow=False,
+    ),
+    note=f"From {_CONVERSION_SCRIPT} TRANSFORMER_CONFIGS['480p_t2v']. They are HunyuanVideo15Transformer3DModel's "
+    "defaults but for `task_type` (the class default is 'i2v'); 720p_t2v differs only in `target_size` (960).",
+)
+
+#: Qwen2.5-VL-7B-Instruct's language model (`Qwen2_5_VLTextModel`): the pipeline reads its third hidden state from
+#: the end, after cropping the 108 tokens of its chat template's system message.
+HUNYUANVIDEO15_TEXT = Published(
+    f"{HUNYUANVIDEO15_REPO} text_encoder/config.json (= Qwen/Qwen2.5-VL-7B-Instruct's text config)",
+    QWEN25_VL_7B_TEXT.values,
+    note=f"{_CONVERSION_SCRIPT} `load_mllm` loads Qwen/Qwen2.5-VL-7B-Instruct and keeps its `language_model`; the "
+    "values are those of `trl_guard.testing.real_width.QWEN25_VL_7B_TEXT` (Qwen-Image's text encoder, the same model).",
+)
+
+#: ByT5-small's encoder with Glyph-SDXL-v2's weights: 6 heads x 64 = 384 inside a 1472-wide model (= the transformer's
+#: `text_embed_2_dim`), gated GELU. Its vocabulary is ByT5's 384 byte tokens and Glyph-SDXL-v2's color and font tokens.
+HUNYUANVIDEO15_BYT5 = Published(
+    f"{HUNYUANVIDEO15_REPO} text_encoder_2/config.json (google/byt5-small's encoder, Glyph-SDXL-v2's weights)",
+    dict(
+        d_model=1472,
+        d_ff=3584,
+        d_kv=64,
+        num_heads=6,
+        num_layers=12,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+        vocab_size=1510,
+    ),
+    note=f"{_CONVERSION_SCRIPT} `load_byt5` builds T5EncoderModel.from_pretrained('google/byt5-small') (whose "
+    "config.json, quoted verbatim by several repositories in the index, gives the sizes) and adds the color and font "
+    "tokens of Glyph-SDXL-v2's assets/color_idx.json and assets/multilingual_10-lang_idx.json; 1510 is the vocabulary "
+    "a third-party port in the index pins against the checkpoint's text_encoder_2/config.json (not read here).",
+)
+
+#: A causal 3-D VAE: 32 latent channels, 16x spatial and 4x temporal compression, one scaling factor and no shift.
+HUNYUANVIDEO15_VAE = Published(
+    f"{HUNYUANVIDEO15_REPO} vae/config.json",
+    dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=32,
+        block_out_channels=(128, 256, 512, 1024, 1024),
+        layers_per_block=2,
+        spatial_compression_ratio=16,
+        temporal_compression_ratio=4,
+        downsample_match_channel=True,
+        upsample_match_channel=True,
+        scaling_factor=1.03682,
+    ),
+    note=f"{_CONVERSION_SCRIPT} `convert_vae` builds AutoencoderKLHunyuanVideo15() with the class defaults, these. "
+    "tencent/HunyuanVideo-1.5 vae/config.json (AutoencoderKLConv3D: `ffactor_spatial` 16, `ffactor_temporal` 4, "
+    "`scaling_factor` 1.03682), as a third-party loader in the index quotes it, agrees.",
+)
+
+#: The scheduler's constant shift (5.0 at 480p; 9.0 for 720p t2v) and the guider's CFG scale (1.0 for the distilled
+#: checkpoints).
+HUNYUANVIDEO15_PIPELINE = Published(
+    f"{HUNYUANVIDEO15_REPO} scheduler/scheduler_config.json and guider/guider_config.json",
+    dict(shift=5.0, guidance_scale=6.0),
+    note=f"{_CONVERSION_SCRIPT} SCHEDULER_CONFIGS and GUIDANCE_CONFIGS['480p_t2v']: FlowMatchEulerDiscreteScheduler("
+    "shift=5.0), ClassifierFreeGuidance(guidance_scale=6.0).",
+)
+
+#: HunyuanVideo 1.5 480p text-to-video's published configs, by component (`pipeline`: the scheduler's shift and the
+#: guider's scale), for `build_real_width_hunyuanvideo15_pipeline`.
+HUNYUANVIDEO15_480P_T2V = Family(
+    "HunyuanVideo-1.5-480p_t2v",
+    dict(
+        transformer=HUNYUANVIDEO15_TRANSFORMER,
+        text_encoder=HUNYUANVIDEO15_TEXT,
+        text_encoder_2=HUNYUANVIDEO15_BYT5,
+        vae=HUNYUANVIDEO15_VAE,
+        pipeline=HUNYUANVIDEO15_PIPELINE,
+    ),
+)
 
 #: Text lengths of the tiny pipeline. `HunyuanVideo15Pipeline` sets them as plain attributes (1000 Qwen tokens, 256
 #: ByT5 tokens, 729 SigLIP tokens), not as config: the adapter reads them from the pipeline object, so tests shorten
@@ -32,6 +145,52 @@ def add_system_message_tokens(tokenizer, system_message: str, prefix_tokens: int
         raise RuntimeError("the tiny tokenizer's template prefix is not the pipeline's crop length")
 
 
+def _qwen_tokenizer():
+    """The offline byte-level tokenizer with Qwen's chat template (Qwen2.5's chat format for text turns is Qwen3's)."""
+    tokenizer = tiny_qwen2_tokenizer()
+    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
+def _qwen_text_encoder(tokenizer, **sizes):
+    """A `Qwen2_5_VLTextModel` of `sizes` over `tokenizer`, with room for the system message's 108 pieces."""
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    return Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer) + 108,  # and the system message's pieces, added by `_assemble`
+            pad_token_id=tokenizer.pad_token_id,
+            # Qwen's own ids for these (<|endoftext|>, <|im_end|>) lie beyond this vocabulary.
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            **sizes,
+        )
+    )
+
+
+def _assemble(shift: float, guidance_scale: float, **components):
+    """The `HunyuanVideo15Pipeline` of `components` (all in eval mode), its system message split into tokens and
+    its text lengths `TINY_TEXT_LENGTHS`."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipeline = HunyuanVideo15Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
+        **components,
+    )
+    # The pipeline sets its system message in __init__. Split into tokens so that the template's prefix is the 108
+    # tokens the pipeline crops (`prompt_template_encode_start_idx`, an attribute a saved pipeline loses).
+    tokenizer = components["tokenizer"]
+    add_system_message_tokens(tokenizer, pipeline.system_message, pipeline.prompt_template_encode_start_idx)
+    for name, value in TINY_TEXT_LENGTHS.items():
+        setattr(pipeline, name, value)
+    return pipeline
+
+
 def build_tiny_hunyuanvideo15_pipeline(seed: int = 0, guidance_scale: float = 1.0):
     """A HunyuanVideo 1.5 text-to-video pipeline of 4.3M transformer parameters (all but 35k of them the ByT5
     projection's fixed 2048-wide middle layer) for 16-64 px videos of 4k + 1 frames.
@@ -42,18 +201,10 @@ def build_tiny_hunyuanvideo15_pipeline(seed: int = 0, guidance_scale: float = 1.
     prefix the pipeline crops is short) and a 1-layer T5 over ByT5's byte tokenizer. The guider is the pipeline's
     `ClassifierFreeGuidance` at `guidance_scale`.
     """
-    from diffusers import (
-        AutoencoderKLHunyuanVideo15,
-        ClassifierFreeGuidance,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideo15Pipeline,
-        HunyuanVideo15Transformer3DModel,
-    )
-    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-    tokenizer = tiny_qwen2_tokenizer()
-    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE  # Qwen2.5's chat format for text turns is the same
-    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer = _qwen_tokenizer()
     tokenizer_2 = ByT5Tokenizer()
 
     torch.manual_seed(seed)
@@ -72,21 +223,15 @@ def build_tiny_hunyuanvideo15_pipeline(seed: int = 0, guidance_scale: float = 1.
         target_size=32,
         task_type="t2v",
     )
-    text_encoder = Qwen2_5_VLTextModel(
-        Qwen2_5_VLTextConfig(
-            vocab_size=len(tokenizer) + 108,  # and the system message's pieces, added below
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=3,  # the pipeline reads the third hidden state from the end
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e6},
-            pad_token_id=tokenizer.pad_token_id,
-            # Qwen's own ids for these (<|endoftext|>, <|im_end|>) lie beyond this vocabulary.
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        )
+    text_encoder = _qwen_text_encoder(
+        tokenizer,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,  # the pipeline reads the third hidden state from the end
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e6},
     )
     text_encoder_2 = T5EncoderModel(
         T5Config(
@@ -109,21 +254,76 @@ def build_tiny_hunyuanvideo15_pipeline(seed: int = 0, guidance_scale: float = 1.
         spatial_compression_ratio=4,
         temporal_compression_ratio=4,
     )
-    for module in (transformer, text_encoder, text_encoder_2, vae):
-        module.eval()
-    pipeline = HunyuanVideo15Pipeline(
+    return _assemble(
+        5.0,
+        guidance_scale,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
         vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
     )
-    # The pipeline sets its system message in __init__. Split into tokens so that the template's prefix is the 108
-    # tokens the pipeline crops (`prompt_template_encode_start_idx`, an attribute a saved pipeline loses).
-    add_system_message_tokens(tokenizer, pipeline.system_message, pipeline.prompt_template_encode_start_idx)
-    for name, value in TINY_TEXT_LENGTHS.items():
-        setattr(pipeline, name, value)
-    return pipeline
+
+
+def build_real_width_hunyuanvideo15_transformer(seed: int = 0, num_layers: int = 1):
+    """The transformer of `build_real_width_hunyuanvideo15_pipeline(seed, num_layers)`, alone."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    spec = HUNYUANVIDEO15_480P_T2V["transformer"].values
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(**{**spec, "num_layers": num_layers, "num_refiner_layers": 1})
+    return transformer.eval()
+
+
+def build_real_width_hunyuanvideo15_pipeline(seed: int = 0, num_layers: int = 1):
+    """HunyuanVideo 1.5 480p text-to-video at the real widths of `HUNYUANVIDEO15_480P_T2V`, with `num_layers`
+    dual-stream blocks and one token-refiner block (of 2): about 0.3 G transformer parameters with one block.
+
+    The Qwen2.5-VL-7B-wide text model has 3 layers, the fewest for which the third hidden state from the end, the one
+    the pipeline reads, is a layer's output and not the token embeddings; ByT5's 1472-wide encoder has 1 layer over
+    ByT5's own byte tokenizer (without Glyph-SDXL-v2's color and font tokens). Both tokenizers are offline, the Qwen
+    one with the chat template and the system message split as in `build_tiny_hunyuanvideo15_pipeline`, and the text
+    lengths are `TINY_TEXT_LENGTHS`. The VAE keeps its 32 latent channels, its 16x spatial and 4x temporal compression
+    and its scaling factor, with narrow blocks (8-64 channels instead of 128-1024, one layer per block). The scheduler's
+    shift (5.0) and the guider's scale (6.0) are the checkpoint's. Weights are random and seeded, in float32 but the
+    Qwen text model's (bfloat16, filled by `fill_random`); the transformer is drawn from `seed`, the rest from
+    `seed + 1`.
+    """
+    from diffusers import AutoencoderKLHunyuanVideo15
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    real = HUNYUANVIDEO15_480P_T2V
+    transformer = build_real_width_hunyuanvideo15_transformer(seed, num_layers)
+    torch.manual_seed(seed + 1)
+    tokenizer = _qwen_tokenizer()
+    text = {k: v for k, v in real["text_encoder"].values.items() if k not in ("vocab_size", "rope_theta")}
+    mrope_section = text.pop("mrope_section")
+    # 0.7 G parameters: filled without the initialisers, in bfloat16 (as the recipe loads the checkpoint), which
+    # encodes ~3x faster on CPU than float32.
+    with uninitialised(torch.bfloat16):
+        text_encoder = _qwen_text_encoder(
+            tokenizer,
+            **{**text, "num_hidden_layers": 3},
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": mrope_section,
+                "rope_theta": real["text_encoder"]["rope_theta"],
+            },
+        )
+    fill_random(text_encoder, seed + 1)
+    tokenizer_2 = ByT5Tokenizer()
+    byt5 = {**real["text_encoder_2"].values, "num_layers": 1, "vocab_size": len(tokenizer_2)}
+    text_encoder_2 = T5EncoderModel(T5Config(**byt5, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae_spec = real["vae"].values
+    vae = AutoencoderKLHunyuanVideo15(**{**vae_spec, "block_out_channels": (8, 16, 32, 64, 64), "layers_per_block": 1})
+    return _assemble(
+        real["pipeline"]["shift"],
+        real["pipeline"]["guidance_scale"],
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
