@@ -195,3 +195,38 @@ def test_metrics_are_kept_by_mode_as_trl_keeps_them(tiny_pipeline, prompts, tmp_
     assert all("reward" in e and "timestep/00/log_ratio_mean" in e for e in train_logs)
     assert all(not any(k.startswith("eval_") for k in e) for e in train_logs)
     assert all("reward" not in e and "log_ratio_mean" not in e for e in eval_logs)
+
+
+def test_rewards_scored_in_the_worker_thread_equal_inline_scoring_and_the_thread_ends_with_train(
+    tiny_pipeline, prompts, tmp_path
+):
+    """`overlap_reward_scoring` scores each micro-batch in a worker thread while the next one samples: the rewards are
+    those of scoring inline, in the same order, and no scoring thread outlives `train()`."""
+    import copy
+    import threading
+
+    def scorer_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("trl-guard-scoring")]
+
+    seen: dict[bool, list[str]] = {True: [], False: []}
+    rewards = {}
+    for overlap in (True, False):
+
+        def recorded_blueness(prompts, images, **kwargs):
+            seen[overlap].append(threading.current_thread().name)
+            return blueness(prompts, images)
+
+        trainer = make_trainer(
+            copy.deepcopy(tiny_pipeline),
+            [recorded_blueness],
+            prompts,
+            tmp_path / str(overlap),
+            max_steps=2,
+            overlap_reward_scoring=overlap,
+        )
+        trainer.train()
+        rewards[overlap] = logged(trainer, "reward")
+        assert not scorer_threads()
+    assert seen[True] and all(name.startswith("trl-guard-scoring") for name in seen[True])
+    assert seen[False] and all(name == threading.current_thread().name for name in seen[False])
+    assert rewards[True] == rewards[False]

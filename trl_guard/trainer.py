@@ -38,7 +38,7 @@ from .conditioning import PromptEncoder, on_device
 from .config import GuardConfig
 from .ema import EMAWeights
 from .hub import check_hub_setup, write_model_card
-from .images import log_image_grid, make_grid
+from .images import log_audio, log_image_grid, make_grid
 from .metrics import (
     Stat,
     advantage_key,
@@ -278,7 +278,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._last_finite_step: tuple[int, float, float] | None = None
         self._negative_embeds: PromptEmbeddings | None = None
         self._staging_checkpoint = False
-        self._scoring_pool = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
+        self._scoring_pool: ThreadPoolExecutor | None = None  # made by `_scorer` when a rollout first needs it
         self.prompt_encoder = PromptEncoder(self.adapter, self.accelerator.device, args.offload_frozen_modules)
         if args.precompute_prompt_embeds:
             prompts = [p for d in (train_dataset, eval_dataset) if isinstance(d, Dataset) for p in d["prompt"]]
@@ -409,7 +409,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 trainer_state=self.state,
             )
             # Scoring a micro-batch in the worker thread overlaps it with sampling the next one (as Flow-GRPO does).
-            scored.append(self._scoring_pool.submit(score) if self._scoring_pool else score())
+            scored.append(self._scorer().submit(score) if self.args.overlap_reward_scoring else score())
         self._show_phase("scoring")
         local_rewards = torch.cat([s.result() if isinstance(s, Future) else s for s in scored]).to(device)
         if not self.rewards.has_group_rewards:
@@ -659,7 +659,10 @@ class GuardGRPODiffusionTrainer(Trainer):
             checkpoints.check_run_settings(checkpoint, self.run_settings())
             self._check_mid_round_buffer(checkpoint, state.get("global_step", 0))
             self._restore_alarms(checkpoint, state)
-        output = super().train(checkpoint, *args, **kwargs)
+        try:
+            output = super().train(checkpoint, *args, **kwargs)
+        finally:
+            self._close_scorer()
         restored = any(
             isinstance(cb, OverOptimizationCallback) and cb.restore_best and cb.stop_reason is not None
             for cb in self.callback_handler.callbacks
@@ -667,6 +670,19 @@ class GuardGRPODiffusionTrainer(Trainer):
         if restored and self.ema is not None:
             self.ema.reset()  # the restored weights were the evaluated EMA: keep averaging from them
         return output
+
+    def _scorer(self) -> ThreadPoolExecutor:
+        """The worker thread that scores a micro-batch while the next one samples (`overlap_reward_scoring`)."""
+        if self._scoring_pool is None:
+            self._scoring_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-guard-scoring")
+        return self._scoring_pool
+
+    def _close_scorer(self) -> None:
+        """Join the scoring thread when training ends, so that no thread of ours outlives `train()`: one still
+        alive while the interpreter and torch.distributed shut down is a hazard, not a saving."""
+        if self._scoring_pool is not None:
+            self._scoring_pool.shutdown(wait=True)
+            self._scoring_pool = None
 
     def _alarms(self) -> list[OverOptimizationCallback]:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, OverOptimizationCallback)]
@@ -758,6 +774,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         sigmas = adapter.sigmas(args.eval_num_inference_steps)
         adapter.denoiser.eval()
         rows_scores, grid_images, rows_kl = [], [], []
+        grid_audios = []  # each grid video's sound, for a family that makes it (LTX-2)
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             chunk = indices[start : start + args.per_device_eval_batch_size]
             rows = dataset.select(chunk)
@@ -772,7 +789,9 @@ class GuardGRPODiffusionTrainer(Trainer):
                 sigmas,
             )
             images = self._decode(latents)
-            grid_images.extend(self._grid_entries(images, columns)[: max(0, 16 - len(grid_images))])
+            shown = max(0, 16 - len(grid_images))
+            grid_images.extend(self._grid_entries(images, columns)[:shown])
+            grid_audios.extend(getattr(images, "audios", [])[:shown])
             scores = [rewards(prompts, images, columns, trainer_state=self.state) for rewards in reward_sets]
             rows_scores.extend(torch.cat(scores, dim=1).tolist())
             if args.eval_kl:
@@ -798,6 +817,8 @@ class GuardGRPODiffusionTrainer(Trainer):
             metrics[eval_kl_key(metric_key_prefix)] = float(np.mean(rows_kl))
         if self.is_world_process_zero() and grid_images:
             log_image_grid(self, grid_images, f"{metric_key_prefix}_images")
+            if grid_audios:
+                log_audio(self, grid_audios, f"{metric_key_prefix}_audio")
         return metrics
 
     def _grid_entries(self, images: list, columns: dict[str, list]) -> list:
