@@ -1,14 +1,22 @@
 """LTX-2 (video with audio) through the adapter interface and trainer: the adapter reproduces `LTX2Pipeline` (video
-and audio, with and without CFG), rewards receive each video's audio, training is exactly on-policy on its first
-pass, and the LoRA loads with `LTX2Pipeline.load_lora_weights`."""
+and audio, with and without CFG), rewards (group-wise ones too) receive each video's audio, evaluation logs it to
+the trackers, training is exactly on-policy on its first pass, the LoRA loads with `LTX2Pipeline.load_lora_weights`,
+and all of it holds at the published widths (`LTX2_T2V`)."""
 
 import copy
+import io
+import json
+import math
+import sqlite3
+import wave
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import test_tracking
 import torch
 from conftest import blueness
+from datasets import Dataset
 from helpers import logged, lora_config, make_trainer
 
 from trl_guard.adapters import LTX2Adapter, SamplingSettings, get_adapter
@@ -17,7 +25,13 @@ from trl_guard.adapters.ltx2 import LTX2_ATTENTION_PROJECTIONS
 from trl_guard.rewards import video_reward
 from trl_guard.rollout import sample_ode
 from trl_guard.scoring import RewardSet
-from trl_guard.testing.ltx2 import TINY_MAX_SEQUENCE_LENGTH, build_tiny_ltx2_pipeline
+from trl_guard.testing.ltx2 import (
+    LTX2_T2V,
+    REAL_WIDTH_MAX_SEQUENCE_LENGTH,
+    TINY_MAX_SEQUENCE_LENGTH,
+    build_real_width_ltx2_pipeline,
+    build_tiny_ltx2_pipeline,
+)
 
 PROMPTS = ["a red cat", "a dog barking loudly"]
 FRAMES = 3  # two latent frames: the tiny VAE compresses time by 2
@@ -29,6 +43,9 @@ LTX2 = dict(
     max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
     peft_config=lora_config(target_modules=None),
 )
+# test_tracking's fixtures: a wandb offline run and a trackio store under tmp_path
+wandb_offline, trackio_dir = test_tracking.wandb_offline, test_tracking.trackio_dir
+
 #: The pipeline's guidances the adapter does not do, at their "off" values (see adapters/ltx2.py).
 EXTRA_GUIDANCE_OFF = dict(
     stg_scale=0.0,
@@ -337,3 +354,232 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(_base_pipeline, tm
     assert trainer.args.guidance_scale == 3.0 and trainer.adapter.uses_cfg
     lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert any("audio_attn1.to_q.lora_A" in key for key in lora)
+
+
+def test_the_published_record_is_the_classes_defaults_but_the_rope_layout():
+    """The record's diffusers components are their classes' defaults (which the conversion script's "2.0" tables
+    repeat) but the split RoPE layout of the transformer and the connectors, and the video VAE's non-causal decoder
+    and its compression ratios (None by default: derived from the blocks, the same 32 and 8)."""
+    import inspect
+
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    differ = {
+        "transformer": (LTX2VideoTransformer3DModel, {"rope_type"}),
+        "connectors": (LTX2TextConnectors, {"rope_type"}),
+        "vae": (AutoencoderKLLTX2Video, {"decoder_causal", "spatial_compression_ratio", "temporal_compression_ratio"}),
+        "audio_vae": (AutoencoderKLLTX2Audio, set()),
+        "vocoder": (LTX2Vocoder, set()),
+    }
+    for component, (cls, expected) in differ.items():
+        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        values = LTX2_T2V[component].values
+        assert set(values) == set(defaults), component
+        assert {k for k in values if values[k] != defaults[k]} == expected, component
+    assert LTX2_T2V["transformer"]["rope_type"] == LTX2_T2V["connectors"]["rope_type"] == "split"
+    # Gemma3-12B's 48 layers and embeddings are the connectors' 49 stacked hidden states, its width the captions'
+    text, connectors = LTX2_T2V["text_encoder"], LTX2_T2V["connectors"]
+    assert connectors["text_proj_in_factor"] == text["num_hidden_layers"] + 1
+    assert connectors["caption_channels"] == text["hidden_size"] == LTX2_T2V["transformer"]["caption_channels"]
+    # one latent audio frame: 8 channels x (64 mel bins / 4) = 128 features; 240 waveform samples a 160-sample hop
+    audio_vae, vocoder = LTX2_T2V["audio_vae"], LTX2_T2V["vocoder"]
+    assert audio_vae["latent_channels"] * audio_vae["mel_bins"] // 4 == LTX2_T2V["transformer"]["audio_in_channels"]
+    assert vocoder["in_channels"] == audio_vae["output_channels"] * audio_vae["mel_bins"]
+    assert math.prod(vocoder["upsample_factors"]) == audio_vae["mel_hop_length"] * 24000 // audio_vae["sample_rate"]
+
+
+@pytest.mark.slow  # 1-2 min: 1.4 G parameters (the one-block transformer is 0.73 G of them)
+def test_real_widths_sample_train_save_and_reload(tmp_path):
+    """The published widths (`LTX2_T2V`: the 4096-wide video stream of 32 heads x 128 and the 2048-wide audio stream
+    of 32 x 64, Gemma3-12B's 3840-wide states through 3840-wide connectors with 128 registers, the 128-channel video
+    VAE at 32x / 8x, the audio VAE's 8 x 16 latent features, the 24 kHz vocoder) with one audio-video block, the
+    published scheduler and CFG scale: sample video and audio, train one LoRA step on the default targets, save, and
+    load the LoRA with the model card's line (`pipe.load_lora_weights`): it gives the trained policy's velocity."""
+    real = LTX2_T2V
+    spec = real["transformer"]
+    pipe = build_real_width_ltx2_pipeline(seed=0)
+    transformer = pipe.transformer
+    video_width = spec["num_attention_heads"] * spec["attention_head_dim"]
+    audio_width = spec["audio_num_attention_heads"] * spec["audio_attention_head_dim"]
+    assert (
+        (video_width, audio_width) == (4096, 2048) == (spec["cross_attention_dim"], spec["audio_cross_attention_dim"])
+    )
+    assert transformer.proj_in.out_features == video_width and transformer.audio_proj_in.out_features == audio_width
+    assert transformer.proj_in.in_features == spec["in_channels"] == pipe.vae.config.latent_channels == 128
+    assert transformer.audio_proj_in.in_features == spec["audio_in_channels"] == 128
+    assert transformer.transformer_blocks[0].ff.net[2].in_features == 4 * video_width
+    assert pipe.text_encoder.config.text_config.hidden_size == spec["caption_channels"] == 3840
+    assert pipe.connectors.video_connector.num_learnable_registers == 128
+    assert (pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio) == (32, 8)
+    assert pipe.vocoder.config.output_sampling_rate == 24000
+    assert pipe.scheduler.config.shift_terminal == real["pipeline"]["shift_terminal"]
+
+    captions = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = make_trainer(
+        pipe,
+        [video_blueness_and_loudness],
+        captions,
+        tmp_path / "run",
+        num_frames=9,  # 2 latent frames
+        height=64,
+        width=64,  # 2 x 2 latent tokens
+        max_sequence_length=REAL_WIDTH_MAX_SEQUENCE_LENGTH,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        steps_per_generation=1,
+        max_steps=1,
+        num_inference_steps=2,
+        timestep_fraction=0.5,  # train the first of the 2 steps
+        guidance_scale=real["pipeline"]["guidance_scale"],
+        learning_rate=1e-3,
+        peft_config=lora_config(target_modules=None),
+    )
+    adapter = trainer.adapter
+    assert adapter.uses_cfg
+    # 8 video tokens of 128, then 9 latent audio frames (9 frames at 24 fps, 25 a second) of 128
+    assert adapter.split(torch.zeros(1, *adapter.latent_shape()))[1].shape == (1, 9, 128)
+    assert adapter.latent_shape() == (8 * 128 + 9 * 128,)
+    trainer.train()
+    assert logged(trainer, "log_ratio_mean") == [0.0] and np.isfinite(logged(trainer, "loss")[0])
+    trainer.save_model()
+
+    embeds, negative = adapter.encode_prompts(PROMPTS[:1]), adapter.encode_prompts([""])
+    assert embeds.tensors["encoder_hidden_states"].shape == (1, REAL_WIDTH_MAX_SEQUENCE_LENGTH, 3840)
+    latents = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.8])
+    with torch.no_grad():
+        trained = adapter.predict_velocity(latents, sigma, embeds, negative)
+        decoded = adapter.decode(latents - 0.8 * trained)
+        transformer.delete_adapters("default")
+        base = adapter.predict_velocity(latents, sigma, embeds, negative)
+        exec(adapter.lora_load_code(str(tmp_path / "run")), {"pipe": pipe})  # the model card's loading line
+        reloaded = adapter.predict_velocity(latents, sigma, embeds, negative)
+    waveform, rate = decoded.audios[0]
+    assert len(decoded[0]) == 9 and decoded[0][0].size == (64, 64)
+    # stereo, 240 samples a mel frame; the causal audio VAE makes 4 (L - 1) + 1 mel frames of L latent frames
+    assert rate == 24000 and waveform.shape == (2, (4 * 8 + 1) * 240) and np.isfinite(waveform).all()
+    audio = slice(8 * 128, None)
+    assert (trained - base)[:, audio].abs().max() > 1e-4  # the step moved the LoRA, in the audio stream too
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
+
+
+def read_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """A 16-bit PCM WAV file's samples `(channels, samples)` as int16, and its sample rate."""
+    with wave.open(io.BytesIO(data)) as file:
+        frames = np.frombuffer(file.readframes(file.getnframes()), dtype="<i2")
+        return frames.reshape(-1, file.getnchannels()).T, file.getframerate()
+
+
+@pytest.mark.slow  # ~30 s on two loaded cores: one round, one evaluation, three trackers
+def test_evaluation_logs_each_videos_audio_to_the_trackers(
+    tiny_pipeline,
+    prompts,
+    tmp_path,
+    monkeypatch,
+    wandb_offline,
+    trackio_dir,
+):
+    """The evaluation videos' sound, each video's with it (row i of the grid is `eval_audio/i`), is written next to
+    the run as WAV files and reaches TensorBoard (`add_audio`, the channels' mean), wandb and trackio (`Audio`)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    heard = {}
+
+    def record(prompts, images, audios, **kwargs):
+        heard.update(zip(prompts, audios))
+        return video_blueness_and_loudness(prompts, images, audios)
+
+    evaluation = ["a drum", "a bell"]
+    trainer = make_trainer(
+        tiny_pipeline,
+        [record],
+        prompts,
+        tmp_path / "run",
+        max_steps=1,
+        steps_per_generation=1,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        num_inference_steps=2,
+        eval_num_inference_steps=2,
+        report_to=["tensorboard", "wandb", "trackio"],
+        eval_strategy="steps",
+        eval_steps=1,
+        eval_dataset=Dataset.from_dict({"prompt": evaluation}),
+        **LTX2,
+    )
+    trainer.train()
+    wavs = sorted((tmp_path / "run" / "eval_audio").glob("*.wav"))
+    assert [w.name for w in wavs] == ["step-000001-00.wav", "step-000001-01.wav"]
+    for path, prompt in zip(wavs, evaluation):  # the grid's order: the evaluation rows'
+        waveform, rate = heard[prompt]
+        samples, file_rate = read_wav(path.read_bytes())
+        assert file_rate == rate == 16000 and samples.shape == waveform.shape
+        np.testing.assert_allclose(samples / 32767, np.clip(waveform, -1, 1), atol=1 / 32767)
+    assert np.abs(read_wav(wavs[0].read_bytes())[0]).max() > 30  # not silence
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"audio": 0}).Reload()
+    assert sorted(events.Tags()["audio"]) == ["eval_audio/00", "eval_audio/01"]
+    for i, prompt in enumerate(evaluation):
+        (event,) = events.Audio(f"eval_audio/{i:02d}")
+        waveform, rate = heard[prompt]
+        assert event.step == 1 and event.sample_rate == rate and event.length_frames == waveform.shape[-1]
+
+    run_file = test_tracking.wandb_run_file(wandb_offline)
+    history = test_tracking.wandb_history(run_file)
+    for i, path in enumerate(wavs):  # wandb copies each WAV into the run
+        assert history[f"eval_audio/{i:02d}/_type"] == "audio-file"
+        assert (run_file.parent / "files" / history[f"eval_audio/{i:02d}/path"]).read_bytes() == path.read_bytes()
+
+    (database,) = trackio_dir.glob("*.db")
+    with sqlite3.connect(database) as connection:
+        rows = [json.loads(metrics) for (metrics,) in connection.execute("SELECT metrics FROM metrics ORDER BY id")]
+    (row,) = [row for row in rows if "eval_audio/00" in row]
+    for i, path in enumerate(wavs):
+        assert row[f"eval_audio/{i:02d}"]["_type"] == "trackio.audio"
+        stored = read_wav((trackio_dir / "media" / row[f"eval_audio/{i:02d}"]["file_path"]).read_bytes())
+        np.testing.assert_array_equal(stored[0], read_wav(path.read_bytes())[0])
+
+
+def test_group_rewards_receive_each_videos_audio(tiny_pipeline, prompts, tmp_path):
+    """A group-wise reward, called once the round is sampled (in two micro-batches here), gets each group's videos
+    with their audio (`audios=`), the same waveforms the per-sample rewards got, in the same order."""
+    from trl_guard.rewards import group_reward
+
+    per_sample, per_group = [], []
+
+    def record(prompts, images, audios, **kwargs):
+        per_sample.extend(audios)
+        return loudness(prompts, images, audios)
+
+    @group_reward
+    def loudest_of_the_group(prompts, images, audios, **kwargs):
+        per_group.append((list(prompts), audios))
+        levels = loudness(prompts, images, audios)
+        return [float(level == max(levels)) for level in levels]
+
+    trainer = make_trainer(
+        tiny_pipeline,
+        [record, loudest_of_the_group],
+        prompts,
+        tmp_path,
+        max_steps=1,
+        steps_per_generation=1,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        per_device_sample_batch_size=2,  # the round's four videos come from two decodes
+        num_inference_steps=2,
+        timestep_fraction=0.5,  # train one of the 2 steps
+        **LTX2,
+    )
+    trainer.train()
+    assert [len(audios) for _, audios in per_group] == [2, 2]
+    assert [prompts[0] == prompts[1] for prompts, _ in per_group] == [True, True]  # one prompt's group a call
+    grouped = [audio for _, audios in per_group for audio in audios]
+    assert len(grouped) == len(per_sample) == 4
+    for (waveform, rate), (expected, expected_rate) in zip(grouped, per_sample):
+        assert rate == expected_rate == 16000
+        np.testing.assert_array_equal(waveform, expected)
+    assert logged(trainer, "rewards/loudest_of_the_group/mean") == [0.5]  # one loudest video in each pair

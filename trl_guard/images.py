@@ -1,6 +1,7 @@
 """Image grids: written next to the run and sent to the trackers that take images. A video (a list of frames, what
 video families decode to) is shown as a strip of its frames side by side, one video per row, and also as an animated
-GIF of all the videos in a grid, sent to the trackers that take video (TensorBoard only with moviepy < 2 installed)."""
+GIF of all the videos in a grid, sent to the trackers that take video (TensorBoard only with moviepy < 2 installed).
+Videos with sound (LTX-2) also have each one's audio written as a WAV file and sent to the trackers that take audio."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib
 import importlib.util
 import math
 import os
+import wave
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,3 +125,46 @@ def log_image_grid(trainer: Any, images: Sequence[Image.Image | Sequence[Image.I
                 row[f"{key}_video"] = module.Video(gif, format="gif")
             run.log(row)
     return path
+
+
+def save_wav(waveform: np.ndarray, sample_rate: int, path: str) -> None:
+    """Write a float waveform `(channels, samples)` in [-1, 1] as 16-bit PCM WAV, with the standard library's `wave`
+    (no audio package needed); values beyond [-1, 1] are clipped."""
+    pcm = (np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0) * 32767).round().astype("<i2")
+    with wave.open(path, "wb") as file:
+        file.setnchannels(pcm.shape[0])
+        file.setsampwidth(2)
+        file.setframerate(int(sample_rate))
+        file.writeframes(pcm.T.tobytes())  # interleaved: one frame holds every channel's sample
+
+
+def log_audio(trainer: Any, audios: Sequence[tuple[np.ndarray, int]], key: str) -> list[str]:
+    """Save each `(waveform, sample_rate)` of `audios` (the evaluation videos' sound, in the grid's order) as
+    `{output_dir}/{key}/step-{global_step}-{i}.wav` and log it under `{key}/{i}` (`i` the video's row in the grid) to
+    tensorboard (`SummaryWriter.add_audio`, which takes one channel: the channels' mean), wandb and trackio (`Audio`,
+    from the WAV file) if the run reports there. Returns the WAV files' paths."""
+    step = trainer.state.global_step
+    folder = os.path.join(trainer.args.output_dir, key)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, (waveform, rate) in enumerate(audios):
+        paths.append(os.path.join(folder, f"step-{step:06d}-{i:02d}.wav"))
+        save_wav(waveform, rate, paths[-1])
+    for callback in trainer.callback_handler.callbacks:
+        name = type(callback).__name__
+        if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
+            for i, (waveform, rate) in enumerate(audios):
+                mono = torch.from_numpy(np.clip(np.asarray(waveform, dtype=np.float32), -1, 1)).reshape(
+                    -1, waveform.shape[-1]
+                )
+                callback.tb_writer.add_audio(f"{key}/{i:02d}", mono.mean(dim=0, keepdim=True), step, sample_rate=rate)
+        elif name in ("WandbCallback", "TrackioCallback"):
+            tracker = "wandb" if name == "WandbCallback" else "trackio"
+            run = _current_run(tracker)
+            if run is None:
+                continue
+            module = importlib.import_module(tracker)
+            # as `log_image_grid`: no `step=`, the row carries "train/global_step"
+            row = {f"{key}/{i:02d}": module.Audio(path) for i, path in enumerate(paths)}
+            run.log({**row, "train/global_step": step})
+    return paths

@@ -32,6 +32,7 @@ from trl.trainer.utils import RepeatSampler, identity
 
 from . import checkpoints, distributed, preflight
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
+from .adapters.base import VideosWithAudio
 from .algorithms import Algorithm, algorithm_class, get_algorithm, path_kl_to_reference
 from .callbacks import adapt_tracker_callbacks
 from .conditioning import PromptEncoder, on_device
@@ -391,6 +392,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         chunk_embeds = [row_embeds.index(chunk) for chunk in chunks]
         rollouts, scored = [], []  # scored: futures or score tensors, one per sampled batch
         local_images: list = []  # kept for group-wise rewards, scored once the round is complete
+        local_audios: list = []  # and each video's sound, for a family that makes it (LTX-2)
         signal_inputs = type(self.algorithm).signal_inputs(args)
         local_features = []  # for an algorithm whose training signal reads image features
         self.adapter.denoiser.eval()
@@ -398,7 +400,9 @@ class GuardGRPODiffusionTrainer(Trainer):
             rollout = self.algorithm.sample(embeds, negative_embeds, latents[chunk], generators[chunk], plan)
             rollouts.append(rollout)
             decoded = self._decode(rollout.final_latents)
-            local_images.extend(decoded if self.rewards.has_group_rewards else [])
+            if self.rewards.has_group_rewards:
+                local_images.extend(decoded)
+                local_audios.extend(getattr(decoded, "audios", []))
             if "image_features" in signal_inputs:
                 local_features.append(self.algorithm.image_features(decoded).to(device))
             score = partial(
@@ -416,6 +420,8 @@ class GuardGRPODiffusionTrainer(Trainer):
             _refuse_unscored(local_rewards, prompts)
         rewards = self.accelerator.gather(local_rewards)  # (generation batch, num_funcs), in global order
         if self.rewards.has_group_rewards:
+            if local_audios:  # group-wise rewards get `audios=` as per-sample ones do
+                local_images = VideosWithAudio(local_images, local_audios)
             rewards = self._score_groups(rewards, prompts, local_images, columns)
         total = self.rewards.total(rewards)
         inputs: dict[str, Any] = {}
@@ -464,10 +470,14 @@ class GuardGRPODiffusionTrainer(Trainer):
     ) -> torch.Tensor:
         """Fill the group-wise rewards' columns of the round's gathered `rewards`: every process gathers the round's
         images, scores its share of the groups (group `g` on process `g % num_processes`), and the shares are
-        gathered back, so that each group is scored once, whatever the process layout."""
+        gathered back, so that each group is scored once, whatever the process layout. Videos with their audio
+        (`VideosWithAudio`) keep it: the audio is gathered as the frames are."""
         accelerator, n = self.accelerator, self.args.num_generations
         if accelerator.num_processes > 1:
-            prompts, images = gather_object(prompts), gather_object(images)
+            audios = getattr(images, "audios", None)
+            prompts, images = gather_object(prompts), gather_object(list(images))  # gathering gives a plain list
+            if audios is not None:
+                images = VideosWithAudio(images, gather_object(audios))
             columns = {key: gather_object(values) for key, values in columns.items()}
         groups = range(accelerator.process_index, len(images) // n, accelerator.num_processes)
         scores = self.rewards.score_groups(
