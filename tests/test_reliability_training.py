@@ -1,9 +1,10 @@
 """Issue 32, part C: failures a new user hits in the training loop, at a family's limits and before loading.
 
 Divergence stops before a non-finite step reaches the weights (or a checkpoint); non-finite advantages are refused;
-`max_sequence_length` above a family's pipeline limit, `guidance_scale_2` on a one-denoiser family and Wan2.2 under
-FSDP2 are refused before loading whenever the pipeline class is known (and Wan2.2 under FSDP2 at the latest as soon as
-the accelerator exists, before any sampling); a missing source image is named by its row before training."""
+`max_sequence_length` above a family's pipeline limit, `guidance_scale_2` on a one-denoiser family and a family that
+refuses FSDP2 (`fsdp2_refusal`) under FSDP2 are refused before loading whenever the pipeline class is known (and under
+FSDP2 at the latest as soon as the accelerator exists, before any sampling); a missing source image is named by its row
+before training."""
 
 import inspect
 import json
@@ -22,7 +23,6 @@ from safetensors.torch import load_file
 
 from trl_guard import GuardGRPODiffusionTrainer, distributed, preflight
 from trl_guard.adapters import ADAPTERS, SamplingSettings, Wan22Adapter, WanAdapter, get_adapter
-from trl_guard.adapters.wan22 import FSDP2_REFUSAL
 from trl_guard.trainer import TrainingDivergedError
 
 WAN_COMPONENTS = {
@@ -164,12 +164,18 @@ def test_guidance_scale_2_is_refused_before_loading_a_one_denoiser_family(prompt
         preflight.check_family_settings(wan22, "WanPipeline", settings, config)
 
 
-# ---- Wan2.2 under FSDP2 -------------------------------------------------------------------------------------------
-def test_wan22_under_fsdp2_is_refused_once_the_accelerator_says_fsdp2(prompts, tmp_path, monkeypatch):
-    """The accelerator is the authority: with it reporting FSDP2, the trainer refuses Wan2.2 while it is built,
-    before any sampling (it used to fail only at the first sampling forward)."""
+# ---- a family refusing FSDP2 --------------------------------------------------------------------------------------
+# No family refuses FSDP2 since Wan2.2 shards (tests/test_wan22_fsdp2.py): a stand-in refusal on Wan2.2's adapter
+# keeps the mechanism a future family would use tested.
+FSDP2_REFUSAL = "This family cannot be sharded with FSDP2 (a stand-in refusal). Train it with DDP."
+
+
+def test_a_family_refusing_fsdp2_is_refused_once_the_accelerator_says_fsdp2(prompts, tmp_path, monkeypatch):
+    """The accelerator is the authority: with it reporting FSDP2, the trainer refuses a family with an
+    `fsdp2_refusal` while it is built, before any sampling."""
     from trl_guard.testing.wan22 import build_tiny_wan22_pipeline
 
+    monkeypatch.setattr(Wan22Adapter, "fsdp2_refusal", FSDP2_REFUSAL)
     monkeypatch.setattr(distributed, "is_fsdp2", lambda accelerator: True)
     sampled = []
     pipeline = build_tiny_wan22_pipeline(seed=0)
@@ -179,8 +185,9 @@ def test_wan22_under_fsdp2_is_refused_once_the_accelerator_says_fsdp2(prompts, t
     assert not sampled
 
 
-def test_wan22_under_a_requested_fsdp2_is_refused_before_loading(prompts, tmp_path, monkeypatch):
+def test_a_family_refusing_a_requested_fsdp2_is_refused_before_loading(prompts, tmp_path, monkeypatch):
     """`accelerate launch` with an FSDP2 config on several GPUs: known from its environment before loading."""
+    monkeypatch.setattr(Wan22Adapter, "fsdp2_refusal", FSDP2_REFUSAL)
     folder = index_only_folder(tmp_path / "wan22", WAN22_INDEX)
     config = tiny_config(tmp_path / "out", num_frames=5)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

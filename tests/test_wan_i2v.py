@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from trl_guard.adapters import PromptEmbeddings, SamplingSettings, get_adapter
-from trl_guard.adapters.wan22 import FSDP2_REFUSAL, LORA_WEIGHT_NAMES
+from trl_guard.adapters.wan22 import LORA_WEIGHT_NAMES
 from trl_guard.adapters.wan_i2v import WAN_I2V_LORA_TARGETS, Wan22I2VAdapter, WanI2VAdapter, clean_prompt
 from trl_guard.conditioning import PromptEncoder
 from trl_guard.rollout import sample_ode
@@ -343,10 +343,10 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(recipe, name, pipe
     assert any("lora_A" in key for key in load_file(tmp_path / "out" / LORA_WEIGHT_NAMES["transformer"]))
 
 
-def test_fsdp2_wraps_each_block_of_wan21_and_wan22_is_refused(_bases):
+def test_fsdp2_wraps_each_block_of_wan21_and_of_both_wan22_experts(_bases):
     """`examples/accelerate_configs/fsdp2.yaml` wraps the classes the transformer lists in `_no_split_modules`: each
     Wan block, and every default LoRA target (the image cross-attention's included) sits inside one. Wan2.2's two
-    experts cannot be sharded (`wan22.FSDP2_REFUSAL`)."""
+    experts shard too (tests/test_wan22_fsdp2.py): the same policy wraps each block of both."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
@@ -359,7 +359,12 @@ def test_fsdp2_wraps_each_block_of_wan21_and_wan22_is_refused(_bases):
     assert len(targets) == len(WAN_I2V_LORA_TARGETS) * len(wrapped)
     assert all(any(name.startswith(f"{block}.") for block in wrapped) for name in targets)
     assert any(n.endswith("attn2.add_k_proj") for n, _ in transformer.named_modules())  # the image's, frozen
-    assert WanI2VAdapter.fsdp2_refusal is None and Wan22I2VAdapter.fsdp2_refusal == FSDP2_REFUSAL
+    assert WanI2VAdapter.fsdp2_refusal is None and Wan22I2VAdapter.fsdp2_refusal is None
+    experts = get_adapter(_bases["wan22"]).denoiser
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, experts)
+    wrapped = [name for name, module in experts.named_modules() if policy(module)]
+    blocks = range(len(experts.transformer.blocks))
+    assert wrapped == [f"{expert}.blocks.{i}" for expert in ("transformer", "transformer_2") for i in blocks]
 
 
 def test_a_dataset_without_first_frames_is_refused_before_loading(pipeline_dirs, rows, tmp_path, monkeypatch):

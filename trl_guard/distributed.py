@@ -134,8 +134,17 @@ def save_full_denoiser(state_dict: dict[str, torch.Tensor], denoiser: torch.nn.M
     config["_class_name"] = unsharded_class(denoiser).__name__
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    tensors = {k: _own_storage(v.detach().contiguous()) for k, v in state_dict.items()}
     save_torch_state_dict(tensors, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied when it is a view on a larger storage, which safetensors refuses to write. A gathered
+    parameter whose first dimension is smaller than the number of processes (Wan's `scale_shift_table`, 1 x 2 x dim)
+    was sharded with padding, and its full tensor is a slice of the padded gather."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
 
 
 def unsharded_class(module: torch.nn.Module) -> type:

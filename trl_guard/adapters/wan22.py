@@ -29,6 +29,17 @@ and `transformer_2/` (`denoiser_components`: `PipelineAdapter.save_full` and `fu
 Sampling settings: `guidance_scale_2` (`GuardConfig.guidance_scale_2`) guides the low-noise expert; unset, it is
 `guidance_scale`, as in `WanPipeline.__call__`. As there, CFG runs for both experts when `guidance_scale >
 1` and for neither otherwise.
+
+FSDP2 (docs/launching.md): every forward and backward of a sharded block is a collective, so all processes must call
+the same experts in the same order. Sharded, `Wan22Experts.forward` first sums over the processes how many rows of
+its batch each expert takes (one all-reduce of two integers), then every process calls every expert some process
+needs, high-noise first: on its own rows of that expert, or, when it holds none, on one padded row whose output is
+dropped by slicing it to zero rows, so its backward still runs (zero gradients) and its reduce-scatters match the
+other processes'. Sampling and the SDE family (flow_grpo, grpo_guard, ...) train every sample of a step at the step's
+sigma, drawn from the same grid and the same round-keyed step choice on every process: there one expert runs, as in
+the pipeline. Forward-process losses (nft, awm, dgpo, gardo_nft, ...) draw a noise level per sample: a unit whose
+samples straddle the boundary anywhere runs both experts on every process. `_no_split_modules` names the experts'
+block class, so accelerate's transformer-based policy wraps each block of both experts (`WanTransformerBlock`).
 """
 
 from __future__ import annotations
@@ -65,13 +76,6 @@ LORA_WEIGHT_NAMES = {
     "transformer": "pytorch_lora_weights.safetensors",
     "transformer_2": "pytorch_lora_weights_transformer_2.safetensors",
 }
-
-#: Why FSDP2 is refused: it gathers each expert's weights in a collective at its forward, so processes whose samples
-#: route to different experts would wait on each other forever.
-FSDP2_REFUSAL = (
-    "Wan2.2's two experts cannot be sharded with FSDP2 yet: processes whose samples fall on different sides of "
-    "boundary_ratio would call different experts. Train with DDP (examples/accelerate_configs/ddp.yaml)."
-)
 
 #: Keyword arguments of `WanTransformer3DModel.forward` that hold one row per sample.
 _BATCH_ARGUMENTS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
@@ -110,7 +114,8 @@ class Wan22Experts(torch.nn.Module):
     leaves it alone. Under DDP the processes' batches may reach different experts; the trainer's DDP wrapper finds
     such unused weights itself (`find_unused_parameters=True`, transformers' default for a model that is not a
     `PreTrainedModel`): leave `ddp_find_unused_parameters` unset. Two CPU processes end where one does (a manual
-    check, grpo_guard and nft, to 3e-6).
+    check, grpo_guard and nft, to 3e-6). Under FSDP2 every process calls the experts any process needs
+    (`called_experts`; the module docstring says why), and tests/test_wan22_fsdp2.py checks two processes against one.
     """
 
     def __init__(self, transformer: torch.nn.Module, transformer_2: torch.nn.Module, boundary_timestep: float):
@@ -121,6 +126,9 @@ class Wan22Experts(torch.nn.Module):
         #: The LoRA configuration as the user gave it (targets prefixed per expert included), set by `add_lora`; the
         #: trainer and `PipelineAdapter.has_lora` read it as they read a diffusers model's.
         self.peft_config: dict[str, Any] = {}
+        #: What accelerate's transformer-based FSDP2 policy wraps when the launch config names no class: each block of
+        #: both experts (`WanTransformerBlock`), as it wraps a lone `WanTransformer3DModel`'s.
+        self._no_split_modules = list(getattr(transformer, "_no_split_modules", None) or [])
 
     @property
     def experts(self) -> dict[str, torch.nn.Module]:
@@ -142,20 +150,23 @@ class Wan22Experts(torch.nn.Module):
         return timestep >= self.boundary_timestep
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True, **kwargs: Any):
-        self._refuse_sharding()
         kwargs = dict(kwargs, hidden_states=hidden_states, timestep=timestep, return_dict=False)
         high = self.routes_high(timestep)
-        if bool(high.all()) or not bool(high.any()):  # one expert for the whole batch: the pipeline's own call
-            used = "transformer" if bool(high.all()) else "transformer_2"
-            output = self.experts[used](**kwargs)[0]
+        rows = {"transformer": high.nonzero().squeeze(1), "transformer_2": (~high).nonzero().squeeze(1)}
+        called = self.called_experts({name: len(index) for name, index in rows.items()}, hidden_states.device)
+        if len(called) == 1:  # one expert for the whole batch (on every process): the pipeline's own call
+            output = self.experts[called[0]](**kwargs)[0]
         else:
-            rows = {"transformer": high.nonzero().squeeze(1), "transformer_2": (~high).nonzero().squeeze(1)}
             parts = []
-            for name, index in rows.items():
-                part = {k: v[index] if k in _BATCH_ARGUMENTS and v is not None else v for k, v in kwargs.items()}
-                parts.append(self.experts[name](**part)[0])
+            for name in called:
+                index = rows[name]
+                # Sharded, with none of this expert's rows here: one padded row keeps this process in the expert's
+                # collectives; slicing its output to zero rows still runs its backward, with zero gradients.
+                run = index if len(index) else index.new_zeros(1)
+                part = {k: v[run] if k in _BATCH_ARGUMENTS and v is not None else v for k, v in kwargs.items()}
+                parts.append(self.experts[name](**part)[0][: len(index)])
             # back in the batch's order: row i of the concatenation came from batch row order[i]
-            order = torch.cat(list(rows.values()))
+            order = torch.cat([rows[name] for name in called])
             output = torch.cat(parts)[torch.argsort(order)]
         if not return_dict:
             return (output,)
@@ -163,12 +174,27 @@ class Wan22Experts(torch.nn.Module):
 
         return Transformer2DModelOutput(sample=output)
 
-    def _refuse_sharding(self) -> None:
-        """`FSDP2_REFUSAL`, should sharded experts get this far (the trainer refuses FSDP2 when it is built)."""
+    def called_experts(self, counts: dict[str, int], device: torch.device) -> list[str]:
+        """The experts a forward calls, high-noise first, given how many rows of its batch each takes (`counts`):
+        those with rows, here or, when FSDP2 shards the experts, on any process. Every process must then issue the
+        same collectives: the counts are summed over the processes (one all-reduce), so a process holding none of an
+        expert's rows calls it on a padded row while another process trains it."""
+        totals = torch.tensor([counts[name] for name in EXPERTS])
+        if self.is_sharded:
+            import torch.distributed as dist
+
+            totals = totals.to(device)  # the inputs' device: the one the process group communicates on
+            dist.all_reduce(totals)
+        return [name for name, total in zip(EXPERTS, totals.tolist()) if total > 0]
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether FSDP2 shards the experts (accelerate shards this module and each expert block)."""
         from torch.distributed.fsdp import FSDPModule
 
-        if any(isinstance(m, FSDPModule) for m in (self, self.transformer, self.transformer_2)):
-            raise NotImplementedError(FSDP2_REFUSAL)
+        return isinstance(self, FSDPModule) or any(
+            isinstance(block, FSDPModule) for expert in self.experts.values() for block in expert.blocks
+        )
 
     # ---- what the trainer calls on a diffusers model ------------------------------------------------------------
     def enable_gradient_checkpointing(self) -> None:
@@ -195,7 +221,6 @@ class Wan22Adapter(WanAdapter):
     pipeline_classes = ("WanPipeline",)
     default_lora_target_modules = WAN22_LORA_TARGETS
     takes_guidance_scale_2 = True
-    fsdp2_refusal = FSDP2_REFUSAL
     denoiser_components = EXPERTS
     lora_weight_names = LORA_WEIGHT_NAMES
 
