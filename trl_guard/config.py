@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from . import algorithms
+from . import algorithms, context_parallel
 from .algorithms import ALGORITHM_ARGUMENTS, algorithm_class
 from .distributed import DEEPSPEED_REFUSAL
 from .losses.advantages import MULTI_REWARD_NORMALIZATIONS, SCALE_REWARDS
@@ -256,6 +256,18 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
             Gradient checkpointing of the transformer is the Trainer's `activation_checkpointing` (or its alias
             `gradient_checkpointing`); bf16 autocast is
             `bf16=True` (the SDE math always runs in float32, where Flow-GRPO saw bf16 overflow).
+        context_parallel_degree (`int`, *optional*, defaults to `1`):
+            Split every denoiser forward's token sequence (sampling and training, forwards and backwards) over this
+            many processes with diffusers' context parallelism (`ContextParallelConfig`, `enable_parallelism`), for
+            long videos and large images. The processes form data-parallel groups of this size that hold the same
+            samples, so the batch settings count data-parallel ranks (`num_processes / context_parallel_degree`), not
+            processes. It must divide the number of processes of a distributed launch, and the family's transformer
+            must have a context-parallel plan in diffusers (Wan2.1/2.2, FLUX.1, FLUX.2, Qwen-Image, LTX-2); both are
+            checked before loading. `1` turns it off. (docs/launching.md)
+        context_parallel_mode (`str`, *optional*, defaults to `"ulysses"`):
+            `"ulysses"` (all-to-all over attention heads: the head count must be a multiple of the degree) or
+            `"ring"` (key/value chunks passed round the group; needs an attention backend that returns the
+            log-sum-exp, such as `DIFFUSERS_ATTN_BACKEND=_native_cudnn` or `flash`, on GPUs).
 
         > Parameters that control saving
 
@@ -327,6 +339,8 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
 
     offload_frozen_modules: bool = False
     precompute_prompt_embeds: bool = False
+    context_parallel_degree: int = 1
+    context_parallel_mode: str = field(default="ulysses", metadata={"choices": ["ulysses", "ring"]})
 
     overwrite_output_dir: bool = False
 
@@ -354,7 +368,7 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
         if self.generation_batch_size % self.num_generations != 0:
             raise ValueError(
                 f"The generation batch (per_device_train_batch_size={self.per_device_train_batch_size} x "
-                f"{self.world_size} processes x steps_per_generation={self.steps_per_generation} = "
+                f"{self.data_parallel_size} {self._ranks_word} x steps_per_generation={self.steps_per_generation} = "
                 f"{self.generation_batch_size} images) must divide into whole prompt groups of "
                 f"num_generations={self.num_generations}. Change per_device_train_batch_size, steps_per_generation "
                 "or num_generations so that num_generations divides it."
@@ -379,9 +393,19 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
                 "gradient_accumulation_steps to keep the generation batch), or lower num_generations."
             )
 
+    @property
+    def data_parallel_size(self) -> int:
+        """The processes that sample different images: all of them, or with context parallelism one per group of
+        `context_parallel_degree` (whose processes hold the same samples)."""
+        return max(1, self.world_size // max(1, self.context_parallel_degree))
+
+    @property
+    def _ranks_word(self) -> str:
+        return "processes" if self.context_parallel_degree == 1 else "data-parallel ranks"
+
     def _resolve_generation_batch(self) -> None:
         """TRL's either-or rule: `generation_batch_size` or `steps_per_generation` gives the other."""
-        global_batch = self.per_device_train_batch_size * self.world_size
+        global_batch = self.per_device_train_batch_size * self.data_parallel_size
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ValueError(
                 f"generation_batch_size={self.generation_batch_size} and steps_per_generation="
@@ -396,7 +420,7 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
         if self.generation_batch_size < 1 or self.generation_batch_size % global_batch != 0:
             raise ValueError(
                 f"generation_batch_size={self.generation_batch_size} must be a positive multiple of the global "
-                f"micro-batch, per_device_train_batch_size={self.per_device_train_batch_size} x {self.world_size} "
+                f"micro-batch, per_device_train_batch_size={self.per_device_train_batch_size} x {self.data_parallel_size} "
                 f"processes = {global_batch}."
             )
         self.steps_per_generation = self.generation_batch_size // global_batch
@@ -490,6 +514,8 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
             self.steps_per_generation is None or self.steps_per_generation >= 1,
             f"steps_per_generation={self.steps_per_generation} must be >= 1.",
         )
+        # the launch's process count is known here (before any weight loads): a degree that cannot split it is refused
+        context_parallel.check_launch(self.context_parallel_degree, self.context_parallel_mode, self.world_size)
 
     def _refuse_other_families_fields(self, family: type[algorithms.Algorithm]) -> None:
         """Refuse, in one message naming them, the fields another registered family owns (or this family owns but

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import RepeatSampler, identity
 
-from . import checkpoints, distributed, preflight
+from . import checkpoints, context_parallel, distributed, preflight
 from .adapters import PipelineAdapter, PromptEmbeddings, SamplingSettings, get_adapter
 from .adapters.base import VideosWithAudio
 from .algorithms import Algorithm, algorithm_class, get_algorithm, path_kl_to_reference
@@ -219,6 +219,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             preflight.check_condition_columns(datasets, pipeline_class)
             preflight.check_resolution(model, pipeline_class, args)
             preflight.check_family_settings(model, pipeline_class, settings, args)
+            context_parallel.check_before_loading(model, pipeline_class, args)
 
         pipeline = preflight.load_pipeline(model, args.model_init_kwargs)
         self._base_model = model if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
@@ -226,6 +227,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.adapter: PipelineAdapter = get_adapter(pipeline)
         if pipeline_class is None:  # a Hub id: its class is known only now
             preflight.check_condition_columns(datasets, type(pipeline).__name__)
+            parts = {name: type(part) for name, part in self.adapter.denoiser_parts.items()}
+            context_parallel.check_family(parts, type(pipeline).__name__, args.context_parallel_degree)
         self.adapter.configure(settings)
         self.pipeline = pipeline
         set_seed(args.seed)  # LoRA initialisation draws from the global RNG
@@ -242,6 +245,13 @@ class GuardGRPODiffusionTrainer(Trainer):
             optimizers=optimizers,
         )
         distributed.check_distributed_setup(self.accelerator)
+        # diffusers' hooks split every forward over a context-parallel group: set up before accelerate wraps the model
+        self.context_parallel = context_parallel.enable(
+            context_parallel.denoiser_modules(self.adapter),
+            args.context_parallel_degree,
+            args.context_parallel_mode,
+            self.accelerator,
+        )
         # Preflight can only guess whether the launch shards with FSDP2; the accelerator knows. Refused before sampling.
         if distributed.is_fsdp2(self.accelerator) and self.adapter.fsdp2_refusal is not None:
             raise NotImplementedError(self.adapter.fsdp2_refusal)
@@ -327,13 +337,17 @@ class GuardGRPODiffusionTrainer(Trainer):
 
     # ---- data: each prompt repeated num_generations times, each generation batch reused -----------------------
     def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
-        return EpochSeededRepeatSampler(
+        sampler = EpochSeededRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.generation_batch_size // self.args.num_generations,
             repeat_count=self.args.num_iterations * self.args.steps_per_generation,
             shuffle=self.args.shuffle_dataset,
             seed=self.args.seed,
+        )
+        # the processes of a context-parallel group draw the same prompts
+        return self.context_parallel.repeat_for_groups(
+            sampler, self._train_batch_size * self.args.steps_per_generation
         )
 
     def get_train_dataloader(self):
@@ -377,7 +391,7 @@ class GuardGRPODiffusionTrainer(Trainer):
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         local_size = len(prompts)
-        offset = self.accelerator.process_index * local_size
+        offset = self.context_parallel.data_parallel_rank * local_size  # a context-parallel group samples as one
         global_indices = list(range(offset, offset + local_size))
 
         plan = self.algorithm.plan(rollout_index)
@@ -418,7 +432,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         local_rewards = torch.cat([s.result() if isinstance(s, Future) else s for s in scored]).to(device)
         if not self.rewards.has_group_rewards:
             _refuse_unscored(local_rewards, prompts)
-        rewards = self.accelerator.gather(local_rewards)  # (generation batch, num_funcs), in global order
+        # (generation batch, num_funcs), in global order; each context-parallel group's once
+        rewards = self.context_parallel.one_per_group(self.accelerator.gather(local_rewards))
         if self.rewards.has_group_rewards:
             if local_audios:  # group-wise rewards get `audios=` as per-sample ones do
                 local_images = VideosWithAudio(local_images, local_audios)
@@ -428,7 +443,8 @@ class GuardGRPODiffusionTrainer(Trainer):
         if "reward_names" in signal_inputs:
             inputs["reward_names"] = list(self.rewards.names)
         if "image_features" in signal_inputs:
-            inputs["image_features"] = self.accelerator.gather(torch.cat(local_features))  # in global order
+            features = self.accelerator.gather(torch.cat(local_features))  # in global order
+            inputs["image_features"] = self.context_parallel.one_per_group(features)
         # on the algorithm object: a signal that keeps state across rounds is a method
         signal = self.algorithm.training_signal(rewards, self.rewards.weights, args, **inputs)
         advantages, reward_advantages = signal[0], signal[1]
@@ -475,10 +491,11 @@ class GuardGRPODiffusionTrainer(Trainer):
         accelerator, n = self.accelerator, self.args.num_generations
         if accelerator.num_processes > 1:
             audios = getattr(images, "audios", None)
-            prompts, images = gather_object(prompts), gather_object(list(images))  # gathering gives a plain list
+            once = self.context_parallel.one_per_group  # a context-parallel group's processes hold the same rows
+            prompts, images = once(gather_object(prompts)), once(gather_object(list(images)))  # plain lists
             if audios is not None:
-                images = VideosWithAudio(images, gather_object(audios))
-            columns = {key: gather_object(values) for key, values in columns.items()}
+                images = VideosWithAudio(images, once(gather_object(audios)))
+            columns = {key: once(gather_object(values)) for key, values in columns.items()}
         groups = range(accelerator.process_index, len(images) // n, accelerator.num_processes)
         scores = self.rewards.score_groups(
             prompts, images, columns, num_generations=n, groups=groups, trainer_state=self.state
@@ -549,9 +566,15 @@ class GuardGRPODiffusionTrainer(Trainer):
         metrics = self._metrics["train"]
         total = torch.zeros((), device=self.accelerator.device)
         # FSDP2 keeps the gradients of unsynchronised backwards outside `.grad`, where no difference can see them.
+        # Nor can a context-parallel process, which holds its own tokens' share of each gradient only.
         measure_grad_norm = (
-            self.args.log_timestep_grad_norm and self._logs_this_step() and not distributed.is_fsdp2(self.accelerator)
+            self.args.log_timestep_grad_norm
+            and self._logs_this_step()
+            and not distributed.is_fsdp2(self.accelerator)
+            and not self.context_parallel.enabled
         )
+        # DDP and FSDP2 average over every process, and a context-parallel group's gradient is the sum of its own
+        grad_scale = scale * self.context_parallel.degree
         last = len(batch.train_steps) - 1
         for index, unit in enumerate(batch.train_steps):
             defer_sync = self.accelerator.sync_gradients and index < last
@@ -560,7 +583,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 if measure_grad_norm:
                     stats[Stat.GRAD_NORM] = self._unit_grad_norm(loss * scale, params, defer_sync) / scale
                 else:
-                    self.accelerator.backward(loss * scale)
+                    self.accelerator.backward(loss * grad_scale)
             for key, value in stats.items():
                 value = value.detach() if isinstance(value, torch.Tensor) else value
                 metrics[timestep_key(unit, key)].append(value)
@@ -778,8 +801,9 @@ class GuardGRPODiffusionTrainer(Trainer):
     def _evaluate_dataset(self, dataset: Dataset, metric_key_prefix: str) -> dict[str, float]:
         args, adapter = self.args, self.adapter
         reward_sets = [self.rewards] + ([self.gold_rewards] if self.gold_rewards is not None else [])
+        layout = self.context_parallel  # a context-parallel group evaluates its rows together
         indices, real_rows = distributed.balanced_rows(
-            len(dataset), self.accelerator.process_index, self.accelerator.num_processes
+            len(dataset), layout.data_parallel_rank, layout.data_parallel_size
         )
         sigmas = adapter.sigmas(args.eval_num_inference_steps)
         adapter.denoiser.eval()
@@ -808,7 +832,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 rows_kl.extend(self._kl_to_reference(prompt_embeds, chunk).tolist())
         rows_scores, rows_kl = rows_scores[:real_rows], rows_kl[:real_rows]  # without the padding rows
         if self.accelerator.num_processes > 1:
-            rows_scores, rows_kl = gather_object(rows_scores), gather_object(rows_kl)
+            rows_scores, rows_kl = layout.gather_rows(rows_scores), layout.gather_rows(rows_kl)
         scores = torch.tensor(rows_scores, dtype=torch.float32).view(-1, sum(len(r) for r in reward_sets))
         proxy, gold = scores[:, : len(self.rewards)], scores[:, len(self.rewards) :]
         metrics = {

@@ -1,0 +1,291 @@
+"""Context parallelism (`context_parallel_degree`) through diffusers' `enable_parallelism`, on two CPU processes over
+gloo: one context-parallel group of two (data-parallel size 1) samples and trains what one process does.
+
+The two-process runs launch this file under `accelerate launch` with examples/accelerate_configs/ddp_cpu.yaml. As a
+script it is a harness, not part of the library: diffusers 0.42 places a context-parallel model on
+`torch.device(device_type, rank % torch.accelerator.device_count())`, and a CPU-only torch counts 0 accelerators
+(`ZeroDivisionError: integer modulo by zero` in `ModelMixin._resolve_parallel_config`), so the harness counts one, the
+CPU. Everything else (the mesh, diffusers' split and gather hooks, Ulysses' all-to-all over gloo, the trainer) is the
+code a GPU launch runs. It also records the longest token sequence `proj_out` saw on each process, to show that the
+forwards were really split, and the prompts each process sampled.
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file examples/accelerate_configs/ddp_cpu.yaml \\
+        tests/test_context_parallel.py --config recipe.yaml --context_parallel_degree 2
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+DDP_CONFIG = str(ROOT / "examples" / "accelerate_configs" / "ddp_cpu.yaml")
+FSDP2_CONFIG = str(ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml")
+
+RECIPE = """
+model_name_or_path: {pipeline}
+dataset_name: {prompts}
+reward_funcs: [cp_rewards.blueness]
+use_peft: true
+lora_r: 4
+lora_alpha: 8
+lora_dropout: 0.0
+lora_target_modules: {targets}
+num_generations: 4
+per_device_train_batch_size: 4
+steps_per_generation: 1
+max_steps: 2
+optim: sgd
+learning_rate: 0.5
+height: 32
+width: 32
+num_frames: {frames}
+num_inference_steps: 4
+max_sequence_length: 16
+guidance_scale: 1.0
+save_strategy: "no"
+report_to: none
+disable_tqdm: true
+logging_steps: 1
+"""
+
+REWARD = """
+import numpy as np
+
+def _blue(image):
+    return np.asarray(image, dtype=np.float32)[..., 2].mean() / 255
+
+def blueness(prompts, images, **kwargs):
+    return [float(np.mean([_blue(f) for f in x]) if isinstance(x, list) else _blue(x)) for x in images]
+"""
+
+FAMILIES = {
+    # family: (builder, LoRA targets, frames, tokens of one sample at 32 px)
+    "wan": ("build_tiny_wan_pipeline", "[attn1.to_q, attn1.to_k, attn1.to_v, attn1.to_out.0, proj_out]", 5, 8),
+    "flux": ("build_tiny_flux_pipeline", "[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, proj_out]", 1, 64),
+}
+
+
+# ---- refusals and bookkeeping (fast) -------------------------------------------------------------------------------
+def test_degree_without_a_distributed_launch_is_refused(tmp_path):
+    from trl_guard import GuardConfig
+
+    with pytest.raises(ValueError, match=r"context_parallel_degree=2 .* one process.*accelerate launch"):
+        GuardConfig(str(tmp_path), context_parallel_degree=2, report_to="none")
+
+
+def test_degree_that_does_not_divide_the_processes_is_refused():
+    from trl_guard.context_parallel import check_launch
+
+    with pytest.raises(ValueError, match=r"context_parallel_degree=3 must divide the number of processes \(4\)"):
+        check_launch(3, "ulysses", 4)
+    with pytest.raises(ValueError, match=r"context_parallel_degree=0 must be >= 1"):
+        check_launch(0, "ulysses", 4)
+    check_launch(2, "ring", 4)  # a divisor: accepted
+
+
+def test_family_without_a_cp_plan_is_refused_before_loading(tmp_path, monkeypatch):
+    """SD3's transformer has no `_cp_plan` in diffusers: refused, naming the field, for a pipeline object and for a
+    local folder, before the pipeline is loaded (`from_pretrained` is never called)."""
+    import diffusers
+
+    from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
+    from trl_guard.testing import build_tiny_sd3_pipeline
+
+    pipeline = build_tiny_sd3_pipeline()
+    folder = tmp_path / "sd3"
+    pipeline.save_pretrained(folder)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what the config sees under a two-process launch
+    monkeypatch.setattr(GuardConfig, "world_size", property(lambda self: 2))
+    args = GuardConfig(
+        str(tmp_path / "out"),
+        context_parallel_degree=2,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        height=32,
+        width=32,
+        report_to="none",
+    )
+
+    def no_loading(*a, **k):
+        raise AssertionError("the pipeline was loaded before the refusal")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_loading)
+    for model in (pipeline, str(folder)):
+        with pytest.raises(ValueError, match=r"context_parallel_degree=2, but StableDiffusion3Pipeline's transformer"):
+            GuardGRPODiffusionTrainer(
+                model,
+                reward_funcs=lambda p, i, **k: [0.0] * len(i),
+                args=args,
+                train_dataset=[{"prompt": "a"}, {"prompt": "b"}],
+            )
+
+
+def test_families_with_a_cp_plan_pass_the_check(tmp_path):
+    from trl_guard.context_parallel import check_before_loading, check_family, denoiser_classes
+    from trl_guard.testing import build_tiny_flux_pipeline, build_tiny_wan_pipeline
+    from trl_guard.testing.wan22 import build_tiny_wan22_pipeline
+
+    class Args:
+        context_parallel_degree = 2
+        model_init_kwargs = None
+
+    for pipeline in (build_tiny_wan_pipeline(), build_tiny_flux_pipeline()):
+        check_before_loading(pipeline, type(pipeline).__name__, Args())
+    wan22 = build_tiny_wan22_pipeline()
+    folder = tmp_path / "wan22"
+    wan22.save_pretrained(folder)
+    classes = denoiser_classes(str(folder), ("transformer", "transformer_2"))
+    assert [c.__name__ for c in classes.values()] == ["WanTransformer3DModel"] * 2  # both experts are checked
+    check_family(classes, "WanPipeline", 2)
+    with pytest.raises(ValueError, match="transformer_2 \\(SD3Transformer2DModel\\) has no context-parallel plan"):
+        check_family({**classes, "transformer_2": "SD3Transformer2DModel"}, "WanPipeline", 2)
+
+
+def test_generation_batch_counts_data_parallel_ranks(monkeypatch, tmp_path):
+    """With 4 processes in groups of 2, a round samples for 2 data-parallel ranks, not 4."""
+    from trl_guard import GuardConfig
+
+    monkeypatch.setattr(GuardConfig, "world_size", property(lambda self: 4))
+    args = GuardConfig(
+        str(tmp_path), context_parallel_degree=2, num_generations=4, per_device_train_batch_size=4, report_to="none"
+    )
+    assert args.data_parallel_size == 2 and args.generation_batch_size == 8
+    plain = GuardConfig(str(tmp_path), num_generations=4, per_device_train_batch_size=4, report_to="none")
+    assert plain.data_parallel_size == 4 and plain.generation_batch_size == 16
+
+
+def test_layout_gives_a_group_the_same_prompts_and_keeps_its_values_once():
+    """4 processes in groups of 2: the sampler deals each data-parallel slice to both processes of its group (as
+    accelerate deals batch k to process k % 4), and gathered values are kept once per group."""
+    from trl_guard.context_parallel import ContextParallelLayout
+
+    layout = ContextParallelLayout(degree=2, process_index=2, num_processes=4)
+    assert (layout.data_parallel_rank, layout.data_parallel_size, layout.context_parallel_rank) == (1, 2, 0)
+    sampler = layout.repeat_for_groups(list(range(12)), slice_size=3)  # two rounds of 2 slices of 3
+    stream = list(sampler)
+    batches = [stream[i : i + 3] for i in range(0, len(stream), 3)]
+    per_process = {rank: [b for k, b in enumerate(batches) if k % 4 == rank] for rank in range(4)}
+    assert per_process[0] == per_process[1] == [[0, 1, 2], [6, 7, 8]]
+    assert per_process[2] == per_process[3] == [[3, 4, 5], [9, 10, 11]]
+    assert len(sampler) == 24
+    gathered = torch.tensor([[0.0], [0.0], [1.0], [1.0], [2.0], [2.0], [3.0], [3.0]])  # 2 rows per process
+    assert layout.one_per_group(gathered).flatten().tolist() == [0.0, 0.0, 2.0, 2.0]
+    off = ContextParallelLayout(degree=1, process_index=1, num_processes=2)
+    assert off.one_per_group(gathered) is gathered and off.repeat_for_groups(stream, 3) is stream
+
+
+# ---- two processes, one context-parallel group (slow) ---------------------------------------------------------------
+def _pipeline_dir(tmp_path_factory, family):
+    import trl_guard.testing as testing
+
+    path = tmp_path_factory.mktemp(f"tiny-{family}")
+    getattr(testing, FAMILIES[family][0])(seed=0).save_pretrained(path)
+    return path
+
+
+def _recipe(tmp_path, pipeline, family):
+    (tmp_path / "cp_rewards.py").write_text(REWARD)
+    (tmp_path / "prompts.txt").write_text("\n".join(f"prompt number {i}" for i in range(4)))
+    _, targets, frames, _ = FAMILIES[family]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(pipeline=pipeline, prompts=tmp_path / "prompts.txt", targets=targets, frames=frames))
+    return path
+
+
+def _runs(tmp_path, recipe, *flags, fsdp2=False):
+    from helpers import launch
+
+    base = ["--config", str(recipe), *flags]
+    launch([sys.executable, "-m", "trl_guard.scripts.grpo", *base, "--output_dir", "one"], tmp_path)
+    config = FSDP2_CONFIG if fsdp2 else DDP_CONFIG
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
+    report = str(tmp_path / "cp_report")
+    env = {"CP_REPORT": report, **({"CP_FSDP2": "1", "SHARD_REPORT": report + ".shards"} if fsdp2 else {})}
+    launch([*launcher, __file__, *base, "--output_dir", "two", "--context_parallel_degree", "2"], tmp_path, env=env)
+    return [json.loads(Path(f"{report}.{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def _rewards(folder: Path) -> list[float]:
+    history = json.loads((folder / "log_history.json").read_text())
+    return [entry["reward"] for entry in history if "reward" in entry]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "fsdp2"), [("wan", False), ("flux", False), ("wan", True)], ids=["wan", "flux", "wan-fsdp2"]
+)
+def test_one_context_parallel_group_matches_one_process(family, fsdp2, tmp_path, tmp_path_factory):
+    """Two processes with context_parallel_degree=2 (one group, data-parallel size 1) sample the same images, log
+    the same rewards and end on the same LoRA as one process training the same 4 samples; each process's
+    `proj_out` saw half of every sequence, so the forwards were split, and both sampled the same prompts. Under
+    FSDP2 (tests/fsdp2_cpu.py's switch) every block is also split between the two processes."""
+    from safetensors.torch import load_file
+
+    recipe = _recipe(tmp_path, _pipeline_dir(tmp_path_factory, family), family)
+    reports = _runs(tmp_path, recipe, fsdp2=fsdp2)
+    if fsdp2:
+        shards = [json.loads((tmp_path / f"cp_report.shards.{rank}.json").read_text()) for rank in (0, 1)]
+        blocks = [name for name in shards[0] if name.startswith("blocks.")]
+        assert blocks and all(shards[0][n]["sharded"] for n in blocks)
+        assert all(shards[0][n]["local"] + shards[1][n]["local"] == shards[0][n]["global"] for n in blocks)
+    tokens = FAMILIES[family][3]
+    assert [r["max_tokens"] for r in reports] == [tokens // 2, tokens // 2]
+    assert all(r["forwards"] > 0 for r in reports) and reports[0]["forwards"] == reports[1]["forwards"]
+    assert len(reports[0]["rounds"]) == 2 and reports[0]["rounds"] == reports[1]["rounds"]  # the group's prompts
+    one, two = _rewards(tmp_path / "one"), _rewards(tmp_path / "two")
+    assert len(one) == 2 and two == pytest.approx(one, abs=1e-6)
+    lora_one = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
+    lora_two = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
+    assert lora_one.keys() == lora_two.keys()
+    update = max(t.abs().max().item() for k, t in lora_one.items() if "lora_B" in k)  # lora_B starts at zero
+    assert update > 1e-4
+    for key in lora_one:
+        torch.testing.assert_close(lora_two[key], lora_one[key], rtol=0, atol=1e-3 * update)
+
+
+# ---- the harness: run as `accelerate launch tests/test_context_parallel.py ...` ----------------------------------
+def _harness() -> None:
+    import runpy
+
+    if not torch.cuda.is_available() and torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1  # the CPU (see the module docstring)
+
+    if os.environ.get("CP_FSDP2"):
+        import fsdp2_cpu  # noqa: F401  (switches accelerate's CPU state to FSDP2, tests/fsdp2_cpu.py)
+    from trl_guard.trainer import GuardGRPODiffusionTrainer
+
+    original_train = GuardGRPODiffusionTrainer.train
+    original_generate = GuardGRPODiffusionTrainer._generate_and_score
+    rounds = []
+
+    def generate_and_record(self, rows, rollout_index):
+        rounds.append([row["prompt"] for row in rows])
+        return original_generate(self, rows, rollout_index)
+
+    def train_and_report(self, *args, **kwargs):
+        seen = {"max_tokens": 0, "forwards": 0, "rounds": rounds}
+
+        def record(module, inputs):
+            seen["max_tokens"] = max(seen["max_tokens"], inputs[0].shape[1])
+            seen["forwards"] += 1
+
+        handle = self.adapter.denoiser.proj_out.register_forward_pre_hook(record)
+        try:
+            output = original_train(self, *args, **kwargs)
+        finally:
+            handle.remove()
+        with open(f"{os.environ['CP_REPORT']}.{self.accelerator.process_index}.json", "w") as f:
+            json.dump(seen, f)
+        return output
+
+    GuardGRPODiffusionTrainer.train = train_and_report
+    GuardGRPODiffusionTrainer._generate_and_score = generate_and_record
+    runpy.run_module("trl_guard.scripts.grpo", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _harness()
