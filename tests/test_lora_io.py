@@ -221,3 +221,18 @@ def test_rollout_buffer_round_trips_train_batches(tmp_path):
         load_rollout_buffer(
             str(tmp_path / "buffer.safetensors"), "cpu", {**layout, "per_device_train_batch_size": 4}, Rollout
         )
+
+
+def test_a_mid_round_buffer_records_the_context_parallel_degree(tmp_path):
+    """Two processes cut a round into other micro-batches as one context-parallel group than as two data-parallel
+    ranks: a mid-round buffer saved under one degree is refused under another, naming the field."""
+    from trl_guard import GuardConfig
+    from trl_guard.rollout import Rollout, buffer_layout, load_rollout_buffer, save_rollout_buffer
+
+    layout = buffer_layout(GuardConfig(output_dir=str(tmp_path), report_to="none"))
+    assert layout["context_parallel_degree"] == 1
+    save_rollout_buffer([], str(tmp_path / "buffer.safetensors"), layout)
+    with pytest.raises(ValueError, match="context_parallel_degree=1 in the checkpoint, 2 now"):
+        load_rollout_buffer(
+            str(tmp_path / "buffer.safetensors"), "cpu", {**layout, "context_parallel_degree": 2}, Rollout
+        )

@@ -301,6 +301,8 @@ BUFFER_LAYOUT_FIELDS = (
     "gradient_accumulation_steps",
     "num_iterations",
     "world_size",
+    # a context-parallel group holds one data-parallel rank's micro-batches: another degree cuts the round otherwise
+    "context_parallel_degree",
 )
 
 
