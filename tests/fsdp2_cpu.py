@@ -16,8 +16,10 @@ import runpy
 
 import accelerate.state
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
 
+from trl_guard.ema import EMAWeights
 from trl_guard.trainer import GuardGRPODiffusionTrainer
 
 _original_init = accelerate.state.AcceleratorState.__init__
@@ -29,6 +31,11 @@ def _init_as_fsdp(self, *args, **kwargs):
     if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = plugin
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory:
+            # `fsdp_offload_params: true` asks for pinned host memory, which needs an accelerator: on a CPU-only
+            # machine `fully_shard` fails in `pin_memory()` ("Cannot access accelerator device when none is
+            # available"). Unpinned, the same offload path runs.
+            plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
         # AcceleratorState copies PartialState's type on every later instantiation
         accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
@@ -38,7 +45,8 @@ _original_train = GuardGRPODiffusionTrainer.train
 
 
 def _train_and_report_shards(self, *args, **kwargs):
-    """After training, write each parameter's local and global size to `$SHARD_REPORT.<rank>.json`."""
+    """After training, write each parameter's local and global size to `$SHARD_REPORT.<rank>.json`, and those of the
+    other copies of the weights to `$SHARD_REPORT.copies.<rank>.json`."""
     output = _original_train(self, *args, **kwargs)
     report = os.environ.get("SHARD_REPORT")
     if report:
@@ -53,7 +61,32 @@ def _train_and_report_shards(self, *args, **kwargs):
         }
         with open(f"{report}.{self.accelerator.process_index}.json", "w") as f:
             json.dump(sizes, f)
+        with open(f"{report}.copies.{self.accelerator.process_index}.json", "w") as f:
+            json.dump(_copy_sizes(self), f)
     return output
+
+
+def _copy_sizes(trainer) -> dict[str, dict[str, int] | str]:
+    """Local and global element counts of the other copies of the weights: full fine-tuning's frozen reference, the
+    EMA, and every copy an algorithm keeps (DiffusionNFT's lagged policy, ...); the CPU offload policy in force, and whether the denoiser checkpoints."""
+    tensors = {}
+    if trainer.adapter.reference_denoiser is not None:
+        tensors["reference"] = list(trainer.adapter.reference_denoiser.parameters())
+    if trainer.ema is not None:
+        tensors["ema"] = list(trainer.ema.averages.values())
+    for name, value in vars(trainer.algorithm).items():
+        if isinstance(value, EMAWeights):
+            tensors[f"algorithm.{name}"] = list(value.averages.values())
+    sizes = {
+        name: {
+            "local": sum(t.to_local().numel() if isinstance(t, DTensor) else t.numel() for t in group),
+            "global": sum(t.numel() for t in group),
+        }
+        for name, group in tensors.items()
+    }
+    sizes["offload_policy"] = type(trainer.accelerator.state.fsdp_plugin.cpu_offload).__name__
+    sizes["gradient_checkpointing"] = bool(getattr(trainer.adapter.denoiser, "gradient_checkpointing", False))
+    return sizes
 
 
 GuardGRPODiffusionTrainer.train = _train_and_report_shards

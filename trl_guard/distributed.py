@@ -154,3 +154,19 @@ def unsharded_class(module: torch.nn.Module) -> type:
     if not isinstance(module, FSDPModule):
         return type(module)
     return next(c for c in type(module).__mro__[1:] if c is not FSDPModule and not issubclass(c, FSDPModule))
+
+
+def shard_like_policy(accelerator: Any, module: torch.nn.Module) -> torch.nn.Module:
+    """Shard a frozen copy of the denoiser (full fine-tuning's reference) in place as accelerate sharded the policy:
+    the same shard groups, device mesh, CPU offload and mixed precision, so each process holds its part of it rather
+    than all of it. accelerate's `prepare` takes one model under FSDP2, so its own sharding function is called here.
+    The copy's forwards then are collectives, as the policy's are: every process must run the same ones, which the
+    trainer's reference forwards do (each process trains the same number of rows per unit).
+
+    Every shard group, the root's included, reshards after its forward: FSDP2 keeps the root's weights gathered from
+    a forward until its backward, and a frozen copy never runs one, so they would stay whole on every process."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    module = fsdp2_prepare_model(accelerator, module)
+    module.set_reshard_after_forward(True)
+    return module

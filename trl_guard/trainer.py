@@ -268,7 +268,9 @@ class GuardGRPODiffusionTrainer(Trainer):
         if not args.offload_frozen_modules:
             for module in self.adapter.frozen_modules:
                 module.to(self.accelerator.device)
-        if self.adapter.reference_denoiser is not None:
+        if self.adapter.reference_denoiser is not None and not distributed.is_fsdp2(self.accelerator):
+            # (under FSDP2 it is sharded like the policy when training begins, `_follow_sharded_weights`: sharding
+            # puts each process's part on the device, and a whole copy there first could not fit)
             self.adapter.reference_denoiser.to(self.accelerator.device)
         reward_dtype = torch.bfloat16 if args.bf16 else torch.float32
         for rewards in (self.rewards, self.gold_rewards):
@@ -1032,13 +1034,16 @@ class GuardGRPODiffusionTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _follow_sharded_weights(self) -> None:
-        """Rebind the EMA and the algorithm's copies to the parameters FSDP2 made (once, after `prepare`)."""
+        """Rebind the EMA and the algorithm's copies to the parameters FSDP2 made, and shard full fine-tuning's frozen
+        reference as the policy is (once, after `prepare`)."""
         if self._copies_follow_shards:
             return
         trainable = {n: p for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad}
         if self.ema is not None:
             self.ema.rebind(trainable, self.adapter.denoiser)
         self.algorithm.bind_parameters(trainable, self.adapter.denoiser)
+        if self.adapter.reference_denoiser is not None:
+            distributed.shard_like_policy(self.accelerator, self.adapter.reference_denoiser)
         self._copies_follow_shards = True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:

@@ -283,7 +283,13 @@ class PipelineAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
+        """Where the denoiser computes: its weights' device or, under FSDP2 with CPU offload (`fsdp_offload_params`),
+        whose shards stay in host memory, the device they are gathered onto for each forward (the mesh's)."""
+        parameter = next(self.denoiser.parameters())
+        mesh = getattr(parameter, "device_mesh", None)
+        if mesh is not None and mesh.device_type != parameter.device.type:
+            return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+        return parameter.device
 
     def check_scheduler(self) -> None:
         scheduler = self.pipeline.scheduler
