@@ -216,7 +216,7 @@ def test_zimage_takes_the_packed_latents_helpers_from_the_one_mixin():
 def test_flux2_unpacks_latents_itself_as_the_pipelines_private_unpatchify_does(monkeypatch):
     """FLUX.2's decode un-normalises the tokens and unpacks them with our own reshaping: equal to the pipeline's
     `_unpatchify_latents` of its token grid, and decoding never calls that private method."""
-    from trl_guard.testing.flux2 import build_tiny_flux2_pipeline
+    from builders.flux2 import build_tiny_flux2_pipeline
 
     pipe = build_tiny_flux2_pipeline(seed=0)
     adapter = get_adapter(pipe)

@@ -12,6 +12,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from builders.flux2 import (
+    FAMILIES,
+    build_real_width_flux2_pipeline,
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux2_pipeline,
+)
 from conftest import blueness
 from datasets import Dataset
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
@@ -21,12 +27,6 @@ from safetensors.torch import load_file
 from trl_guard.adapters import SamplingSettings, get_adapter
 from trl_guard.adapters.flux2 import FLUX2_LORA_TARGETS, Flux2Adapter, Flux2KleinAdapter
 from trl_guard.rollout import sample_ode
-from trl_guard.testing.flux2 import (
-    FAMILIES,
-    build_real_width_flux2_pipeline,
-    build_tiny_flux2_klein_pipeline,
-    build_tiny_flux2_pipeline,
-)
 
 PROMPTS = ["a red cat", "two blue dogs on a long green sofa"]
 PIPELINES = {"dev": Flux2Pipeline, "klein": Flux2KleinPipeline}

@@ -8,6 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from builders.hunyuanvideo15 import (
+    HUNYUANVIDEO15_480P_T2V,
+    build_real_width_hunyuanvideo15_pipeline,
+    build_tiny_hunyuanvideo15_pipeline,
+)
 from conftest import blueness
 from datasets import Dataset
 from diffusers import ClassifierFreeGuidance
@@ -17,11 +22,6 @@ from trl_guard.adapters import HunyuanVideo15Adapter, SamplingSettings, get_adap
 from trl_guard.adapters.hunyuanvideo15 import HUNYUANVIDEO15_ATTENTION_PROJECTIONS
 from trl_guard.rewards import video_reward
 from trl_guard.rollout import sample_ode
-from trl_guard.testing.hunyuanvideo15 import (
-    HUNYUANVIDEO15_480P_T2V,
-    build_real_width_hunyuanvideo15_pipeline,
-    build_tiny_hunyuanvideo15_pipeline,
-)
 
 # The second prompt quotes a text: its ByT5 glyph stream is not empty.
 PROMPTS = ["a red cat", 'a sign that reads "hi"']

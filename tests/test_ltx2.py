@@ -15,6 +15,13 @@ import numpy as np
 import pytest
 import test_tracking
 import torch
+from builders.ltx2 import (
+    LTX2_T2V,
+    REAL_WIDTH_MAX_SEQUENCE_LENGTH,
+    TINY_MAX_SEQUENCE_LENGTH,
+    build_real_width_ltx2_pipeline,
+    build_tiny_ltx2_pipeline,
+)
 from conftest import blueness
 from datasets import Dataset
 from helpers import logged, lora_config, make_trainer
@@ -25,13 +32,6 @@ from trl_guard.adapters.ltx2 import LTX2_ATTENTION_PROJECTIONS
 from trl_guard.rewards import video_reward
 from trl_guard.rollout import sample_ode
 from trl_guard.scoring import RewardSet
-from trl_guard.testing.ltx2 import (
-    LTX2_T2V,
-    REAL_WIDTH_MAX_SEQUENCE_LENGTH,
-    TINY_MAX_SEQUENCE_LENGTH,
-    build_real_width_ltx2_pipeline,
-    build_tiny_ltx2_pipeline,
-)
 
 PROMPTS = ["a red cat", "a dog barking loudly"]
 FRAMES = 3  # two latent frames: the tiny VAE compresses time by 2

@@ -14,6 +14,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from builders.qwenimage21 import (
+    QWEN_IMAGE_21_REAL,
+    build_real_width_qwenimage21_pipeline,
+    build_tiny_qwenimage21_pipeline,
+)
 from conftest import blueness
 from datasets import Dataset
 from helpers import logged, lora_config, make_trainer
@@ -22,11 +27,6 @@ from safetensors.torch import load_file
 from trl_guard.adapters import SamplingSettings, get_adapter
 from trl_guard.adapters.qwenimage21 import QWEN_IMAGE_21_LORA_TARGETS, QwenImage21Adapter
 from trl_guard.rollout import sample_ode
-from trl_guard.testing.qwenimage21 import (
-    QWEN_IMAGE_21_REAL,
-    build_real_width_qwenimage21_pipeline,
-    build_tiny_qwenimage21_pipeline,
-)
 
 PROMPTS = ["a red cat", "two blue dogs on a long green sofa"]  # different token counts: each is its own layout
 #: The Turbo checkpoint's 8 sigmas (Qwen/Qwen-Image-2.1-Turbo model_index.json, as quoted on its Hub discussions).

@@ -16,6 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from builders.qwenimage_edit import (
+    QWEN_IMAGE_EDIT_REAL,
+    build_real_width_qwenimage_edit_plus_pipeline,
+    build_tiny_qwenimage_edit_plus_pipeline,
+)
 from conftest import blueness
 from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
@@ -34,11 +39,6 @@ from trl_guard.conditioning import PromptEncoder, content_key
 from trl_guard.rewards import ImageSimilarityReward
 from trl_guard.rollout import sample_ode
 from trl_guard.testing import build_tiny_clip
-from trl_guard.testing.qwenimage_edit import (
-    QWEN_IMAGE_EDIT_REAL,
-    build_real_width_qwenimage_edit_plus_pipeline,
-    build_tiny_qwenimage_edit_plus_pipeline,
-)
 
 #: Flow-Factory's Qwen-Image-Edit-Plus sampling: true CFG 4 (here against a one-space negative prompt).
 EDIT = dict(

@@ -212,8 +212,8 @@ def test_rewards_scored_in_the_worker_thread_equal_inline_scoring_and_the_thread
     rewards = {}
     for overlap in (True, False):
 
-        def recorded_blueness(prompts, images, **kwargs):
-            seen[overlap].append(threading.current_thread().name)
+        def recorded_blueness(prompts, images, names=seen[overlap], **kwargs):
+            names.append(threading.current_thread().name)
             return blueness(prompts, images)
 
         trainer = make_trainer(

@@ -17,6 +17,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from builders.wan_i2v import (
+    WAN21_I2V_14B,
+    WAN22_I2V_A14B,
+    build_tiny_wan22_i2v_pipeline,
+    build_tiny_wan_i2v_pipeline,
+    build_wan_i2v_pipeline_at_real_width,
+)
 from conftest import blueness
 from datasets import Dataset
 from diffusers import WanImageToVideoPipeline
@@ -31,13 +38,6 @@ from trl_guard.adapters.wan_i2v import WAN_I2V_LORA_TARGETS, Wan22I2VAdapter, Wa
 from trl_guard.conditioning import PromptEncoder
 from trl_guard.rollout import sample_ode
 from trl_guard.testing import build_tiny_wan_pipeline
-from trl_guard.testing.wan_i2v import (
-    WAN21_I2V_14B,
-    WAN22_I2V_A14B,
-    build_tiny_wan22_i2v_pipeline,
-    build_tiny_wan_i2v_pipeline,
-    build_wan_i2v_pipeline_at_real_width,
-)
 
 PROMPTS = ["a red cat", "two blue dogs"]
 FRAMES = 5  # two latent frames

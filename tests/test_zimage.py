@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from builders.zimage import ZIMAGE_REAL, build_real_width_zimage_pipeline, build_tiny_zimage_pipeline
 from conftest import blueness
 from diffusers import ZImagePipeline
 from helpers import logged, lora_config, make_trainer
@@ -17,7 +18,6 @@ from trl_guard.adapters import SamplingSettings, get_adapter
 from trl_guard.adapters.zimage import ZImageAdapter
 from trl_guard.losses import SDE_LOSS_TYPES
 from trl_guard.rollout import sample_ode
-from trl_guard.testing.zimage import ZIMAGE_REAL, build_real_width_zimage_pipeline, build_tiny_zimage_pipeline
 
 PROMPTS = ["a red cat", "two blue dogs on a long green sofa"]  # different lengths: each caption is its own length
 TURBO = dict(guidance_scale=0.0, max_sequence_length=64, peft_config=lora_config(target_modules=None))

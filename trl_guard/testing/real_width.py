@@ -518,7 +518,7 @@ def _narrow_causal_vae_kwargs(spec: Published) -> dict[str, Any]:
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Create parameters directly in `dtype`: a real-width block built in float32 first would double the peak memory.
-    The one dtype helper of the builders (`trl_guard.testing.flux2.uninitialised` adds skipping the initialisers)."""
+    The one dtype helper of the builders (`uninitialised` in tests/builders/flux2.py adds skipping the initialisers)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -14,8 +14,13 @@ from unittest import mock
 
 import torch
 
-from . import _byte_level_symbols, tiny_qwenimage_scheduler, tiny_qwenimage_transformer, tiny_qwenimage_vae
-from .real_width import Family, Published
+from trl_guard.testing import (
+    _byte_level_symbols,
+    tiny_qwenimage_scheduler,
+    tiny_qwenimage_transformer,
+    tiny_qwenimage_vae,
+)
+from trl_guard.testing.real_width import Family, Published
 
 #: QwenImageEditPipeline's and QwenImageEditPlusPipeline's system prompt: the tiny tokenizer spells each of its
 #: pre-tokens as one token, as Qwen's real tokenizer does, so the prefix is the 64 tokens the pipelines drop

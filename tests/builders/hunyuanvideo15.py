@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import tiny_qwen2_tokenizer
+from trl_guard.testing import tiny_qwen2_tokenizer
+from trl_guard.testing.real_width import QWEN25_VL_7B_TEXT, Family, Published
+
 from .flux2 import _QWEN3_CHAT_TEMPLATE, fill_random, uninitialised
-from .real_width import QWEN25_VL_7B_TEXT, Family, Published
 
 #: The checkpoint `examples/recipes/hunyuanvideo15_t2v_guard.yaml` trains (diffusers' HunyuanVideo15Pipeline example).
 HUNYUANVIDEO15_REPO = "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from . import build_tiny_wan_pipeline
-from .real_width import (
+from trl_guard.testing import build_tiny_wan_pipeline
+from trl_guard.testing.real_width import (
     UMT5_XXL,
     WAN21_SCHEDULER,
     WAN21_VAE,

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _byte_level_symbols, tiny_qwen2_tokenizer
-from .real_width import Family, Published, default_dtype
+from trl_guard.testing import _byte_level_symbols, tiny_qwen2_tokenizer
+from trl_guard.testing.real_width import Family, Published, default_dtype
 
 # ---- the real checkpoints' values -----------------------------------------------------------------------------------
 #: FLUX.2 [dev]: 48 heads x 128 = 6144, 8 double- and 48 single-stream blocks, RoPE over four axes of 32 of each head's

@@ -15,8 +15,8 @@ from unittest import mock
 
 import torch
 
-from . import _byte_level_symbols
-from .real_width import Family, Published
+from trl_guard.testing import _byte_level_symbols
+from trl_guard.testing.real_width import Family, Published
 
 #: Where the values below come from. The Hub files are not in the search index.
 _QWEN_IMAGE_21_NOTE = (
@@ -173,7 +173,7 @@ def tiny_qwen3_vl_tokenizer():
 def tiny_qwen3_vl_processor(tokenizer, patch_size: int = 8, merge_size: int = 2, max_pixels: int = 32 * 32):
     """A `Qwen3VLProcessor` without downloads: the PIL image processor (a small pixel budget) and no video processor.
 
-    As for `trl_guard.testing.qwenimage_edit.tiny_qwen2_vl_processor`, transformers checks the absent video
+    As for `builders.qwenimage_edit.tiny_qwen2_vl_processor`, transformers checks the absent video
     processor's class against a mixin it defines only with torchvision installed, so the check is skipped then: such a
     processor works in memory but a saved pipeline cannot be loaded without torchvision."""
     import transformers

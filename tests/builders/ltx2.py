@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from . import tiny_qwen2_tokenizer
+from trl_guard.testing import tiny_qwen2_tokenizer
+from trl_guard.testing.real_width import Family, Published
+
 from .flux2 import fill_random, uninitialised
-from .real_width import Family, Published
 
 #: The text length the tiny pipeline is used with (`max_sequence_length`): a multiple of its connectors' learnable
 #: registers, as the pipeline requires (LTX-2's are 128 registers for 1024 tokens).

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _tiny_vae
+from trl_guard.testing import _tiny_vae
+from trl_guard.testing.real_width import FLUX_VAE, Family, Published
+
 from .flux2 import QWEN3_4B_TEXT, tiny_qwen3_tokenizer
-from .real_width import FLUX_VAE, Family, Published
 
 #: Where the values below come from: Tongyi-MAI/Z-Image-Turbo's transformer, text_encoder and vae config.json
 #: (Z-Image, the base model, has the same architecture). The Hub files are not in the search index.
