@@ -216,7 +216,10 @@ def _rewards(folder: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("family", "fsdp2"), [("wan", False), ("flux", False), ("wan", True)], ids=["wan", "flux", "wan-fsdp2"]
+    # Wan2.1 under DDP is left out to keep the suite short: FLUX.1 covers DDP, Wan2.1 covers FSDP2
+    ("family", "fsdp2"),
+    [("flux", False), ("wan", True)],
+    ids=["flux", "wan-fsdp2"],
 )
 def test_one_context_parallel_group_matches_one_process(family, fsdp2, tmp_path, tmp_path_factory):
     """Two processes with context_parallel_degree=2 (one group, data-parallel size 1) sample the same images, log

@@ -33,7 +33,7 @@ LOSS_ARGS = {
             *("--gardo_aux_rewards", "jpeg_compressibility", "--beta", "0.1", "--gardo_diversity", "false"),
             *("--gardo_reset_kl_threshold", "1e-12"),
         ]
-        for loss_type in ("gardo", "gardo_nft")
+        for loss_type in ("gardo",)
     },
 }
 # The one-process run's own layout, where a loss reads the micro-batch's composition: GARDO's KL is a mean over each
@@ -48,12 +48,13 @@ ONE_PROCESS_ARGS = {
         "--steps_per_generation",
         "2",
     ]
-    for loss_type in ("gardo", "gardo_nft")
+    for loss_type in ("gardo",)
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm", "dgpo", "flow_dppo", "dpo", "gardo", "gardo_nft"])
+# gardo_nft's two-process run is tests/test_gardo.py's, with image features
+@pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm", "dgpo", "flow_dppo", "dpo", "gardo"])
 def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
     launch(
         [

@@ -64,28 +64,12 @@ def _kl_logged(output_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_reference_is_sharded_and_matches_one_process(launch_recipe, tmp_path):
+def test_full_fine_tuning_reference_and_ema_sharded_under_cpu_offload_match_one_process(launch_recipe, tmp_path):
     """Full fine-tuning with a KL (`beta > 0`) keeps a frozen copy of the starting weights: each process holds its
-    half of it, and its (now collective) forwards give the run one process gives."""
-    flags = ("--use_peft", "false", "--learning_rate", "0.5", "--beta", "0.5")
-    one_process(launch_recipe, "one", *flags)
-    copies = fsdp2(launch_recipe, "two", *flags)
-
-    assert_halved(copies, "reference")
-    trained = {run: _full_weights(tmp_path / run) for run in ("one", "two")}
-    for key, expected in trained["one"].items():
-        torch.testing.assert_close(trained["two"][key], expected, rtol=1e-4, atol=1e-6)
-    # the reference acted: the KL to it grows from 0 once the policy moved, the same on both runs
-    kl_one, kl_two = _kl_logged(tmp_path / "one"), _kl_logged(tmp_path / "two")
-    assert len(kl_one) == 3 and max(kl_one) > 0
-    torch.testing.assert_close(torch.tensor(kl_two), torch.tensor(kl_one), rtol=1e-3, atol=1e-9)
-
-
-@pytest.mark.slow
-def test_cpu_offload_matches_one_process_with_sharded_copies(launch_recipe, tmp_path):
-    """`fsdp_offload_params: true`: FSDP2 keeps each process's shards (and their gradients and optimizer state) in
-    host memory and gathers them onto the device for each block's forward and backward. Full fine-tuning with a KL
-    and an EMA: the frozen reference and the EMA stay sharded, offloaded like the policy.
+    half of it, and its (now collective) forwards give the run one process gives; so does the EMA. One run checks this
+    under `fsdp_offload_params: true` too (one 2-process launch instead of two, for the suite's time): FSDP2 keeps each
+    process's shards (and their gradients and optimizer state) in host memory and gathers them onto the device for
+    each block's forward and backward, the reference and the EMA offloaded like the policy.
 
     On a CPU-only machine the offload is host to host, and the harness unpins it (pinned memory needs an accelerator:
     `fully_shard` fails in `pin_memory()`); what this checks is that the trainer runs and trains the same under it."""
@@ -102,6 +86,10 @@ def test_cpu_offload_matches_one_process_with_sharded_copies(launch_recipe, tmp_
         torch.testing.assert_close(trained["two"][key], expected, rtol=1e-4, atol=1e-6)
     base = _full_weights(Path(_pipeline_dir(launch_recipe)))
     assert max((trained["one"][k] - base[k]).abs().max() for k in base) > 1e-3  # the (EMA) weights moved
+    # the reference acted: the KL to it grows from 0 once the policy moved, the same on both runs
+    kl_one, kl_two = _kl_logged(tmp_path / "one"), _kl_logged(tmp_path / "two")
+    assert len(kl_one) == 3 and max(kl_one) > 0
+    torch.testing.assert_close(torch.tensor(kl_two), torch.tensor(kl_one), rtol=1e-3, atol=1e-9)
 
 
 @pytest.mark.slow

@@ -122,8 +122,9 @@ def test_over_optimisation_alarm_stops_a_hacking_run_with_the_best_gold_weights(
 @pytest.mark.parametrize("loss_type", ["nft", "awm"])
 def test_forward_losses_raise_the_proxy_the_other_losses_raise(loss_type, tmp_path):
     """The colour proxy, which Flow-GRPO and GRPO-Guard raise on the toy world (docs/reproducing_the_paper.md), rises
-    under DiffusionNFT and AWM too: the held-out proxy after 12 steps against the base, same ODE seeds."""
-    trainer = toy_trainer(tmp_path, loss_type, 1e-2, 12)
+    under DiffusionNFT and AWM too: the held-out proxy after 8 steps against the base, same ODE seeds (measured
+    gains on this machine: +0.031 and +0.044)."""
+    trainer = toy_trainer(tmp_path, loss_type, 1e-2, 8)
     before = trainer.evaluate()["eval_reward"]
     trainer.train()
     after = trainer.evaluate()["eval_reward"]
