@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -512,6 +513,36 @@ class PipelineAdapter:
                 raise ValueError(f"{path} has keys the pipeline's {name} does not: {unexpected[:5]}")
 
 
+def token_shifted_sigmas(
+    scheduler: Any,
+    num_inference_steps: int,
+    image_seq_len: int,
+    device: torch.device,
+    base_sigmas: Sequence[float] | None = None,
+    *,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> torch.Tensor:
+    """The scheduler's sigmas for `base_sigmas` (default `linspace(1, 1/N, N)`) shifted by `mu`, which grows linearly
+    with the token count from `base_shift` at the scheduler's `base_image_seq_len` to `max_shift` at its
+    `max_image_seq_len` (diffusers' `calculate_shift`; the keyword defaults are used where the scheduler's config has no
+    value): the schedule of the FLUX.1, Qwen-Image, Z-Image and LTX-2 pipelines, each with its own defaults."""
+    config = scheduler.config
+    mu = calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", base_seq_len),
+        config.get("max_image_seq_len", max_seq_len),
+        config.get("base_shift", base_shift),
+        config.get("max_shift", max_shift),
+    )
+    if base_sigmas is None:
+        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    scheduler.set_timesteps(sigmas=np.asarray(base_sigmas), device=device, mu=mu)
+    return scheduler.sigmas.detach().clone().float()
+
+
 class PackedLatentsMixin:
     """For families whose transformer works on 2x2 patches of the VAE latents: FLUX, FLUX.2 and Qwen-Image take them
     packed into tokens (`pack`, `unpack`), Z-Image patchifies them itself. The one copy of the resolution check, the
@@ -544,20 +575,9 @@ class PackedLatentsMixin:
         return (self._image_tokens, self.denoiser.config.in_channels)
 
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
-        """`linspace(1, 1/N, N)` shifted by `mu`, which grows linearly with the number of image tokens between the
-        scheduler's `base_image_seq_len` and `max_image_seq_len`: what FluxPipeline, QwenImagePipeline and
-        ZImagePipeline do (the last only reaches schedulers with dynamic shifting)."""
-        scheduler = self.pipeline.scheduler
-        mu = calculate_shift(
-            self._image_tokens,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
-        return scheduler.sigmas.detach().clone().float()
+        """`token_shifted_sigmas` at the image's token count: what FluxPipeline, QwenImagePipeline and ZImagePipeline
+        do (the last only reaches schedulers with dynamic shifting)."""
+        return token_shifted_sigmas(self.pipeline.scheduler, num_inference_steps, self._image_tokens, self.device)
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import (
     PipelineAdapter,
@@ -51,6 +49,7 @@ from .base import (
     check_frame_count,
     check_resolution_multiple,
     register,
+    token_shifted_sigmas,
 )
 
 #: Self-attention, text cross-attention and the two audio-video cross-attentions of every block, both streams:
@@ -170,17 +169,16 @@ class LTX2Adapter(PipelineAdapter):
         )
 
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
-        scheduler = self.pipeline.scheduler
-        mu = calculate_shift(
+        # shifted at the video's token count, with LTX2Pipeline's defaults
+        return token_shifted_sigmas(
+            self.pipeline.scheduler,
+            num_inference_steps,
             self._video_tokens[0],
-            scheduler.config.get("base_image_seq_len", 1024),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.95),
-            scheduler.config.get("max_shift", 2.05),
+            self.device,
+            base_seq_len=1024,
+            base_shift=0.95,
+            max_shift=2.05,
         )
-        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        scheduler.set_timesteps(sigmas=base_sigmas, device=self.device, mu=mu)
-        return scheduler.sigmas.detach().clone().float()
 
     def forward(self, denoiser, latents, sigma, conditioning):
         dtype = denoiser.dtype

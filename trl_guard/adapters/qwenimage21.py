@@ -27,12 +27,10 @@ Condition images (2.1's editing) are not driven here: the adapter is text-to-ima
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from .base import PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, register
+from .base import PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, register, token_shifted_sigmas
 
 #: The attention projections and the SwiGLU projections of every single-stream block: the per-block Linear layers
 #: (those `QwenImage21Transformer2DModel._tp_plan` shards), the counterpart of Flow-GRPO's Qwen-Image set (attention
@@ -80,16 +78,9 @@ class QwenImage21Adapter(PackedLatentsMixin, PipelineAdapter):
                 f"sigmas (`sample_sigmas` in its model_index.json; QwenImage21Pipeline then ignores "
                 f"num_inference_steps). Set num_inference_steps to {len(fixed)}."
             )
-        scheduler = self.pipeline.scheduler
-        mu = calculate_shift(
-            self._image_tokens,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
+        return token_shifted_sigmas(
+            self.pipeline.scheduler, num_inference_steps, self._image_tokens, self.device, base_sigmas=fixed
         )
-        scheduler.set_timesteps(sigmas=np.asarray(fixed), device=self.device, mu=mu)
-        return scheduler.sigmas.detach().clone().float()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
