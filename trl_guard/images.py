@@ -10,7 +10,7 @@ import importlib.util
 import math
 import os
 import wave
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,20 @@ def _current_run(tracker: str) -> Any:
     return trackio.context_vars.current_run.get()
 
 
+def _media_trackers(trainer: Any) -> Iterator[tuple[str, Any, Any]]:
+    """The trackers this run reports media to: `("tensorboard", writer, None)` for the TensorBoard callback's
+    `SummaryWriter`, `(name, module, run)` for wandb and trackio (whose API mirrors wandb's) while a run is open."""
+    for callback in trainer.callback_handler.callbacks:
+        name = type(callback).__name__
+        if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
+            yield "tensorboard", callback.tb_writer, None
+        elif name in ("WandbCallback", "TrackioCallback"):
+            tracker = "wandb" if name == "WandbCallback" else "trackio"
+            run = _current_run(tracker)
+            if run is not None:
+                yield tracker, importlib.import_module(tracker), run
+
+
 def log_image_grid(trainer: Any, images: Sequence[Image.Image | Sequence[Image.Image]], key: str) -> str:
     """Save a grid of `images` (or of videos' frame strips) as `{output_dir}/{key}/step-{global_step}.png` and log it
     to tensorboard, wandb and trackio if the run reports there. Videos are also saved as `step-{global_step}.gif`
@@ -106,23 +120,17 @@ def log_image_grid(trainer: Any, images: Sequence[Image.Image | Sequence[Image.I
     if videos:
         gif = os.path.join(folder, f"step-{step:06d}.gif")
         frames = save_video_grid(videos, gif)
-    for callback in trainer.callback_handler.callbacks:
-        name = type(callback).__name__
-        if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
-            _log_to_tensorboard(callback.tb_writer, key, grid, frames, step)
-        elif name in ("WandbCallback", "TrackioCallback"):
-            tracker = "wandb" if name == "WandbCallback" else "trackio"
-            run = _current_run(tracker)
-            if run is None:
-                continue
-            module = importlib.import_module(tracker)
+    for tracker, handle, run in _media_trackers(trainer):
+        if tracker == "tensorboard":
+            _log_to_tensorboard(handle, key, grid, frames, step)
+        else:
             # trackio mirrors wandb's API (`log`, `Image`, `Video`). No `step=`: the callbacks log without one, so
             # wandb's own step counter can run ahead of global_step (with logging_steps=1, from the second evaluation
             # on), and wandb drops a row logged behind it. The grid carries "train/global_step" instead, as the
             # callbacks' rows do
-            row = {key: module.Image(grid), "train/global_step": step}
+            row = {key: handle.Image(grid), "train/global_step": step}
             if videos:  # from a file, both take a GIF as it is
-                row[f"{key}_video"] = module.Video(gif, format="gif")
+                row[f"{key}_video"] = handle.Video(gif, format="gif")
             run.log(row)
     return path
 
@@ -150,21 +158,15 @@ def log_audio(trainer: Any, audios: Sequence[tuple[np.ndarray, int]], key: str) 
     for i, (waveform, rate) in enumerate(audios):
         paths.append(os.path.join(folder, f"step-{step:06d}-{i:02d}.wav"))
         save_wav(waveform, rate, paths[-1])
-    for callback in trainer.callback_handler.callbacks:
-        name = type(callback).__name__
-        if name.endswith("TensorBoardCallback") and getattr(callback, "tb_writer", None) is not None:
+    for tracker, handle, run in _media_trackers(trainer):
+        if tracker == "tensorboard":
             for i, (waveform, rate) in enumerate(audios):
                 mono = torch.from_numpy(np.clip(np.asarray(waveform, dtype=np.float32), -1, 1)).reshape(
                     -1, waveform.shape[-1]
                 )
-                callback.tb_writer.add_audio(f"{key}/{i:02d}", mono.mean(dim=0, keepdim=True), step, sample_rate=rate)
-        elif name in ("WandbCallback", "TrackioCallback"):
-            tracker = "wandb" if name == "WandbCallback" else "trackio"
-            run = _current_run(tracker)
-            if run is None:
-                continue
-            module = importlib.import_module(tracker)
+                handle.add_audio(f"{key}/{i:02d}", mono.mean(dim=0, keepdim=True), step, sample_rate=rate)
+        else:
             # as `log_image_grid`: no `step=`, the row carries "train/global_step"
-            row = {f"{key}/{i:02d}": module.Audio(path) for i, path in enumerate(paths)}
+            row = {f"{key}/{i:02d}": handle.Audio(path) for i, path in enumerate(paths)}
             run.log({**row, "train/global_step": step})
     return paths
