@@ -128,7 +128,11 @@ def worker(config: dict, report: str) -> None:
     from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
 
     def brightness(prompts, images, **kwargs):
-        return [float(torch.as_tensor(list(image.getdata())).float().mean()) / 255 for image in images]
+        """Mean pixel value in [0, 1]; a video (Wan2.2: a list of frames) is the mean over its frames."""
+        samples = [sample if isinstance(sample, list) else [sample] for sample in images]
+        return [
+            float(torch.stack([torch.as_tensor(list(f.getdata())).float() for f in s]).mean()) / 255 for s in samples
+        ]
 
     pipeline = _build(config["family"])
     video = config["family"] == "wan22"
