@@ -8,6 +8,8 @@ would amplify float noise in near-zero gradients).
 """
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -244,3 +246,49 @@ def test_reduced_metrics_are_the_whole_batch_of_every_process(tmp_path):
     }
     assert reduced[0][0] == pytest.approx(expected, rel=1e-5)
     assert reduced[0][1] == pytest.approx({"timestep/05/clip_frac_high": 0.75, "only_here": 3.0, "reward": 0.25})
+
+
+END_RUN = """
+import atexit
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from trl_guard.distributed import end_run, prepare_run_end
+
+prepare_run_end()  # as a script's first step
+torch.distributed.init_process_group("gloo", init_method="file://" + os.path.abspath("store"), rank=0, world_size=1)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # keeps gloo's worker threads alive
+model(torch.ones(1, 2)).sum().backward()
+atexit.register(lambda: open("handler_ran", "w").close())  # as a tracker registers its own finish at its start
+
+
+class Teardown:
+    def __del__(self, write=os.write):  # runs when the interpreter tears the module down (its globals may be gone)
+        write(1, b" torn down")
+
+
+marker = Teardown()
+print("trained", end="")  # unflushed: end_run's exit must not lose it
+end_run(Accelerator(cpu=True))
+"""
+
+
+def test_end_run_under_gloo_runs_the_exit_handlers_then_skips_the_teardown(tmp_path):
+    """`end_run` after a gloo run: the process group is gone, exit handlers registered during the run still run and
+    buffered output is flushed, and the interpreter's teardown (where a gloo worker thread releasing a collective's
+    tensors can abort the process) never starts; the exit status is 0."""
+    (tmp_path / "end_run.py").write_text(END_RUN)
+    result = subprocess.run(
+        [sys.executable, "end_run.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "trained"  # flushed, and no teardown
+    assert (tmp_path / "handler_ran").exists()

@@ -35,6 +35,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..checkpoints import resolve_resume
 from ..config import GuardConfig, check_field_types, document_fields
+from ..distributed import end_run, prepare_run_end
 
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -476,6 +477,7 @@ def parse_arguments(argv: list[str]) -> tuple[GuardScriptArguments, GuardConfig,
 def main(argv: list[str] | None = None):
     """Parse, check, train, save; returns the trainer."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    prepare_run_end()
     script_args, training_args, model_args = parse_arguments(argv)
     evaluates = training_args.eval_strategy != "no"
     # Refused here, before the model loads: a fresh run over checkpoints, or a checkpoint that is not there.
@@ -520,12 +522,8 @@ def main(argv: list[str] | None = None):
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
-    # Tear torch.distributed down before the interpreter exits: otherwise a gloo worker thread may still be releasing
-    # its last collective's tensors (which takes the GIL) while Python finalizes, and the process aborts with
-    # "terminate called without an active exception" after a finished run (seen about once in 40 two-process CPU
-    # runs). destroy_process_group joins those threads first. A no-op in one process.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    # Under gloo the process ends right after its exit handlers, before the interpreter's teardown: see end_run.
+    end_run(trainer.accelerator)
     return trainer
 
 
