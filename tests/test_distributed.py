@@ -273,22 +273,29 @@ class Teardown:
 marker = Teardown()
 print("trained", end="")  # unflushed: end_run's exit must not lose it
 end_run(Accelerator(cpu=True))
+if sys.argv[1:] == ["raise"]:
+    raise RuntimeError("after the run")
 """
 
 
 def test_end_run_under_gloo_runs_the_exit_handlers_then_skips_the_teardown(tmp_path):
     """`end_run` after a gloo run: the process group is gone, exit handlers registered during the run still run and
     buffered output is flushed, and the interpreter's teardown (where a gloo worker thread releasing a collective's
-    tensors can abort the process) never starts; the exit status is 0."""
+    tensors can abort the process) never starts; the exit status is 0, or 1 when the script raises after end_run."""
     (tmp_path / "end_run.py").write_text(END_RUN)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "end_run.py"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "trained"  # flushed, and no teardown
     assert (tmp_path / "handler_ran").exists()
+    # an uncaught exception after end_run keeps a failure's status
+    (tmp_path / "store").unlink(missing_ok=True)
+    failed = subprocess.run([sys.executable, "end_run.py", "raise"], cwd=tmp_path, capture_output=True, env=env)
+    assert failed.returncode == 1 and b"after the run" in failed.stderr

@@ -186,7 +186,8 @@ def _exit_skipping_teardown() -> None:
     logging.shutdown()  # registered before this handler, so it would run after it: run it here
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(0)
+    # An uncaught exception after `end_run` was printed, and recorded in sys.last_value: keep the failure's status.
+    os._exit(1 if getattr(sys, "last_value", None) is not None else 0)
 
 
 def prepare_run_end() -> None:
