@@ -1,4 +1,4 @@
-"""Flow-DPPO, DGPO and online Diffusion-DPO against Flow-GRPO, GRPO-Guard, DiffusionNFT and AWM on the toy world:
+"""Flow-DPPO, DGPO, online Diffusion-DPO and GARDO against Flow-GRPO, GRPO-Guard, DiffusionNFT and AWM on the toy world:
 proxy gained per CPU-second, and gold at matched proxy (issue 29 item 6).
 
     python benchmarks/bench_algorithms.py smoke [methods]   # 2 steps of each method into /tmp: it runs; s per step
@@ -12,8 +12,8 @@ Everything below was declared before any run.
 
 **Setting**: `benchmarks/bench_forward.py`'s, so that its comparison is ours: the over-optimisation study's toy world
 (`benchmarks/overoptimization.py`), colour proxy, 8 prompts x 8 samples per round, two optimizer steps per round (32
-samples, four whole groups, per micro-batch), 10 sampling steps, LoRA r=16, no reference penalty (`beta=0`), evaluated
-every 5 steps on 64 held-out captions. The comparison: Flow-GRPO and GRPO-Guard are the SDE-window benchmark's
+samples, four whole groups, per micro-batch), 10 sampling steps, LoRA r=16, no reference penalty (`beta=0`; GARDO
+aside), evaluated every 5 steps on 64 held-out captions. The comparison: Flow-GRPO and GRPO-Guard are the SDE-window benchmark's
 full-trajectory runs (`docs/results/window.json`, seeds 0-2, 3e-3 each), DiffusionNFT and AWM `bench_forward.py`'s
 (`docs/results/forward.json`, seeds 1-3, 1e-2 and 3e-3); all of them are read over their first 20 steps.
 
@@ -51,12 +51,18 @@ process (`cost`: Flow-GRPO, NFT, AWM and the new ones, 2 repeats, 6 steps each, 
 off; GRPO-Guard costs what Flow-GRPO costs), so that the ratios are measured under the same load. Proxy gained per
 CPU-second is (proxy at step 20 - proxy at step 0) / (20 x seconds per step).
 
-**GARDO** (`gardo`, `gardo_nft`) is not in this comparison. When this was declared it was registered and its tests
-passed, but it was not committed (another session's work in progress), and this setting would need choices of its
-own: its gated KL is the point of it and needs `beta > 0` and auxiliary rewards, which the toy world does not have
-(its gold scores must stay unseen by training), and its diversity advantage needs an image feature model (DINOv3
-officially). It joins with one line in `METHODS` (its fields), then `sweep`, `run` and `cost` again: finished runs
-are skipped, timings already measured kept.
+**GARDO** (`gardo`, on Flow-GRPO's loss), declared in session 11 before its runs, after the others had finished (it
+was not committed when the rest was declared). Rollouts, clip range and trained steps are the comparison Flow-GRPO
+runs'; what GARDO changes is what differs: its advantages (`R - mean_group(R)`, no division by a standard deviation),
+its uncertainty-gated KL with the official weight `beta=0.04` to its adaptive reference (refreshed at a round's start
+when a step's KL exceeded the official 3e-4, or after 15 rounds), the gate starting at the official fraction 0.1.
+Choices the toy world forces: the gate needs an auxiliary reward that training may see and the gold must stay unseen,
+so the auxiliary reward is the built-in `jpeg_compressibility` (weight 0 in the reward total, so the logged proxy is
+the colour proxy alone; GARDO leaves auxiliary rewards out of the trained reward anyway), where the official runs use
+aesthetic and ImageReward scores; the diversity-aware advantage is off (`gardo_diversity=False`): it needs an image
+feature model (DINOv3 ViT-L/16 officially), and the toy world has none. `gardo_nft` is not compared: NFT's own runs
+here are the baseline it would change, and its KL needs the same auxiliary-reward choice. Its rates are the same
+sweep (1e-3, 3e-3, 1e-2 on seed 0), then seeds 1-3 at the best.
 
 Each finished run is appended to its results file at once (`docs/results/algorithms_sweep.json`,
 `docs/results/algorithms.json`) and runs already there are skipped; `cost` writes each timing as it is taken
@@ -85,7 +91,7 @@ RUN_FILE = os.path.join(RESULTS, "algorithms.json")
 COST_FILE = os.path.join(RESULTS, "algorithms_cost.json")
 
 #: The methods compared, each with its `GuardConfig` fields beyond the toy setting's (`overoptimization.toy_trainer`);
-#: `beta` is 0 for every one. GARDO joins with one line here, e.g. `"gardo": dict(loss_type="gardo", ...)`.
+#: `beta` is 0 for every one but GARDO, whose gated KL is the point of it.
 METHODS: dict[str, dict] = {
     "flow_dppo": dict(loss_type="flow_dppo", dppo_kl_threshold=1e-5, dppo_kl_normalize=True),
     "dgpo": dict(
@@ -102,6 +108,13 @@ METHODS: dict[str, dict] = {
         dgpo_lagged_sampling_after=200,
     ),
     "dpo": dict(loss_type="dpo", dpo_beta=100.0, dpo_ref_update_steps=2),
+    "gardo": dict(
+        loss_type="gardo",
+        beta=0.04,
+        gardo_aux_rewards=["jpeg_compressibility"],
+        reward_weights=[1.0, 0.0],
+        gardo_diversity=False,
+    ),
 }
 #: The comparison's methods, read from the other benchmarks' results files.
 BASELINES = ("flow_grpo", "grpo_guard", "nft", "awm")
@@ -110,7 +123,7 @@ SWEEP_STEPS, STEPS, SEEDS, EVAL_STEPS = 20, 20, 3, 5
 
 # The study's trainer names a method's loss type and penalty in its own table; ours go there too.
 for _name, _fields in METHODS.items():
-    study.METHODS.setdefault(_name, dict(loss_type=_fields["loss_type"], beta=0.0))
+    study.METHODS.setdefault(_name, dict(loss_type=_fields["loss_type"], beta=_fields.get("beta", 0.0)))
 
 
 def overrides(method: str) -> dict:

@@ -114,6 +114,7 @@ def toy_trainer(
 
     from trl_guard import GuardConfig, GuardGRPODiffusionTrainer
     from trl_guard.callbacks import GuardProgressCallback
+    from trl_guard.scoring import resolve_reward_funcs
     from trl_guard.toy import caption_fidelity, cleanliness, colour_proxy
     from trl_guard.toy.model import load_toy_pipeline
     from trl_guard.toy.train import MAX_SEQUENCE_LENGTH
@@ -152,9 +153,12 @@ def toy_trainer(
         seed=seed,
     )
     args = GuardConfig(**{**fields, **overrides})
+    # GARDO's gate compares the proxy's ranks with auxiliary rewards' (`gardo_aux_rewards`, built-in names): they are
+    # trained-on rewards of their own, never the gold scores, which training must not see.
+    auxiliary = resolve_reward_funcs(args.gardo_aux_rewards or [], field="gardo_aux_rewards")
     trainer = GuardGRPODiffusionTrainer(
         model=load_toy_pipeline(),
-        reward_funcs=[reward or colour_proxy],
+        reward_funcs=[reward or colour_proxy, *auxiliary],
         args=args,
         train_dataset=Dataset.from_dict({"prompt": train_captions}),
         eval_dataset=Dataset.from_dict({"prompt": eval_captions}),
