@@ -52,7 +52,7 @@ def configurations() -> dict[str, dict]:
     """Every configuration, by name: family, processes, LoRA or full, image side, offload, checkpointing, KL."""
     configs = {}
 
-    def add(family, world, tuning, size, offload=False, checkpointing=False, beta=0.0):
+    def add(family, world, tuning, size, offload=False, checkpointing=False, beta=0.0, layers=None):
         name = f"{family}-{world}p-{tuning}-{size}px"
         name += "-offload" * offload + "-ckpt" * checkpointing + "-kl" * (beta > 0)
         configs[name] = dict(
@@ -64,6 +64,8 @@ def configurations() -> dict[str, dict]:
             checkpointing=checkpointing,
             beta=beta,
         )
+        if layers is not None:  # away from the family's build (2 SD3 blocks): how memory grows per block
+            configs[name + f"-{layers}block"] = {**configs.pop(name), "layers": layers}
 
     for world in (1, 2):
         add("sd35l", world, "lora", 128)
@@ -81,6 +83,8 @@ def configurations() -> dict[str, dict]:
         add("wan22", world, "full", 64)
     add("sd35m", 2, "full", 128, offload=True)
     add("flux", 2, "lora", 128, offload=True)
+    # one SD3.5-Large block against two: the activations that grow with depth, apart from those that do not
+    add("sd35l", 1, "lora", 256, layers=1)
     return configs
 
 
@@ -101,14 +105,15 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def _build(family: str):
+def _build(family: str, layers: int | None = None):
     import torch
 
     from trl_guard.testing.real_width import build_real_width_flux_pipeline, build_real_width_sd3_pipeline
     from trl_guard.testing.wan22 import build_wan22_pipeline_at_real_width
 
     if family in ("sd35l", "sd35m"):
-        return build_real_width_sd3_pipeline(seed=0, variant="large" if family == "sd35l" else "medium", num_layers=2)
+        variant = "large" if family == "sd35l" else "medium"
+        return build_real_width_sd3_pipeline(seed=0, variant=variant, num_layers=layers or 2)
     if family == "flux":
         return build_real_width_flux_pipeline(seed=0, num_layers=1, num_single_layers=1)
     return build_wan22_pipeline_at_real_width(num_layers=1, seed=0, dtype=torch.bfloat16)
@@ -134,7 +139,7 @@ def worker(config: dict, report: str) -> None:
             float(torch.stack([torch.as_tensor(list(f.getdata())).float() for f in s]).mean()) / 255 for s in samples
         ]
 
-    pipeline = _build(config["family"])
+    pipeline = _build(config["family"], config.get("layers"))
     video = config["family"] == "wan22"
     samples = 4
     with tempfile.TemporaryDirectory() as output_dir:

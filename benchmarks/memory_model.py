@@ -14,7 +14,9 @@ numbers are read off the measurements (`fit`), each from a pair of runs that dif
 - bytes per weight: the resident size at the start of training, one process against two (the same family, LoRA);
 - bytes per trained parameter (gradient and AdamW's two moments, and what the step allocates on the way): the growth
   of full fine-tuning during training, less its activations, over its local trained parameters;
-- activation bytes per token per layer per sample: the growth of LoRA training at 256 px against 128 px.
+- activation bytes per token per sample, in two parts: per block (SD3.5-L's LoRA training at 256 px with two blocks
+  against one) and outside the blocks (embeddings, the output layer, the loss: the rest of the growth from 128 px to
+  256 px with two blocks). Without the one-block run, all of it is charged per block, which overstates a deep model.
 
 The GPU table applies them with bf16 in place of float32 (weights and activations at 2 bytes, float32 AdamW state)
 at the recipes' resolutions and per-GPU batches; it is arithmetic, not a measurement.
@@ -63,15 +65,18 @@ def fit(results: dict) -> dict:
             held = _rank_mean(measured[one], "local_params") - _rank_mean(measured[two], "local_params")
             slopes.append(drop / held)
     model["weight_bytes"] = _mean(slopes) if slopes else 4.0
-    # activations per token per layer per sample (float32 on CPU), per unit of width
-    one, two = "sd35l-1p-lora-128px", "sd35l-1p-lora-256px"
-    if one in measured and two in measured:
-        grow = [_rank_mean(measured[n], "peak_kib") - _rank_mean(measured[n], "start_kib") for n in (one, two)]
-        config = measured[one]
-        per = (grow[1] - grow[0]) / ((tokens(measured[two]) - tokens(config)) * SAMPLES * LAYERS["sd35l"])
-        model["activation_bytes_per_width"] = max(per, 0.0) / WIDTH["sd35l"]
-    else:
-        model["activation_bytes_per_width"] = 0.0
+    # activations per token per sample (float32 on CPU), per unit of width: per block, and outside the blocks
+    small, large, shallow = "sd35l-1p-lora-128px", "sd35l-1p-lora-256px", "sd35l-1p-lora-256px-1block"
+    model["activation_bytes_per_width"] = model["outside_bytes_per_width"] = 0.0
+    if small in measured and large in measured:
+        grow = {n: _rank_mean(measured[n], "peak_kib") - _rank_mean(measured[n], "start_kib") for n in measured}
+        per_token = (grow[large] - grow[small]) / ((tokens(measured[large]) - tokens(measured[small])) * SAMPLES)
+        per_block = per_token / LAYERS["sd35l"]
+        if shallow in measured:
+            per_block = (grow[large] - grow[shallow]) / (tokens(measured[large]) * SAMPLES)
+        outside = max(per_token - LAYERS["sd35l"] * per_block, 0.0)
+        model["activation_bytes_per_width"] = max(per_block, 0.0) / WIDTH["sd35l"]
+        model["outside_bytes_per_width"] = outside / WIDTH["sd35l"]
     # what FSDP2's gathers hold at the peak, in blocks of the largest kind (two-process LoRA runs)
     blocks = []
     for family in ("sd35l", "flux"):
@@ -95,11 +100,22 @@ def fit(results: dict) -> dict:
     return model
 
 
+def activation_bytes_per_token(model: dict, layers: int, width: int, checkpointing: bool, value_bytes: int) -> float:
+    """Activation bytes per token per sample of a `layers`-block model of `width`, in the measured float32 (halve for
+    bf16). Checkpointing keeps each block's input (`width` values) and one block's activations at a time (while it is
+    recomputed), not every block's."""
+    per_block = model["activation_bytes_per_width"] * width
+    blocks = layers * width * value_bytes + per_block if checkpointing else layers * per_block
+    return blocks + model["outside_bytes_per_width"] * width
+
+
 def activations(model: dict, config: dict) -> float:
     per_process = SAMPLES / config["world"]
-    scale = 0.35 if config.get("checkpointing") else 1.0  # refitted below when checkpointed runs exist
-    per_token_layer = model["activation_bytes_per_width"] * WIDTH[config["family"]]
-    return scale * per_token_layer * tokens(config) * LAYERS[config["family"]] * per_process
+    layers = config.get("layers", LAYERS[config["family"]])
+    per_token = activation_bytes_per_token(
+        model, layers, WIDTH[config["family"]], config.get("checkpointing", False), value_bytes=4
+    )
+    return per_token * tokens(config) * per_process
 
 
 def gathered(model: dict, config: dict) -> float:
@@ -120,8 +136,10 @@ def check_model(results: dict) -> dict:
     print()
     print(
         f"model: {model['weight_bytes']:.2f} bytes per weight (float32 on CPU), {model['state_bytes']:.1f} bytes per "
-        f"trained parameter (AdamW; {', '.join(f'{b:.1f}' for b in model['state_bytes_runs'])} in 1 / 2 processes), {model['activation_bytes_per_width'] * 2432 / 1024:.1f} KiB of activations per "
-        f"token per layer per sample at SD3.5-L's width 2432 (float32); at the peak FSDP2 holds "
+        f"trained parameter (AdamW; {', '.join(f'{b:.1f}' for b in model['state_bytes_runs'])} in 1 / 2 processes), "
+        f"{model['activation_bytes_per_width'] * 2432 / 1024:.1f} KiB of activations per token per block per sample "
+        f"and {model['outside_bytes_per_width'] * 2432 / 1024:.1f} KiB outside the blocks at SD3.5-L's width 2432 "
+        "(float32); at the peak FSDP2 holds "
         f"{model['gathered_blocks']:.1f} gathered blocks over gloo on CPU"
     )
     print("| configuration | measured peak (MiB, mean per process) | predicted | error |")
@@ -155,8 +173,8 @@ def gpu_gib(model: dict, spec: dict, gpus: int, full: bool, checkpointing: bool)
     weights = params * (4 + model["state_bytes"] if full else 2) / gpus
     text = spec["text"] * 1e9 * 2
     gathered = 2 * 2 * params * spec.get("active", 1.0) / spec["layers"] if gpus > 1 else 0.0
-    per_token_layer = model["activation_bytes_per_width"] * spec["width"] / 2
-    acts = per_token_layer * spec["tokens"] * spec["layers"] * spec["batch"] * (0.35 if checkpointing else 1.0)
+    per_token = activation_bytes_per_token(model, spec["layers"], spec["width"], checkpointing, value_bytes=4) / 2
+    acts = per_token * spec["tokens"] * spec["batch"]
     return (weights + text + gathered + acts) / 2**30
 
 
