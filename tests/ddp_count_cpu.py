@@ -2,11 +2,11 @@
 library.
 
 Every DDP model gets one gradient bucket (so one all-reduce per synchronising backward) and a communication hook that
-counts its calls before all-reducing as DDP's default hook does; at exit each rank writes its count to
-`$ALLREDUCE_COUNT.<rank>`.
+counts its calls before all-reducing as DDP's default hook does; each rank rewrites its count to
+`$ALLREDUCE_COUNT.<rank>` at every call (not at exit: under gloo `end_run` ends the process after the exit handlers
+registered later than the script's `prepare_run_end`, and a harness's import comes earlier).
 """
 
-import atexit
 import os
 import runpy
 
@@ -24,6 +24,7 @@ def _init_counting(self, *args, **kwargs):
 
     def counting_allreduce(process_group, bucket):
         _calls.append(bucket.index())
+        _write_count()
         return default_hooks.allreduce_hook(process_group, bucket)
 
     self.register_comm_hook(dist.group.WORLD, counting_allreduce)
@@ -37,7 +38,6 @@ def _write_count():
 
 
 DistributedDataParallel.__init__ = _init_counting
-atexit.register(_write_count)
 
 if __name__ == "__main__":
     runpy.run_module("trl_guard.scripts.grpo", run_name="__main__", alter_sys=True)

@@ -201,9 +201,9 @@ def test_full_fine_tuning_matches_one_process_and_saves_both_experts(recipe, wan
 
 def _record_routing() -> None:
     """In each launched process: log every `Wan22Experts` forward (its rows per expert, the experts it called, whether
-    gradients were on) and every parameter's shard sizes, to `$WAN22_REPORT.{routing,shards}.<rank>.json`."""
-    import atexit
-
+    gradients were on) and every parameter's shard sizes, to `$WAN22_REPORT.{routing,shards}.<rank>.json`. The
+    routing log is rewritten at every call, not at exit: `end_run` skips exit handlers registered before the script's
+    `prepare_run_end`."""
     import fsdp2_cpu  # noqa: F401  (switches accelerate to FSDP on CPU processes)
 
     from trl_guard.adapters.wan22 import Wan22Experts
@@ -216,10 +216,10 @@ def _record_routing() -> None:
     def recording(self, counts, device):
         called = called_experts(self, counts, device)
         log.append({"rows": dict(counts), "called": called, "grad": torch.is_grad_enabled()})
+        Path(f"{report}.routing.{rank}.json").write_text(json.dumps(log))
         return called
 
     Wan22Experts.called_experts = recording
-    atexit.register(lambda: Path(f"{report}.routing.{rank}.json").write_text(json.dumps(log)))
 
 
 if __name__ == "__main__":

@@ -212,6 +212,9 @@ def end_run(accelerator: Any) -> None:
     an active exception" after a run that finished and saved: about once in 40 two-process CPU runs, more under load.
     No barrier can wait for that release. Exit handlers run before finalization begins, while workers may still take
     the GIL, so ending the process in the last of them leaves no window. NCCL runs (GPUs) are left to end normally.
+
+    The price: exit handlers registered before `prepare_run_end` (they would run after its handler) are skipped under
+    gloo. Register them after it, or write what they would write as you go.
     """
     gloo = (
         torch.distributed.is_available()
