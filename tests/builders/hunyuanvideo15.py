@@ -1,6 +1,6 @@
-"""HunyuanVideo 1.5 text-to-video pipelines built from configs, for tests (no download): a tiny one, and one at the
-published 480p checkpoint's real widths with its layers cut (`HUNYUANVIDEO15_480P_T2V` records where each value comes
-from)."""
+"""HunyuanVideo 1.5 text-to-video and image-to-video pipelines built from configs, for tests (no download): tiny ones,
+and ones at the published 480p checkpoints' real widths with their layers cut (`HUNYUANVIDEO15_480P_T2V` and
+`HUNYUANVIDEO15_480P_I2V` record where each value comes from)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,55 @@ HUNYUANVIDEO15_480P_T2V = Family(
     ),
 )
 
+#: The checkpoint `examples/recipes/hunyuanvideo15_i2v_guard.yaml` trains (HunyuanVideo15ImageToVideoPipeline's example).
+HUNYUANVIDEO15_I2V_REPO = "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v"
+
+#: The image-to-video transformer: text-to-video's but `task_type` (the class default, "i2v"), which no forward reads.
+HUNYUANVIDEO15_I2V_TRANSFORMER = Published(
+    f"{HUNYUANVIDEO15_I2V_REPO} transformer/config.json",
+    {**HUNYUANVIDEO15_TRANSFORMER.values, "task_type": "i2v"},
+    note=f"From {_CONVERSION_SCRIPT} TRANSFORMER_CONFIGS['480p_i2v'], the same table as '480p_t2v' but `task_type`.",
+)
+
+#: SigLIP so400m/14 at 384 px: 27 layers of 1152 (16 heads), 729 = 27 x 27 patch tokens, the pipeline's
+#: `vision_num_semantic_tokens` and the transformer's `image_embed_dim`.
+SIGLIP_SO400M_VISION = Published(
+    f"{HUNYUANVIDEO15_I2V_REPO} image_encoder/config.json (= black-forest-labs/FLUX.1-Redux-dev image_encoder/, "
+    "google/siglip-so400m-patch14-384's vision tower)",
+    dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=384,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    ),
+    note=f"{_CONVERSION_SCRIPT} `load_siglip` loads SiglipVisionModel and SiglipImageProcessor from "
+    "black-forest-labs/FLUX.1-Redux-dev (subfolders image_encoder and feature_extractor). The values are "
+    "google/siglip-so400m-patch14-384's vision config as several repositories in the index quote it (not read from "
+    "the Hub here). Its processor resizes to 384 x 384 and normalises with mean and std 0.5.",
+)
+
+#: The image-to-video scheduler shift and CFG scale at 480p: text-to-video's (720p i2v shifts by 7.0).
+HUNYUANVIDEO15_I2V_PIPELINE = Published(
+    f"{HUNYUANVIDEO15_I2V_REPO} scheduler/scheduler_config.json and guider/guider_config.json",
+    dict(shift=5.0, guidance_scale=6.0),
+    note=f"{_CONVERSION_SCRIPT} SCHEDULER_CONFIGS and GUIDANCE_CONFIGS['480p_i2v'].",
+)
+
+#: HunyuanVideo 1.5 480p image-to-video's published configs, by component (`image_encoder`: SigLIP's vision tower).
+HUNYUANVIDEO15_480P_I2V = Family(
+    "HunyuanVideo-1.5-480p_i2v",
+    dict(
+        HUNYUANVIDEO15_480P_T2V.components,
+        transformer=HUNYUANVIDEO15_I2V_TRANSFORMER,
+        image_encoder=SIGLIP_SO400M_VISION,
+        pipeline=HUNYUANVIDEO15_I2V_PIPELINE,
+    ),
+)
+
 #: Text lengths of the tiny pipeline. `HunyuanVideo15Pipeline` sets them as plain attributes (1000 Qwen tokens, 256
 #: ByT5 tokens, 729 SigLIP tokens), not as config: the adapter reads them from the pipeline object, so tests shorten
 #: them there to keep the reference `pipe(...)` fast. A pipeline saved and loaded again has the published lengths.
@@ -170,15 +219,15 @@ def _qwen_text_encoder(tokenizer, **sizes):
     )
 
 
-def _assemble(shift: float, guidance_scale: float, **components):
-    """The `HunyuanVideo15Pipeline` of `components` (all in eval mode), its system message split into tokens and
-    its text lengths `TINY_TEXT_LENGTHS`."""
+def _assemble(shift: float, guidance_scale: float, pipeline_class: type | None = None, **components):
+    """The `HunyuanVideo15Pipeline` (or `pipeline_class`) of `components` (all in eval mode), its system message split
+    into tokens and its text lengths `TINY_TEXT_LENGTHS`."""
     from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
 
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
-    pipeline = HunyuanVideo15Pipeline(
+    pipeline = (pipeline_class or HunyuanVideo15Pipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
         **components,
@@ -267,17 +316,18 @@ def build_tiny_hunyuanvideo15_pipeline(seed: int = 0, guidance_scale: float = 1.
     )
 
 
-def build_real_width_hunyuanvideo15_transformer(seed: int = 0, num_layers: int = 1):
-    """The transformer of `build_real_width_hunyuanvideo15_pipeline(seed, num_layers)`, alone."""
+def build_real_width_hunyuanvideo15_transformer(seed: int = 0, num_layers: int = 1, family: Family | None = None):
+    """The transformer of `build_real_width_hunyuanvideo15_pipeline(seed, num_layers)` (of `family`'s config,
+    text-to-video's by default), alone."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    spec = HUNYUANVIDEO15_480P_T2V["transformer"].values
+    spec = (family or HUNYUANVIDEO15_480P_T2V)["transformer"].values
     torch.manual_seed(seed)
     transformer = HunyuanVideo15Transformer3DModel(**{**spec, "num_layers": num_layers, "num_refiner_layers": 1})
     return transformer.eval()
 
 
-def build_real_width_hunyuanvideo15_pipeline(seed: int = 0, num_layers: int = 1):
+def build_real_width_hunyuanvideo15_pipeline(seed: int = 0, num_layers: int = 1, image_to_video: bool = False):
     """HunyuanVideo 1.5 480p text-to-video at the real widths of `HUNYUANVIDEO15_480P_T2V`, with `num_layers`
     dual-stream blocks and one token-refiner block (of 2): about 0.3 G transformer parameters with one block.
 
@@ -290,12 +340,15 @@ def build_real_width_hunyuanvideo15_pipeline(seed: int = 0, num_layers: int = 1)
     shift (5.0) and the guider's scale (6.0) are the checkpoint's. Weights are random and seeded, in float32 but the
     Qwen text model's (bfloat16, filled by `fill_random`); the transformer is drawn from `seed`, the rest from
     `seed + 1`.
-    """
-    from diffusers import AutoencoderKLHunyuanVideo15
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-    real = HUNYUANVIDEO15_480P_T2V
-    transformer = build_real_width_hunyuanvideo15_transformer(seed, num_layers)
+    `image_to_video=True`: `HunyuanVideo15ImageToVideoPipeline` of `HUNYUANVIDEO15_480P_I2V`, with a 1-layer
+    SigLIP-so400m-wide vision tower at its 384 px (729 tokens of 1152) and its processor.
+    """
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15ImageToVideoPipeline
+    from transformers import ByT5Tokenizer, SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel
+
+    real = HUNYUANVIDEO15_480P_I2V if image_to_video else HUNYUANVIDEO15_480P_T2V
+    transformer = build_real_width_hunyuanvideo15_transformer(seed, num_layers, real)
     torch.manual_seed(seed + 1)
     tokenizer = _qwen_tokenizer()
     text = {k: v for k, v in real["text_encoder"].values.items() if k not in ("vocab_size", "rope_theta")}
@@ -318,13 +371,67 @@ def build_real_width_hunyuanvideo15_pipeline(seed: int = 0, num_layers: int = 1)
     text_encoder_2 = T5EncoderModel(T5Config(**byt5, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     vae_spec = real["vae"].values
     vae = AutoencoderKLHunyuanVideo15(**{**vae_spec, "block_out_channels": (8, 16, 32, 64, 64), "layers_per_block": 1})
+    images = {}
+    if image_to_video:
+        vision = {**real["image_encoder"].values, "num_hidden_layers": 1}
+        images = dict(
+            pipeline_class=HunyuanVideo15ImageToVideoPipeline,
+            image_encoder=SiglipVisionModel(SiglipVisionConfig(**vision)),
+            feature_extractor=siglip_image_processor(vision["image_size"]),
+        )
     return _assemble(
         real["pipeline"]["shift"],
         real["pipeline"]["guidance_scale"],
+        **images,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
         vae=vae,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
+    )
+
+
+def siglip_image_processor(size: int):
+    """SigLIP's preprocessing (resized to `size` x `size`, mean and std 0.5) at `size` pixels."""
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(size={"height": size, "width": size})
+
+
+#: The tiny SigLIP vision tower's width (the tiny transformer's `image_embed_dim`) and input size: 16 tokens of 16.
+_TINY_SIGLIP_WIDTH = 16
+_TINY_SIGLIP_SIZE = 32
+
+
+def build_tiny_hunyuanvideo15_i2v_pipeline(seed: int = 0, guidance_scale: float = 1.0):
+    """A HunyuanVideo 1.5 image-to-video pipeline: `build_tiny_hunyuanvideo15_pipeline(seed, guidance_scale)`'s text
+    encoders, VAE and scheduler, the same transformer configured for image-to-video (`task_type="i2v"`, drawn from
+    `seed`) and a 2-layer SigLIP vision tower at 32 px (16 tokens of the transformer's `image_embed_dim`, 16) with its
+    processor. Its `target_size` (32) makes the pipeline's own size 32 x 32 for square first frames."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    components = build_tiny_hunyuanvideo15_pipeline(seed, guidance_scale).components
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel.from_config(components["transformer"].config, task_type="i2v")
+    assert transformer.config.image_embed_dim == _TINY_SIGLIP_WIDTH
+    image_encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=_TINY_SIGLIP_WIDTH,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=_TINY_SIGLIP_SIZE,
+            patch_size=8,
+        )
+    )
+    return _assemble(
+        components["scheduler"].config.shift,
+        guidance_scale,
+        pipeline_class=HunyuanVideo15ImageToVideoPipeline,
+        **{k: v for k, v in components.items() if k not in ("scheduler", "guider", "transformer")},
+        transformer=transformer,
+        image_encoder=image_encoder,
+        feature_extractor=siglip_image_processor(_TINY_SIGLIP_SIZE),
     )

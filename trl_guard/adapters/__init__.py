@@ -20,6 +20,7 @@ with quiet_known_noise("torchvision_fallback"):
     from .flux2 import Flux2Adapter, Flux2KleinAdapter
     from .flux_kontext import FluxKontextAdapter
     from .hunyuanvideo15 import HunyuanVideo15Adapter
+    from .hunyuanvideo15_i2v import HunyuanVideo15I2VAdapter
     from .ltx2 import LTX2Adapter
     from .qwenimage import QwenImageAdapter
     from .qwenimage21 import QwenImage21Adapter
@@ -56,6 +57,7 @@ __all__ = [
     "FluxAdapter",
     "FluxKontextAdapter",
     "HunyuanVideo15Adapter",
+    "HunyuanVideo15I2VAdapter",
     "LTX2Adapter",
     "PipelineAdapter",
     "PromptEmbeddings",

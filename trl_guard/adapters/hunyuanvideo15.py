@@ -24,8 +24,8 @@ the standard diffusers file (`transformer.`-prefixed peft keys and the adapter's
 Text lengths (1000 Qwen tokens after the template's prefix, 256 ByT5 tokens) are the pipeline's own attributes, not
 `max_sequence_length`: HunyuanVideo15Pipeline takes no such argument.
 
-`HunyuanVideo15ImageToVideoPipeline` is not supported: its conditioning (the first frame's VAE latents, and SigLIP
-states of the image) needs a per-row image column and encoder, as wan_i2v.py does for Wan.
+`HunyuanVideo15ImageToVideoPipeline` is `hunyuanvideo15_i2v.py`: the same adapter, whose `_image_inputs` fill the
+condition channels and image states that text-to-video leaves zero.
 """
 
 from __future__ import annotations
@@ -157,11 +157,7 @@ class HunyuanVideo15Adapter(PipelineAdapter):
         text, mask = self._trim(tensors["encoder_hidden_states"], tensors["encoder_attention_mask"])
         text_2, mask_2 = self._trim(tensors["encoder_hidden_states_2"], tensors["encoder_attention_mask_2"])
         latents = latents.to(dtype)
-        # Text-to-video: zero condition latents and mask channels, and all-zero image states, which the transformer
-        # masks out whatever their number (one token instead of the pipeline's 729).
-        batch, channels, *grid = latents.shape
-        condition = latents.new_zeros(batch, channels + 1, *grid)
-        image_embeds = latents.new_zeros(batch, 1, denoiser.config.image_embed_dim)
+        condition, image_embeds = self._image_inputs(latents, conditioning, denoiser)
         # The pipeline casts the timestep to the denoiser's dtype: so do we, to sample as it does.
         timestep = (sigma * self.pipeline.scheduler.config.num_train_timesteps).to(dtype)
         return self.run_denoiser(
@@ -175,6 +171,16 @@ class HunyuanVideo15Adapter(PipelineAdapter):
             image_embeds=image_embeds,
             return_dict=False,
         )[0]
+
+    def _image_inputs(
+        self, latents: torch.Tensor, conditioning: PromptEmbeddings, denoiser: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The channels concatenated after the latents (condition latents, then the mask: `C + 1`) and the image
+        states, in the denoiser's dtype. Text-to-video: zero channels, and all-zero image states, which the
+        transformer masks out whatever their number (one token instead of the pipeline's 729)."""
+        batch, channels, *grid = latents.shape
+        condition = latents.new_zeros(batch, channels + 1, *grid)
+        return condition, latents.new_zeros(batch, 1, denoiser.config.image_embed_dim)
 
     def lora_load_code(self, repo: str) -> str:
         weight_name = self.lora_weight_names["transformer"]
