@@ -260,11 +260,12 @@ def analyse(plot_dir: str | None = None) -> str:
         f"After {STEPS} optimizer steps (mean over seeds, 95% bootstrap interval); proxy gained per CPU-second uses "
         "the one-process cost per step (`cost`) where measured, else the runs' own training seconds (marked *).",
         "",
-        "| method | seeds | rate | s per step | proxy | gold (caption fidelity) | proxy gained per CPU-second "
-        "| against Flow-GRPO |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | seeds | rate | s per step | proxy | gold (caption fidelity) | proxy gained per step "
+        "| against Flow-GRPO, per step | proxy gained per CPU-second | against Flow-GRPO, per CPU-second |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     gains: dict[str, list[float]] = {}
+    step_gains: dict[str, list[float]] = {}
     rows = []
     for method, group in sorted(by_method.items(), key=lambda item: _order(item[0])):
         group = [r for r in group if r["evals"][-1]["step"] >= STEPS]  # a run cut short is left out
@@ -276,16 +277,21 @@ def analyse(plot_dir: str | None = None) -> str:
             per_step, mark = [measured[method]] * len(group), ""
         else:
             per_step, mark = [at_step(r, STEPS, "train_seconds") / STEPS for r in group], "*"
-        gains[method] = [(p - r["evals"][0]["proxy"]) / (s * STEPS) for p, r, s in zip(proxy, group, per_step)]
+        step_gains[method] = [(p - r["evals"][0]["proxy"]) / STEPS for p, r in zip(proxy, group)]
+        gains[method] = [g / s for g, s in zip(step_gains[method], per_step)]
         rows.append((method, group, proxy, gold, per_step, mark))
-    reference = np.mean(gains["flow_grpo"]) if "flow_grpo" in gains else np.nan
+
+    def against(measure: dict[str, list[float]], method: str) -> str:
+        reference = np.mean(measure["flow_grpo"]) if "flow_grpo" in measure else np.nan
+        ratio = np.mean(measure[method]) / reference
+        return f"{ratio:.2f}x" if np.isfinite(ratio) and reference > 0 else "n/a"
+
     for method, group, proxy, gold, per_step, mark in rows:
-        ratio = np.mean(gains[method]) / reference
-        against = f"{ratio:.2f}x" if np.isfinite(ratio) and reference > 0 else "n/a"
         seeds = ",".join(str(r["seed"]) for r in group)
         lines.append(
             f"| {method} | {seeds} | {group[0]['learning_rate']:g} | {np.mean(per_step):.2f}{mark} | "
-            f"{fmt(bootstrap(proxy))} | {fmt(bootstrap(gold))} | {fmt(bootstrap(gains[method]), 5)} | {against} |"
+            f"{fmt(bootstrap(proxy))} | {fmt(bootstrap(gold))} | {fmt(bootstrap(step_gains[method]), 4)} | "
+            f"{against(step_gains, method)} | {fmt(bootstrap(gains[method]), 5)} | {against(gains, method)} |"
         )
     compared = {m: g for m, g in by_method.items() if m in gains}
     lines += matched_table(compared, "Gold at matched proxy, every method (runs that reach the level):")
