@@ -83,15 +83,19 @@ def test_analysis_reads_every_method_at_step_20_with_the_measured_cost(files, tm
     assert "- dgpo lr 0.003: 0.160 *" in text and "- dgpo lr 0.01: 0.130\n" in text
     table = text.split("Gold at matched proxy")[0]
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
-    # proxy 0.18 at step 20; gain 0.08 over 20 steps at 2 s (Flow-GRPO, GRPO-Guard) or 1 s (DGPO)
+    # proxy 0.18 at step 20; gain 0.08 over 20 steps, 0.004 a step, at 2 s (Flow-GRPO, GRPO-Guard) or 1 s (DGPO)
     assert rows["flow_grpo"] == (
         "| flow_grpo | 0,1,2 | 0.003 | 2.00 | 0.180 [0.180, 0.180] | 0.420 [0.420, 0.420] "
-        "| 0.00200 [0.00200, 0.00200] | 1.00x |"
+        "| 0.0040 [0.0040, 0.0040] | 1.00x | 0.00200 [0.00200, 0.00200] | 1.00x |"
     )
-    assert "| 2.00 |" in rows["grpo_guard"] and rows["grpo_guard"].endswith("| 1.00x |")
-    assert rows["dgpo"].startswith("| dgpo | 1,2,3 | 0.003 | 1.00 |") and rows["dgpo"].endswith("| 2.00x |")
+    assert "| 2.00 |" in rows["grpo_guard"] and rows["grpo_guard"].endswith(
+        "| 1.00x | 0.00200 [0.00200, 0.00200] | 1.00x |"
+    )
+    # the same gain per step, at half the cost per step
+    assert rows["dgpo"].startswith("| dgpo | 1,2,3 | 0.003 | 1.00 |")
+    assert rows["dgpo"].endswith("| 1.00x | 0.00400 [0.00400, 0.00400] | 2.00x |")
     # AWM has no measured cost here: its runs' own 4 s per step, marked
-    assert "| 4.00* |" in rows["awm"] and rows["awm"].endswith("| 0.50x |")
+    assert "| 4.00* |" in rows["awm"] and rows["awm"].endswith("| 1.00x | 0.00100 [0.00100, 0.00100] | 0.50x |")
     assert "| dpo |" not in text
     matched = [line for line in text.splitlines() if line.startswith("| dgpo | ") and "(3)" in line]
     assert matched and matched[0].count("(3)") == 4  # gold at four matched proxy levels, every run reaching each
