@@ -145,6 +145,34 @@ def test_families_with_a_cp_plan_pass_the_check(tmp_path):
         check_family({**classes, "transformer_2": "SD3Transformer2DModel"}, "WanPipeline", 2)
 
 
+def test_a_sequence_the_degree_does_not_divide_is_named_with_the_fields():
+    """diffusers' split asserts without naming a setting when a sequence is not a multiple of the degree: the adapter
+    turns that into an error naming the fields and the shapes; other assertion errors pass through unchanged."""
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+
+    from trl_guard.adapters import SamplingSettings, get_adapter
+    from trl_guard.testing import build_tiny_flux_pipeline
+
+    class ThreeProcesses:  # all the split reads of its mesh before its assertion
+        def size(self):
+            return 3
+
+    adapter = get_adapter(build_tiny_flux_pipeline())
+    adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: EquipartitionSharder.shard(kwargs["hidden_states"], 1, ThreeProcesses()),
+        with_kwargs=True,
+    )
+    latents = torch.randn(1, 64, 4)  # 64 latent tokens at 32 px: 3 does not divide them
+    sigma = torch.full((1,), 0.5)
+    adapter.configure(SamplingSettings(32, 32, max_sequence_length=16))  # no context parallelism: left as it is
+    with pytest.raises(AssertionError, match="divisible by mesh size"), torch.no_grad():
+        adapter.predict_velocity(latents, sigma, adapter.encode_prompts(["a cat"]), None)
+    adapter.configure(SamplingSettings(32, 32, max_sequence_length=16, sequence_multiple=3))
+    named = r"context_parallel_degree=3 .*'hidden_states': \(1, 64, 4\).*a height and width .* multiple of 3"
+    with pytest.raises(ValueError, match=named), torch.no_grad():
+        adapter.predict_velocity(latents, sigma, adapter.encode_prompts(["a cat"]), None)
+
+
 def test_generation_batch_counts_data_parallel_ranks(monkeypatch, tmp_path):
     """With 4 processes in groups of 2, a round samples for 2 data-parallel ranks, not 4."""
     from trl_guard import GuardConfig

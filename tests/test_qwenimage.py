@@ -100,6 +100,28 @@ def test_padding_is_exact_and_trimmed(tiny_qwenimage_pipeline):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("multiple", [3, 4])
+def test_context_parallel_keeps_the_trimmed_text_a_multiple_of_the_degree(multiple, tiny_qwenimage_pipeline):
+    """Under context parallelism diffusers splits Qwen-Image's text tokens in equal parts: the trimmed text stays a
+    multiple of the degree (padding columns, masked), and the velocity is the same as without."""
+    adapter = get_adapter(tiny_qwenimage_pipeline)
+    lengths = []
+    hook = adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
+    )
+    velocities = []
+    for sequence_multiple in (1, multiple):
+        adapter.configure(SamplingSettings(32, 32, max_sequence_length=64, sequence_multiple=sequence_multiple))
+        embeddings = adapter.encode_prompts(PROMPTS)
+        latents = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            velocities.append(adapter.predict_velocity(latents, torch.full((2,), 0.7), embeddings, None))
+    hook.remove()
+    assert lengths[0] % multiple != 0  # the trim alone would not divide
+    assert lengths[1] % multiple == 0 and lengths[1] - lengths[0] < multiple
+    torch.testing.assert_close(velocities[1], velocities[0], atol=1e-5, rtol=1e-5)
+
+
 def test_cached_prompts_of_different_lengths_concatenate(tiny_qwenimage_pipeline):
     """The prompt cache stores one row per prompt and concatenates them: every prompt has the same padded length."""
     from trl_guard.conditioning import PromptEncoder

@@ -165,6 +165,24 @@ def test_text_embeddings_are_the_pipelines_for_each_prompt_and_sources(tiny_edit
     assert not torch.equal(text[0], text[1])
 
 
+def test_context_parallel_keeps_the_text_a_multiple_of_the_degree(tiny_edit_pipeline):
+    """Under context parallelism diffusers splits the text tokens in equal parts: the rows are padded (masked) to a
+    multiple of the degree, and the velocity is the same as without."""
+    adapter = configured(tiny_edit_pipeline)
+    cond = conditioning(adapter, ["make it red", "add a small cat"], [[source_image(0)], [source_image(1)]])
+    longest = int(adapter._text_states(cond)[1].sum(dim=1).max())
+    multiple = next(m for m in (3, 4, 5) if longest % m)
+    latents = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = adapter.predict_velocity(latents, torch.full((2,), 0.7), cond, None)
+        adapter.configure(SamplingSettings(32, 32, max_sequence_length=32, sequence_multiple=multiple))
+        text, mask = adapter._text_states(cond)
+        split = adapter.predict_velocity(latents, torch.full((2,), 0.7), cond, None)
+    assert text.shape[1] % multiple == 0 and longest < text.shape[1] < longest + multiple
+    assert int(mask.sum(dim=1).max()) == longest
+    torch.testing.assert_close(split, plain, atol=1e-5, rtol=1e-5)
+
+
 def test_each_distinct_pair_is_encoded_once_and_rewards_see_the_sources(tiny_edit_pipeline, edits, tmp_path):
     """Over a training run with true CFG: one text encoding per distinct (instruction, source) of a round and one per
     source for the negative prompt, however many samples and denoiser calls use them; rewards get each sample's own

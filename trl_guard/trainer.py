@@ -213,6 +213,7 @@ class GuardGRPODiffusionTrainer(Trainer):
             guidance_scale_2=args.guidance_scale_2,
             max_sequence_length=args.max_sequence_length,
             num_frames=args.num_frames,
+            sequence_multiple=args.context_parallel_degree,
         )
         pipeline_class = preflight.pipeline_class_name(model)
         if pipeline_class is not None:  # before loading, for pipeline objects and local folders

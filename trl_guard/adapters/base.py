@@ -27,6 +27,8 @@ class SamplingSettings:
     `guidance_scale` is classifier-free guidance for families without a guidance embedding (SD3, Wan) and the
     guidance embedding's value for guidance-distilled ones (FLUX.1-dev); `true_cfg_scale` is real CFG for the latter.
     `num_frames` is the length of each sample for video families; image families take only 1.
+    `sequence_multiple` is the context-parallel degree: diffusers splits each sequence a forward attends over into
+    that many equal parts, so an adapter that trims a sequence per batch keeps its length a multiple of it.
     """
 
     height: int
@@ -37,6 +39,7 @@ class SamplingSettings:
     num_frames: int = 1
     #: The low-noise expert's CFG scale for two-expert families (Wan2.2); None means `guidance_scale`.
     guidance_scale_2: float | None = None
+    sequence_multiple: int = 1
 
 
 @dataclass
@@ -347,7 +350,21 @@ class PipelineAdapter:
         numbers of them."""
         if denoiser is self.denoiser and self.distributed_denoiser is not None and torch.is_grad_enabled():
             denoiser = self.distributed_denoiser
-        return denoiser(**kwargs)
+        try:
+            return denoiser(**kwargs)
+        except AssertionError as error:
+            # diffusers' context-parallel split asserts, naming neither the tensor nor a setting
+            multiple = self.settings.sequence_multiple if self.settings is not None else 1
+            if multiple == 1 or "divisible by mesh size" not in str(error):
+                raise
+            shapes = {name: tuple(value.shape) for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+            raise ValueError(
+                f"context_parallel_degree={multiple} splits every sequence {type(denoiser).__name__} attends over "
+                f"(its latent tokens, and the text tokens for FLUX.1, FLUX.2, Qwen-Image and LTX-2) into {multiple} "
+                f"equal parts, and a sequence of this forward is not a multiple of {multiple}: inputs {shapes}. Pick a "
+                f"height and width (and num_frames) whose latent token count is a multiple of {multiple}, and a "
+                f"max_sequence_length that is one, or set context_parallel_degree=1."
+            ) from error
 
     def predict_velocity(
         self,

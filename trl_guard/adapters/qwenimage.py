@@ -65,8 +65,11 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
         dtype = denoiser.dtype
         text_mask = conditioning.tensors["encoder_hidden_states_mask"]
         # Drop the padding columns that no row of this batch uses: the output is the same, the attention shorter.
+        # Under context parallelism the length stays a multiple of the degree, which splits the text tokens too.
         used_columns = text_mask.any(dim=0).nonzero()
         used = int(used_columns[-1]) + 1 if len(used_columns) else text_mask.shape[1]
+        multiple = self.settings.sequence_multiple
+        used = min(-(-used // multiple) * multiple, text_mask.shape[1])
         h, w = self._latent_hw
         # QwenImagePipeline hands the transformer t / 1000 with t = sigma * num_train_timesteps.
         timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps / 1000

@@ -161,6 +161,8 @@ class QwenImageEditAdapter(QwenImageAdapter):
         while len(self._text_cache) > max(self.text_cache_size, len(keys)):
             self._text_cache.popitem(last=False)
         length = max(len(row) for row in rows)
+        multiple = self.settings.sequence_multiple  # context parallelism splits the text tokens in equal parts
+        length = -(-length // multiple) * multiple
         text = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - len(row))) for row in rows])
         mask = torch.stack([(torch.arange(length, device=text.device) < len(row)).long() for row in rows])
         return text, mask
