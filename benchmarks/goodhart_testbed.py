@@ -319,7 +319,7 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
 
 
 def analyse_study(study: dict) -> str:
-    from analysis.overoptimization import by_method, claim4_verdict, fmt, gold_at_proxy, matched_levels
+    from analysis.overoptimization import by_method, claim4_verdict, fmt, gold_at_proxy, matched_levels, over_base
     from analysis.rise_and_fall import rise_and_fall
 
     seeded = {m: [r for r in group if r["seed"] in STUDY_SEEDS] for m, group in by_method(study).items()}
@@ -342,12 +342,18 @@ def analyse_study(study: dict) -> str:
         )  # fmt: skip
     pair = {m: seeded[m] for m in ("grpo_guard", "flow_grpo") if m in seeded and len(seeded[m]) > 1}
     if len(pair) == 2:
+        # matched past each seed's own base: the levels below are proxy gains over the seed's step 0
+        pair = {m: [over_base(r) for r in group] for m, group in pair.items()}
         levels = matched_levels(pair)
         at_level = {
             level: {m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in pair.items()}
             for level in levels
         }  # fmt: skip
-        lines += ["", claim4_verdict(pair, levels, at_level)]
+        lines += [
+            "",
+            "Claim 4 (proxy levels are gains over each seed's step-0 proxy):",
+            claim4_verdict(pair, levels, at_level),
+        ]
     return "\n".join(lines)
 
 

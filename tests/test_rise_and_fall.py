@@ -124,3 +124,25 @@ def test_the_plot_draws_every_run(tmp_path):
     runs = {"flow_grpo": [rising_then_falling(s) for s in range(2)], "grpo_guard": [rising_then_falling(5)]}
     path = plot_rise_and_fall(runs, str(tmp_path))
     assert path is not None and (tmp_path / "learned_proxy.png").stat().st_size > 10_000
+
+
+def test_the_goodhart_study_matches_proxy_past_each_seeds_own_base(monkeypatch):
+    """The testbed's seeds start from different held-out proxies. GRPO-Guard's gold is 0.01 an evaluation above
+    Flow-GRPO's at every proxy past the base: matched on gains over each seed's step 0, claim 4 holds. (Matched on
+    absolute levels past the mean base, the levels lay below the high seeds' own base, where both methods share step
+    0's gold: a difference of exactly 0.)"""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed
+
+    runs = []
+    for seed, base in zip(goodhart_testbed.STUDY_SEEDS, (0.40, 0.50, 0.42, 0.48)):
+        proxies = base + np.linspace(0.0, 0.1, 13)
+        golds = [e["gold"] for e in rising_then_falling(seed)["evals"]]
+        flow = run(golds, proxies, seed=seed)
+        guard = {**flow, "evals": [{**e, "gold": e["gold"] + 0.01 * i} for i, e in enumerate(flow["evals"])]}
+        runs += [{**flow, "method": "flow_grpo"}, {**guard, "method": "grpo_guard"}]
+    text = goodhart_testbed.analyse_study({"runs": runs})
+    assert "Claim 4 holds here" in text, text
+    assert "+0.000 [+0.000, +0.000]" not in text

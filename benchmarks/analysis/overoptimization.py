@@ -50,6 +50,17 @@ def by_method(study: dict) -> dict[str, list[dict]]:
     return runs
 
 
+def over_base(run: dict) -> dict:
+    """`run` with each evaluation's proxy replaced by its gain over the run's own step-0 proxy.
+
+    For matching where the base's proxy differs by seed (the Goodhart testbed evaluates each seed on its own noise:
+    0.41-0.50 at step 0): absolute levels past the seeds' mean base lie below some seeds' own base, where
+    `gold_at_proxy` returns step 0's gold, the same for both methods of a seed, and the paired difference is exactly 0.
+    Both methods of a seed share its base, so matching gains is matching proxy past that base."""
+    base = run["evals"][0]["proxy"]
+    return {**run, "evals": [{**e, "proxy": e["proxy"] - base} for e in run["evals"]]}
+
+
 def matched_levels(runs: dict[str, list[dict]], count: int = 6) -> list[float]:
     """Proxy levels between the base models' proxy and the level every method's median run reaches."""
     base = np.mean([r["evals"][0]["proxy"] for group in runs.values() for r in group])
