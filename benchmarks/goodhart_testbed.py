@@ -318,6 +318,27 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
             time.sleep(300)  # another shard is running the sweep this shard waits for
 
 
+def alarm_record(runs: list[dict], drop: float = 0.03) -> tuple[int, int, int]:
+    """The declared reading of the live alarm on one method's runs: (runs caught, runs whose gold fell, false alarms).
+
+    A run's gold fell when its end (smoothed over 3 evaluations, as the peak) is at least `drop` below its own smoothed
+    peak; the alarm caught it when it fired at or after that peak; it raised a false alarm when it fired in a run whose
+    gold did not fall so."""
+    from analysis.rise_and_fall import peak_index, window_mean
+
+    caught = fell = false = 0
+    for run in runs:
+        if "alarm" not in run:
+            continue
+        peak = peak_index([run])
+        falls = window_mean(run, peak, "gold", 1) - window_mean(run, len(run["evals"]) - 1, "gold", 1) >= drop
+        fired = run["alarm"]["first_stop"]
+        fell += falls
+        caught += falls and fired is not None and fired >= run["evals"][peak]["step"]
+        false += not falls and fired is not None
+    return caught, fell, false
+
+
 def analyse_study(study: dict) -> str:
     from analysis.overoptimization import by_method, claim4_verdict, fmt, gold_at_proxy, matched_levels, over_base
     from analysis.rise_and_fall import rise_and_fall
@@ -325,12 +346,14 @@ def analyse_study(study: dict) -> str:
     seeded = {m: [r for r in group if r["seed"] in STUDY_SEEDS] for m, group in by_method(study).items()}
     seeded = {m: group for m, group in seeded.items() if group}
     lines = [
-        "| method | rate | seeds | peak step | rise | fall | proxy gain after peak | alarm fired |",
-        "|---" * 8 + "|",
+        "| method | rate | seeds | peak step | rise | fall | proxy gain after peak | alarm fired | alarm: caught, false |",
+        "|---" * 9 + "|",
     ]
     for method, group in seeded.items():
         shape = rise_and_fall(group) if len(group) > 1 else None
         fired = [r["alarm"]["first_stop"] for r in group if "alarm" in r]
+        caught, fell, false = alarm_record(group)
+        record = f"{caught} of {fell} that fell, {false} false" if fired else "-"
         cells = (
             [str(shape.peak_step), fmt(shape.rise), fmt(shape.fall), fmt(shape.final_proxy_gain)]
             if shape
@@ -338,7 +361,7 @@ def analyse_study(study: dict) -> str:
         )
         lines.append(
             f"| {method} | {group[0]['learning_rate']:g} | {len(group)} | " + " | ".join(cells)
-            + f" | {', '.join('-' if f is None else str(f) for f in fired) or 'not watched'} |"
+            + f" | {', '.join('-' if f is None else str(f) for f in fired) or 'not watched'} | {record} |"
         )  # fmt: skip
     pair = {m: seeded[m] for m in ("grpo_guard", "flow_grpo") if m in seeded and len(seeded[m]) > 1}
     if len(pair) == 2:

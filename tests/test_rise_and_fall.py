@@ -146,3 +146,29 @@ def test_the_goodhart_study_matches_proxy_past_each_seeds_own_base(monkeypatch):
     text = goodhart_testbed.analyse_study({"runs": runs})
     assert "Claim 4 holds here" in text, text
     assert "+0.000 [+0.000, +0.000]" not in text
+
+
+def test_the_goodhart_alarm_record_counts_catches_misses_and_false_alarms(monkeypatch):
+    """A run whose gold falls 0.03 below its smoothed peak is caught when the alarm fires at or after the peak, missed
+    when it fires before it or never; firing in a run whose gold did not fall is a false alarm; unwatched runs are
+    left out."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from goodhart_testbed import alarm_record
+
+    falling = [0.45, 0.50, 0.55, 0.56, 0.55, 0.50, 0.45, 0.40]  # smoothed peak at step 15, end 0.425
+    flat = [0.45, 0.46, 0.45, 0.46, 0.45, 0.46, 0.45, 0.46]
+
+    def watched(golds, first_stop):
+        return {**run(golds), "alarm": {"first_stop": first_stop, "best_step": None}}
+
+    runs = [
+        watched(falling, 25),  # caught
+        watched(falling, 5),  # fired before the peak: missed
+        watched(falling, None),  # never fired: missed
+        watched(flat, 20),  # false alarm
+        watched(flat, None),
+        run(falling),  # not watched
+    ]
+    assert alarm_record(runs) == (1, 3, 1)
