@@ -1,6 +1,7 @@
 """Small shared builders for trainer tests."""
 
 import contextlib
+import json
 import os
 import subprocess
 import threading
@@ -157,3 +158,25 @@ def loopback_server(handler):
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def random_image(seed: int, width: int = 32, height: int = 32):
+    """A `height` x `width` RGB image of uniform noise drawn from `seed`: a first frame or an edit's source."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def write_first_frame_jsonl(folder, prompts: list[str]):
+    """Flow-Factory's image-to-video layout in `folder`: `train.jsonl`, one row per prompt with the path of its first
+    frame (`images/<i>.png`, `random_image(i)`) relative to the file. Returns the file's path."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "train.jsonl", "w") as f:
+        for i, prompt in enumerate(prompts):
+            random_image(i).save(folder / "images" / f"{i}.png")
+            f.write(json.dumps({"prompt": prompt, "image": f"images/{i}.png"}) + "\n")
+    return folder / "train.jsonl"

@@ -7,7 +7,6 @@ shipped recipe trains, FSDP2 wraps each block, and the real widths run."""
 
 import copy
 import inspect
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +21,7 @@ from builders.hunyuanvideo15 import (
 from conftest import blueness
 from datasets import Dataset
 from diffusers import ClassifierFreeGuidance, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, random_image, write_first_frame_jsonl
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -38,8 +37,7 @@ FRAMES = 5  # two latent frames: the VAE compresses time by 4
 I2V = dict(num_frames=FRAMES, peft_config=lora_config(target_modules=None))
 
 
-def first_frame(seed: int, width: int = 32, height: int = 32) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+first_frame = random_image
 
 
 def video_blueness(prompts, images, **kwargs):
@@ -265,19 +263,15 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(pipeline_dir, tmp_
     the sizes, the reward (PickScore on frames there) and the run length change."""
     from trl_guard.scripts.grpo import main as grpo_main
 
-    data = tmp_path / "sharegpt4o_image_mini"
-    (data / "images").mkdir(parents=True)
-    with open(data / "train.jsonl", "w") as f:
-        for i in range(4):
-            first_frame(i).save(data / "images" / f"{i}.png")
-            f.write(json.dumps({"prompt": f'a sign that reads "{i}"', "image": f"images/{i}.png"}) + "\n")
+    prompts = [f'a sign that reads "{i}"' for i in range(4)]
+    rows = write_first_frame_jsonl(tmp_path / "sharegpt4o_image_mini", prompts)
     trainer = grpo_main(
         [
             "--config", "examples/recipes/hunyuanvideo15_i2v_guard.yaml",
             "--model_name_or_path", pipeline_dir,
             "--model_init_kwargs", "{}",
-            "--dataset_name", str(data / "train.jsonl"),
-            "--eval_dataset_name", str(data / "train.jsonl"),
+            "--dataset_name", str(rows),
+            "--eval_dataset_name", str(rows),
             "--eval_strategy", "no",
             "--reward_funcs", "cli_rewards.video_blueness",
             "--output_dir", str(tmp_path / "out"),

@@ -10,7 +10,6 @@ cleans prompts itself as `WanPipeline` does. Where ftfy is missing, the pipeline
 stand-in (`_ftfy_for_the_pipeline`), which is what ftfy does to these ASCII prompts."""
 
 import copy
-import json
 import types
 from types import SimpleNamespace
 
@@ -28,7 +27,7 @@ from conftest import blueness
 from datasets import Dataset
 from diffusers import WanImageToVideoPipeline
 from diffusers.pipelines.wan import pipeline_wan_i2v
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, random_image, write_first_frame_jsonl
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -48,7 +47,7 @@ SAMPLE = dict(height=32, width=32, num_frames=FRAMES, num_inference_steps=4, max
 
 
 def first_frame(seed: int, size: int = 32) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return random_image(seed, size, size)
 
 
 def video_blueness(prompts, images, **kwargs):
@@ -312,19 +311,14 @@ def test_trains_from_the_command_line_with_the_shipped_recipe(recipe, name, pipe
     the sizes, the reward (PickScore on frames there) and the run length change."""
     from trl_guard.scripts.grpo import main as grpo_main
 
-    data = tmp_path / "sharegpt4o_image_mini"
-    (data / "images").mkdir(parents=True)
-    with open(data / "train.jsonl", "w") as f:
-        for i in range(4):
-            first_frame(i).save(data / "images" / f"{i}.png")
-            f.write(json.dumps({"prompt": f"a scene number {i}", "image": f"images/{i}.png"}) + "\n")
+    rows = write_first_frame_jsonl(tmp_path / "sharegpt4o_image_mini", [f"a scene number {i}" for i in range(4)])
     trainer = grpo_main(
         [
             "--config", recipe,
             "--model_name_or_path", pipeline_dirs[name],
             "--model_init_kwargs", "{}",
-            "--dataset_name", str(data / "train.jsonl"),
-            "--eval_dataset_name", str(data / "train.jsonl"),
+            "--dataset_name", str(rows),
+            "--eval_dataset_name", str(rows),
             "--eval_strategy", "no",
             "--reward_funcs", "cli_rewards.video_blueness",
             "--output_dir", str(tmp_path / "out"),
