@@ -60,6 +60,20 @@ The study, declared on 2026-12-06 after the calibration's first run (candidate a
   it records the step it would stop at without stopping, so that every curve stays whole. It catches a run whose
   gold fell at least 0.03 below its smoothed peak by the end when it fires at or after that peak; it raises a false
   alarm when it fires in a run whose gold did not fall so.
+
+The same-rate supplement, declared on 2026-12-07 after reading the study's Flow-GRPO and GRPO-Guard seeds (Flow-GRPO
+at 3e-3 fell with no rise before the fall; GRPO-Guard at 1e-3 neither fell nor moved the held-out proxy) and before
+any of its runs. A second look chosen after seeing data, so reported as such, beside the study's verdicts and not in
+their place:
+
+    OMP_NUM_THREADS=1 nohup python benchmarks/goodhart_testbed.py same-rate &
+    python benchmarks/goodhart_testbed.py analyse-same-rate
+
+- Runs: Flow-GRPO, seeds 1-4, at 1e-3 (the rate of the calibration run that passed the screen, and GRPO-Guard's
+  study rate), as the study runs it (alarm watching), into `docs/results/goodhart_same_rate.json`.
+- Read: the same shape test (`analysis.rise_and_fall`, both intervals above 0) on these 4 seeds; and claim 4 at one
+  rate, GRPO-Guard's study seeds (1e-3) against these, with the study's test (`claim4_verdict`, matched past each
+  seed's own base, Student-t deciding).
 """
 
 from __future__ import annotations
@@ -211,6 +225,8 @@ def analyse(results: dict) -> str:
 
 
 STUDY_FILE = os.path.join(RESULTS, "goodhart_study.json")
+SAME_RATE_FILE = os.path.join(RESULTS, "goodhart_same_rate.json")
+SAME_RATE = 1e-3
 STUDY_METHODS = (
     *("flow_grpo", "grpo_guard", "ratio_norm", "temp_reweight", "flow_grpo_kl", "nft", "awm"),
     *("flow_dppo", "dgpo", "dpo"),
@@ -339,11 +355,40 @@ def alarm_record(runs: list[dict], drop: float = 0.03) -> tuple[int, int, int]:
     return caught, fell, false
 
 
-def analyse_study(study: dict) -> str:
-    from analysis.overoptimization import by_method, claim4_verdict, fmt, gold_at_proxy, matched_levels, over_base
-    from analysis.rise_and_fall import rise_and_fall
+def study_seeds(study: dict) -> dict[str, list[dict]]:
+    """Each method's runs of seeds 1-4 (the sweeps' seed 0 left out)."""
+    from analysis.overoptimization import by_method
 
     seeded = {m: [r for r in group if r["seed"] in STUDY_SEEDS] for m, group in by_method(study).items()}
+    return {m: group for m, group in seeded.items() if group}
+
+
+def analyse_study(study: dict) -> str:
+    return shape_and_claim4(study_seeds(study))
+
+
+def analyse_same_rate(study: dict, same_rate: dict) -> str:
+    """The supplement's reading: Flow-GRPO's seeds at 1e-3 with GRPO-Guard's study seeds (1e-3)."""
+    guard = [r for r in study_seeds(study).get("grpo_guard", []) if np.isclose(r["learning_rate"], SAME_RATE)]
+    return shape_and_claim4({"grpo_guard": guard, "flow_grpo": same_rate["runs"]})
+
+
+def run_same_rate() -> None:
+    """The supplement's runs, each appended as it finishes; seeds already in the file are skipped."""
+    for seed in STUDY_SEEDS:
+        if any(r["seed"] == seed for r in load(SAME_RATE_FILE)["runs"]):
+            continue
+        print(f"flow_grpo seed {seed} lr {SAME_RATE:g} (same-rate) ...", flush=True)
+        run = study_run("flow_grpo", seed, SAME_RATE)
+        append(SAME_RATE_FILE, run)
+        print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
+
+
+def shape_and_claim4(seeded: dict[str, list[dict]]) -> str:
+    """Per method the rise and fall with the alarm's record; claim 4 when GRPO-Guard and Flow-GRPO have 2+ seeds."""
+    from analysis.overoptimization import claim4_verdict, fmt, gold_at_proxy, matched_levels, over_base
+    from analysis.rise_and_fall import rise_and_fall
+
     seeded = {m: group for m, group in seeded.items() if group}
     lines = [
         "| method | rate | seeds | peak step | rise | fall | proxy gain after peak | alarm fired | alarm: caught, false |",
@@ -382,7 +427,9 @@ def analyse_study(study: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["calibrate", "analyse", "study", "analyse-study"])
+    parser.add_argument(
+        "phase", choices=["calibrate", "analyse", "study", "analyse-study", "same-rate", "analyse-same-rate"]
+    )
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=["stream"])
     parser.add_argument("--methods", nargs="+", choices=STUDY_METHODS, default=list(STUDY_METHODS))
     parser.add_argument("--shard", default="0/1", help="i/n: every n-th planned run starting at i")
@@ -396,6 +443,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if options.phase == "study":
         run_study(tuple(options.methods), shard, shards)
+        return
+    if options.phase == "same-rate":
+        run_same_rate()
+        return
+    if options.phase == "analyse-same-rate":
+        print(analyse_same_rate(load(STUDY_FILE), load(SAME_RATE_FILE)))
         return
     for candidate, rate in calibration_plan(tuple(options.candidates))[shard::shards]:
         if done(CALIBRATION_FILE, candidate, rate):

@@ -172,3 +172,33 @@ def test_the_goodhart_alarm_record_counts_catches_misses_and_false_alarms(monkey
         run(falling),  # not watched
     ]
     assert alarm_record(runs) == (1, 3, 1)
+
+
+def test_the_same_rate_supplement_pairs_guards_study_seeds_at_its_rate_and_resumes(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed
+
+    flows, study = [], []
+    for seed in goodhart_testbed.STUDY_SEEDS:
+        flow = {**rising_then_falling(seed), "method": "flow_grpo", "seed": seed}
+        better = [{**e, "gold": e["gold"] + 0.01 * i} for i, e in enumerate(flow["evals"])]
+        worse = [{**e, "gold": e["gold"] - 0.01 * i} for i, e in enumerate(flow["evals"])]
+        flows.append(flow)
+        study += [
+            {**flow, "method": "grpo_guard", "learning_rate": 1e-3, "evals": better},
+            {**flow, "method": "grpo_guard", "learning_rate": 3e-4, "evals": worse},  # another rate: not read
+        ]
+    text = goodhart_testbed.analyse_same_rate({"runs": study}, {"runs": flows})
+    assert "Claim 4 holds here" in text and "| flow_grpo | 0.001 | 4 | 25 |" in text
+
+    calls = []
+    monkeypatch.setattr(goodhart_testbed, "SAME_RATE_FILE", str(tmp_path / "same_rate.json"))
+    monkeypatch.setattr(
+        goodhart_testbed, "study_run", lambda m, seed, rate: calls.append(seed) or {**flows[0], "seed": seed}
+    )
+    goodhart_testbed.append(goodhart_testbed.SAME_RATE_FILE, {**flows[0], "seed": 1})  # finished before a stop
+    goodhart_testbed.run_same_rate()
+    assert calls == [2, 3, 4]
+    assert sorted(r["seed"] for r in goodhart_testbed.load(goodhart_testbed.SAME_RATE_FILE)["runs"]) == [1, 2, 3, 4]
