@@ -217,3 +217,23 @@ def test_the_readme_example_config_is_valid_and_off_policy():
         )
     )
     assert len(prompts) >= config.generation_batch_size // config.num_generations
+
+
+@pytest.mark.parametrize(
+    ("environment", "named"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1 is not supported .*fsdp_version: 2"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP1 is not supported"),  # accelerate's default version is 1
+    ],
+)
+def test_a_deepspeed_or_fsdp1_launch_is_refused_by_the_config(environment, named, monkeypatch, tmp_path):
+    """`accelerate launch` tells its setup in the environment: the config refuses DeepSpeed and FSDP1 (and so FSDP1's
+    CPU offload) before the trainer loads any weight; an FSDP2 launch passes."""
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=f"this accelerate launch: {named}"):
+        tiny_config(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert tiny_config(tmp_path).output_dir == str(tmp_path)

@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 
 from . import algorithms, context_parallel
 from .algorithms import ALGORITHM_ARGUMENTS, algorithm_class
-from .distributed import DEEPSPEED_REFUSAL
+from .distributed import DEEPSPEED_REFUSAL, launch_refusal
 from .losses.advantages import MULTI_REWARD_NORMALIZATIONS, SCALE_REWARDS
 
 _ENTRY = re.compile(r"^(\s+)(\w+) \(`[^\n]*\):$")
@@ -465,6 +465,8 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
         )
         # transformers would try to import deepspeed here, and fail on a missing package rather than on the setting
         check(not self.deepspeed, f"deepspeed={self.deepspeed!r}: {DEEPSPEED_REFUSAL}")
+        launch = launch_refusal()  # a DeepSpeed or FSDP1 `accelerate launch`, refused before any weight loads
+        check(launch is None, f"this accelerate launch: {launch}")
 
     def _validate(self) -> None:
         def check(ok: bool, message: str) -> None:

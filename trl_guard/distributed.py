@@ -29,6 +29,21 @@ DEEPSPEED_REFUSAL = (
     f"cannot be tested without GPUs ({_SHARDING_DOC}). Shard with FSDP2 instead: "
     "`accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml ...`."
 )
+FSDP1_REFUSAL = (
+    "FSDP1 is not supported (nor, with it, its CPU offload): set `fsdp_version: 2` in the accelerate config (as "
+    "examples/accelerate_configs/fsdp2.yaml does); FSDP2 takes `fsdp_offload_params: true` too."
+)
+
+
+def launch_refusal() -> str | None:
+    """What `check_distributed_setup` will refuse once the accelerator exists, told from `accelerate launch`'s
+    environment, so that `GuardConfig` refuses it before any weight loads: a DeepSpeed launch, or FSDP version 1.
+    None for every other launch, and outside `accelerate launch`."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return DEEPSPEED_REFUSAL
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2":
+        return FSDP1_REFUSAL
+    return None
 
 
 def is_fsdp2(accelerator: Any) -> bool:
@@ -65,10 +80,7 @@ def check_distributed_setup(accelerator: Any) -> None:
     if kind == DistributedType.DEEPSPEED:
         raise NotImplementedError(DEEPSPEED_REFUSAL)
     if kind == DistributedType.FSDP and not is_fsdp2(accelerator):
-        raise NotImplementedError(
-            "FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config (as "
-            "examples/accelerate_configs/fsdp2.yaml does)."
-        )
+        raise NotImplementedError(FSDP1_REFUSAL)
     if accelerator.num_processes > 1 and kind not in (
         DistributedType.MULTI_CPU,
         DistributedType.MULTI_GPU,
