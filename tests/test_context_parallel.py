@@ -66,6 +66,12 @@ FAMILIES = {
     # family: (builder, LoRA targets, frames, tokens of one sample at 32 px)
     "wan": ("build_tiny_wan_pipeline", "[attn1.to_q, attn1.to_k, attn1.to_v, attn1.to_out.0, proj_out]", 5, 8),
     "flux": ("build_tiny_flux_pipeline", "[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, proj_out]", 1, 64),
+    "qwenimage": (
+        "build_tiny_qwenimage_pipeline",
+        "[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, proj_out]",
+        1,
+        16,
+    ),
 }
 
 
@@ -217,7 +223,10 @@ def _pipeline_dir(tmp_path_factory, family):
 
 def _recipe(tmp_path, pipeline, family):
     (tmp_path / "cp_rewards.py").write_text(REWARD)
-    (tmp_path / "prompts.txt").write_text("\n".join(f"prompt number {i}" for i in range(4)))
+    # Qwen-Image trims the text to the batch's longest prompt: "prompt {i}" is 13 tokens, not a multiple of the
+    # degree, so the adapter must pad it to one
+    pattern = "prompt {}" if family == "qwenimage" else "prompt number {}"
+    (tmp_path / "prompts.txt").write_text("\n".join(pattern.format(i) for i in range(4)))
     _, targets, frames, _ = FAMILIES[family]
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE.format(pipeline=pipeline, prompts=tmp_path / "prompts.txt", targets=targets, frames=frames))
@@ -244,10 +253,10 @@ def _rewards(folder: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    # Wan2.1 under DDP is left out to keep the suite short: FLUX.1 covers DDP, Wan2.1 covers FSDP2
+    # Wan2.1 under DDP is left out to keep the suite short: FLUX.1 and Qwen-Image cover DDP, Wan2.1 covers FSDP2
     ("family", "fsdp2"),
-    [("flux", False), ("wan", True)],
-    ids=["flux", "wan-fsdp2"],
+    [("flux", False), ("wan", True), ("qwenimage", False)],
+    ids=["flux", "wan-fsdp2", "qwenimage"],
 )
 def test_one_context_parallel_group_matches_one_process(family, fsdp2, tmp_path, tmp_path_factory):
     """Two processes with context_parallel_degree=2 (one group, data-parallel size 1) sample the same images, log
