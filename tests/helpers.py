@@ -67,6 +67,24 @@ def make_trainer(
     )
 
 
+def train_on_policy(trainer) -> None:
+    """Train `trainer` and check what each family's "every algorithm family trains it" test checks: the LoRA moved,
+    every loss is finite, and the first pass was exactly on-policy (NFT's old copy is the policy, an SDE-ratio loss's
+    log-ratios are all 0)."""
+    import numpy as np
+    import torch
+
+    before = {k: v.clone() for k, v in trainer.adapter.lora_state_dict().items()}
+    trainer.train()
+    after = trainer.adapter.lora_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(np.isfinite(logged(trainer, "loss")))
+    if trainer.args.loss_type == "nft":
+        assert logged(trainer, "old_deviation")[0] == 0.0
+    else:
+        assert all(v == 0.0 for v in logged(trainer, "log_ratio_mean"))
+
+
 def logged(trainer, key):
     """Every logged value of `key`, in order."""
     return [entry[key] for entry in trainer.state.log_history if key in entry]
