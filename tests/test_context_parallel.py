@@ -233,17 +233,21 @@ def _recipe(tmp_path, pipeline, family):
     return path
 
 
-def _runs(tmp_path, recipe, *flags, fsdp2=False):
+def _runs(tmp_path, recipe, *flags, fsdp2=False, processes=2):
+    """One process, then `processes` in context-parallel groups of 2 with the same samples per optimizer step (each
+    of the `processes / 2` data-parallel ranks samples its share of the recipe's 4). The reports, one per process."""
     from helpers import launch
 
     base = ["--config", str(recipe), *flags]
     launch([sys.executable, "-m", "trl_guard.scripts.grpo", *base, "--output_dir", "one"], tmp_path)
     config = FSDP2_CONFIG if fsdp2 else DDP_CONFIG
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    launcher += ["--num_processes", str(processes)]
     report = str(tmp_path / "cp_report")
     env = {"CP_REPORT": report, **({"CP_FSDP2": "1", "SHARD_REPORT": report + ".shards"} if fsdp2 else {})}
-    launch([*launcher, __file__, *base, "--output_dir", "two", "--context_parallel_degree", "2"], tmp_path, env=env)
-    return [json.loads(Path(f"{report}.{rank}.json").read_text()) for rank in (0, 1)]
+    split = ["--context_parallel_degree", "2", "--per_device_train_batch_size", str(4 // (processes // 2))]
+    launch([*launcher, __file__, *base, "--output_dir", "two", *split], tmp_path, env=env)
+    return [json.loads(Path(f"{report}.{rank}.json").read_text()) for rank in range(processes)]
 
 
 def _rewards(folder: Path) -> list[float]:
@@ -254,28 +258,30 @@ def _rewards(folder: Path) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     # Wan2.1 under DDP is left out to keep the suite short: FLUX.1 and Qwen-Image cover DDP, Wan2.1 covers FSDP2
-    ("family", "fsdp2"),
-    [("flux", False), ("wan", True), ("qwenimage", False)],
-    ids=["flux", "wan-fsdp2", "qwenimage"],
+    ("family", "fsdp2", "processes"),
+    [("flux", False, 4), ("wan", True, 2), ("qwenimage", False, 2)],
+    ids=["flux-2x2", "wan-fsdp2", "qwenimage"],
 )
-def test_one_context_parallel_group_matches_one_process(family, fsdp2, tmp_path, tmp_path_factory):
-    """Two processes with context_parallel_degree=2 (one group, data-parallel size 1) sample the same images, log
-    the same rewards and end on the same LoRA as one process training the same 4 samples; each process's
-    `proj_out` saw half of every sequence, so the forwards were split, and both sampled the same prompts. Under
-    FSDP2 (tests/fsdp2_cpu.py's switch) every block is also split between the two processes."""
+def test_context_parallel_groups_match_one_process(family, fsdp2, processes, tmp_path, tmp_path_factory):
+    """Processes in context-parallel groups of 2 (FLUX.1: 4 processes, 2 data-parallel ranks of 2; the others: one
+    group of 2) log the same rewards and end on the same LoRA as one process training the same 4 samples a step;
+    each process's `proj_out` saw half of every sequence, so the forwards were split, and the processes of a group
+    sampled the same prompts. Under FSDP2 (tests/fsdp2_cpu.py's switch) every block is also split between the two
+    processes."""
     from safetensors.torch import load_file
 
     recipe = _recipe(tmp_path, _pipeline_dir(tmp_path_factory, family), family)
-    reports = _runs(tmp_path, recipe, fsdp2=fsdp2)
+    reports = _runs(tmp_path, recipe, fsdp2=fsdp2, processes=processes)
     if fsdp2:
         shards = [json.loads((tmp_path / f"cp_report.shards.{rank}.json").read_text()) for rank in (0, 1)]
         blocks = [name for name in shards[0] if name.startswith("blocks.")]
         assert blocks and all(shards[0][n]["sharded"] for n in blocks)
         assert all(shards[0][n]["local"] + shards[1][n]["local"] == shards[0][n]["global"] for n in blocks)
     tokens = FAMILIES[family][3]
-    assert [r["max_tokens"] for r in reports] == [tokens // 2, tokens // 2]
-    assert all(r["forwards"] > 0 for r in reports) and reports[0]["forwards"] == reports[1]["forwards"]
-    assert len(reports[0]["rounds"]) == 2 and reports[0]["rounds"] == reports[1]["rounds"]  # the group's prompts
+    assert [r["max_tokens"] for r in reports] == [tokens // 2] * processes
+    assert reports[0]["forwards"] > 0 and all(r["forwards"] == reports[0]["forwards"] for r in reports)
+    assert len(reports[0]["rounds"]) == 2
+    assert all(reports[rank]["rounds"] == reports[rank + 1]["rounds"] for rank in range(0, processes, 2))  # a group's
     one, two = _rewards(tmp_path / "one"), _rewards(tmp_path / "two")
     assert len(one) == 2 and two == pytest.approx(one, abs=1e-6)
     lora_one = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
