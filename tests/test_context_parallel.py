@@ -64,10 +64,20 @@ def blueness(prompts, images, **kwargs):
 
 FAMILIES = {
     # family: (builder, LoRA targets, frames, tokens of one sample at 32 px)
-    "wan": ("build_tiny_wan_pipeline", "[attn1.to_q, attn1.to_k, attn1.to_v, attn1.to_out.0, proj_out]", 5, 8),
-    "flux": ("build_tiny_flux_pipeline", "[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, proj_out]", 1, 64),
+    "wan22": (
+        "trl_guard.testing.wan22.build_tiny_wan22_pipeline",
+        "[attn1.to_q, attn1.to_k, attn1.to_v, attn1.to_out.0, proj_out]",
+        5,
+        8,
+    ),
+    "flux": (
+        "trl_guard.testing.build_tiny_flux_pipeline",
+        "[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, proj_out]",
+        1,
+        64,
+    ),
     "qwenimage": (
-        "build_tiny_qwenimage_pipeline",
+        "trl_guard.testing.build_tiny_qwenimage_pipeline",
         "[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, proj_out]",
         1,
         16,
@@ -214,10 +224,11 @@ def test_layout_gives_a_group_the_same_prompts_and_keeps_its_values_once():
 
 # ---- two processes, one context-parallel group (slow) ---------------------------------------------------------------
 def _pipeline_dir(tmp_path_factory, family):
-    import trl_guard.testing as testing
+    import importlib
 
+    module, _, builder = FAMILIES[family][0].rpartition(".")
     path = tmp_path_factory.mktemp(f"tiny-{family}")
-    getattr(testing, FAMILIES[family][0])(seed=0).save_pretrained(path)
+    getattr(importlib.import_module(module), builder)(seed=0).save_pretrained(path)
     return path
 
 
@@ -257,35 +268,40 @@ def _rewards(folder: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    # Wan2.1 under DDP is left out to keep the suite short: FLUX.1 and Qwen-Image cover DDP, Wan2.1 covers FSDP2
+    # FLUX.1 and Qwen-Image cover DDP, Wan2.2 (both experts, the Wan2.1 transformer each) covers FSDP2
     ("family", "fsdp2", "processes"),
-    [("flux", False, 4), ("wan", True, 2), ("qwenimage", False, 2)],
-    ids=["flux-2x2", "wan-fsdp2", "qwenimage"],
+    [("flux", False, 4), ("wan22", True, 2), ("qwenimage", False, 2)],
+    ids=["flux-2x2", "wan22-fsdp2", "qwenimage"],
 )
 def test_context_parallel_groups_match_one_process(family, fsdp2, processes, tmp_path, tmp_path_factory):
     """Processes in context-parallel groups of 2 (FLUX.1: 4 processes, 2 data-parallel ranks of 2; the others: one
     group of 2) log the same rewards and end on the same LoRA as one process training the same 4 samples a step;
     each process's `proj_out` saw half of every sequence, so the forwards were split, and the processes of a group
-    sampled the same prompts. Under FSDP2 (tests/fsdp2_cpu.py's switch) every block is also split between the two
-    processes."""
+    sampled the same prompts. Wan2.2 runs under FSDP2 (tests/fsdp2_cpu.py's switch): every block of both experts is
+    also split between the two processes, both experts' forwards are split, and both LoRA files match."""
     from safetensors.torch import load_file
 
     recipe = _recipe(tmp_path, _pipeline_dir(tmp_path_factory, family), family)
     reports = _runs(tmp_path, recipe, fsdp2=fsdp2, processes=processes)
     if fsdp2:
         shards = [json.loads((tmp_path / f"cp_report.shards.{rank}.json").read_text()) for rank in (0, 1)]
-        blocks = [name for name in shards[0] if name.startswith("blocks.")]
+        blocks = [name for name in shards[0] if "blocks." in name]
         assert blocks and all(shards[0][n]["sharded"] for n in blocks)
         assert all(shards[0][n]["local"] + shards[1][n]["local"] == shards[0][n]["global"] for n in blocks)
     tokens = FAMILIES[family][3]
     assert [r["max_tokens"] for r in reports] == [tokens // 2] * processes
     assert reports[0]["forwards"] > 0 and all(r["forwards"] == reports[0]["forwards"] for r in reports)
     assert len(reports[0]["rounds"]) == 2
+    if family == "wan22":  # both experts ran, split: every sample's steps straddle the boundary
+        assert all(r["parts_called"] == ["transformer", "transformer_2"] for r in reports)
     assert all(reports[rank]["rounds"] == reports[rank + 1]["rounds"] for rank in range(0, processes, 2))  # a group's
     one, two = _rewards(tmp_path / "one"), _rewards(tmp_path / "two")
     assert len(one) == 2 and two == pytest.approx(one, abs=1e-6)
-    lora_one = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
-    lora_two = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
+    files = sorted(path.name for path in (tmp_path / "one").glob("*lora*.safetensors"))  # Wan2.2: one per expert
+    assert files == sorted(path.name for path in (tmp_path / "two").glob("*lora*.safetensors"))
+    assert len(files) == (2 if family == "wan22" else 1)
+    lora_one = {f"{name}/{k}": t for name in files for k, t in load_file(tmp_path / "one" / name).items()}
+    lora_two = {f"{name}/{k}": t for name in files for k, t in load_file(tmp_path / "two" / name).items()}
     assert lora_one.keys() == lora_two.keys()
     update = max(t.abs().max().item() for k, t in lora_one.items() if "lora_B" in k)  # lora_B starts at zero
     assert update > 1e-4
@@ -313,17 +329,24 @@ def _harness() -> None:
         return original_generate(self, rows, rollout_index)
 
     def train_and_report(self, *args, **kwargs):
-        seen = {"max_tokens": 0, "forwards": 0, "rounds": rounds}
+        seen = {"max_tokens": 0, "forwards": 0, "rounds": rounds, "parts_called": []}
 
-        def record(module, inputs):
-            seen["max_tokens"] = max(seen["max_tokens"], inputs[0].shape[1])
-            seen["forwards"] += 1
+        def recorder(name):
+            def record(module, inputs):
+                seen["max_tokens"] = max(seen["max_tokens"], inputs[0].shape[1])
+                seen["forwards"] += 1
+                seen["parts_called"] = sorted({*seen["parts_called"], name})
 
-        handle = self.adapter.denoiser.proj_out.register_forward_pre_hook(record)
+            return record
+
+        # every part of the denoiser: both experts of Wan2.2
+        parts = self.adapter.denoiser_parts.items()
+        handles = [part.proj_out.register_forward_pre_hook(recorder(name)) for name, part in parts]
         try:
             output = original_train(self, *args, **kwargs)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         with open(f"{os.environ['CP_REPORT']}.{self.accelerator.process_index}.json", "w") as f:
             json.dump(seen, f)
         return output
