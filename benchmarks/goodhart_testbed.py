@@ -363,14 +363,42 @@ def study_seeds(study: dict) -> dict[str, list[dict]]:
     return {m: group for m, group in seeded.items() if group}
 
 
-def analyse_study(study: dict) -> str:
-    return shape_and_claim4(study_seeds(study))
+def analyse_study(study: dict, plot_dir: str | None = None) -> str:
+    """The study's reading; with `plot_dir`, every seed run in `goodhart_study.png` (gold over steps, against the
+    proxy and against sqrt(KL); each method's mean thick) and every sweep run in `goodhart_sweeps.png`."""
+    text = shape_and_claim4(study_seeds(study), plot_dir, "goodhart_study.png")
+    if plot_dir and (path := plot_sweeps(study, plot_dir)):
+        text += f"\nPlot: {path}"
+    return text
 
 
-def analyse_same_rate(study: dict, same_rate: dict) -> str:
+def plot_sweeps(study: dict, plot_dir: str, name: str = "goodhart_sweeps.png") -> str | None:
+    """Every seed-0 sweep run (Flow-GRPO's are the calibration's candidate-a runs): gold and held-out proxy over
+    training, one line per method and rate, so that the runs the seeds' plot leaves out are drawn too."""
+    from analysis.overoptimization import by_method, pyplot_or_none, save_figure
+
+    plt = pyplot_or_none()
+    methods = [m for m in STUDY_METHODS if m not in SHARES_RATE]
+    runs = [*sweep_runs("flow_grpo"), *(r for m in methods for r in by_method(study).get(m, []) if r["seed"] == 0)]
+    if plt is None or not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    for run in runs:
+        steps = [e["step"] for e in run["evals"]]
+        label = f"{run['method']} {run['learning_rate']:g}"
+        line = axes[0].plot(steps, [e["gold"] for e in run["evals"]], lw=1, label=label)[0]
+        axes[1].plot(steps, [e["proxy"] for e in run["evals"]], lw=1, color=line.get_color())
+    axes[0].set(xlabel="optimizer step", ylabel="gold (caption fidelity, held out)", title="sweeps, seed 0: gold")
+    axes[1].set(xlabel="optimizer step", ylabel="learned proxy (held out)", title="sweeps, seed 0: proxy")
+    axes[0].legend(fontsize=7, ncol=2)
+    return save_figure(fig, plot_dir, name)
+
+
+def analyse_same_rate(study: dict, same_rate: dict, plot_dir: str | None = None) -> str:
     """The supplement's reading: Flow-GRPO's seeds at 1e-3 with GRPO-Guard's study seeds (1e-3)."""
     guard = [r for r in study_seeds(study).get("grpo_guard", []) if np.isclose(r["learning_rate"], SAME_RATE)]
-    return shape_and_claim4({"grpo_guard": guard, "flow_grpo": same_rate["runs"]})
+    runs = {"grpo_guard": guard, "flow_grpo": same_rate["runs"]}
+    return shape_and_claim4(runs, plot_dir, "goodhart_same_rate.png")
 
 
 def run_same_rate() -> None:
@@ -384,10 +412,11 @@ def run_same_rate() -> None:
         print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
 
 
-def shape_and_claim4(seeded: dict[str, list[dict]]) -> str:
-    """Per method the rise and fall with the alarm's record; claim 4 when GRPO-Guard and Flow-GRPO have 2+ seeds."""
+def shape_and_claim4(seeded: dict[str, list[dict]], plot_dir: str | None = None, name: str = "") -> str:
+    """Per method the rise and fall with the alarm's record; claim 4 when GRPO-Guard and Flow-GRPO have 2+ seeds;
+    with `plot_dir`, every run drawn into `name` there."""
     from analysis.overoptimization import claim4_verdict, fmt, gold_at_proxy, matched_levels, over_base
-    from analysis.rise_and_fall import rise_and_fall
+    from analysis.rise_and_fall import plot_rise_and_fall, rise_and_fall
 
     seeded = {m: group for m, group in seeded.items() if group}
     lines = [
@@ -422,6 +451,10 @@ def shape_and_claim4(seeded: dict[str, list[dict]]) -> str:
             "Claim 4 (proxy levels are gains over each seed's step-0 proxy):",
             claim4_verdict(pair, levels, at_level),
         ]
+    if plot_dir and seeded:
+        path = plot_rise_and_fall(seeded, plot_dir, name)
+        if path:
+            lines += ["", f"Plot: {path}"]
     return "\n".join(lines)
 
 
@@ -439,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         print(analyse(load(CALIBRATION_FILE)))
         return
     if options.phase == "analyse-study":
-        print(analyse_study(load(STUDY_FILE)))
+        print(analyse_study(load(STUDY_FILE), RESULTS))
         return
     if options.phase == "study":
         run_study(tuple(options.methods), shard, shards)
@@ -448,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         run_same_rate()
         return
     if options.phase == "analyse-same-rate":
-        print(analyse_same_rate(load(STUDY_FILE), load(SAME_RATE_FILE)))
+        print(analyse_same_rate(load(STUDY_FILE), load(SAME_RATE_FILE), RESULTS))
         return
     for candidate, rate in calibration_plan(tuple(options.candidates))[shard::shards]:
         if done(CALIBRATION_FILE, candidate, rate):

@@ -202,3 +202,18 @@ def test_the_same_rate_supplement_pairs_guards_study_seeds_at_its_rate_and_resum
     goodhart_testbed.run_same_rate()
     assert calls == [2, 3, 4]
     assert sorted(r["seed"] for r in goodhart_testbed.load(goodhart_testbed.SAME_RATE_FILE)["runs"]) == [1, 2, 3, 4]
+
+
+def test_the_goodhart_plots_draw_every_seed_run_and_every_sweep_run(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed
+
+    monkeypatch.setattr(goodhart_testbed, "CALIBRATION_FILE", str(tmp_path / "no_calibration.json"))
+    sweep = [{**rising_then_falling(0), "method": "grpo_guard", "learning_rate": rate} for rate in (3e-4, 1e-3)]
+    seeds = [{**rising_then_falling(s), "method": m, "seed": s} for s in (1, 2) for m in ("flow_grpo", "grpo_guard")]
+    text = goodhart_testbed.analyse_study({"runs": sweep + seeds}, plot_dir=str(tmp_path))
+    assert (tmp_path / "goodhart_study.png").stat().st_size > 10_000
+    assert (tmp_path / "goodhart_sweeps.png").stat().st_size > 10_000
+    assert text.count("Plot: ") == 2
