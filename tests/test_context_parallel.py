@@ -183,10 +183,23 @@ def test_a_sequence_the_degree_does_not_divide_is_named_with_the_fields():
     adapter.configure(SamplingSettings(32, 32, max_sequence_length=16))  # no context parallelism: left as it is
     with pytest.raises(AssertionError, match="divisible by mesh size"), torch.no_grad():
         adapter.predict_velocity(latents, sigma, adapter.encode_prompts(["a cat"]), None)
-    adapter.configure(SamplingSettings(32, 32, max_sequence_length=16, sequence_multiple=3))
+    adapter.configure(SamplingSettings(32, 32, max_sequence_length=18, sequence_multiple=3))
     named = r"context_parallel_degree=3 .*'hidden_states': \(1, 64, 4\).*a height and width .* multiple of 3"
     with pytest.raises(ValueError, match=named), torch.no_grad():
         adapter.predict_velocity(latents, sigma, adapter.encode_prompts(["a cat"]), None)
+
+
+def test_a_text_length_the_degree_does_not_divide_is_refused_where_the_text_is_split():
+    """FLUX.1, FLUX.2, Qwen-Image and LTX-2 split their text tokens too: `max_sequence_length` must be a multiple of
+    the degree, refused before loading (`check_settings`) with the length to use; Wan's text is not split."""
+    from trl_guard.adapters import FluxAdapter, QwenImageAdapter, SamplingSettings, WanAdapter
+
+    odd = SamplingSettings(32, 32, max_sequence_length=77, sequence_multiple=2)
+    for family in (FluxAdapter, QwenImageAdapter):
+        with pytest.raises(ValueError, match="max_sequence_length=77 with context_parallel_degree=2: .* to 78"):
+            family.check_settings(odd, family.pipeline_classes[0])
+    WanAdapter.check_settings(odd, "WanPipeline")
+    FluxAdapter.check_settings(SamplingSettings(32, 32, max_sequence_length=77), "FluxPipeline")  # degree 1
 
 
 def test_generation_batch_counts_data_parallel_ranks(monkeypatch, tmp_path):

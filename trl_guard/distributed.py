@@ -233,9 +233,9 @@ def end_run(accelerator: Any) -> None:
         and torch.distributed.is_initialized()
         and torch.distributed.get_backend() == "gloo"
     )
+    if gloo and not _exit_after_handlers["registered"]:  # before anything ends: the run is left as it was
+        raise RuntimeError("end_run under gloo needs prepare_run_end() at the start of the script.")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if gloo:
-        if not _exit_after_handlers["registered"]:
-            raise RuntimeError("end_run under gloo needs prepare_run_end() at the start of the script.")
         _exit_after_handlers["armed"] = True

@@ -111,6 +111,16 @@ def register(cls: type[PipelineAdapter]) -> type[PipelineAdapter]:
     return cls
 
 
+def round_up(value: int, multiple: int) -> int:
+    """The least multiple of `multiple` that is at least `value`.
+
+    Example:
+        >>> round_up(13, 2), round_up(14, 2), round_up(13, 1)
+        (14, 14, 13)
+    """
+    return -(-value // multiple) * multiple
+
+
 def check_resolution_multiple(
     height: int, width: int, multiple: int, *, model: str, reason: str, largest: int | None = None
 ) -> None:
@@ -178,6 +188,9 @@ class PipelineAdapter:
     condition_columns: ClassVar[tuple[str, ...]] = ()
     #: Whether the family has a second expert that `SamplingSettings.guidance_scale_2` guides (Wan2.2).
     takes_guidance_scale_2: ClassVar[bool] = False
+    #: Whether diffusers' context-parallel plan splits the text tokens (`encoder_hidden_states`) as well as the
+    #: latent ones, so that `max_sequence_length` must be a multiple of the degree (FLUX.1, FLUX.2, Qwen-Image, LTX-2).
+    context_parallel_splits_text: ClassVar[bool] = False
     #: The largest `max_sequence_length` the family's pipeline takes: its own `__call__` refuses more (the check in
     #: its `check_inputs`), and the trainer would otherwise encode prompts the pipeline never could. None when the
     #: pipeline sets no limit.
@@ -212,6 +225,14 @@ class PipelineAdapter:
             raise ValueError(
                 f"guidance_scale_2={settings.guidance_scale_2}, but {pipeline_class} has one denoiser: leave "
                 "guidance_scale_2 unset (it guides the low-noise expert of two-expert families such as Wan2.2)."
+            )
+        multiple = settings.sequence_multiple
+        if cls.context_parallel_splits_text and settings.max_sequence_length % multiple:
+            raise ValueError(
+                f"max_sequence_length={settings.max_sequence_length} with context_parallel_degree={multiple}: "
+                f"{pipeline_class}'s transformer splits its text tokens between the {multiple} processes of a group, "
+                f"so their number must be a multiple of {multiple}. Set max_sequence_length to "
+                f"{round_up(settings.max_sequence_length, multiple)}."
             )
         limit = cls.max_sequence_length_limit
         if limit is not None and settings.max_sequence_length > limit:
@@ -358,12 +379,12 @@ class PipelineAdapter:
             if multiple == 1 or "divisible by mesh size" not in str(error):
                 raise
             shapes = {name: tuple(value.shape) for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+            name = type(getattr(denoiser, "module", denoiser)).__name__  # the transformer, not its DDP wrapper
             raise ValueError(
-                f"context_parallel_degree={multiple} splits every sequence {type(denoiser).__name__} attends over "
-                f"(its latent tokens, and the text tokens for FLUX.1, FLUX.2, Qwen-Image and LTX-2) into {multiple} "
-                f"equal parts, and a sequence of this forward is not a multiple of {multiple}: inputs {shapes}. Pick a "
-                f"height and width (and num_frames) whose latent token count is a multiple of {multiple}, and a "
-                f"max_sequence_length that is one, or set context_parallel_degree=1."
+                f"context_parallel_degree={multiple} splits the sequences {name} attends over (its latent tokens, "
+                f"and its text tokens where diffusers splits them too) into {multiple} equal parts, and a sequence of "
+                f"this forward is not a multiple of {multiple}: inputs {shapes}. Pick a height and width (and "
+                f"num_frames) whose latent token count is a multiple of {multiple}, or set context_parallel_degree=1."
             ) from error
 
     def predict_velocity(

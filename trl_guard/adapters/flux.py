@@ -22,6 +22,7 @@ class FluxAdapter(PackedLatentsMixin, PipelineAdapter):
     pipeline_classes = ("FluxPipeline",)
     default_lora_target_modules = ATTENTION_PROJECTIONS  # matches both the double- and single-stream blocks
     max_sequence_length_limit = 512  # FluxPipeline.check_inputs (and FluxKontextPipeline's)
+    context_parallel_splits_text = True
 
     @property
     def cfg_scale(self) -> float:

@@ -67,6 +67,7 @@ class Flux2Adapter(PackedLatentsMixin, PipelineAdapter):
     family_name = "FLUX.2"
     pipeline_classes = ("Flux2Pipeline",)
     default_lora_target_modules = FLUX2_LORA_TARGETS
+    context_parallel_splits_text = True
     #: The text encoder's hidden states stacked per token: the pipeline's default `text_encoder_out_layers`. Change it
     #: only together with the pipeline's own argument.
     text_encoder_out_layers: tuple[int, ...] = (10, 20, 30)

@@ -68,6 +68,7 @@ FRAME_RATE = 24.0
 class LTX2Adapter(PipelineAdapter):
     pipeline_classes = ("LTX2Pipeline",)
     default_lora_target_modules = LTX2_ATTENTION_PROJECTIONS
+    context_parallel_splits_text = True
     is_video = True
     frame_rate = FRAME_RATE
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, register
+from .base import ATTENTION_PROJECTIONS, PackedLatentsMixin, PipelineAdapter, PromptEmbeddings, register, round_up
 
 #: The attention projections of both streams and both streams' MLPs: the layers Flow-GRPO's Qwen-Image script
 #: (scripts/train_qwenimage.py) adapts with LoRA.
@@ -39,6 +39,7 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
     pipeline_classes = ("QwenImagePipeline",)
     default_lora_target_modules = QWEN_IMAGE_LORA_TARGETS
     max_sequence_length_limit = 1024  # QwenImagePipeline.check_inputs (and the edit pipelines')
+    context_parallel_splits_text = True
 
     @property
     def cfg_scale(self) -> float:
@@ -68,8 +69,7 @@ class QwenImageAdapter(PackedLatentsMixin, PipelineAdapter):
         # Under context parallelism the length stays a multiple of the degree, which splits the text tokens too.
         used_columns = text_mask.any(dim=0).nonzero()
         used = int(used_columns[-1]) + 1 if len(used_columns) else text_mask.shape[1]
-        multiple = self.settings.sequence_multiple
-        used = min(-(-used // multiple) * multiple, text_mask.shape[1])
+        used = round_up(used, self.settings.sequence_multiple)  # max_sequence_length is a multiple (check_settings)
         h, w = self._latent_hw
         # QwenImagePipeline hands the transformer t / 1000 with t = sigma * num_train_timesteps.
         timestep = sigma * self.pipeline.scheduler.config.num_train_timesteps / 1000

@@ -31,7 +31,7 @@ import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 from PIL import Image
 
-from .base import PromptEmbeddings, register
+from .base import PromptEmbeddings, register, round_up
 from .qwenimage import QWEN_IMAGE_LORA_TARGETS, QwenImageAdapter
 
 
@@ -161,8 +161,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
         while len(self._text_cache) > max(self.text_cache_size, len(keys)):
             self._text_cache.popitem(last=False)
         length = max(len(row) for row in rows)
-        multiple = self.settings.sequence_multiple  # context parallelism splits the text tokens in equal parts
-        length = -(-length // multiple) * multiple
+        length = round_up(length, self.settings.sequence_multiple)  # context parallelism splits the text tokens
         text = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - len(row))) for row in rows])
         mask = torch.stack([(torch.arange(length, device=text.device) < len(row)).long() for row in rows])
         return text, mask
