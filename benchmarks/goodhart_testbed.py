@@ -337,8 +337,8 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
 def alarm_record(runs: list[dict], drop: float = 0.03) -> tuple[int, int, int]:
     """The declared reading of the live alarm on one method's runs: (runs caught, runs whose gold fell, false alarms).
 
-    A run's gold fell when its end (smoothed over 3 evaluations, as the peak) is at least `drop` below its own smoothed
-    peak; the alarm caught it when it fired at or after that peak; it raised a false alarm when it fired in a run whose
+    A run's gold fell when its end (the mean of its last 2 evaluations, the smoothing window cut at the end) is at
+    least `drop` below its own peak (smoothed over 3 evaluations); the alarm caught it when it fired at or after that peak; it raised a false alarm when it fired in a run whose
     gold did not fall so."""
     from analysis.rise_and_fall import peak_index, window_mean
 
@@ -415,7 +415,7 @@ def run_same_rate() -> None:
 def shape_and_claim4(seeded: dict[str, list[dict]], plot_dir: str | None = None, name: str = "") -> str:
     """Per method the rise and fall with the alarm's record; claim 4 when GRPO-Guard and Flow-GRPO have 2+ seeds;
     with `plot_dir`, every run drawn into `name` there."""
-    from analysis.overoptimization import claim4_verdict, fmt, gold_at_proxy, matched_levels, over_base
+    from analysis.overoptimization import claim4_over_base, fmt
     from analysis.rise_and_fall import plot_rise_and_fall, rise_and_fall
 
     seeded = {m: group for m, group in seeded.items() if group}
@@ -439,18 +439,7 @@ def shape_and_claim4(seeded: dict[str, list[dict]], plot_dir: str | None = None,
         )  # fmt: skip
     pair = {m: seeded[m] for m in ("grpo_guard", "flow_grpo") if m in seeded and len(seeded[m]) > 1}
     if len(pair) == 2:
-        # matched past each seed's own base: the levels below are proxy gains over the seed's step 0
-        pair = {m: [over_base(r) for r in group] for m, group in pair.items()}
-        levels = matched_levels(pair)
-        at_level = {
-            level: {m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in pair.items()}
-            for level in levels
-        }  # fmt: skip
-        lines += [
-            "",
-            "Claim 4 (proxy levels are gains over each seed's step-0 proxy):",
-            claim4_verdict(pair, levels, at_level),
-        ]
+        lines += ["", claim4_over_base(pair)]
     if plot_dir and seeded:
         path = plot_rise_and_fall(seeded, plot_dir, name)
         if path:

@@ -52,7 +52,7 @@ def run_plan(path: str, plan: list[tuple[str, int, float]], steps: int, eval_ste
 
 
 def analyse(study: dict, plot_dir: str | None = None) -> str:
-    from analysis.overoptimization import by_method, claim4_verdict, fmt, matched_levels, over_base, t_interval
+    from analysis.overoptimization import by_method, claim4_over_base, fmt, matched_levels, t_interval
     from analysis.rise_and_fall import alarm_summary, plot_rise_and_fall, proxy_gain_per_second, rise_and_fall
 
     from trl_guard.report.verdict import gold_at_proxy
@@ -90,16 +90,8 @@ def analyse(study: dict, plot_dir: str | None = None) -> str:
     title = "Gold where each run's {} first reaches a level (runs that reached it):"
     lines += gold_table(title.format("proxy"), "proxy level", levels, "proxy")
     lines += gold_table(title.format("sqrt(KL)"), "sqrt(KL) level", kl_levels, "kl", lambda x: x * x)
-    # matched past each seed's own base (the seeds' held-out proxy starts at 0.41-0.50): gains over its step 0
-    pair = {m: [over_base(r) for r in runs[m]] for m in ("grpo_guard", "flow_grpo") if m in runs}
-    pair_levels = matched_levels(pair)
-    at_level = {
-        level: {
-            m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in pair.items()
-        }
-        for level in pair_levels
-    }
-    lines += ["", claim4_verdict(pair, pair_levels, at_level), "", "| method | stopped | stop steps | false alarms | "
+    pair = {m: runs[m] for m in ("grpo_guard", "flow_grpo") if m in runs}
+    lines += ["", claim4_over_base(pair), "", "| method | stopped | stop steps | false alarms | "
               "restored - best | restored - last |", "|---|---|---|---|---|---|"]  # fmt: skip
     for method, group in runs.items():
         alarm = alarm_summary(group)

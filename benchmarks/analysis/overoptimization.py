@@ -239,6 +239,20 @@ def claim4_verdict(
     return head + "\nPer matched proxy level (description, not the test):\n" + "\n".join(rows)
 
 
+def claim4_over_base(pair: dict[str, list[dict]]) -> str:
+    """`claim4_verdict` on GRPO-Guard's and Flow-GRPO's runs matched past each seed's own base (`over_base`), headed
+    so that the levels read as gains: for testbeds whose base proxy differs by seed."""
+    gained = {method: [over_base(r) for r in group] for method, group in pair.items()}
+    levels = matched_levels(gained)
+    at_level = {
+        level: {m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in gained.items()}
+        for level in levels
+    }  # fmt: skip
+    return "Claim 4 (proxy levels are gains over each seed's step-0 proxy):\n" + claim4_verdict(
+        gained, levels, at_level
+    )
+
+
 def plot(runs: dict[str, list[dict]], levels: list[float], plot_dir: str, sweep: dict | None = None) -> str | None:
     """Gold against proxy and against sqrt(KL): every run thin, each method's mean over seeds thick; with a sweep,
     a third panel shows every sweep run (gold against proxy, one line per method and rate)."""
