@@ -220,20 +220,27 @@ def test_the_readme_example_config_is_valid_and_off_policy():
 
 
 @pytest.mark.parametrize(
-    ("environment", "named"),
+    ("environment", "named", "on_gpus_only"),
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1 is not supported .*fsdp_version: 2"),
-        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP1 is not supported"),  # accelerate's default version is 1
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported", False),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1 is not supported .*fsdp_version: 2", True),
+        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP1 is not supported", True),  # accelerate's default version is 1
     ],
 )
-def test_a_deepspeed_or_fsdp1_launch_is_refused_by_the_config(environment, named, monkeypatch, tmp_path):
-    """`accelerate launch` tells its setup in the environment: the config refuses DeepSpeed and FSDP1 (and so FSDP1's
-    CPU offload) before the trainer loads any weight; an FSDP2 launch passes."""
+def test_a_deepspeed_or_fsdp1_launch_is_refused_by_the_config(environment, named, on_gpus_only, monkeypatch, tmp_path):
+    """`accelerate launch` tells its setup in the environment: the config refuses a DeepSpeed launch, and on GPUs an
+    FSDP1 one (and so FSDP1's CPU offload), before the trainer loads any weight. On CPUs accelerate ignores an FSDP
+    config and runs DDP, which passes; so does an FSDP2 launch."""
+    import torch
+
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
+    if on_gpus_only:
+        assert tiny_config(tmp_path).output_dir == str(tmp_path)  # this machine has no GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match=f"this accelerate launch: {named}"):
         tiny_config(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert tiny_config(tmp_path).output_dir == str(tmp_path)

@@ -465,7 +465,7 @@ class GuardConfig(*ALGORITHM_ARGUMENTS, TrainingArguments):
         )
         # transformers would try to import deepspeed here, and fail on a missing package rather than on the setting
         check(not self.deepspeed, f"deepspeed={self.deepspeed!r}: {DEEPSPEED_REFUSAL}")
-        launch = launch_refusal()  # a DeepSpeed or FSDP1 `accelerate launch`, refused before any weight loads
+        launch = launch_refusal(self.use_cpu)  # a DeepSpeed or FSDP1 `accelerate launch`, before any weight loads
         check(launch is None, f"this accelerate launch: {launch}")
 
     def _validate(self) -> None:

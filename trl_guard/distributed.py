@@ -35,15 +35,22 @@ FSDP1_REFUSAL = (
 )
 
 
-def launch_refusal() -> str | None:
+def _on_cpu(use_cpu: bool = False) -> bool:
+    """Whether accelerate will run on CPUs, where it ignores a DeepSpeed or FSDP launch config (docs/sharding.md)."""
+    return use_cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+
+
+def launch_refusal(use_cpu: bool = False) -> str | None:
     """What `check_distributed_setup` will refuse once the accelerator exists, told from `accelerate launch`'s
-    environment, so that `GuardConfig` refuses it before any weight loads: a DeepSpeed launch, or FSDP version 1.
-    None for every other launch, and outside `accelerate launch`."""
+    environment, so that `GuardConfig` refuses it before any weight loads: a DeepSpeed launch (on CPUs too, where
+    `TrainingArguments` would otherwise fail importing deepspeed), or FSDP version 1 on GPUs (on CPUs accelerate
+    ignores an FSDP config and runs DDP). None for every other launch, and outside `accelerate launch`."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return DEEPSPEED_REFUSAL
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2":
-        return FSDP1_REFUSAL
-    return None
+    fsdp1 = (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2"
+    )
+    return FSDP1_REFUSAL if fsdp1 and not _on_cpu(use_cpu) else None
 
 
 def is_fsdp2(accelerator: Any) -> bool:
@@ -57,9 +64,7 @@ def fsdp2_requested(args: Any) -> bool:
     FSDP version 2 from the TrainingArguments' `fsdp` or from `accelerate launch`'s environment. Conservative: on
     CPUs accelerate ignores an FSDP config (docs/sharding.md), and anything else is left to `is_fsdp2`, the authority
     once the accelerator exists."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not torch.cuda.is_available():
-        return False
-    if getattr(args, "use_cpu", False) or os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or _on_cpu(getattr(args, "use_cpu", False)):
         return False
     plugin = getattr(args, "fsdp_plugin_args", None)
     if plugin:
