@@ -121,6 +121,24 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def rgb_image(image: Any, used_for: str) -> Image.Image:
+    """A row's `image` as RGB, or a TypeError that says what it is `used_for` and how to give a column of PIL images.
+
+    Example:
+        >>> rgb_image("cat.png", "FLUX.1 Kontext edits the image")
+        Traceback (most recent call last):
+        ...
+        TypeError: FLUX.1 Kontext edits the image in each row's `image` column, which holds a str. ...
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"{used_for} in each row's `image` column, which holds a {type(image).__name__}. Give PIL images: a "
+            "datasets.Image() column, or cast a column of file paths with `dataset.cast_column('image', "
+            "datasets.Image())`."
+        )
+    return image.convert("RGB")
+
+
 def check_resolution_multiple(
     height: int, width: int, multiple: int, *, model: str, reason: str, largest: int | None = None
 ) -> None:

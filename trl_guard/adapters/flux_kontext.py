@@ -14,9 +14,8 @@ pipeline's own call instead picks the closest of Kontext's preferred resolutions
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
-from .base import PromptEmbeddings, register
+from .base import PromptEmbeddings, register, rgb_image
 from .flux import FluxAdapter
 
 
@@ -30,7 +29,7 @@ class FluxKontextAdapter(FluxAdapter):
 
     @torch.no_grad()
     def encode_conditions(self, columns: dict[str, list]) -> PromptEmbeddings:
-        images = [self._check_image(image) for image in columns["image"]]
+        images = [rgb_image(image, "FLUX.1 Kontext edits the image") for image in columns["image"]]
         processor, vae = self.pipeline.image_processor, self.pipeline.vae
         parts = []
         for start in range(0, len(images), self.encode_batch_size):
@@ -44,16 +43,6 @@ class FluxKontextAdapter(FluxAdapter):
     @property
     def _resolution(self) -> tuple[int, int]:
         return self.settings.height, self.settings.width
-
-    @staticmethod
-    def _check_image(image) -> Image.Image:
-        if not isinstance(image, Image.Image):
-            raise TypeError(
-                f"FLUX.1 Kontext edits the image in each row's `image` column, which holds a {type(image).__name__}. "
-                "Give PIL images: a datasets.Image() column, or cast a column of file paths with "
-                "`dataset.cast_column('image', datasets.Image())`."
-            )
-        return image.convert("RGB")
 
     def forward(self, denoiser, latents, sigma, conditioning):
         text = dict(conditioning.tensors)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import PromptEmbeddings, register
+from .base import PromptEmbeddings, register, rgb_image
 from .hunyuanvideo15 import HunyuanVideo15Adapter
 
 
@@ -69,15 +69,10 @@ class HunyuanVideo15I2VAdapter(HunyuanVideo15Adapter):
 
     def _first_frame(self, image: Any) -> Image.Image:
         """`image` fitted to the training size as the pipeline fits it to its own: resized to cover, centre-cropped."""
-        if not isinstance(image, Image.Image):
-            raise TypeError(
-                f"HunyuanVideo 1.5 image-to-video starts each video from the image in its row's `image` column, which "
-                f"holds a {type(image).__name__}. Give PIL images: a datasets.Image() column, or cast a column of file "
-                "paths with `dataset.cast_column('image', datasets.Image())`."
-            )
+        image = rgb_image(image, "HunyuanVideo 1.5 image-to-video starts each video from the image")
         settings = self.settings
         return self.pipeline.video_processor.resize(
-            image.convert("RGB"), height=settings.height, width=settings.width, resize_mode="crop"
+            image, height=settings.height, width=settings.width, resize_mode="crop"
         )
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import PromptEmbeddings, register
+from .base import PromptEmbeddings, register, rgb_image
 from .wan import WanAdapter
 from .wan22 import WAN22_LORA_TARGETS, Wan22Adapter
 
@@ -140,19 +140,11 @@ class ImageToVideoMixin:
         factor = pipe.vae_scale_factor_spatial
         return (pipe.vae.config.z_dim, frames, settings.height // factor, settings.width // factor)
 
-    @staticmethod
-    def _check_image(image: Any) -> Image.Image:
-        if not isinstance(image, Image.Image):
-            raise TypeError(
-                f"Wan image-to-video starts each video from the image in its row's `image` column, which holds a "
-                f"{type(image).__name__}. Give PIL images: a datasets.Image() column, or cast a column of file paths "
-                "with `dataset.cast_column('image', datasets.Image())`."
-            )
-        return image.convert("RGB")
-
     @torch.no_grad()
     def encode_conditions(self, columns: dict[str, list]) -> PromptEmbeddings:
-        images = [self._check_image(image) for image in columns["image"]]
+        images = [
+            rgb_image(image, "Wan image-to-video starts each video from the image") for image in columns["image"]
+        ]
         tensors = {
             "condition_latents": torch.cat(
                 [
