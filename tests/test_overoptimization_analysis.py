@@ -91,3 +91,17 @@ def test_t_interval_matches_the_textbook():
     mean, low, high = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
     assert mean == 2.0 and high - mean == pytest.approx(4.303 / np.sqrt(3))
     assert np.isnan(t_interval([1.0])[1])
+
+
+def test_a_run_that_reaches_only_some_matched_levels_is_left_out_of_the_average():
+    """Claim 4 averages each run's gold over the common levels: a run that stops short of some of them is left out
+    (it used to raise a KeyError), while the others are still compared."""
+    from analysis.overoptimization import claim4_verdict
+
+    runs = {"grpo_guard": [{"seed": s} for s in (1, 2, 3)], "flow_grpo": [{"seed": s} for s in (1, 2, 3)]}
+    at_level = {
+        0.1: {"grpo_guard": {1: 0.50, 2: 0.52, 3: 0.51}, "flow_grpo": {1: 0.40, 2: 0.41, 3: 0.40}},
+        0.2: {"grpo_guard": {1: 0.48, 2: 0.50, 3: 0.49}, "flow_grpo": {1: 0.38, 2: 0.39}},  # seed 3 stops short
+    }
+    text = claim4_verdict(runs, [0.1, 0.2], at_level)
+    assert "Claim 4 holds here" in text and "+0.100" in text

@@ -203,10 +203,9 @@ def claim4_verdict(
         )
 
     def averaged(method: str) -> dict[int, float]:
-        return {
-            seed: float(np.mean([at_level[level][method][seed] for level in common]))
-            for seed in at_level[common[0]][method]
-        }
+        # a run enters with the levels it reached all of: the mean would otherwise be over different levels
+        seeds = set.intersection(*(set(at_level[level][method]) for level in common))
+        return {seed: float(np.mean([at_level[level][method][seed] for level in common])) for seed in sorted(seeds)}
 
     guard, flow = averaged("grpo_guard"), averaged("flow_grpo")
     diff, low, high, paired = difference(guard, flow)
