@@ -85,6 +85,23 @@ def train_on_policy(trainer) -> None:
         assert all(v == 0.0 for v in logged(trainer, "log_ratio_mean"))
 
 
+def denoiser_kwargs(adapter, transformer, condition: dict) -> tuple:
+    """The keyword arguments `transformer` receives in one `adapter.forward` on "a cat" with the `condition` tensors
+    (an image-to-video family's first-frame states) added to the prompt's, and the noise that forward was given."""
+    import torch
+
+    from trl_guard.adapters import PromptEmbeddings
+
+    seen = []
+    hook = transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    text = adapter.encode_prompts(["a cat"])
+    noise = torch.randn(1, *adapter.latent_shape())
+    adapter.forward(transformer, noise, torch.tensor([0.5]), PromptEmbeddings({**text.tensors, **condition}))
+    hook.remove()
+    (kwargs,) = seen
+    return kwargs, noise
+
+
 def logged(trainer, key):
     """Every logged value of `key`, in order."""
     return [entry[key] for entry in trainer.state.log_history if key in entry]

@@ -21,7 +21,15 @@ from builders.hunyuanvideo15 import (
 from conftest import blueness
 from datasets import Dataset
 from diffusers import ClassifierFreeGuidance, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
-from helpers import logged, lora_config, make_trainer, random_image, train_on_policy, write_first_frame_jsonl
+from helpers import (
+    denoiser_kwargs,
+    logged,
+    lora_config,
+    make_trainer,
+    random_image,
+    train_on_policy,
+    write_first_frame_jsonl,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -122,13 +130,7 @@ def test_the_first_frame_and_its_siglip_states_reach_the_transformer_encoded_onc
     first, states = condition["first_frame_latents"], condition["image_embeds"]
     assert first.shape == (1, 4, 1, 8, 8) and first.dtype == torch.float32  # one latent frame: the image alone
     assert states.shape == (1, (32 // 8) ** 2, 16)  # SigLIP's patch tokens (no class token) of its width
-    seen = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    text = adapter.encode_prompts(["a cat"])
-    noise = torch.randn(1, *adapter.latent_shape())
-    adapter.forward(pipe.transformer, noise, torch.tensor([0.5]), PromptEmbeddings({**text.tensors, **condition}))
-    hook.remove()
-    (kwargs,) = seen
+    kwargs, noise = denoiser_kwargs(adapter, pipe.transformer, condition)
     hidden = kwargs["hidden_states"]  # channels: noise, the first frame's latents then zeros, the mask
     assert hidden.shape == (1, 4 + 4 + 1, 2, 8, 8)
     assert torch.equal(hidden[:, :4], noise) and torch.equal(hidden[:, 4:8, :1], first)

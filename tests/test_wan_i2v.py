@@ -27,7 +27,15 @@ from conftest import blueness
 from datasets import Dataset
 from diffusers import WanImageToVideoPipeline
 from diffusers.pipelines.wan import pipeline_wan_i2v
-from helpers import logged, lora_config, make_trainer, random_image, train_on_policy, write_first_frame_jsonl
+from helpers import (
+    denoiser_kwargs,
+    logged,
+    lora_config,
+    make_trainer,
+    random_image,
+    train_on_policy,
+    write_first_frame_jsonl,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -155,13 +163,7 @@ def test_the_condition_is_the_masked_first_frame_and_clip_states_reach_the_trans
     # the CLIP tower's penultimate hidden states: (1 + (32/8)^2) tokens of its width
     states = condition["encoder_hidden_states_image"]
     assert states.shape == (1, 17, 16)
-    seen = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    text = adapter.encode_prompts(["a cat"])
-    noise = torch.randn(1, *adapter.latent_shape())
-    adapter.forward(pipe.transformer, noise, torch.tensor([0.5]), PromptEmbeddings({**text.tensors, **condition}))
-    hook.remove()
-    (kwargs,) = seen
+    kwargs, noise = denoiser_kwargs(adapter, pipe.transformer, condition)
     assert torch.equal(kwargs["hidden_states"], torch.cat([noise, latents], dim=1))  # channels: noise, mask, frame
     assert torch.equal(kwargs["encoder_hidden_states_image"], states)
     assert kwargs["timestep"].tolist() == [500.0]
