@@ -45,7 +45,9 @@ The study, declared on 2026-12-06 after the calibration's first run (candidate a
   KL (beta 0.04), DiffusionNFT and AWM, with the settings of `benchmarks/overoptimization.py`; Flow-DPPO, DGPO and
   DPO join as they land in the library. They landed, and joined on 2026-12-07 before any of their study runs, with
   the settings of `benchmarks/bench_algorithms.py` (its `METHODS`), the other methods' rates (1e-3 and 3e-3) and
-  their place at the end of `STUDY_METHODS` (their sweeps come after NFT's and AWM's, before the seeds).
+  their place at the end of `STUDY_METHODS` (their sweeps come after NFT's and AWM's, before the seeds). GARDO,
+  the last of the algorithms to land, joined the same way on 2026-12-07 before any of its runs, after DPO (its gated
+  KL at beta 0.04 and JPEG compressibility as its auxiliary reward, from the same table).
 - The order: Flow-GRPO and GRPO-Guard first, then the others; within each, the sweeps and then the seeds.
 - The rates: a 2-rate sweep on seed 0 (`SWEEP_RATES`: GRPO-Guard 3e-4 and 1e-3, the paper's 3x lower rate; every
   other method 1e-3 and 3e-3; Flow-GRPO's two runs are the calibration's), the best being the one with the highest
@@ -60,6 +62,10 @@ The study, declared on 2026-12-06 after the calibration's first run (candidate a
   it records the step it would stop at without stopping, so that every curve stays whole. It catches a run whose
   gold fell at least 0.03 below its smoothed peak by the end when it fires at or after that peak; it raises a false
   alarm when it fires in a run whose gold did not fall so.
+
+A study or supplement run saves a checkpoint at each evaluation under the repository's ignored `runs/goodhart/`
+(from 2026-12-07; earlier runs ran without): a stopped session's runs continue from there, to the evaluations an
+unstopped run gives (tested), and each run's checkpoints are dropped once it is in its results file.
 
 The same-rate supplement, declared on 2026-12-07 after reading the study's Flow-GRPO and GRPO-Guard seeds (Flow-GRPO
 at 3e-3 fell with no rise before the fall; GRPO-Guard at 1e-3 neither fell nor moved the held-out proxy) and before
@@ -80,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -89,6 +96,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overoptimization import RESULTS, append, captions, load, train_run  # noqa: E402
 
 CALIBRATION_FILE = os.path.join(RESULTS, "goodhart_calibration.json")
+RUNS = os.path.normpath(os.path.join(RESULTS, os.pardir, os.pardir, "runs", "goodhart"))
 RATES = (1e-3, 3e-3)
 STEPS, EVAL_STEPS = 100, 10
 PROMPTS_PER_ROUND = 16
@@ -229,7 +237,7 @@ SAME_RATE_FILE = os.path.join(RESULTS, "goodhart_same_rate.json")
 SAME_RATE = 1e-3
 STUDY_METHODS = (
     *("flow_grpo", "grpo_guard", "ratio_norm", "temp_reweight", "flow_grpo_kl", "nft", "awm"),
-    *("flow_dppo", "dgpo", "dpo"),
+    *("flow_dppo", "dgpo", "dpo", "gardo"),
 )
 SWEEP_RATES = {method: (1e-3, 3e-3) for method in STUDY_METHODS} | {"grpo_guard": (3e-4, 1e-3)}
 SHARES_RATE = {"flow_grpo_kl": "flow_grpo"}
@@ -243,6 +251,7 @@ def _watching_alarm():
 
     class WatchingAlarm(OverOptimizationCallback):
         first_stop: int | None = None
+        _STATE_ATTRIBUTES = (*OverOptimizationCallback._STATE_ATTRIBUTES, "first_stop")  # kept across a resume
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
             if self.update(state.global_step, float(metrics[self.gold_metric]), float(metrics[self.proxy_metric])):
@@ -294,17 +303,31 @@ def study_run(method: str, seed: int, rate: float) -> dict:
         seed,
         rate,
         STEPS,
-        f"/tmp/goodhart/study-{method}-{seed}-{rate:g}",
+        run_dir(method, seed, rate),
         EVAL_STEPS,
         candidate_reward("stream"),
         train_captions=stream_captions(),
         callbacks=[alarm] if alarm else None,
+        resume=True,
         per_device_train_batch_size=PROMPTS_PER_ROUND * 8 // 2,
         **fields,
     )
     if alarm is not None:
         run["alarm"] = {"first_stop": alarm.first_stop, "best_step": alarm.best_step}
     return run
+
+
+def run_dir(method: str, seed: int, rate: float) -> str:
+    """Where a study run keeps its checkpoints until it is in the results file: under the repository's ignored
+    `runs/`, which outlives a stopped session (a run started again continues from its newest checkpoint)."""
+    return os.path.join(RUNS, f"study-{method}-{seed}-{rate:g}")
+
+
+def finish(path: str, run: dict) -> None:
+    """Append a finished run to its results file, then drop its checkpoints."""
+    append(path, run)
+    shutil.rmtree(run_dir(run["method"], run["seed"], run["learning_rate"]), ignore_errors=True)
+    print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
 
 
 def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
@@ -324,9 +347,7 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
             ):
                 continue
             print(f"{method} seed {seed} lr {rate:g} ...", flush=True)
-            run = study_run(method, seed, rate)
-            append(STUDY_FILE, run)
-            print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
+            finish(STUDY_FILE, study_run(method, seed, rate))
             progressed = True
         if not waiting:
             return
@@ -407,9 +428,7 @@ def run_same_rate() -> None:
         if any(r["seed"] == seed for r in load(SAME_RATE_FILE)["runs"]):
             continue
         print(f"flow_grpo seed {seed} lr {SAME_RATE:g} (same-rate) ...", flush=True)
-        run = study_run("flow_grpo", seed, SAME_RATE)
-        append(SAME_RATE_FILE, run)
-        print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
+        finish(SAME_RATE_FILE, study_run("flow_grpo", seed, SAME_RATE))
 
 
 def shape_and_claim4(seeded: dict[str, list[dict]], plot_dir: str | None = None, name: str = "") -> str:

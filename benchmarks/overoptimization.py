@@ -180,21 +180,38 @@ def train_run(
     reward=None,
     train_captions: list[str] | None = None,
     callbacks: list | None = None,
+    resume: bool = False,
     **overrides,
 ) -> dict:
     """One run of `method` on the toy world, evaluated before training and every `eval_steps`; `callbacks` are added
     to the trainer (the Goodhart study's live alarm), `overrides` are extra `GuardConfig` fields. Each evaluation
-    records the seconds of training before it (evaluation time excluded)."""
+    records the seconds of training before it (evaluation time excluded).
+
+    With `resume`, a checkpoint is saved at every evaluation (the newest kept) with the run's own bookkeeping beside
+    it (the base evaluation, the training clock, the minutes so far), and a run started again in the same
+    `output_dir` continues from the newest one: its evaluations are those of an uninterrupted run (the trainer's
+    resume is exact, and the alarm's counts travel in the checkpoint). The time between that checkpoint and the stop
+    is not counted in `minutes`."""
+    if resume:
+        overrides = {"save_strategy": "steps", "save_steps": eval_steps, "save_total_limit": 1, **overrides}
     trainer = toy_trainer(
         method, seed, learning_rate, steps, output_dir, eval_steps, reward, train_captions, **overrides
     )
     settings = METHODS[method]
     clock = _TrainingClock()
-    for callback in [clock, *(callbacks or [])]:
-        trainer.add_callback(callback)
     start = time.time()
-    base = trainer.evaluate()
-    trainer.train()
+    checkpoint, progress = _resumable_checkpoint(output_dir) if resume else (None, None)
+    if progress is not None:
+        clock.seconds_at = {int(step): seconds for step, seconds in progress["seconds_at"].items()}
+        clock.total = progress["total"]
+        start -= 60 * progress["minutes"]
+    saver = _RunProgress(clock, start) if resume else None
+    for callback in [clock, *(callbacks or []), *([saver] if saver else [])]:
+        trainer.add_callback(callback)
+    base = trainer.evaluate() if progress is None else progress["base"]
+    if saver is not None:
+        saver.base = base
+    trainer.train(resume_from_checkpoint=checkpoint)
     history = [{**base, "step": 0}] + [e for e in trainer.state.log_history if PROXY in e]
     for entry in history:
         entry["train_seconds"] = clock.seconds_at.get(entry["step"], 0.0)
@@ -222,6 +239,21 @@ def train_run(
     }
 
 
+PROGRESS_FILE = "run_progress.json"
+
+
+def _resumable_checkpoint(output_dir: str) -> tuple[str | None, dict | None]:
+    """The newest checkpoint of a stopped run in `output_dir` and the bookkeeping saved beside it; (None, None) when
+    there is none, or when the stop came between the checkpoint and its bookkeeping (the run then starts afresh)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if checkpoint is None or not os.path.exists(os.path.join(checkpoint, PROGRESS_FILE)):
+        return None, None
+    with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+        return checkpoint, json.load(f)
+
+
 class _TrainingClock(TrainerCallback):
     """Seconds spent training (evaluations excluded) up to each evaluation, keyed by step."""
 
@@ -238,6 +270,25 @@ class _TrainingClock(TrainerCallback):
             self.total += time.perf_counter() - self.since
         self.seconds_at[state.global_step] = self.total
         self.since = time.perf_counter() if self.since is not None else None  # the clock restarts after evaluation
+
+
+class _RunProgress(TrainerCallback):
+    """Writes what `train_run` needs to continue a run into each checkpoint, once the trainer has saved it."""
+
+    def __init__(self, clock: _TrainingClock, start: float):
+        self.clock, self.start, self.base = clock, start, None
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        progress = {
+            "base": self.base,
+            "seconds_at": self.clock.seconds_at,
+            "total": self.clock.total,
+            "minutes": (time.time() - self.start) / 60,
+        }
+        with open(os.path.join(checkpoint, PROGRESS_FILE + ".tmp"), "w") as f:
+            json.dump(progress, f)
+        os.replace(os.path.join(checkpoint, PROGRESS_FILE + ".tmp"), os.path.join(checkpoint, PROGRESS_FILE))
 
 
 def run_all(path: str, plan: list[tuple[str, int, float]], steps: int) -> None:

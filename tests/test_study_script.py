@@ -87,3 +87,59 @@ def test_window_benchmark_compares_at_equal_training_time(tmp_path, monkeypatch)
     assert "| grpo_guard | window2 | 40 | 0.180 [0.180, 0.180] |" in clean and "| 2.00x |" in clean
     plotted = bench_window.analyse(plot_dir=str(tmp_path))
     assert (tmp_path / "window.png").stat().st_size > 0 and "window.png" in plotted
+
+
+class _Stopped(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of_an_unstopped_one(
+    tmp_path, monkeypatch
+):
+    import overoptimization
+    from goodhart_testbed import _watching_alarm
+    from transformers import TrainerCallback
+
+    train, held_out = overoptimization.captions()
+    monkeypatch.setattr(overoptimization, "captions", lambda: (train, held_out[:8]))
+
+    class StopAfterCheckpoint(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # checkpoint-2 and its bookkeeping are written
+                raise _Stopped
+
+    class Evaluations(TrainerCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    def run(output_dir, *extra, resume=True):
+        alarm = _watching_alarm()
+        record = overoptimization.train_run(
+            "flow_grpo", 0, 3e-3, 3, str(tmp_path / output_dir), 1, train_captions=train[:8],
+            callbacks=[alarm, *extra], resume=resume, per_device_train_batch_size=16,
+            logging_steps=1,  # logs where checkpoints are, as the study's (a log averages the steps since the last)
+        )  # fmt: skip
+        for e in record["evals"]:
+            e.pop("train_seconds")
+        return record, alarm.state()
+
+    plain, plain_alarm = run("plain", resume=False)
+    unstopped, unstopped_alarm = run("unstopped")
+    with pytest.raises(_Stopped):
+        run("stopped", StopAfterCheckpoint())
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-2"]
+    evaluated = Evaluations()
+    resumed, resumed_alarm = run("stopped", evaluated)
+    assert evaluated.steps == [3]  # it continued: a restart would have evaluated at 0, 1 and 2 again
+    assert [e["step"] for e in resumed["evals"]] == [0, 1, 2, 3]
+    assert resumed["evals"] == unstopped["evals"] == plain["evals"]
+    assert resumed["train_rewards"] == unstopped["train_rewards"] == plain["train_rewards"]
+    assert resumed_alarm == unstopped_alarm == plain_alarm
+    fired, restored = _watching_alarm(), _watching_alarm()
+    fired.first_stop = 40
+    restored.load_state(fired.state(), None)
+    assert restored.first_stop == 40  # the step the watching alarm would have stopped at travels in the checkpoint
