@@ -57,7 +57,8 @@ The study, declared on 2026-12-06 after the calibration's first run (candidate a
   evaluations; rise and fall with Student-t intervals). The testbed shows over-optimisation when both intervals are
   above 0.
 - Claim 4: `analysis.overoptimization.claim4_verdict`: GRPO-Guard's gold minus Flow-GRPO's at matched proxy levels
-  past the base, paired by seed, Student-t interval deciding (and Flow-DPPO's minus Flow-GRPO's once it lands).
+  past the base, paired by seed, Student-t interval deciding; and the same test on Flow-DPPO's minus Flow-GRPO's
+  (`CLAIM4_AGAINST_FLOW_GRPO`).
 - The alarm: `OverOptimizationCallback(tolerance=0.02, patience=2)` watches every Flow-GRPO and GRPO-Guard run live;
   it records the step it would stop at without stopping, so that every curve stays whole. It catches a run whose
   gold fell at least 0.03 below its smoothed peak by the end when it fires at or after that peak; it raises a false
@@ -243,6 +244,7 @@ SWEEP_RATES = {method: (1e-3, 3e-3) for method in STUDY_METHODS} | {"grpo_guard"
 SHARES_RATE = {"flow_grpo_kl": "flow_grpo"}
 STUDY_SEEDS = (1, 2, 3, 4)
 WATCHED = ("flow_grpo", "grpo_guard")
+CLAIM4_AGAINST_FLOW_GRPO = ("grpo_guard", "flow_dppo")  # the declared comparisons, each minus Flow-GRPO
 
 
 def _watching_alarm():
@@ -432,8 +434,8 @@ def run_same_rate() -> None:
 
 
 def shape_and_claim4(seeded: dict[str, list[dict]], plot_dir: str | None = None, name: str = "") -> str:
-    """Per method the rise and fall with the alarm's record; claim 4 when GRPO-Guard and Flow-GRPO have 2+ seeds;
-    with `plot_dir`, every run drawn into `name` there."""
+    """Per method the rise and fall with the alarm's record; claim 4 for each declared method against Flow-GRPO when
+    both have 2+ seeds; with `plot_dir`, every run drawn into `name` there."""
     from analysis.overoptimization import claim4_over_base, fmt
     from analysis.rise_and_fall import plot_rise_and_fall, rise_and_fall
 
@@ -456,9 +458,10 @@ def shape_and_claim4(seeded: dict[str, list[dict]], plot_dir: str | None = None,
             f"| {method} | {group[0]['learning_rate']:g} | {len(group)} | " + " | ".join(cells)
             + f" | {', '.join('-' if f is None else str(f) for f in fired) or 'not watched'} | {record} |"
         )  # fmt: skip
-    pair = {m: seeded[m] for m in ("grpo_guard", "flow_grpo") if m in seeded and len(seeded[m]) > 1}
-    if len(pair) == 2:
-        lines += ["", claim4_over_base(pair)]
+    for method in CLAIM4_AGAINST_FLOW_GRPO:
+        pair = {m: seeded[m] for m in (method, "flow_grpo") if len(seeded.get(m, [])) > 1}
+        if len(pair) == 2:
+            lines += ["", claim4_over_base(pair, method, "flow_grpo")]
     if plot_dir and seeded:
         path = plot_rise_and_fall(seeded, plot_dir, name)
         if path:

@@ -105,3 +105,29 @@ def test_a_run_that_reaches_only_some_matched_levels_is_left_out_of_the_average(
     }
     text = claim4_verdict(runs, [0.1, 0.2], at_level)
     assert "Claim 4 holds here" in text and "+0.100" in text
+
+
+def test_the_goodhart_study_tests_each_declared_method_against_flow_grpo():
+    """Claim 4's declared comparisons, GRPO-Guard and Flow-DPPO each minus Flow-GRPO, are both read, named as the
+    methods are known, with a method keeping more gold found to keep it."""
+    from goodhart_testbed import shape_and_claim4
+
+    def runs(method, gold_slope):
+        return [
+            {"method": method, "seed": seed, "learning_rate": 1e-3, "evals": [
+                {"step": 10 * i, "proxy": 0.4 + 0.02 * i + 0.001 * seed, "gold": 0.5 + gold_slope * i + 0.002 * seed,
+                 "kl": 0.01 * i} for i in range(8)
+            ]}
+            for seed in (1, 2, 3, 4)
+        ]  # fmt: skip
+
+    text = shape_and_claim4(
+        {
+            "flow_grpo": runs("flow_grpo", -0.03),
+            "grpo_guard": runs("grpo_guard", -0.03),
+            "flow_dppo": runs("flow_dppo", 0.0),
+        }
+    )
+    guard, dppo = text.split("Claim 4 (")[1:]
+    assert "GRPO-Guard and Flow-GRPO keep the same gold" in guard
+    assert "Claim 4 holds here: Flow-DPPO keeps more gold than Flow-GRPO" in dppo

@@ -176,25 +176,33 @@ def difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, 
 
 
 def claim4_verdict(
-    runs: dict[str, list[dict]], levels: list[float], at_level: dict[float, dict[str, dict[int, float]]]
+    runs: dict[str, list[dict]],
+    levels: list[float],
+    at_level: dict[float, dict[str, dict[int, float]]],
+    method: str = "grpo_guard",
+    baseline: str = "flow_grpo",
 ) -> str:
-    """Claim 4 of GRPO-Guard, "at a comparable proxy reward the gold score falls much less than under Flow-GRPO".
+    """Claim 4 of GRPO-Guard, "at a comparable proxy reward the gold score falls much less than under Flow-GRPO", for
+    `method` against `baseline` (GRPO-Guard against Flow-GRPO, the claim itself, unless told otherwise).
 
     One pre-declared test decides, so that testing several levels cannot find a difference by chance: per run, the
-    gold averaged over the matched proxy levels that both methods' runs reached, and GRPO-Guard's mean minus
-    Flow-GRPO's with its 95% bootstrap interval (paired by seed where both methods have the seed; paired differences
+    gold averaged over the matched proxy levels that both methods' runs reached, and `method`'s mean minus
+    `baseline`'s with its 95% bootstrap interval (paired by seed where both methods have the seed; paired differences
     also get a Student-t interval, and the verdict uses the wider of the two). The claim holds if the interval is
     above 0, fails if it is below 0, and is not shown if it spans 0. The per-level differences follow,
     as description."""
-    if "grpo_guard" not in runs or "flow_grpo" not in runs or not levels:
-        return "Not enough runs for a verdict: both flow_grpo and grpo_guard must reach a common proxy level."
+    from trl_guard.algorithms import method_name
+
+    name, base_name = method_name(method), method_name(baseline)
+    if method not in runs or baseline not in runs or not levels:
+        return f"Not enough runs for a verdict: both {baseline} and {method} must reach a common proxy level."
     common = [
         level
         for level in levels
-        if len(at_level[level]["grpo_guard"]) >= 2
-        and len(at_level[level]["flow_grpo"]) >= 2
-        and set(at_level[level]["grpo_guard"]) | set(at_level[level]["flow_grpo"])
-        == {r["seed"] for m in ("grpo_guard", "flow_grpo") for r in runs[m]}
+        if len(at_level[level][method]) >= 2
+        and len(at_level[level][baseline]) >= 2
+        and set(at_level[level][method]) | set(at_level[level][baseline])
+        == {r["seed"] for m in (method, baseline) for r in runs[m]}
     ]
     if not common:
         return (
@@ -202,53 +210,53 @@ def claim4_verdict(
             "every run of both methods reached."
         )
 
-    def averaged(method: str) -> dict[int, float]:
+    def averaged(m: str) -> dict[int, float]:
         # a run enters with the levels it reached all of: the mean would otherwise be over different levels
-        seeds = set.intersection(*(set(at_level[level][method]) for level in common))
-        return {seed: float(np.mean([at_level[level][method][seed] for level in common])) for seed in sorted(seeds)}
+        seeds = set.intersection(*(set(at_level[level][m]) for level in common))
+        return {seed: float(np.mean([at_level[level][m][seed] for level in common])) for seed in sorted(seeds)}
 
-    guard, flow = averaged("grpo_guard"), averaged("flow_grpo")
-    diff, low, high, paired = difference(guard, flow)
-    seeds = f"{len(runs['grpo_guard'])} GRPO-Guard and {len(runs['flow_grpo'])} Flow-GRPO runs"
+    ours, theirs = averaged(method), averaged(baseline)
+    diff, low, high, paired = difference(ours, theirs)
+    seeds = f"{len(runs[method])} {name} and {len(runs[baseline])} {base_name} runs"
     summary = (
-        f"gold averaged over the matched proxy levels {common[0]:.3f}-{common[-1]:.3f}, GRPO-Guard minus Flow-GRPO: "
+        f"gold averaged over the matched proxy levels {common[0]:.3f}-{common[-1]:.3f}, {name} minus {base_name}: "
         f"{diff:+.3f}, 95% bootstrap interval [{low:+.3f}, {high:+.3f}]"
     )
     if paired:
-        shared = sorted(set(guard) & set(flow))
-        _, t_low, t_high = t_interval([guard[s] - flow[s] for s in shared])
+        shared = sorted(set(ours) & set(theirs))
+        _, t_low, t_high = t_interval([ours[s] - theirs[s] for s in shared])
         summary += f", Student-t interval [{t_low:+.3f}, {t_high:+.3f}] (paired by seed; {seeds})"
         # the verdict needs both intervals to agree: with few seeds the bootstrap alone is too narrow
         low, high = min(low, t_low), max(high, t_high)
     else:
         summary += f" (unpaired; {seeds})"
     if low > 0:
-        head = f"Claim 4 holds here: GRPO-Guard keeps more gold than Flow-GRPO at matched proxy; {summary}."
+        head = f"Claim 4 holds here: {name} keeps more gold than {base_name} at matched proxy; {summary}."
     elif high < 0:
-        head = f"Claim 4 fails here: GRPO-Guard keeps less gold than Flow-GRPO at matched proxy; {summary}."
+        head = f"Claim 4 fails here: {name} keeps less gold than {base_name} at matched proxy; {summary}."
     else:
         head = (
-            "Claim 4 is not shown here: GRPO-Guard and Flow-GRPO keep the same gold at matched proxy within the "
+            f"Claim 4 is not shown here: {name} and {base_name} keep the same gold at matched proxy within the "
             f"interval; {summary}."
         )
     rows = []
     for level in common:
-        d, lo, hi, _ = difference(at_level[level]["grpo_guard"], at_level[level]["flow_grpo"])
+        d, lo, hi, _ = difference(at_level[level][method], at_level[level][baseline])
         rows.append(f"- proxy {level:.3f}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     return head + "\nPer matched proxy level (description, not the test):\n" + "\n".join(rows)
 
 
-def claim4_over_base(pair: dict[str, list[dict]]) -> str:
-    """`claim4_verdict` on GRPO-Guard's and Flow-GRPO's runs matched past each seed's own base (`over_base`), headed
-    so that the levels read as gains: for testbeds whose base proxy differs by seed."""
-    gained = {method: [over_base(r) for r in group] for method, group in pair.items()}
+def claim4_over_base(pair: dict[str, list[dict]], method: str = "grpo_guard", baseline: str = "flow_grpo") -> str:
+    """`claim4_verdict` on `method`'s and `baseline`'s runs (`pair`) matched past each seed's own base (`over_base`),
+    headed so that the levels read as gains: for testbeds whose base proxy differs by seed."""
+    gained = {m: [over_base(r) for r in group] for m, group in pair.items()}
     levels = matched_levels(gained)
     at_level = {
         level: {m: {r["seed"]: g for r in group if (g := gold_at_proxy(r, level)) is not None} for m, group in gained.items()}
         for level in levels
     }  # fmt: skip
     return "Claim 4 (proxy levels are gains over each seed's step-0 proxy):\n" + claim4_verdict(
-        gained, levels, at_level
+        gained, levels, at_level, method, baseline
     )
 
 
