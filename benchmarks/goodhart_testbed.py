@@ -94,7 +94,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overoptimization import RESULTS, append, captions, load, train_run  # noqa: E402
+from overoptimization import RESULTS, append, captions, done, load, train_run  # noqa: E402
 
 CALIBRATION_FILE = os.path.join(RESULTS, "goodhart_calibration.json")
 RUNS = os.path.normpath(os.path.join(RESULTS, os.pardir, os.pardir, "runs", "goodhart"))
@@ -194,10 +194,11 @@ def screen(run: dict) -> dict:
     return result
 
 
-def done(path: str, candidate: str, rate: float, seed: int = 0) -> bool:
+def calibrated(candidate: str, rate: float, seed: int = 0) -> bool:
+    """Whether the calibration file holds `candidate`'s run at `rate` (a calibration run is keyed by candidate)."""
     return any(
         r.get("candidate") == candidate and r["seed"] == seed and np.isclose(r["learning_rate"], rate)
-        for r in load(path)["runs"]
+        for r in load(CALIBRATION_FILE)["runs"]
     )
 
 
@@ -343,10 +344,7 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
             if rate is None:
                 waiting = True
                 continue
-            if any(
-                r["method"] == method and r["seed"] == seed and np.isclose(r["learning_rate"], rate)
-                for r in load(STUDY_FILE)["runs"]
-            ):
+            if done(STUDY_FILE, method, seed, rate):
                 continue
             print(f"{method} seed {seed} lr {rate:g} ...", flush=True)
             finish(STUDY_FILE, study_run(method, seed, rate))
@@ -355,6 +353,38 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
             return
         if not progressed:
             time.sleep(300)  # another shard is running the sweep this shard waits for
+
+
+def study_status(methods: tuple[str, ...]) -> str:
+    """Where the study stands: per method, the runs in the results file, those under way (the step of their newest
+    checkpoint) and those still to run (a seed run's rate is unknown until its method's sweep is complete)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    rows: dict[str, dict[str, list[str]]] = {}
+    for method, seed, rate in study_plan(methods):
+        rate = rate if rate is not None else best_rate(method)
+        row = rows.setdefault(method, {"done": [], "under way": [], "to run": []})
+        name = f"seed {seed}" + ("" if rate is None else f" at {rate:g}")
+        folder = run_dir(method, seed, rate) if rate is not None else ""
+        checkpoint = get_last_checkpoint(folder) if rate is not None and os.path.isdir(folder) else None
+        if rate is not None and done(STUDY_FILE, method, seed, rate):
+            row["done"].append(name)
+        elif checkpoint is not None:
+            row["under way"].append(f"{name} (step {checkpoint.rsplit('-', 1)[-1]})")
+        else:
+            row["to run"].append(name)
+    count = {state: sum(len(row[state]) for row in rows.values()) for state in ("done", "under way", "to run")}
+    lines = [
+        f"{sum(count.values())} planned runs: {count['done']} done, {count['under way']} under way, "
+        f"{count['to run']} to run.",
+        "",
+        "| method | done | under way | to run |",
+        "|---|---|---|---|",
+    ]
+    for method, row in rows.items():
+        lines.append(f"| {method} | {len(row['done'])} | {', '.join(row['under way']) or '-'} | "
+                     f"{', '.join(row['to run']) or '-'} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def alarm_record(runs: list[dict], drop: float = 0.03) -> tuple[int, int, int]:
@@ -472,7 +502,8 @@ def shape_and_claim4(seeded: dict[str, list[dict]], plot_dir: str | None = None,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "phase", choices=["calibrate", "analyse", "study", "analyse-study", "same-rate", "analyse-same-rate"]
+        "phase",
+        choices=["calibrate", "analyse", "study", "status", "analyse-study", "same-rate", "analyse-same-rate"],
     )
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=["stream"])
     parser.add_argument("--methods", nargs="+", choices=STUDY_METHODS, default=list(STUDY_METHODS))
@@ -488,6 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     if options.phase == "study":
         run_study(tuple(options.methods), shard, shards)
         return
+    if options.phase == "status":
+        print(study_status(tuple(options.methods)))
+        return
     if options.phase == "same-rate":
         run_same_rate()
         return
@@ -495,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         print(analyse_same_rate(load(STUDY_FILE), load(SAME_RATE_FILE), RESULTS))
         return
     for candidate, rate in calibration_plan(tuple(options.candidates))[shard::shards]:
-        if done(CALIBRATION_FILE, candidate, rate):
+        if calibrated(candidate, rate):
             continue
         print(f"{candidate} lr {rate:g} ...", flush=True)
         run = run_candidate(candidate, rate)

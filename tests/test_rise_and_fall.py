@@ -195,6 +195,7 @@ def test_the_same_rate_supplement_pairs_guards_study_seeds_at_its_rate_and_resum
 
     calls = []
     monkeypatch.setattr(goodhart_testbed, "SAME_RATE_FILE", str(tmp_path / "same_rate.json"))
+    monkeypatch.setattr(goodhart_testbed, "RUNS", str(tmp_path / "runs"))  # never the study's own checkpoints
     monkeypatch.setattr(
         goodhart_testbed, "study_run", lambda m, seed, rate: calls.append(seed) or {**flows[0], "seed": seed}
     )
@@ -217,3 +218,44 @@ def test_the_goodhart_plots_draw_every_seed_run_and_every_sweep_run(monkeypatch,
     assert (tmp_path / "goodhart_study.png").stat().st_size > 10_000
     assert (tmp_path / "goodhart_sweeps.png").stat().st_size > 10_000
     assert text.count("Plot: ") == 2
+
+
+def test_the_study_runs_only_what_its_file_lacks_and_says_where_it_stands(monkeypatch, tmp_path):
+    """A stopped study started again runs only the planned runs its results file lacks (seed runs at their method's
+    swept rate), drops each finished run's checkpoints, and `status` counts what is done, under way and to run."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed
+
+    for name, file in (("STUDY_FILE", "study.json"), ("CALIBRATION_FILE", "calibration.json"), ("RUNS", "runs")):
+        monkeypatch.setattr(goodhart_testbed, name, str(tmp_path / file))
+    late = {1e-3: 0.50, 3e-3: 0.40, 3e-4: 0.45}  # each rate's proxy: 1e-3 is the best swept rate of both methods
+
+    def record(method, seed, rate, candidate=None):
+        evals = [{"step": 10 * i, "proxy": late[rate], "gold": 0.5, "kl": 0.0} for i in range(4)]
+        return {"method": method, "seed": seed, "learning_rate": rate, "evals": evals} | (
+            {"candidate": candidate} if candidate else {}
+        )
+
+    for rate in (1e-3, 3e-3):
+        goodhart_testbed.append(goodhart_testbed.CALIBRATION_FILE, record("flow_grpo", 0, rate, "stream"))
+    for run in (record("grpo_guard", 0, 3e-4), record("grpo_guard", 0, 1e-3), record("flow_grpo", 1, 1e-3)):
+        goodhart_testbed.append(goodhart_testbed.STUDY_FILE, run)  # finished before a stop
+    under_way = Path(goodhart_testbed.run_dir("grpo_guard", 2, 1e-3)) / "checkpoint-40"
+    under_way.mkdir(parents=True)
+    status = goodhart_testbed.study_status(("flow_grpo", "grpo_guard"))
+    assert status.startswith("10 planned runs: 3 done, 1 under way, 6 to run.")
+    assert (
+        "| grpo_guard | 2 | seed 2 at 0.001 (step 40) | seed 1 at 0.001, seed 3 at 0.001, seed 4 at 0.001 |" in status
+    )
+
+    calls = []
+    monkeypatch.setattr(
+        goodhart_testbed, "study_run", lambda m, seed, rate: calls.append((m, seed)) or record(m, seed, rate)
+    )
+    goodhart_testbed.run_study(("flow_grpo", "grpo_guard"), 0, 1)
+    assert calls == [("grpo_guard", 1), ("flow_grpo", 2), ("grpo_guard", 2), ("flow_grpo", 3), ("grpo_guard", 3),
+                     ("flow_grpo", 4), ("grpo_guard", 4)]  # fmt: skip
+    assert not under_way.parent.exists()  # its checkpoints went once the run was in the file
+    assert goodhart_testbed.study_status(("flow_grpo", "grpo_guard")).startswith("10 planned runs: 10 done,")
