@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import threading
+from collections.abc import Callable
 
 from peft import LoraConfig
 
@@ -65,6 +66,31 @@ def make_trainer(
         peft_config=lora_config() if peft_config == "default" else peft_config,
         gold_reward_funcs=gold_reward_funcs,
     )
+
+
+def resume_mid_round(
+    new_pipeline: Callable[[], object], reward_funcs, dataset, tmp_path, **settings
+) -> tuple[GuardGRPODiffusionTrainer, GuardGRPODiffusionTrainer]:
+    """Train a run into `tmp_path / "full"`, saving every step, then a second trainer on its own folder resumed from
+    its `checkpoint-3`, and check that both end on the same LoRA weights (atol 1e-6). With 4 steps in rounds of 2,
+    step 3 is the middle of the second round: the resumed run must replay the rollout buffer saved there, not sample
+    the round again with updated weights. `new_pipeline()` gives each trainer a fresh pipeline (or a path);
+    `settings` go to `make_trainer` and override the defaults below. Returns `(full, resumed)` for further checks."""
+    import torch
+
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2) | settings
+    full = make_trainer(new_pipeline(), reward_funcs, dataset, tmp_path / "full", **settings)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "rollout_buffer_0.safetensors").exists()
+    resumed = make_trainer(new_pipeline(), reward_funcs, dataset, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert full.state.global_step == resumed.state.global_step == settings["max_steps"]
+    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
+    assert final_full.keys() == final_resumed.keys()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    return full, resumed
 
 
 def train_on_policy(trainer) -> None:

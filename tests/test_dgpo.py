@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blueness
-from helpers import logged, make_trainer, tiny_config
+from helpers import logged, make_trainer, resume_mid_round, tiny_config
 
 from trl_guard.algorithms.dgpo import (
     compute_dgpo_loss,
@@ -341,20 +341,12 @@ def test_lagged_copy_follows_each_step_and_samples_after_the_switch(tiny_pipelin
     assert torch.equal(algorithm.sample(embeds, None, latents, generators, plan).final, lagged_sample)
 
 
-def test_mid_round_resume_is_exact(tiny_pipeline, _base_pipeline, prompts, tmp_path):
+def test_mid_round_resume_is_exact(_base_pipeline, prompts, tmp_path):
     # checkpoint-3 falls between the two updates of the second round; the lagged copy was pulled twice by then and
     # switches the sampler at step 2 (dgpo_lagged_sampling_after=1), so the resumed run must restore it
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, beta=0.01, dgpo_lagged_sampling_after=1, **DGPO)
-    full = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path / "full", **settings)
-    full.train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert (checkpoint / "algorithm_state.safetensors").exists()
-    assert (checkpoint / "rollout_buffer_0.safetensors").exists()
-    resumed = make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    settings = dict(beta=0.01, dgpo_lagged_sampling_after=1, **DGPO)
+    full, resumed = resume_mid_round(lambda: copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path, **settings)
+    assert (tmp_path / "full" / "checkpoint-3" / "algorithm_state.safetensors").exists()
     for name, tensor in full.algorithm.lagged.averages.items():
         torch.testing.assert_close(resumed.algorithm.lagged.averages[name], tensor, rtol=0, atol=1e-6)
     assert resumed.algorithm.pulled_steps == full.algorithm.pulled_steps == 2

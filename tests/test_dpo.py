@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blueness
-from helpers import logged, make_trainer, tiny_config
+from helpers import logged, make_trainer, resume_mid_round, tiny_config
 
 from trl_guard.algorithms.dgpo import group_shared_noise
 from trl_guard.algorithms.dpo import DPOAlgorithm, compute_dpo_loss, dpo_pairs, pair_rows, pair_sigmas
@@ -204,23 +204,12 @@ def test_the_reference_copy_is_refreshed_every_dpo_ref_update_steps(tiny_pipelin
     assert int(state["reference_version"]) == 1 and any(k.startswith("reference/") for k in state)
 
 
-def test_resume_in_the_middle_of_a_round_with_a_refreshed_reference_is_exact(
-    tiny_pipeline, _base_pipeline, prompts, tmp_path
-):
+def test_resume_in_the_middle_of_a_round_with_a_refreshed_reference_is_exact(_base_pipeline, prompts, tmp_path):
     # Two optimizer steps per round; the reference is refreshed at the start of round 1 (after step 2), and the
     # checkpoint at step 3 falls inside that round: only the saved copy can restore it.
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=3, dpo_ref_update_steps=2, **FAST)
+    settings = dict(save_steps=3, dpo_ref_update_steps=2, **FAST)
     settings["timestep_fraction"] = 0.25  # one unit per pair: the resume, not the loss, is under test
-    full = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path / "full", **settings)
-    full.train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert (checkpoint / "rollout_buffer_0.safetensors").exists()
-
-    resumed = make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path, **settings)
 
 
 def test_a_round_of_equal_rewards_trains_nothing(tiny_pipeline, prompts, tmp_path):

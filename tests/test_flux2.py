@@ -21,7 +21,7 @@ from builders.flux2 import (
 from conftest import blueness
 from datasets import Dataset
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, resume_mid_round
 from safetensors.torch import load_file
 
 from trl_guard.adapters import SamplingSettings, get_adapter
@@ -213,20 +213,7 @@ def test_lora_loads_with_the_pipeline_and_reproduces_the_policy(pipeline_dirs, p
 
 @pytest.mark.parametrize("family", ["dev", "klein"])
 def test_resume_in_the_middle_of_a_round_is_exact(base_pipelines, prompts, family, tmp_path):
-    def trainer(folder: str):
-        pipeline = copy.deepcopy(base_pipelines[family])
-        settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2)
-        return make_trainer(pipeline, [blueness], prompts, tmp_path / folder, **settings, **family_settings())
-
-    full = trainer("full")
-    full.train()
-    resumed = trainer("resumed")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    assert final_full.keys() == final_resumed.keys()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(base_pipelines[family]), [blueness], prompts, tmp_path, **family_settings())
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 from conftest import blueness
 from datasets import Dataset
 from diffusers import FluxKontextPipeline
-from helpers import logged, make_trainer
+from helpers import logged, make_trainer, resume_mid_round
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -138,15 +138,7 @@ def test_training_is_on_policy_and_rewards_see_the_sources(tiny_kontext_pipeline
 
 
 def test_resume_in_the_middle_of_a_round_is_exact(_base_kontext_pipeline, edits, tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **KONTEXT)
-    full = make_trainer(copy.deepcopy(_base_kontext_pipeline), [blueness], edits, tmp_path / "full", **settings)
-    full.train()
-    resumed = make_trainer(copy.deepcopy(_base_kontext_pipeline), [blueness], edits, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base_kontext_pipeline), [blueness], edits, tmp_path, **KONTEXT)
 
 
 def test_lora_loads_with_flux_kontext_pipeline(_base_kontext_pipeline, edits, tmp_path):

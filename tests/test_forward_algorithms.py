@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blueness
-from helpers import logged, make_trainer, tiny_config
+from helpers import logged, make_trainer, resume_mid_round, tiny_config
 
 from trl_guard.losses import lagged_decay
 
@@ -62,19 +62,12 @@ def test_lagged_copy_follows_the_weights_by_its_decay(tiny_pipeline, prompts, tm
 
 
 @pytest.mark.parametrize(("loss_type", "extra"), [("nft", dict(ema_decay=0.9, ema_update_interval=1)), ("awm", {})])
-def test_mid_round_resume_is_exact(loss_type, extra, tiny_pipeline, _base_pipeline, prompts, tmp_path):
+def test_mid_round_resume_is_exact(loss_type, extra, _base_pipeline, prompts, tmp_path):
     # checkpoint-3 falls between the two updates of the second round: the lagged copy (and AWM's round-start
     # weights) must come back from the checkpoint for the resumed run to end on the same weights
-    settings = dict(loss_type=loss_type, max_steps=4, save_strategy="steps", save_steps=1, **extra)
-    full = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path / "full", **settings)
-    full.train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert (checkpoint / "algorithm_state.safetensors").exists()
-    resumed = make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    settings = dict(loss_type=loss_type, **extra)
+    full, resumed = resume_mid_round(lambda: copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path, **settings)
+    assert (tmp_path / "full" / "checkpoint-3" / "algorithm_state.safetensors").exists()
     for name, tensor in full.algorithm.lagged.averages.items():
         torch.testing.assert_close(resumed.algorithm.lagged.averages[name], tensor, rtol=0, atol=1e-6)
 

@@ -16,7 +16,7 @@ from builders.hunyuanvideo15 import (
 from conftest import blueness
 from datasets import Dataset
 from diffusers import ClassifierFreeGuidance
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, resume_mid_round
 
 from trl_guard.adapters import HunyuanVideo15Adapter, SamplingSettings, get_adapter
 from trl_guard.adapters.hunyuanvideo15 import HUNYUANVIDEO15_ATTENTION_PROJECTIONS
@@ -169,15 +169,7 @@ def test_lora_loads_with_the_transformers_loader_and_reproduces_the_policy(_base
 
 @pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base_pipeline, prompts, tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **HUNYUAN)
-    full = make_trainer(copy.deepcopy(_base_pipeline), [video_blueness()], prompts, tmp_path / "full", **settings)
-    full.train()
-    resumed = make_trainer(copy.deepcopy(_base_pipeline), [video_blueness()], prompts, tmp_path / "r", **settings)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base_pipeline), [video_blueness()], prompts, tmp_path, **HUNYUAN)
 
 
 @pytest.mark.slow  # ~18 s: the saved pipeline encodes at the published text lengths

@@ -27,6 +27,7 @@ from helpers import (
     lora_config,
     make_trainer,
     random_image,
+    resume_mid_round,
     train_on_policy,
     write_first_frame_jsonl,
 )
@@ -239,16 +240,7 @@ def test_lora_loads_with_the_transformers_loader_and_reproduces_the_policy(_base
 
 @pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base, rows, tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **I2V)
-    full = make_trainer(copy.deepcopy(_base), [video_blueness], rows, tmp_path / "full", **settings)
-    full.train()
-    resumed = make_trainer(copy.deepcopy(_base), [video_blueness], rows, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    assert final_full.keys() == final_resumed.keys()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base), [video_blueness], rows, tmp_path, **I2V)
 
 
 @pytest.mark.slow  # the saved pipeline encodes at the published text lengths

@@ -24,7 +24,7 @@ from builders.ltx2 import (
 )
 from conftest import blueness
 from datasets import Dataset
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, resume_mid_round
 
 from trl_guard.adapters import LTX2Adapter, SamplingSettings, get_adapter
 from trl_guard.adapters.base import VideosWithAudio
@@ -302,25 +302,9 @@ def test_the_other_algorithm_families_train_it(loss_type, tiny_pipeline, prompts
 
 @pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base_pipeline, prompts, tmp_path):
-    settings = dict(
-        max_steps=4,
-        save_strategy="steps",
-        save_steps=1,
-        steps_per_generation=2,
-        num_generations=2,
-        per_device_train_batch_size=2,
-        num_inference_steps=2,
-        **LTX2,
-    )
+    settings = dict(num_generations=2, per_device_train_batch_size=2, num_inference_steps=2, **LTX2)
     rewards = [video_blueness_and_loudness]
-    full = make_trainer(copy.deepcopy(_base_pipeline), rewards, prompts, tmp_path / "full", **settings)
-    full.train()
-    resumed = make_trainer(copy.deepcopy(_base_pipeline), rewards, prompts, tmp_path / "r", **settings)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base_pipeline), rewards, prompts, tmp_path, **settings)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from builders.qwenimage21 import (
 )
 from conftest import blueness
 from datasets import Dataset
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, resume_mid_round
 from safetensors.torch import load_file
 
 from trl_guard.adapters import SamplingSettings, get_adapter
@@ -249,15 +249,7 @@ def test_first_pass_is_exactly_on_policy_and_training_learns(loss_type, settings
 
 @pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base_pipeline, varied, tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **CFG)
-    full = make_trainer(copy.deepcopy(_base_pipeline), [blueness], varied, tmp_path / "full", **settings)
-    full.train()
-    resumed = make_trainer(copy.deepcopy(_base_pipeline), [blueness], varied, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base_pipeline), [blueness], varied, tmp_path, **CFG)
 
 
 def test_lora_loads_with_the_pipeline_and_reproduces_the_policy(_base_pipeline, prompts, tmp_path):

@@ -28,7 +28,7 @@ from datasets.info import DatasetInfo
 from datasets.table import InMemoryTable
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, resume_mid_round
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -398,15 +398,7 @@ def test_image_similarity_scores_several_sources_by_their_mean(tmp_path):
 
 @pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base_edit_pipeline, edits, tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **EDIT)
-    full = make_trainer(copy.deepcopy(_base_edit_pipeline), [blueness], edits, tmp_path / "full", **settings)
-    full.train()
-    resumed = make_trainer(copy.deepcopy(_base_edit_pipeline), [blueness], edits, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base_edit_pipeline), [blueness], edits, tmp_path, **EDIT)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import blueness
 from datasets import Dataset
-from helpers import logged, make_trainer
+from helpers import logged, make_trainer, resume_mid_round
 from safetensors.torch import load_file
 
 from trl_guard.losses import SDE_LOSS_TYPES
@@ -134,17 +134,11 @@ def test_ema_is_what_is_evaluated_and_saved(tiny_pipeline, prompts, tmp_path):
     assert any(not torch.equal(saved[key], live_state[key].cpu()) for key in saved)
 
 
-def test_resume_with_ema_is_exact(tiny_pipeline, _base_pipeline, prompts, tmp_path):
-    settings = dict(
-        max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, ema_decay=0.9, ema_update_interval=2
-    )
-    full = make_trainer(tiny_pipeline, [blueness], prompts, tmp_path / "full", **settings)
-    full.train()
+def test_resume_with_ema_is_exact(_base_pipeline, prompts, tmp_path):
+    settings = dict(ema_decay=0.9, ema_update_interval=2)
+    full, resumed = resume_mid_round(lambda: copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path, **settings)
     checkpoint = tmp_path / "full" / "checkpoint-3"  # mid-round, and between two EMA updates
     assert (checkpoint / "ema_state.safetensors").exists()
-
-    resumed = make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
     for name, parameter in full.ema.parameters.items():
         torch.testing.assert_close(resumed.ema.parameters[name], parameter, rtol=0, atol=1e-6)
         torch.testing.assert_close(resumed.ema.averages[name], full.ema.averages[name], rtol=0, atol=1e-6)

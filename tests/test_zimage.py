@@ -11,7 +11,7 @@ import torch
 from builders.zimage import ZIMAGE_REAL, build_real_width_zimage_pipeline, build_tiny_zimage_pipeline
 from conftest import blueness
 from diffusers import ZImagePipeline
-from helpers import logged, lora_config, make_trainer
+from helpers import logged, lora_config, make_trainer, resume_mid_round
 from safetensors.torch import load_file
 
 from trl_guard.adapters import SamplingSettings, get_adapter
@@ -165,15 +165,7 @@ def test_first_pass_is_exactly_on_policy_and_training_learns(
 
 @pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_is_exact(_base_zimage_pipeline, prompts, tmp_path):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, steps_per_generation=2, **BASE)
-    full = make_trainer(copy.deepcopy(_base_zimage_pipeline), [blueness], prompts, tmp_path / "full", **settings)
-    full.train()
-    resumed = make_trainer(copy.deepcopy(_base_zimage_pipeline), [blueness], prompts, tmp_path / "resumed", **settings)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))  # mid-round: replays the buffer
-    assert resumed.state.global_step == 4
-    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
-    for key in final_full:
-        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    resume_mid_round(lambda: copy.deepcopy(_base_zimage_pipeline), [blueness], prompts, tmp_path, **BASE)
 
 
 def test_lora_loads_with_zimage_pipeline_and_reproduces_the_policy(_base_zimage_pipeline, prompts, tmp_path):
