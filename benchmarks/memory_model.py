@@ -35,6 +35,7 @@ WIDTH = {"sd35l": 2432, "sd35m": 1536, "flux": 3072, "wan22": 5120}
 #: attention only).
 TEXT_TOKENS = {"sd35l": 93, "sd35m": 93, "flux": 16, "wan22": 0}
 SAMPLES = 4  # per configuration, over its processes
+FLOAT32_BYTES = 4  # every measurement ran in float32 (CPU)
 #: Parameters of the largest block of each 2-layer build (counted on the meta device): what FSDP2 gathers at once.
 BLOCK_PARAMS = {"sd35l": 213.0e6, "sd35m": 101.5e6, "flux": 339.8e6, "wan22": 351.4e6}
 
@@ -100,21 +101,19 @@ def fit(results: dict) -> dict:
     return model
 
 
-def activation_bytes_per_token(model: dict, layers: int, width: int, checkpointing: bool, value_bytes: int) -> float:
+def activation_bytes_per_token(model: dict, layers: int, width: int, checkpointing: bool) -> float:
     """Activation bytes per token per sample of a `layers`-block model of `width`, in the measured float32 (halve for
-    bf16). Checkpointing keeps each block's input (`width` values) and one block's activations at a time (while it is
-    recomputed), not every block's."""
+    bf16). Checkpointing keeps each block's input (`width` float32 values) and one block's activations at a time
+    (while it is recomputed), not every block's."""
     per_block = model["activation_bytes_per_width"] * width
-    blocks = layers * width * value_bytes + per_block if checkpointing else layers * per_block
+    blocks = layers * width * FLOAT32_BYTES + per_block if checkpointing else layers * per_block
     return blocks + model["outside_bytes_per_width"] * width
 
 
 def activations(model: dict, config: dict) -> float:
     per_process = SAMPLES / config["world"]
     layers = config.get("layers", LAYERS[config["family"]])
-    per_token = activation_bytes_per_token(
-        model, layers, WIDTH[config["family"]], config.get("checkpointing", False), value_bytes=4
-    )
+    per_token = activation_bytes_per_token(model, layers, WIDTH[config["family"]], config.get("checkpointing", False))
     return per_token * tokens(config) * per_process
 
 
@@ -173,7 +172,7 @@ def gpu_gib(model: dict, spec: dict, gpus: int, full: bool, checkpointing: bool)
     weights = params * (4 + model["state_bytes"] if full else 2) / gpus
     text = spec["text"] * 1e9 * 2
     gathered = 2 * 2 * params * spec.get("active", 1.0) / spec["layers"] if gpus > 1 else 0.0
-    per_token = activation_bytes_per_token(model, spec["layers"], spec["width"], checkpointing, value_bytes=4) / 2
+    per_token = activation_bytes_per_token(model, spec["layers"], spec["width"], checkpointing) / 2
     acts = per_token * spec["tokens"] * spec["batch"]
     return (weights + text + gathered + acts) / 2**30
 
