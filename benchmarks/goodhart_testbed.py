@@ -34,6 +34,31 @@ Declared before the first calibration run (2026-12-06), and not changed after se
 Each finished run is appended at once to `docs/results/goodhart_calibration.json` (with its candidate and rate) and
 skipped when the script runs again, so a stopped calibration resumes where it stopped.
 
+The calibration's second stage, declared on 2026-12-07 after reading Flow-GRPO's seeds 1-4 on candidate a at both
+rates (the study's at 3e-3: rise -0.007 [-0.056, 0.042]; the same-rate supplement's at 1e-3: rise 0.009
+[-0.047, 0.066], fall 0.040 [-0.046, 0.126]) and before any of its runs:
+
+    OMP_NUM_THREADS=1 nohup python benchmarks/goodhart_testbed.py calibrate-seeds --shard 0/2 &   # and --shard 1/2
+    python benchmarks/goodhart_testbed.py analyse-seeds
+
+- Why: candidate a passed the one-seed screen, but its rise did not hold over four seeds at either rate, so the
+  testbed does not show the rise-then-fall. A one-seed screen cannot tell a real rise from one seed's noise; this
+  stage screens with seeds.
+- The candidate: c (`designed`, `BONUS_WEIGHT` 0.5 as declared on 2026-12-06). Candidate b is passed over: it needs
+  samples of trained candidate-a policies, and no candidate-a run kept its weights; and a proxy refit where the
+  policy goes is more right there, which works against the fall the testbed needs, whereas c is built to have both
+  phases. Said here rather than left unsaid.
+- Runs: Flow-GRPO on candidate c, seeds 1-4 at both rates (1e-3 and 3e-3), seed-major, 100 steps, evaluated every
+  10, the alarm watching, as the study runs them; then one control: the right terms alone (`structure_only`), seed 1
+  at 3e-3, which must raise the gold (its mean over the last 3 evaluations above the base) for the rise to count as
+  learnt rather than built in. At most 9 runs, into `docs/results/goodhart_calibration.json`.
+- The test: at the rate the study's rule picks (the higher mean proxy over the last 3 evaluations, averaged over the
+  seeds), `analysis.rise_and_fall` on the 4 seeds; c shows the rise-then-fall when both the rise and the fall have
+  Student-t intervals above 0 and the control raised the gold. The other rate's reading is description.
+- If c passes, a study on c is declared before any of its runs; the study on candidate a is paused, not dropped
+  (its runs stay in `goodhart_study.json` and it resumes where it stopped). If c fails, that is the result: no
+  candidate built here shows the rise-then-fall with intervals.
+
 The study, declared on 2026-12-06 after the calibration's first run (candidate a at 1e-3 passed the screen: gold
 0.482, peak +0.044 at step 40, fall 0.113 by step 100) and before any study run:
 
@@ -194,6 +219,94 @@ def screen(run: dict) -> dict:
     return result
 
 
+SEEDED_CANDIDATE, CONTROL = "designed", ("structure_only", 1, 3e-3)
+
+
+def seeded_plan() -> list[tuple[str, int, float]]:
+    """The second stage's runs in order: candidate c's seeds 1-4 at both rates, seed-major, then the control."""
+    return [(SEEDED_CANDIDATE, seed, rate) for seed in STUDY_SEEDS for rate in RATES] + [CONTROL]
+
+
+def run_seeded(shard: int, shards: int) -> None:
+    """This shard's runs of the second stage, each appended to the calibration file as it finishes."""
+    for candidate, seed, rate in seeded_plan()[shard::shards]:
+        if calibrated(candidate, rate, seed):
+            continue
+        print(f"{candidate} seed {seed} lr {rate:g} ...", flush=True)
+        run = {**study_run("flow_grpo", seed, rate, candidate), "candidate": candidate}
+        finish(CALIBRATION_FILE, run, run_dir("flow_grpo", seed, rate, candidate))
+
+
+def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
+    """The second stage's reading: the shape per rate over the seeds (the test at the rate the study's rule picks),
+    and the control's gold."""
+    from analysis.overoptimization import fmt
+    from analysis.rise_and_fall import plot_rise_and_fall, rise_and_fall
+
+    runs = results["runs"]
+    groups = {
+        rate: [r for r in runs if r.get("candidate") == SEEDED_CANDIDATE and r["seed"] in STUDY_SEEDS
+               and np.isclose(r["learning_rate"], rate)]
+        for rate in RATES
+    }  # fmt: skip
+    groups = {rate: group for rate, group in groups.items() if group}
+    if not groups:
+        return "No run of the second stage yet."
+    late = {
+        rate: float(np.mean([np.mean([e["proxy"] for e in r["evals"][-3:]]) for r in g])) for rate, g in groups.items()
+    }
+    picked = max(late, key=late.get) if len(groups) == len(RATES) else None
+    lines = [
+        "| rate | seeds | late proxy | peak step | rise | fall | proxy gain after peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    shapes = {}
+    for rate, group in groups.items():
+        shapes[rate] = shape = rise_and_fall(group) if len(group) > 1 else None
+        cells = (
+            [str(shape.peak_step), fmt(shape.rise), fmt(shape.fall), fmt(shape.final_proxy_gain)]
+            if shape
+            else ["-"] * 4
+        )
+        lines.append(
+            f"| {rate:g}{' (picked)' if rate == picked else ''} | {len(group)} | {late[rate]:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    control = next(
+        (
+            r
+            for r in runs
+            if (r.get("candidate"), r["seed"]) == CONTROL[:2] and np.isclose(r["learning_rate"], CONTROL[2])
+        ),
+        None,
+    )
+    if control is not None:
+        gain = float(np.mean([e["gold"] for e in control["evals"][-3:]]) - control["evals"][0]["gold"])
+        lines += [
+            "",
+            f"Control ({CONTROL[0]}, seed {CONTROL[1]}, {CONTROL[2]:g}): gold over the last 3 evaluations "
+            f"minus the base {gain:+.3f} ({'raised' if gain > 0 else 'not raised'}).",
+        ]
+    complete = picked is not None and all(len(g) == len(STUDY_SEEDS) for g in groups.values()) and control is not None
+    if not complete:
+        lines += ["", "The second stage is not complete: no verdict yet."]
+    else:
+        shape = shapes[picked]
+        shown = shape.rise[1] > 0 and shape.fall[1] > 0 and gain > 0
+        lines += [
+            "",
+            f"Verdict: candidate c {'shows' if shown else 'does not show'} the rise-then-fall at {picked:g} "
+            f"(rise {fmt(shape.rise)}, fall {fmt(shape.fall)}, control {'raised' if gain > 0 else 'did not raise'} the gold).",
+        ]
+    if plot_dir:
+        named = {f"flow_grpo {rate:g}": g for rate, g in groups.items()}
+        path = plot_rise_and_fall(named, plot_dir, "goodhart_designed.png", "designed proxy")
+        if path:
+            lines += ["", f"Plot: {path}"]
+    return "\n".join(lines)
+
+
 def calibrated(candidate: str, rate: float, seed: int = 0) -> bool:
     """Whether the calibration file holds `candidate`'s run at `rate` (a calibration run is keyed by candidate)."""
     return any(
@@ -296,7 +409,7 @@ def study_plan(methods: tuple[str, ...]) -> list[tuple[str, int, float | None]]:
     return part(first) + part([m for m in methods if m not in WATCHED])
 
 
-def study_run(method: str, seed: int, rate: float) -> dict:
+def study_run(method: str, seed: int, rate: float, candidate: str = "stream") -> dict:
     import bench_algorithms  # its import registers the newer methods in the study's table
 
     alarm = _watching_alarm() if method in WATCHED else None
@@ -306,9 +419,9 @@ def study_run(method: str, seed: int, rate: float) -> dict:
         seed,
         rate,
         STEPS,
-        run_dir(method, seed, rate),
+        run_dir(method, seed, rate, candidate),
         EVAL_STEPS,
-        candidate_reward("stream"),
+        candidate_reward(candidate),
         train_captions=stream_captions(),
         callbacks=[alarm] if alarm else None,
         resume=True,
@@ -320,16 +433,16 @@ def study_run(method: str, seed: int, rate: float) -> dict:
     return run
 
 
-def run_dir(method: str, seed: int, rate: float) -> str:
-    """Where a study run keeps its checkpoints until it is in the results file: under the repository's ignored
-    `runs/`, which outlives a stopped session (a run started again continues from its newest checkpoint)."""
-    return os.path.join(RUNS, f"study-{method}-{seed}-{rate:g}")
+def run_dir(method: str, seed: int, rate: float, candidate: str = "stream") -> str:
+    """Where a run keeps its checkpoints until it is in its results file: under the repository's ignored `runs/`,
+    which outlives a stopped session (a run started again continues from its newest checkpoint)."""
+    return os.path.join(RUNS, f"study-{method}-{seed}-{rate:g}" + ("" if candidate == "stream" else f"-{candidate}"))
 
 
-def finish(path: str, run: dict) -> None:
-    """Append a finished run to its results file, then drop its checkpoints."""
+def finish(path: str, run: dict, folder: str | None = None) -> None:
+    """Append a finished run to its results file, then drop its checkpoints (in `folder`, or the study's)."""
     append(path, run)
-    shutil.rmtree(run_dir(run["method"], run["seed"], run["learning_rate"]), ignore_errors=True)
+    shutil.rmtree(folder or run_dir(run["method"], run["seed"], run["learning_rate"]), ignore_errors=True)
     print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
 
 
@@ -503,7 +616,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "phase",
-        choices=["calibrate", "analyse", "study", "status", "analyse-study", "same-rate", "analyse-same-rate"],
+        choices=[
+            *("calibrate", "analyse", "calibrate-seeds", "analyse-seeds"),
+            *("study", "status", "analyse-study", "same-rate", "analyse-same-rate"),
+        ],
     )
     parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=["stream"])
     parser.add_argument("--methods", nargs="+", choices=STUDY_METHODS, default=list(STUDY_METHODS))
@@ -515,6 +631,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if options.phase == "analyse-study":
         print(analyse_study(load(STUDY_FILE), RESULTS))
+        return
+    if options.phase == "calibrate-seeds":
+        run_seeded(shard, shards)
+        return
+    if options.phase == "analyse-seeds":
+        print(analyse_seeded(load(CALIBRATION_FILE), RESULTS))
         return
     if options.phase == "study":
         run_study(tuple(options.methods), shard, shards)

@@ -259,3 +259,37 @@ def test_the_study_runs_only_what_its_file_lacks_and_says_where_it_stands(monkey
                      ("flow_grpo", 4), ("grpo_guard", 4)]  # fmt: skip
     assert not under_way.parent.exists()  # its checkpoints went once the run was in the file
     assert goodhart_testbed.study_status(("flow_grpo", "grpo_guard")).startswith("10 planned runs: 10 done,")
+
+
+def test_the_seeded_calibration_runs_its_declared_plan_once_and_reads_the_shape_at_the_picked_rate(
+    monkeypatch, tmp_path
+):
+    """The second calibration stage: candidate c's seeds 1-4 at both rates, then the control, each run once (a stopped
+    stage resumes); the verdict waits for every run, then reads the rate with the higher late proxy."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed as g
+
+    monkeypatch.setattr(g, "CALIBRATION_FILE", str(tmp_path / "calibration.json"))
+    monkeypatch.setattr(g, "RUNS", str(tmp_path / "runs"))
+
+    def fake(method, seed, rate, candidate):
+        shaped = rising_then_falling(seed) if rate == 1e-3 else run(np.linspace(0.5, 0.3, 13), seed=seed)
+        if candidate == "structure_only":
+            shaped = run(np.linspace(0.45, 0.55, 13), seed=seed)
+        proxy_lift = 0.1 if rate == 1e-3 else 0.0  # 1e-3 ends with the higher proxy: the picked rate
+        evals = [{**e, "proxy": e["proxy"] + proxy_lift} for e in shaped["evals"]]
+        return {**shaped, "method": method, "learning_rate": rate, "evals": evals}
+
+    calls = []
+    monkeypatch.setattr(g, "study_run", lambda *a: calls.append(a) or fake(*a))
+    g.append(g.CALIBRATION_FILE, {**fake("flow_grpo", 1, 1e-3, "designed"), "candidate": "designed"})
+    g.run_seeded(1, 2)
+    assert "no verdict yet" in g.analyse_seeded(g.load(g.CALIBRATION_FILE))
+    g.run_seeded(0, 2)
+    assert len(calls) == 8 and ("flow_grpo", 1, 1e-3, "designed") not in calls  # the first was there before a stop
+    assert calls[-1] == ("flow_grpo", 1, 3e-3, "structure_only")
+    text = g.analyse_seeded(g.load(g.CALIBRATION_FILE))
+    assert "| 0.001 (picked) | 4 |" in text and "| 0.003 | 4 |" in text
+    assert "Verdict: candidate c shows the rise-then-fall at 0.001" in text and "control raised the gold" in text

@@ -116,9 +116,11 @@ def proxy_gain_per_second(run: dict) -> float:
     return (last["proxy"] - first["proxy"]) / last["train_seconds"] if last["train_seconds"] > 0 else float("nan")
 
 
-def plot_rise_and_fall(runs: dict[str, list[dict]], plot_dir: str, name: str = "learned_proxy.png") -> str | None:
-    """Gold against step, against proxy and against sqrt(KL) per method: every run a thin line, each method's mean
-    over seeds thick."""
+def plot_rise_and_fall(
+    runs: dict[str, list[dict]], plot_dir: str, name: str = "learned_proxy.png", proxy: str = "learned proxy"
+) -> str | None:
+    """Gold against step, against proxy (named `proxy`) and against sqrt(KL) per method: every run a thin line, each
+    method's mean over seeds thick."""
     plt = pyplot_or_none()
     if plt is None:
         return None
@@ -137,7 +139,7 @@ def plot_rise_and_fall(runs: dict[str, list[dict]], plot_dir: str, name: str = "
         axes[1].plot(mean["proxy"], mean["gold"], "o-", color=colours[method], lw=2, ms=3)
         axes[2].plot(np.sqrt(np.maximum(mean["kl"], 0.0)), mean["gold"], "o-", color=colours[method], lw=2, ms=3)
     axes[0].set(xlabel="optimizer step", ylabel="gold (caption fidelity, held out)", title="gold over training")
-    axes[1].set(xlabel="learned proxy (held out)", ylabel="gold", title="gold against proxy")
+    axes[1].set(xlabel=f"{proxy} (held out)", ylabel="gold", title="gold against proxy")
     axes[2].set(xlabel="sqrt(KL to the base policy)", ylabel="gold", title="gold against sqrt(KL)")
     axes[0].legend(fontsize=8)
     return save_figure(fig, plot_dir, name)
