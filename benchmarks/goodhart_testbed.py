@@ -281,6 +281,7 @@ def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
         ),
         None,
     )
+    gain = None
     if control is not None:
         gain = float(np.mean([e["gold"] for e in control["evals"][-3:]]) - control["evals"][0]["gold"])
         lines += [
@@ -288,7 +289,7 @@ def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
             f"Control ({CONTROL[0]}, seed {CONTROL[1]}, {CONTROL[2]:g}): gold over the last 3 evaluations "
             f"minus the base {gain:+.3f} ({'raised' if gain > 0 else 'not raised'}).",
         ]
-    complete = picked is not None and all(len(g) == len(STUDY_SEEDS) for g in groups.values()) and control is not None
+    complete = picked is not None and all(len(g) == len(STUDY_SEEDS) for g in groups.values()) and gain is not None
     if not complete:
         lines += ["", "The second stage is not complete: no verdict yet."]
     else:
@@ -335,13 +336,13 @@ def run_candidate(candidate: str, rate: float, seed: int = 0) -> dict:
 
 def analyse(results: dict) -> str:
     lines = [
-        "| candidate | rate | base gold | peak step | rise | fall | proxy gain after peak | passes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| candidate | seed | rate | base gold | peak step | rise | fall | proxy gain after peak | passes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         s = screen(run)
         lines.append(
-            f"| {run['candidate']} | {run['learning_rate']:g} | {run['evals'][0]['gold']:.3f} | {s['peak_step']} | "
+            f"| {run['candidate']} | {run['seed']} | {run['learning_rate']:g} | {run['evals'][0]['gold']:.3f} | {s['peak_step']} | "
             f"{s['rise']:+.3f} | {s['fall']:+.3f} | {s['proxy_gain_after_peak']:+.3f} | {'yes' if s['passes'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -441,7 +442,7 @@ def run_dir(method: str, seed: int, rate: float, candidate: str = "stream") -> s
 
 def finish(path: str, run: dict, folder: str | None = None) -> None:
     """Append a finished run to its results file, then drop its checkpoints (in `folder`, or the study's)."""
-    append(path, run)
+    append(path, run, key=("method", "seed", "learning_rate", "candidate"))
     shutil.rmtree(folder or run_dir(run["method"], run["seed"], run["learning_rate"]), ignore_errors=True)
     print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
 

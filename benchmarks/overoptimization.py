@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -74,13 +75,17 @@ def load(path: str) -> dict:
     return {"runs": []}
 
 
-def append(path: str, run: dict) -> None:
+def append(path: str, run: dict, key: tuple[str, ...] = ()) -> None:
     """Add one finished run and rewrite the file atomically, so a kill never leaves it half-written; a lock file
-    keeps two shards of the study from losing each other's runs."""
+    keeps two shards of the study from losing each other's runs. With `key` (field names), a run the file already
+    holds with the same values of those fields (kept by another process first) is not added twice."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load(path)
+        if key and any(all(kept.get(k) == run.get(k) for k in key) for kept in results["runs"]):
+            print(f"{path} already holds this run: not added twice.", flush=True)
+            return
         results["runs"].append(run)
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
@@ -187,31 +192,39 @@ def train_run(
     to the trainer (the Goodhart study's live alarm), `overrides` are extra `GuardConfig` fields. Each evaluation
     records the seconds of training before it (evaluation time excluded).
 
-    With `resume`, a checkpoint is saved at every evaluation (the newest kept) with the run's own bookkeeping beside
-    it (the base evaluation, the training clock, the minutes so far), and a run started again in the same
-    `output_dir` continues from the newest one: its evaluations are those of an uninterrupted run (the trainer's
-    resume is exact, and the alarm's counts travel in the checkpoint). The time between that checkpoint and the stop
-    is not counted in `minutes`."""
+    With `resume`, a checkpoint is saved at every evaluation (the newest kept) and the run's own bookkeeping (the base
+    evaluation, the training clock, the minutes so far) is written beside them at that evaluation, before the
+    checkpoint; a run started again in the same `output_dir` continues from the newest checkpoint: its evaluations
+    are those of an unstopped run (the trainer's resume is exact, the alarm's counts travel in the checkpoint, and a
+    log falls at each checkpoint). A checkpoint of the last step is read, not trained on again; one whose bookkeeping
+    is missing makes the run start afresh. The time between that checkpoint and the stop is not counted in
+    `minutes`."""
     if resume:
-        overrides = {"save_strategy": "steps", "save_steps": eval_steps, "save_total_limit": 1, **overrides}
+        overrides = {
+            **dict(save_strategy="steps", save_steps=eval_steps, save_total_limit=1, logging_steps=eval_steps),
+            **overrides,
+        }
+    checkpoint, progress = _resumable_checkpoint(output_dir) if resume else (None, None)
+    if resume and progress is None and os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)  # a stop before any usable checkpoint: nothing to continue from
     trainer = toy_trainer(
         method, seed, learning_rate, steps, output_dir, eval_steps, reward, train_captions, **overrides
     )
     settings = METHODS[method]
     clock = _TrainingClock()
     start = time.time()
-    checkpoint, progress = _resumable_checkpoint(output_dir) if resume else (None, None)
     if progress is not None:
         clock.seconds_at = {int(step): seconds for step, seconds in progress["seconds_at"].items()}
         clock.total = progress["total"]
         start -= 60 * progress["minutes"]
-    saver = _RunProgress(clock, start) if resume else None
+    saver = _RunProgress(clock, start, progress["base"] if progress else None) if resume else None
     for callback in [clock, *(callbacks or []), *([saver] if saver else [])]:
         trainer.add_callback(callback)
     base = trainer.evaluate() if progress is None else progress["base"]
-    if saver is not None:
-        saver.base = base
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and progress["step"] >= steps:
+        _read_finished(trainer, checkpoint, callbacks or [])
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     history = [{**base, "step": 0}] + [e for e in trainer.state.log_history if PROXY in e]
     for entry in history:
         entry["train_seconds"] = clock.seconds_at.get(entry["step"], 0.0)
@@ -239,19 +252,39 @@ def train_run(
     }
 
 
-PROGRESS_FILE = "run_progress.json"
+def _progress_path(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"run_progress-{step}.json")
 
 
 def _resumable_checkpoint(output_dir: str) -> tuple[str | None, dict | None]:
-    """The newest checkpoint of a stopped run in `output_dir` and the bookkeeping saved beside it; (None, None) when
-    there is none, or when the stop came between the checkpoint and its bookkeeping (the run then starts afresh)."""
+    """The newest checkpoint of a stopped run in `output_dir` and the bookkeeping written at its evaluation; (None,
+    None) when there is no checkpoint or no bookkeeping for it."""
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if checkpoint is None or not os.path.exists(os.path.join(checkpoint, PROGRESS_FILE)):
+    if checkpoint is None:
         return None, None
-    with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
-        return checkpoint, json.load(f)
+    step = int(checkpoint.rsplit("-", 1)[-1])
+    path = _progress_path(output_dir, step)
+    if not os.path.exists(path):
+        path = os.path.join(checkpoint, "run_progress.json")  # where the first runs that resumed wrote it
+    if not os.path.exists(path):
+        return None, None
+    with open(path) as f:
+        return checkpoint, {**json.load(f), "step": step}
+
+
+def _read_finished(trainer, checkpoint: str, callbacks: list) -> None:
+    """A run stopped after its last checkpoint, before its record was kept: its log and its alarms' state come from
+    that checkpoint (training again from it would take a step past the last)."""
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    saved = trainer.state.stateful_callbacks or {}
+    for callback in callbacks:
+        state = saved.get(type(callback).__name__)
+        if hasattr(callback, "load_state") and state:
+            callback.load_state(state[0] if isinstance(state, list) else state, None)
 
 
 class _TrainingClock(TrainerCallback):
@@ -273,22 +306,25 @@ class _TrainingClock(TrainerCallback):
 
 
 class _RunProgress(TrainerCallback):
-    """Writes what `train_run` needs to continue a run into each checkpoint, once the trainer has saved it."""
+    """Writes what `train_run` needs to continue a run at each evaluation, before the checkpoint of that step is
+    saved (so a checkpoint never exists without it); the first evaluation is the base."""
 
-    def __init__(self, clock: _TrainingClock, start: float):
-        self.clock, self.start, self.base = clock, start, None
+    def __init__(self, clock: _TrainingClock, start: float, base: dict | None):
+        self.clock, self.start, self.base = clock, start, base
 
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.base = self.base if self.base is not None else metrics
         progress = {
             "base": self.base,
             "seconds_at": self.clock.seconds_at,
             "total": self.clock.total,
             "minutes": (time.time() - self.start) / 60,
         }
-        with open(os.path.join(checkpoint, PROGRESS_FILE + ".tmp"), "w") as f:
+        path = _progress_path(args.output_dir, state.global_step)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
             json.dump(progress, f)
-        os.replace(os.path.join(checkpoint, PROGRESS_FILE + ".tmp"), os.path.join(checkpoint, PROGRESS_FILE))
+        os.replace(path + ".tmp", path)
 
 
 def run_all(path: str, plan: list[tuple[str, int, float]], steps: int) -> None:

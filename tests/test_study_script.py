@@ -24,6 +24,9 @@ def test_finished_runs_are_skipped_and_appends_keep_earlier_runs(tmp_path):
     assert study.done(path, "flow_grpo", 0, 1e-3) and study.done(path, "grpo_guard", 0, 1e-3)
     assert not study.done(path, "flow_grpo", 1, 1e-3) and not study.done(path, "flow_grpo", 0, 3e-3)
     assert len(study.load(path)["runs"]) == 2
+    study.append(path, run("flow_grpo", 1e-3, [0.2]), key=("method", "seed", "learning_rate"))  # kept already
+    study.append(path, run("flow_grpo", 1e-3, [0.2], seed=1), key=("method", "seed", "learning_rate"))
+    assert [(r["seed"], r["evals"][0]["proxy"]) for r in study.load(path)["runs"]] == [(0, 0.1), (0, 0.1), (1, 0.2)]
 
 
 def test_best_rate_is_the_highest_late_proxy_and_kl_variants_inherit_it():
@@ -125,6 +128,7 @@ def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of
         )  # fmt: skip
         for e in record["evals"]:
             e.pop("train_seconds")
+        record.pop("minutes")  # wall time: the only part of a record that may differ
         return record, alarm.state()
 
     plain, plain_alarm = run("plain", resume=False)
@@ -139,6 +143,16 @@ def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of
     assert resumed["evals"] == unstopped["evals"] == plain["evals"]
     assert resumed["train_rewards"] == unstopped["train_rewards"] == plain["train_rewards"]
     assert resumed_alarm == unstopped_alarm == plain_alarm
+
+    # stopped after its last checkpoint, before its record was kept: read from that checkpoint, not trained past it
+    evaluated = Evaluations()
+    again, again_alarm = run("unstopped", evaluated)
+    assert evaluated.steps == [] and again == unstopped and again_alarm == unstopped_alarm
+    # a checkpoint whose bookkeeping is missing: the run starts afresh, to the same evaluations
+    (tmp_path / "unstopped" / "run_progress-3.json").unlink()
+    evaluated = Evaluations()
+    afresh, _ = run("unstopped", evaluated)
+    assert evaluated.steps == [0, 1, 2, 3] and afresh == unstopped
     fired, restored = _watching_alarm(), _watching_alarm()
     fired.first_stop = 40
     restored.load_state(fired.state(), None)

@@ -175,6 +175,16 @@ def difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, 
     return (*bootstrap_difference(list(a.values()), list(b.values())), False)
 
 
+def _named(method: str) -> str:
+    """A study's method as the algorithms name it (`grpo_guard`: GRPO-Guard); a variant (`flow_grpo_kl`) as it is."""
+    from trl_guard.algorithms import method_name
+
+    try:
+        return method_name(method)
+    except ValueError:
+        return method
+
+
 def claim4_verdict(
     runs: dict[str, list[dict]],
     levels: list[float],
@@ -191,9 +201,7 @@ def claim4_verdict(
     also get a Student-t interval, and the verdict uses the wider of the two). The claim holds if the interval is
     above 0, fails if it is below 0, and is not shown if it spans 0. The per-level differences follow,
     as description."""
-    from trl_guard.algorithms import method_name
-
-    name, base_name = method_name(method), method_name(baseline)
+    name, base_name = _named(method), _named(baseline)
     if method not in runs or baseline not in runs or not levels:
         return f"Not enough runs for a verdict: both {baseline} and {method} must reach a common proxy level."
     common = [
