@@ -55,9 +55,12 @@ rates (the study's at 3e-3: rise -0.007 [-0.056, 0.042]; the same-rate supplemen
 - The test: at the rate the study's rule picks (the higher mean proxy over the last 3 evaluations, averaged over the
   seeds), `analysis.rise_and_fall` on the 4 seeds; c shows the rise-then-fall when both the rise and the fall have
   Student-t intervals above 0 and the control raised the gold. The other rate's reading is description.
-- If c passes, a study on c is declared before any of its runs; the study on candidate a is paused, not dropped
-  (its runs stay in `goodhart_study.json` and it resumes where it stopped). If c fails, that is the result: no
-  candidate built here shows the rise-then-fall with intervals.
+- If c passes, the study on c, declared here before c's verdict and before any of its runs: the study's methods,
+  rates, rule, seeds, claim-4 tests and alarm as on candidate a, with c's proxy, into
+  `docs/results/goodhart_study_designed.json`. Flow-GRPO's seeds there are this stage's at its picked rate (the rule
+  applied over four seeds instead of seed 0's sweep), and Flow-GRPO with KL takes that rate. The study on candidate
+  a is paused meanwhile, not dropped (its runs stay in `goodhart_study.json` and it resumes where it stopped). If c
+  fails, that is the result: no candidate built here shows the rise-then-fall with intervals.
 
 The study, declared on 2026-12-06 after the calibration's first run (candidate a at 1e-3 passed the screen: gold
 0.482, peak +0.044 at step 40, fall 0.113 by step 100) and before any study run:
