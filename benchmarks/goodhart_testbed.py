@@ -247,12 +247,7 @@ def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
     from analysis.rise_and_fall import plot_rise_and_fall, rise_and_fall
 
     runs = results["runs"]
-    groups = {
-        rate: [r for r in runs if r.get("candidate") == SEEDED_CANDIDATE and r["seed"] in STUDY_SEEDS
-               and np.isclose(r["learning_rate"], rate)]
-        for rate in RATES
-    }  # fmt: skip
-    groups = {rate: group for rate, group in groups.items() if group}
+    groups = {rate: group for rate in RATES if (group := runs_of(runs, SEEDED_CANDIDATE, rate, STUDY_SEEDS))}
     if not groups:
         return "No run of the second stage yet."
     late = {
@@ -276,14 +271,8 @@ def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
             + " | ".join(cells)
             + " |"
         )
-    control = next(
-        (
-            r
-            for r in runs
-            if (r.get("candidate"), r["seed"]) == CONTROL[:2] and np.isclose(r["learning_rate"], CONTROL[2])
-        ),
-        None,
-    )
+    candidate, seed, rate = CONTROL
+    control = next(iter(runs_of(runs, candidate, rate, (seed,))), None)
     gain = None
     if control is not None:
         gain = float(np.mean([e["gold"] for e in control["evals"][-3:]]) - control["evals"][0]["gold"])
@@ -311,12 +300,18 @@ def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def runs_of(runs: list[dict], candidate: str, rate: float, seeds: tuple[int, ...]) -> list[dict]:
+    """The calibration runs of `candidate` at `rate` with one of `seeds` (a calibration run is keyed by candidate)."""
+    return [
+        r
+        for r in runs
+        if r.get("candidate") == candidate and r["seed"] in seeds and np.isclose(r["learning_rate"], rate)
+    ]
+
+
 def calibrated(candidate: str, rate: float, seed: int = 0) -> bool:
-    """Whether the calibration file holds `candidate`'s run at `rate` (a calibration run is keyed by candidate)."""
-    return any(
-        r.get("candidate") == candidate and r["seed"] == seed and np.isclose(r["learning_rate"], rate)
-        for r in load(CALIBRATION_FILE)["runs"]
-    )
+    """Whether the calibration file holds `candidate`'s run at `rate` with `seed`."""
+    return bool(runs_of(load(CALIBRATION_FILE)["runs"], candidate, rate, (seed,)))
 
 
 def run_candidate(candidate: str, rate: float, seed: int = 0) -> dict:
