@@ -105,7 +105,7 @@ def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of
     from transformers import TrainerCallback
 
     train, held_out = overoptimization.captions()
-    monkeypatch.setattr(overoptimization, "captions", lambda: (train, held_out[:8]))
+    monkeypatch.setattr(overoptimization, "captions", lambda: (train, held_out[:4]))
 
     class StopAfterCheckpoint(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -123,7 +123,7 @@ def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of
         alarm = _watching_alarm()
         record = overoptimization.train_run(
             "flow_grpo", 0, 3e-3, 3, str(tmp_path / output_dir), 1, train_captions=train[:8],
-            callbacks=[alarm, *extra], resume=resume, per_device_train_batch_size=16,
+            callbacks=[alarm, *extra], resume=resume, per_device_train_batch_size=8,
             logging_steps=1,  # logs where checkpoints are, as the study's (a log averages the steps since the last)
         )  # fmt: skip
         for e in record["evals"]:
