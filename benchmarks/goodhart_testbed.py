@@ -225,6 +225,11 @@ def screen(run: dict) -> dict:
 SEEDED_CANDIDATE, CONTROL = "designed", ("structure_only", 1, 3e-3)
 
 
+def late_mean(run: dict, key: str) -> float:
+    """A run's `key` (proxy or gold) averaged over its last 3 evaluations: where the declared rules read a run's end."""
+    return float(np.mean([e[key] for e in run["evals"][-3:]]))
+
+
 def seeded_plan() -> list[tuple[str, int, float]]:
     """The second stage's runs in order: candidate c's seeds 1-4 at both rates, seed-major, then the control."""
     return [(SEEDED_CANDIDATE, seed, rate) for seed in STUDY_SEEDS for rate in RATES] + [CONTROL]
@@ -237,7 +242,7 @@ def run_seeded(shard: int, shards: int) -> None:
             continue
         print(f"{candidate} seed {seed} lr {rate:g} ...", flush=True)
         run = {**study_run("flow_grpo", seed, rate, candidate), "candidate": candidate}
-        finish(CALIBRATION_FILE, run, run_dir("flow_grpo", seed, rate, candidate))
+        finish(CALIBRATION_FILE, run)
 
 
 def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
@@ -250,9 +255,7 @@ def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
     groups = {rate: group for rate in RATES if (group := runs_of(runs, SEEDED_CANDIDATE, rate, STUDY_SEEDS))}
     if not groups:
         return "No run of the second stage yet."
-    late = {
-        rate: float(np.mean([np.mean([e["proxy"] for e in r["evals"][-3:]]) for r in g])) for rate, g in groups.items()
-    }
+    late = {rate: float(np.mean([late_mean(r, "proxy") for r in group])) for rate, group in groups.items()}
     picked = max(late, key=late.get) if len(groups) == len(RATES) else None
     lines = [
         "| rate | seeds | late proxy | peak step | rise | fall | proxy gain after peak |",
@@ -275,7 +278,7 @@ def analyse_seeded(results: dict, plot_dir: str | None = None) -> str:
     control = next(iter(runs_of(runs, candidate, rate, (seed,))), None)
     gain = None
     if control is not None:
-        gain = float(np.mean([e["gold"] for e in control["evals"][-3:]]) - control["evals"][0]["gold"])
+        gain = late_mean(control, "gold") - control["evals"][0]["gold"]
         lines += [
             "",
             f"Control ({CONTROL[0]}, seed {CONTROL[1]}, {CONTROL[2]:g}): gold over the last 3 evaluations "
@@ -393,7 +396,7 @@ def best_rate(method: str) -> float | None:
     runs = sweep_runs(method)
     if len(runs) < len(SWEEP_RATES[method]):
         return None
-    return max(runs, key=lambda r: np.mean([e["proxy"] for e in r["evals"][-3:]]))["learning_rate"]
+    return max(runs, key=lambda r: late_mean(r, "proxy"))["learning_rate"]
 
 
 def study_plan(methods: tuple[str, ...]) -> list[tuple[str, int, float | None]]:
@@ -438,10 +441,11 @@ def run_dir(method: str, seed: int, rate: float, candidate: str = "stream") -> s
     return os.path.join(RUNS, f"study-{method}-{seed}-{rate:g}" + ("" if candidate == "stream" else f"-{candidate}"))
 
 
-def finish(path: str, run: dict, folder: str | None = None) -> None:
-    """Append a finished run to its results file, then drop its checkpoints (in `folder`, or the study's)."""
+def finish(path: str, run: dict) -> None:
+    """Append a finished run to its results file, then drop its checkpoints."""
     append(path, run, key=("method", "seed", "learning_rate", "candidate"))
-    shutil.rmtree(folder or run_dir(run["method"], run["seed"], run["learning_rate"]), ignore_errors=True)
+    folder = run_dir(run["method"], run["seed"], run["learning_rate"], run.get("candidate", "stream"))
+    shutil.rmtree(folder, ignore_errors=True)
     print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
 
 
@@ -477,9 +481,9 @@ def study_status(methods: tuple[str, ...]) -> str:
         rate = rate if rate is not None else best_rate(method)
         row = rows.setdefault(method, {"done": [], "under way": [], "to run": []})
         name = f"seed {seed}" + ("" if rate is None else f" at {rate:g}")
-        folder = run_dir(method, seed, rate) if rate is not None else ""
-        checkpoint = get_last_checkpoint(folder) if rate is not None and os.path.isdir(folder) else None
-        if rate is not None and done(STUDY_FILE, method, seed, rate):
+        folder = run_dir(method, seed, rate) if rate is not None else None
+        checkpoint = get_last_checkpoint(folder) if folder and os.path.isdir(folder) else None
+        if folder and done(STUDY_FILE, method, seed, rate):
             row["done"].append(name)
         elif checkpoint is not None:
             row["under way"].append(f"{name} (step {checkpoint.rsplit('-', 1)[-1]})")
