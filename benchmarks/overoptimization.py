@@ -196,7 +196,7 @@ def train_run(
     evaluation, the training clock, the minutes so far) is written beside them at that evaluation, before the
     checkpoint; a run started again in the same `output_dir` continues from the newest checkpoint: its evaluations
     are those of an unstopped run (the trainer's resume is exact, the alarm's counts travel in the checkpoint, and a
-    log falls at each checkpoint). A checkpoint of the last step is read, not trained on again; one whose bookkeeping
+    log falls at each checkpoint). A checkpoint of the last step is read, not trained on again (the trainer takes no step from it); one whose bookkeeping
     is missing makes the run start afresh. The time between that checkpoint and the stop is not counted in
     `minutes`."""
     if resume:
@@ -221,10 +221,7 @@ def train_run(
     for callback in [clock, *(callbacks or []), *([saver] if saver else [])]:
         trainer.add_callback(callback)
     base = trainer.evaluate() if progress is None else progress["base"]
-    if checkpoint is not None and progress["step"] >= steps:
-        _read_finished(trainer, checkpoint, callbacks or [])
-    else:
-        trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)  # from the last step's checkpoint it takes no step
     history = [{**base, "step": 0}] + [e for e in trainer.state.log_history if PROXY in e]
     for entry in history:
         entry["train_seconds"] = clock.seconds_at.get(entry["step"], 0.0)
@@ -272,19 +269,6 @@ def _resumable_checkpoint(output_dir: str) -> tuple[str | None, dict | None]:
         return None, None
     with open(path) as f:
         return checkpoint, {**json.load(f), "step": step}
-
-
-def _read_finished(trainer, checkpoint: str, callbacks: list) -> None:
-    """A run stopped after its last checkpoint, before its record was kept: its log and its alarms' state come from
-    that checkpoint (training again from it would take a step past the last)."""
-    from transformers import TrainerState
-
-    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-    saved = trainer.state.stateful_callbacks or {}
-    for callback in callbacks:
-        state = saved.get(type(callback).__name__)
-        if hasattr(callback, "load_state") and state:
-            callback.load_state(state[0] if isinstance(state, list) else state, None)
 
 
 class _TrainingClock(TrainerCallback):

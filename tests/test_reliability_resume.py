@@ -116,6 +116,44 @@ def test_a_resumed_alarm_stops_at_the_same_step_and_restores_the_same_weights(
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
 
 
+
+def test_resuming_from_the_checkpoint_where_the_alarm_stopped_the_run_takes_no_step(
+    uninterrupted_alarm_run, _base_pipeline, tmp_path
+):
+    full_dir, final_full, _, full_alarm = uninterrupted_alarm_run
+    resumed, resumed_alarm = alarm_trainer(copy.deepcopy(_base_pipeline), tmp_path / "resumed")
+    output = resumed.train(resume_from_checkpoint=str(full_dir / "checkpoint-3"))
+    assert output.global_step == resumed.state.global_step == 3
+    assert max(entry["step"] for entry in resumed.state.log_history) == 3
+    assert resumed_alarm.stop_reason == full_alarm.stop_reason
+    # the alarm restored the weights of step 1, as at the end of the uninterrupted run
+    final_resumed = resumed.adapter.lora_state_dict()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
+    assert not list((tmp_path / "resumed").glob("checkpoint-*"))
+
+
+def test_resuming_from_the_checkpoint_at_max_steps_takes_no_step_and_keeps_its_weights(
+    _base_pipeline, prompts, tmp_path
+):
+    def trainer():
+        settings = dict(max_steps=3, save_strategy="steps", save_steps=1, steps_per_generation=1)
+        return make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path, **settings, per_device_train_batch_size=4)
+
+    full = trainer()
+    full.train()
+    resumed = trainer()
+    output = resumed.train(resume_from_checkpoint=True)
+    # transformers' loop would train step 4 before it checked for the end
+    assert output.global_step == resumed.state.global_step == 3
+    assert [entry["step"] for entry in resumed.state.log_history if "loss" in entry] == [1, 2, 3]
+    assert output.training_loss == pytest.approx(sum(e["loss"] for e in full.state.log_history if "loss" in e) / 3)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=0)
+
+
 # ---- 3. overwrite_output_dir moves the earlier run aside ----------------------------------------------------------
 def test_overwrite_moves_the_earlier_runs_checkpoints_aside_and_resume_takes_this_runs(
     _base_pipeline, prompts, tmp_path

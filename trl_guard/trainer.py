@@ -26,8 +26,8 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 from PIL import Image
-from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer, TrainerCallback, TrainerState, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl.trainer.utils import RepeatSampler, identity
 
 from . import checkpoints, context_parallel, distributed, preflight
@@ -674,7 +674,10 @@ class GuardGRPODiffusionTrainer(Trainer):
         group size, LoRA rank or targets, or for a mid-round checkpoint how the round is cut into micro-batches).
 
         A fresh run with `overwrite_output_dir` first moves an earlier run's checkpoints and model into
-        `output_dir/previous-run-K/`; a resume restores the over-optimisation alarms' state from the checkpoint."""
+        `output_dir/previous-run-K/`; a resume restores the over-optimisation alarms' state from the checkpoint. A
+        resume from the checkpoint that ended its run (at `max_steps`, or where an alarm stopped it) takes no step: it
+        loads that checkpoint's weights and state and ends training as the run did (a stopped alarm restores its
+        best weights); raise `max_steps` to train on."""
         if self.train_dataset is None:
             raise ValueError(
                 "train() needs a train_dataset: pass the prompts as GuardGRPODiffusionTrainer(train_dataset=...), a "
@@ -695,17 +698,40 @@ class GuardGRPODiffusionTrainer(Trainer):
             checkpoints.check_run_settings(checkpoint, self.run_settings())
             self._check_mid_round_buffer(checkpoint, state.get("global_step", 0))
             self._restore_alarms(checkpoint, state)
+            if self._run_ended_at(state):
+                return self._end_from(checkpoint)
         try:
             output = super().train(checkpoint, *args, **kwargs)
         finally:
             self._close_scorer()
-        restored = any(
-            isinstance(cb, OverOptimizationCallback) and cb.restore_best and cb.stop_reason is not None
-            for cb in self.callback_handler.callbacks
-        )
+        self._after_alarm_restore()
+        return output
+
+    def _run_ended_at(self, trainer_state: dict[str, Any]) -> bool:
+        """Whether the checkpoint whose `trainer_state` this is ends the run: it is at this run's `max_steps`, or a
+        callback (an over-optimisation alarm) stopped the run there before its `max_steps`. transformers' loop checks
+        for the end only after a step, so it would train one more."""
+        step = trainer_state.get("global_step", 0)
+        control = (trainer_state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+        control = control[0] if isinstance(control, list) else control
+        stopped = control.get("args", {}).get("should_training_stop", False)
+        return 0 < self.args.max_steps <= step or (stopped and step < trainer_state.get("max_steps", 0))
+
+    def _end_from(self, checkpoint: str) -> TrainOutput:
+        """Finish a run resumed from the checkpoint that ends it, without a step: its weights, state and log are the
+        checkpoint's, and the callbacks see the end of training (a stopped alarm restores its best weights)."""
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        self._load_checkpoint_weights(checkpoint, sharded=False)  # nothing is sharded before the training loop
+        logger.warning(f"{checkpoint} ends the run (step {self.state.global_step}): nothing is left to train.")
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        self._after_alarm_restore()
+        losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else 0.0, {})
+
+    def _after_alarm_restore(self) -> None:
+        restored = any(alarm.restore_best and alarm.stop_reason is not None for alarm in self._alarms())
         if restored and self.ema is not None:
             self.ema.reset()  # the restored weights were the evaluated EMA: keep averaging from them
-        return output
 
     def _scorer(self) -> ThreadPoolExecutor:
         """The worker thread that scores a micro-batch while the next one samples (`overlap_reward_scoring`)."""
@@ -1048,8 +1074,14 @@ class GuardGRPODiffusionTrainer(Trainer):
         self._copies_follow_shards = True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        if distributed.is_fsdp2(self.accelerator):  # called after `prepare`: the copies must hold shards first
+        sharded = distributed.is_fsdp2(self.accelerator)
+        if sharded:  # called after `prepare`: the copies must hold shards first
             self._follow_sharded_weights()
+        self._load_checkpoint_weights(resume_from_checkpoint, sharded)
+
+    def _load_checkpoint_weights(self, resume_from_checkpoint: str, sharded: bool) -> None:
+        """The checkpoint's rollout buffer, trainable weights, algorithm state and EMA; `sharded` when FSDP2 has
+        sharded the denoiser (the files hold full tensors either way)."""
         device = str(self.accelerator.device)
         buffer = os.path.join(resume_from_checkpoint, rollout_buffer_name(self.accelerator.process_index))
         if os.path.exists(buffer):
@@ -1057,7 +1089,7 @@ class GuardGRPODiffusionTrainer(Trainer):
                 buffer, device, buffer_layout(self.args), type(self.algorithm).rollout_type
             )
         if self.adapter.has_lora:
-            self.adapter.load_lora(resume_from_checkpoint, sharded=distributed.is_fsdp2(self.accelerator))
+            self.adapter.load_lora(resume_from_checkpoint, sharded=sharded)
         else:
             state = self.adapter.full_weights(resume_from_checkpoint)
             distributed.load_full_state(self.adapter.denoiser, state)
