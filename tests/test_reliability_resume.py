@@ -16,6 +16,7 @@ import torch
 from conftest import blueness
 from datasets import Dataset
 from helpers import lora_config, make_trainer, tiny_config
+from safetensors.torch import load_file
 
 from trl_guard import GuardGRPODiffusionTrainer, OverOptimizationCallback
 from trl_guard.checkpoints import resolve_resume
@@ -116,7 +117,6 @@ def test_a_resumed_alarm_stops_at_the_same_step_and_restores_the_same_weights(
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6)
 
 
-
 def test_resuming_from_the_checkpoint_where_the_alarm_stopped_the_run_takes_no_step(
     uninterrupted_alarm_run, _base_pipeline, tmp_path
 ):
@@ -137,8 +137,10 @@ def test_resuming_from_the_checkpoint_at_max_steps_takes_no_step_and_keeps_its_w
     _base_pipeline, prompts, tmp_path
 ):
     def trainer():
-        settings = dict(max_steps=3, save_strategy="steps", save_steps=1, steps_per_generation=1)
-        return make_trainer(copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path, **settings, per_device_train_batch_size=4)
+        settings = dict(max_steps=3, save_strategy="steps", save_steps=1, steps_per_generation=1, ema_decay=0.9)
+        return make_trainer(
+            copy.deepcopy(_base_pipeline), [blueness], prompts, tmp_path, **settings, per_device_train_batch_size=4
+        )
 
     full = trainer()
     full.train()
@@ -152,6 +154,15 @@ def test_resuming_from_the_checkpoint_at_max_steps_takes_no_step_and_keeps_its_w
     final_full, final_resumed = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
     for key in final_full:
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=0)
+    # the model a script saves after train() (with the EMA swapped in) is the uninterrupted run's
+    full.save_model(str(tmp_path / "full-model"))
+    resumed.save_model(str(tmp_path / "resumed-model"))
+    saved_full, saved_resumed = (
+        load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in ("full-model", "resumed-model")
+    )
+    assert saved_full.keys() == saved_resumed.keys()
+    for key in saved_full:
+        torch.testing.assert_close(saved_resumed[key], saved_full[key], rtol=0, atol=0)
 
 
 # ---- 3. overwrite_output_dir moves the earlier run aside ----------------------------------------------------------
