@@ -49,6 +49,18 @@ def tiny_flux_pipeline_dir(_base_flux_pipeline, tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def newcomers_demo(tmp_path_factory):
+    """`trl-guard demo --steps 2` in a fresh process, as a newcomer runs it (the default world: toy when its model is
+    installed), and its output folder: one run that test_demo checks for spurious warnings and test_toy_model for
+    the report's plots."""
+    import subprocess
+
+    output_dir = tmp_path_factory.mktemp("newcomers-demo")
+    command = [sys.executable, "-m", "trl_guard.cli", "demo", "--steps", "2", "--output-dir", str(output_dir)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900), output_dir
+
+
 @pytest.fixture
 def no_proxy(monkeypatch):
     """urllib honours the *_proxy variables: requests to a test's loopback server must not go through one."""

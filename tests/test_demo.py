@@ -9,7 +9,7 @@ from trl_guard.cli import main
 
 @pytest.mark.slow
 def test_demo_on_the_tiny_world_writes_loras_and_the_report(tmp_path, capsys):
-    main(["demo", "--world", "tiny", "--steps", "4", "--output-dir", str(tmp_path)])
+    main(["demo", "--world", "tiny", "--steps", "2", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "world: tiny" in out and "loss_type=flow_grpo" in out and "loss_type=grpo_guard" in out
     assert "progress bar" in out and out.index("[1/2] flow_grpo") < out.index("[2/2] grpo_guard")
@@ -22,14 +22,11 @@ def test_demo_on_the_tiny_world_writes_loras_and_the_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_newcomers_demo_prints_no_spurious_warnings(tmp_path):
+def test_newcomers_demo_prints_no_spurious_warnings(newcomers_demo):
     """A fresh process, as a newcomer runs it: no toy-VAE type warning, no pin_memory warning, no torchvision
-    fallback notice. The toy world's one-step run loads the toy pipeline, CLIP-importing diffusers and the loaders."""
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "trl_guard.cli", "demo", "--steps", "1", "--loss-types", "grpo_guard"]
-    done = subprocess.run([*command, "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    fallback notice. The toy world's two-step runs load the toy pipeline, CLIP-importing diffusers and the loaders
+    (the run is shared with test_toy_model's check of the report)."""
+    done, _ = newcomers_demo
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     for noise in ("Expected types for vae", "pin_memory", "requires torchvision", "FutureWarning"):

@@ -1,6 +1,7 @@
 """The over-optimisation study's bookkeeping: resume by skipping finished runs, and each method's best rate."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,8 @@ def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of
         alarm = _watching_alarm()
         record = overoptimization.train_run(
             "flow_grpo", 0, 3e-3, 3, str(tmp_path / output_dir), 1, train_captions=train[:8],
-            callbacks=[alarm, *extra], resume=resume, per_device_train_batch_size=8,
+            callbacks=[alarm, *extra], resume=resume, per_device_train_batch_size=4, num_generations=4,
+            num_inference_steps=4, eval_num_inference_steps=4,  # a round: 2 captions x 4 images of 4 steps
             logging_steps=1,  # logs where checkpoints are, as the study's (a log averages the steps since the last)
         )  # fmt: skip
         for e in record["evals"]:
@@ -132,10 +134,16 @@ def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of
         return record, alarm.state()
 
     plain, plain_alarm = run("plain", resume=False)
-    unstopped, unstopped_alarm = run("unstopped")
     with pytest.raises(_Stopped):
         run("stopped", StopAfterCheckpoint())
     assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-2"]
+    # a checkpoint whose bookkeeping is missing: the run starts afresh. That run, with checkpointing and never
+    # stopped, is the unstopped run the resumed one is compared with (one run checked for both).
+    shutil.copytree(tmp_path / "stopped", tmp_path / "unstopped")
+    (tmp_path / "unstopped" / "run_progress-2.json").unlink()
+    evaluated = Evaluations()
+    unstopped, unstopped_alarm = run("unstopped", evaluated)
+    assert evaluated.steps == [0, 1, 2, 3]
     evaluated = Evaluations()
     resumed, resumed_alarm = run("stopped", evaluated)
     assert evaluated.steps == [3]  # it continued: a restart would have evaluated at 0, 1 and 2 again
@@ -143,16 +151,12 @@ def test_a_stopped_study_run_continues_from_its_checkpoint_to_the_evaluations_of
     assert resumed["evals"] == unstopped["evals"] == plain["evals"]
     assert resumed["train_rewards"] == unstopped["train_rewards"] == plain["train_rewards"]
     assert resumed_alarm == unstopped_alarm == plain_alarm
+    assert unstopped == plain  # the restart afresh gives the record of a run without checkpoints
 
     # stopped after its last checkpoint, before its record was kept: read from that checkpoint, not trained past it
     evaluated = Evaluations()
     again, again_alarm = run("unstopped", evaluated)
     assert evaluated.steps == [] and again == unstopped and again_alarm == unstopped_alarm
-    # a checkpoint whose bookkeeping is missing: the run starts afresh, to the same evaluations
-    (tmp_path / "unstopped" / "run_progress-3.json").unlink()
-    evaluated = Evaluations()
-    afresh, _ = run("unstopped", evaluated)
-    assert evaluated.steps == [0, 1, 2, 3] and afresh == unstopped
     fired, restored = _watching_alarm(), _watching_alarm()
     fired.first_stop = 40
     restored.load_state(fired.state(), None)

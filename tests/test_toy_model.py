@@ -43,12 +43,13 @@ def test_toy_model_loads_and_draws_its_captions():
 
 
 @pytest.mark.slow
-def test_shortened_toy_demo_writes_every_plot(tmp_path, capsys):
-    from trl_guard.cli import main
-
-    main(["demo", "--world", "toy", "--steps", "2", "--output-dir", str(tmp_path)])
-    assert "world: toy" in capsys.readouterr().out
-    report = tmp_path / "report"
+def test_shortened_toy_demo_writes_every_plot(newcomers_demo):
+    """`trl-guard demo --steps 2` on the toy world (the default here), in the fresh process test_demo checks for
+    spurious warnings."""
+    done, output_dir = newcomers_demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world: toy" in done.stdout
+    report = output_dir / "report"
     for name in ("index.html", "rewards.png", "timesteps.png", "metrics.json", "timesteps.csv"):
         assert (report / name).exists(), name
     metrics = json.loads((report / "metrics.json").read_text())

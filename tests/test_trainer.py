@@ -73,11 +73,11 @@ def test_second_micro_step_is_off_policy(tiny_pipeline, prompts, tmp_path):
 
 def test_learnable_reward_goes_up(tiny_pipeline, prompts, tmp_path):
     trainer = make_trainer(
-        tiny_pipeline, [blueness], prompts, tmp_path, max_steps=40, logging_steps=2, per_device_train_batch_size=16
-    )
+        tiny_pipeline, [blueness], prompts, tmp_path, max_steps=20, logging_steps=2, per_device_train_batch_size=16
+    )  # measured: the last three logged rewards 37 spreads above the first three at 20 steps (42 at 40)
     trainer.train()
     rewards = logged(trainer, "reward")
-    assert len(rewards) == 20
+    assert len(rewards) == 10
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     spread = np.mean(logged(trainer, "reward_std")[:3])
     assert last > first + 5 * spread, (first, last, spread)
