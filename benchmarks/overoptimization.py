@@ -196,8 +196,8 @@ def train_run(
     evaluation, the training clock, the minutes so far) is written beside them at that evaluation, before the
     checkpoint; a run started again in the same `output_dir` continues from the newest checkpoint: its evaluations
     are those of an unstopped run (the trainer's resume is exact, the alarm's counts travel in the checkpoint, and a
-    log falls at each checkpoint). A checkpoint of the last step is read, not trained on again (the trainer takes no step from it); one whose bookkeeping
-    is missing makes the run start afresh. The time between that checkpoint and the stop is not counted in
+    log falls at each checkpoint). A checkpoint of the last step is read, not trained on again (the trainer takes no
+    step from it); one whose bookkeeping is missing makes the run start afresh. The time between that checkpoint and the stop is not counted in
     `minutes`."""
     if resume:
         overrides = {
