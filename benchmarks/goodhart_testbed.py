@@ -109,15 +109,41 @@ their place:
 - Read: the same shape test (`analysis.rise_and_fall`, both intervals above 0) on these 4 seeds; and claim 4 at one
   rate, GRPO-Guard's study seeds (1e-3) against these, with the study's test (`claim4_verdict`, matched past each
   seed's own base, Student-t deciding).
+
+AWM first, declared on 2026-12-07 (late evening) after the calibration's second stage failed and before any of AWM's
+seed runs or its 3e-3 sweep run. Nothing about the runs changes (methods, rates, the rate rule, seeds, steps); only
+when AWM's arrive, and one more reading:
+
+    OMP_NUM_THREADS=1 nohup python benchmarks/goodhart_testbed.py study --methods awm &
+    OMP_NUM_THREADS=1 nohup python benchmarks/goodhart_testbed.py study &   # the rest of the plan beside it
+
+- Why: Flow-GRPO failed the shape test on candidates a and c, and its control (the right terms alone) lowered the
+  gold without raising its proxy: at these settings Flow-GRPO drifts from the base without buying proxy. The one run
+  whose held-out proxy climbed far is AWM's seed-0 sweep run at 1e-3 (0.416 to 0.651). Its gold, 0.482 at the base,
+  touched 0.508 at step 40 (one evaluation; smoothed over 3 it stays near the base) and fell to 0.289 while the
+  proxy climbed: on one seed, a clear fall with a climbing proxy and an unclear rise. Whether this testbed shows
+  over-optimisation under any method is then AWM's seeds' question, and they should not wait behind 30 other runs.
+- The order: AWM's study runs (its 3e-3 sweep run, then seeds 1-4 at its picked rate) run in a worker of their own,
+  beside one worker on the whole plan; each run is locked while it trains (`claimed`), so two workers never train
+  the same run.
+- The reading: `analysis.rise_and_fall` on AWM's 4 seeds at its picked rate. The testbed shows over-optimisation
+  under AWM when the rise and the fall both have Student-t intervals above 0 and the mean proxy gain after the peak
+  is at least 0 (the proxy kept what it had while the gold fell). This does not replace the declared target, which
+  is Flow-GRPO's shape and has failed; and a testbed where only AWM over-optimises still gives claim 4 (GRPO-Guard
+  against Flow-GRPO) nothing to prevent. The other methods' shapes are read as description: with ten methods, one
+  would pass by chance.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -449,9 +475,24 @@ def finish(path: str, run: dict) -> None:
     print(" ".join(f"{e['step']}:{e['proxy']:.3f}/{e['gold']:.3f}" for e in run["evals"]), flush=True)
 
 
+@contextlib.contextmanager
+def claimed(folder: str) -> Iterator[bool]:
+    """Whether this process holds the run's lock, kept while the block runs: two workers whose plans overlap (a
+    `--methods` worker beside the shards) never train the same run at once. The lock dies with its process, so a
+    killed worker leaves nothing to clean up."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
     """Every planned run of this shard, each appended to the study file as it finishes; a seed run whose method's
-    sweep is not complete yet waits for a later pass, while the other runs go on."""
+    sweep is not complete yet, or a run another worker holds, waits for a later pass while the other runs go on."""
     mine = study_plan(methods)[shard::shards]
     while True:
         progressed = waiting = False
@@ -460,11 +501,15 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
             if rate is None:
                 waiting = True
                 continue
-            if done(STUDY_FILE, method, seed, rate):
-                continue
-            print(f"{method} seed {seed} lr {rate:g} ...", flush=True)
-            finish(STUDY_FILE, study_run(method, seed, rate))
-            progressed = True
+            with claimed(run_dir(method, seed, rate)) as held:
+                if done(STUDY_FILE, method, seed, rate):
+                    continue
+                if not held:
+                    waiting = True
+                    continue
+                print(f"{method} seed {seed} lr {rate:g} ...", flush=True)
+                finish(STUDY_FILE, study_run(method, seed, rate))
+                progressed = True
         if not waiting:
             return
         if not progressed:

@@ -43,6 +43,35 @@ def test_best_rate_is_the_highest_late_proxy_and_kl_variants_inherit_it():
     assert best["flow_grpo_kl"] == best["flow_grpo"] and best["grpo_guard_kl"] == pytest.approx(3e-4)
 
 
+def test_a_run_another_worker_holds_is_left_to_it_and_the_worker_ends_once_that_run_is_in(tmp_path, monkeypatch):
+    import goodhart_testbed as testbed
+
+    monkeypatch.setattr(testbed, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(testbed, "STUDY_FILE", str(tmp_path / "study.json"))
+    monkeypatch.setattr(testbed, "study_plan", lambda methods: [("nft", 0, 1e-3), ("nft", 0, 3e-3)])
+    trained = []
+
+    def finished(rate, proxy):
+        return {"method": "nft", "seed": 0, "learning_rate": rate, "evals": [{"step": 0, "proxy": proxy, "gold": 0.5}]}
+
+    def study_run(method, seed, rate):
+        trained.append(rate)
+        return finished(rate, 0.1)
+
+    monkeypatch.setattr(testbed, "study_run", study_run)
+    other_worker = testbed.claimed(testbed.run_dir("nft", 0, 3e-3))
+    assert other_worker.__enter__()
+
+    def other_worker_finishes(seconds):
+        testbed.append(testbed.STUDY_FILE, finished(3e-3, 0.2))
+        other_worker.__exit__(None, None, None)
+
+    monkeypatch.setattr(testbed.time, "sleep", other_worker_finishes)
+    testbed.run_study(("nft",), 0, 1)
+    assert trained == [1e-3]  # the held run was never trained twice
+    assert [r["evals"][0]["proxy"] for r in testbed.load(testbed.STUDY_FILE)["runs"]] == [0.1, 0.2]
+
+
 def test_captions_are_disjoint_and_fixed():
     train, held_out = study.captions()
     assert len(train) == len(held_out) == 64 and not set(train) & set(held_out)
