@@ -260,10 +260,10 @@ def _recipe(tmp_path, pipeline, family):
 def _runs(tmp_path, recipe, *flags, fsdp2=False, processes=2):
     """One process, then `processes` in context-parallel groups of 2 with the same samples per optimizer step (each
     of the `processes / 2` data-parallel ranks samples its share of the recipe's 4). The reports, one per process."""
-    from helpers import launch
+    from helpers import launch, one_process
 
     base = ["--config", str(recipe), *flags]
-    launch([sys.executable, "-m", "trl_guard.scripts.grpo", *base, "--output_dir", "one"], tmp_path)
+    one_process([*base, "--output_dir", "one"], tmp_path)
     config = FSDP2_CONFIG if fsdp2 else DDP_CONFIG
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
     launcher += ["--num_processes", str(processes)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch
+from helpers import launch, one_process
 from safetensors.torch import load_file
 
 # Settings a loss type needs (or its recipe uses) on the launch recipe's 4-step grid: DGPO trains 2 of its first 3
@@ -58,21 +58,10 @@ ONE_PROCESS_ARGS = {
 # gardo_nft's two-process run is tests/test_gardo.py's, with image features
 @pytest.mark.parametrize("loss_type", ["grpo_guard", "nft", "awm", "dgpo", "flow_dppo", "dpo", "gardo"])
 def test_two_processes_match_one(launch_recipe, tmp_path, loss_type):
-    launch(
+    one_process(
         [
-            sys.executable,
-            "-m",
-            "trl_guard.scripts.grpo",
-            "--config",
-            str(launch_recipe),
-            "--output_dir",
-            "one",
-            "--per_device_train_batch_size",
-            "16",
-            "--loss_type",
-            loss_type,
-            *LOSS_ARGS.get(loss_type, []),
-            *ONE_PROCESS_ARGS.get(loss_type, []),
+            *("--config", launch_recipe, "--output_dir", "one", "--per_device_train_batch_size", "16"),
+            *("--loss_type", loss_type, *LOSS_ARGS.get(loss_type, []), *ONE_PROCESS_ARGS.get(loss_type, [])),
         ],
         tmp_path,
     )

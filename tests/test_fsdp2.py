@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import launch
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def one_process(recipe, output_dir, *flags):
-    command = [sys.executable, "-m", "trl_guard.scripts.grpo", "--config", str(recipe), "--output_dir", output_dir]
-    launch([*command, "--per_device_train_batch_size", "16", *flags], recipe.parent)
+    args = ["--config", recipe, "--output_dir", output_dir, "--per_device_train_batch_size", "16", *flags]
+    helpers.one_process(args, recipe.parent)
 
 
 def fsdp2(recipe, output_dir, *flags, env=None):

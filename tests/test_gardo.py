@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import blueness
-from helpers import launch, logged, make_trainer
+from helpers import launch, logged, make_trainer, one_process
 
 from trl_guard import GuardConfig
 from trl_guard.algorithms.gardo import (
@@ -560,7 +560,7 @@ def test_two_processes_match_one_with_image_features(launch_recipe, tmp_path, ti
     module = [sys.executable, "-m", "trl_guard.scripts.grpo", "--config", str(launch_recipe)]
     # one process in the two processes' micro-batches: the KL is a mean over each micro-batch's gated samples
     one = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--steps_per_generation", "2"]
-    launch([*module, "--output_dir", "one", *one, *args], tmp_path)
+    one_process([*module[3:], "--output_dir", "one", *one, *args], tmp_path)
     launch(
         [
             sys.executable,

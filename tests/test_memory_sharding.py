@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
@@ -19,8 +20,8 @@ FSDP2_CONFIG = ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
 
 
 def one_process(recipe, output_dir, *flags):
-    command = [sys.executable, "-m", "trl_guard.scripts.grpo", "--config", str(recipe), "--output_dir", output_dir]
-    launch([*command, "--per_device_train_batch_size", "16", *flags], recipe.parent)
+    args = ["--config", recipe, "--output_dir", output_dir, "--per_device_train_batch_size", "16", *flags]
+    helpers.one_process(args, recipe.parent)
 
 
 def fsdp2(recipe, output_dir, *flags, config=FSDP2_CONFIG):
@@ -94,9 +95,10 @@ def test_full_fine_tuning_reference_and_ema_sharded_under_cpu_offload_match_one_
 
 @pytest.mark.slow
 def test_gradient_checkpointing_matches_one_process_with_sharded_copies(launch_recipe, tmp_path):
-    """`gradient_checkpointing: true` under FSDP2: each block's forward runs again in its backward, gathering the
-    block's shards again. DiffusionNFT with an EMA: its lagged policy and the EMA stay sharded."""
-    flags = ("--gradient_checkpointing", "true", "--loss_type", "nft", "--ema_decay", "0.5", "--ema_update_interval")
+    """`activation_checkpointing: true` (transformers 5's name for gradient checkpointing) under FSDP2: each block's
+    forward runs again in its backward, gathering the block's shards again. DiffusionNFT with an EMA: its lagged
+    policy and the EMA stay sharded."""
+    flags = ("--activation_checkpointing", "true", "--loss_type", "nft", "--ema_decay", "0.5", "--ema_update_interval")
     flags += ("1",)
     one_process(launch_recipe, "one", *flags)
     copies = fsdp2(launch_recipe, "two", *flags)

@@ -413,23 +413,11 @@ def test_a_group_reward_sees_whole_groups_once_on_two_processes_as_on_one(launch
     import sys
     from pathlib import Path
 
-    from helpers import launch
+    from helpers import launch, one_process
 
     (tmp_path / "tests_group.py").write_text(GROUP_REWARD)
     common = ["--config", str(launch_recipe), "--reward_funcs", "tests_rewards.blueness", "tests_group.blue_rank"]
-    launch(
-        [
-            sys.executable,
-            "-m",
-            "trl_guard.scripts.grpo",
-            *common,
-            "--output_dir",
-            "one",
-            "--per_device_train_batch_size",
-            "12",
-        ],
-        tmp_path,
-    )
+    one_process([*common, "--output_dir", "one", "--per_device_train_batch_size", "12"], tmp_path)
     calls_one = [json.loads(line) for line in (tmp_path / "group_calls.0").read_text().splitlines()]
     (tmp_path / "group_calls.0").rename(tmp_path / "one_calls")
     config = Path(__file__).parents[1] / "examples" / "accelerate_configs" / "ddp_cpu.yaml"

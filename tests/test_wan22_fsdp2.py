@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import launch
@@ -81,8 +82,8 @@ def recipe(wan22_dir, tmp_path):
 
 
 def one_process(recipe, output_dir, *flags):
-    command = [sys.executable, "-m", "trl_guard.scripts.grpo", "--config", str(recipe), "--output_dir", output_dir]
-    launch([*command, "--per_device_train_batch_size", "4", *flags], recipe.parent)
+    args = ["--config", recipe, "--output_dir", output_dir, "--per_device_train_batch_size", "4", *flags]
+    helpers.one_process(args, recipe.parent)
 
 
 def fsdp2(recipe, output_dir, *flags) -> list[list[dict]]:
