@@ -134,15 +134,25 @@ def test_gradients_are_all_reduced_once_per_optimizer_step(launch_recipe, tmp_pa
 
 
 def _run(launch_recipe, cwd, output_dir, processes, *args):
-    """The recipe's CLI run, on one process or under `accelerate launch` on two."""
-    launcher = [
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(Path(__file__).parents[1] / "examples" / "accelerate_configs" / "ddp_cpu.yaml"),
-    ]
-    command = [sys.executable, *(launcher if processes == 2 else []), "-m", "trl_guard.scripts.grpo"]
-    launch([*command, "--config", str(launch_recipe), "--output_dir", output_dir, *args], cwd)
+    """The recipe's CLI run, on one process (in this one) or under `accelerate launch` on two."""
+    flags = ["--config", str(launch_recipe), "--output_dir", output_dir, *args]
+    if processes == 1:
+        one_process(flags, cwd)
+        return
+    config = str(Path(__file__).parents[1] / "examples" / "accelerate_configs" / "ddp_cpu.yaml")
+    launch(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            config,
+            "-m",
+            "trl_guard.scripts.grpo",
+            *flags,
+        ],
+        cwd,
+    )
 
 
 @pytest.mark.slow
