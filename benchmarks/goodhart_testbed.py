@@ -577,10 +577,40 @@ def study_seeds(study: dict) -> dict[str, list[dict]]:
     return {m: group for m, group in seeded.items() if group}
 
 
+def declared_shapes(seeded: dict[str, list[dict]]) -> str:
+    """The two declared readings of the testbed's shape, each once its method has all its seeds: Flow-GRPO's (the
+    target: the rise and the fall with Student-t intervals above 0) and AWM's (declared 2026-12-07: the same, and a
+    mean proxy gain after the peak of at least 0)."""
+    from analysis.rise_and_fall import rise_and_fall
+
+    readings = {
+        "flow_grpo": ("Flow-GRPO rises then falls (the declared target)", lambda shape: shape.rises_then_falls),
+        "awm": (
+            "The testbed over-optimises under AWM (declared 2026-12-07)",
+            lambda shape: shape.rises_then_falls and shape.final_proxy_gain[0] >= 0,
+        ),
+    }
+    lines = []
+    for method, (claim, holds) in readings.items():
+        runs = seeded.get(method, [])
+        if len(runs) < len(STUDY_SEEDS):
+            lines.append(f"- {claim}: waits for its seeds ({len(runs)} of {len(STUDY_SEEDS)}).")
+            continue
+        shape = rise_and_fall(runs)
+        verdict = "yes" if holds(shape) else "no"
+        lines.append(
+            f"- {claim}: {verdict} (rise {shape.rise[0]:+.3f} [{shape.rise[1]:+.3f}, {shape.rise[2]:+.3f}], fall "
+            f"{shape.fall[0]:+.3f} [{shape.fall[1]:+.3f}, {shape.fall[2]:+.3f}], proxy gain after the peak "
+            f"{shape.final_proxy_gain[0]:+.3f})."
+        )
+    return "\n".join(lines)
+
+
 def analyse_study(study: dict, plot_dir: str | None = None) -> str:
     """The study's reading; with `plot_dir`, every seed run in `goodhart_study.png` (gold over steps, against the
     proxy and against sqrt(KL); each method's mean thick) and every sweep run in `goodhart_sweeps.png`."""
-    text = shape_and_claim4(study_seeds(study), plot_dir, "goodhart_study.png")
+    seeded = study_seeds(study)
+    text = declared_shapes(seeded) + "\n\n" + shape_and_claim4(seeded, plot_dir, "goodhart_study.png")
     if plot_dir and (path := plot_sweeps(study, plot_dir)):
         text += f"\nPlot: {path}"
     return text

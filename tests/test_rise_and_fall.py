@@ -148,6 +148,25 @@ def test_the_goodhart_study_matches_proxy_past_each_seeds_own_base(monkeypatch):
     assert "+0.000 [+0.000, +0.000]" not in text
 
 
+def test_the_declared_shape_readings_wait_for_all_seeds_and_ask_awm_for_a_proxy_that_keeps_its_gain(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed
+
+    seeds = goodhart_testbed.STUDY_SEEDS
+    flow = [{**rising_then_falling(seed), "method": "flow_grpo"} for seed in seeds]
+    text = goodhart_testbed.declared_shapes({"flow_grpo": flow, "awm": flow[:3]})
+    assert "Flow-GRPO rises then falls (the declared target): yes" in text
+    assert "under AWM (declared 2026-12-07): waits for its seeds (3 of 4)" in text
+    # the same gold, but the proxy gives back after the gold's peak what it had gained: not over-optimisation
+    peaked = np.concatenate([np.linspace(0.5, 0.8, 6), np.linspace(0.78, 0.5, 7)])
+    awm = [{**run([e["gold"] for e in r["evals"]], peaked, seed=r["seed"]), "method": "awm"} for r in flow]
+    assert "under AWM (declared 2026-12-07): no" in goodhart_testbed.declared_shapes({"awm": awm})
+    awm = [{**r, "method": "awm"} for r in flow]
+    assert "under AWM (declared 2026-12-07): yes" in goodhart_testbed.declared_shapes({"awm": awm})
+
+
 def test_the_goodhart_alarm_record_counts_catches_misses_and_false_alarms(monkeypatch):
     """A run whose gold falls 0.03 below its smoothed peak is caught when the alarm fires at or after the peak, missed
     when it fires before it or never; firing in a run whose gold did not fall is a false alarm; unwatched runs are
