@@ -92,6 +92,7 @@ def _pipeline_dir(recipe) -> str:
     return next(line.split(": ", 1)[1] for line in recipe.read_text().splitlines() if line.startswith("model_name"))
 
 
+@pytest.mark.filterwarnings("ignore:.*use_peft is false:UserWarning")  # the LoRA recipe, fully fine-tuned
 def test_full_fine_tuning_matches_one_process_and_saves_diffusers_weights(launch_recipe, tmp_path):
     flags = ("--use_peft", "false", "--learning_rate", "0.5")
     one_process(launch_recipe, "one", *flags)

@@ -64,6 +64,7 @@ def _kl_logged(output_dir: Path) -> list[float]:
     return [entry["kl"] for entry in state["log_history"] if "kl" in entry]
 
 
+@pytest.mark.filterwarnings("ignore:.*use_peft is false:UserWarning")  # the LoRA recipe, fully fine-tuned
 @pytest.mark.slow
 def test_full_fine_tuning_reference_and_ema_sharded_under_cpu_offload_match_one_process(launch_recipe, tmp_path):
     """Full fine-tuning with a KL (`beta > 0`) keeps a frozen copy of the starting weights: each process holds its

@@ -179,6 +179,7 @@ def test_nft_lora_matches_one_process_with_an_expert_absent_from_a_process(recip
         assert max(p.abs().max() for p in loaded.values()) > 1e-4, expert
 
 
+@pytest.mark.filterwarnings("ignore:.*use_peft is false:UserWarning")  # the LoRA recipe, fully fine-tuned
 def test_full_fine_tuning_matches_one_process_and_saves_both_experts(recipe, wan22_dir, tmp_path):
     """No LoRA: both experts train whole under nft (padded calls included) and are gathered into the pipeline's own
     layout, each folder loading with `WanTransformer3DModel.from_pretrained`."""
