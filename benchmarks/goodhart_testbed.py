@@ -611,9 +611,30 @@ def analyse_study(study: dict, plot_dir: str | None = None) -> str:
     proxy and against sqrt(KL); each method's mean thick) and every sweep run in `goodhart_sweeps.png`."""
     seeded = study_seeds(study)
     text = declared_shapes(seeded) + "\n\n" + shape_and_claim4(seeded, plot_dir, "goodhart_study.png")
+    text += "\n\nThe sweeps (seed 0):\n\n" + sweep_table(study)
     if plot_dir and (path := plot_sweeps(study, plot_dir)):
         text += f"\nPlot: {path}"
     return text
+
+
+def sweep_table(study: dict) -> str:
+    """Every seed-0 sweep run in one table: where its held-out proxy and gold went (base, then the mean of the last 3
+    evaluations) and how far it moved from the base (the KL at its last evaluation)."""
+    from analysis.overoptimization import by_method
+
+    methods = [m for m in STUDY_METHODS if m not in SHARES_RATE]
+    runs = [*sweep_runs("flow_grpo"), *(r for m in methods for r in by_method(study).get(m, []) if r["seed"] == 0)]
+    lines = [
+        "| method | rate | held-out proxy: base, last 3 | gold: base, last 3 | KL at the end |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        base, end = run["evals"][0], run["evals"][-1]
+        lines.append(
+            f"| {run['method']} | {run['learning_rate']:g} | {base['proxy']:.3f}, {late_mean(run, 'proxy'):.3f} "
+            f"| {base['gold']:.3f}, {late_mean(run, 'gold'):.3f} | {end['kl']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def plot_sweeps(study: dict, plot_dir: str, name: str = "goodhart_sweeps.png") -> str | None:

@@ -237,6 +237,10 @@ def test_the_goodhart_plots_draw_every_seed_run_and_every_sweep_run(monkeypatch,
     assert (tmp_path / "goodhart_study.png").stat().st_size > 10_000
     assert (tmp_path / "goodhart_sweeps.png").stat().st_size > 10_000
     assert text.count("Plot: ") == 2
+    sweeps = text.split("The sweeps (seed 0):")[1]
+    base, late = rising_then_falling(0)["evals"][0], rising_then_falling(0)["evals"][-3:]
+    gold = f"{base['gold']:.3f}, {np.mean([e['gold'] for e in late]):.3f}"
+    assert sweeps.count("| grpo_guard |") == 2 and f"| grpo_guard | 0.0003 | 0.500, 0.775 | {gold} | 0.12 |" in sweeps
 
 
 def test_the_study_runs_only_what_its_file_lacks_and_says_where_it_stands(monkeypatch, tmp_path):
