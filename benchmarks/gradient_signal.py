@@ -86,6 +86,7 @@ def measure(method: str, output_dir: str) -> dict:
         eval_strategy="no",
         eval_kl=False,
         per_device_train_batch_size=PROMPTS_PER_ROUND * 8 // 2,
+        max_grad_norm=0.0,  # the raw gradient: clipping would shorten the larger draws before they are recorded
     )
     recorder = RecordAndDropGradients(trainer.model)
     before = [p.detach().clone() for p in recorder.parameters]

@@ -221,14 +221,22 @@ def one_process(args, cwd):
             sys.modules.pop(name, None)
 
     threads, here = torch.get_num_threads(), os.getcwd()
+    cpu_only = {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}  # as `launch` runs the other side
+    environment = {name: os.environ.get(name) for name in cpu_only}
     forget_modules_of_cwd()
     sys.path.insert(0, str(cwd))
     os.chdir(cwd)
+    os.environ.update(cpu_only)
     torch.set_num_threads(1)
     try:
         main([str(arg) for arg in args])
     finally:
         torch.set_num_threads(threads)
+        for name, value in environment.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
         os.chdir(here)
         sys.path.remove(str(cwd))
         forget_modules_of_cwd()

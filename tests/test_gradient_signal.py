@@ -15,8 +15,10 @@ def draws(signal: float, noise: float, steps: int = 300, dim: int = 200, seed: i
 
 @pytest.mark.parametrize(("signal", "noise"), [(1.0, 3.0), (1.0, 0.0), (0.0, 1.0)])
 def test_the_signal_fraction_is_the_share_of_the_squared_norm_in_the_mean(signal, noise):
-    gradients = draws(signal, noise)
-    assert signal_fraction(gradients) == pytest.approx(signal / (signal + noise), abs=0.02)
+    """Few steps, as the benchmark has, over many seeds: counting a step paired with itself would add about
+    (1 - share) / 8 here (0.09 and 0.125 for the first and last cases)."""
+    estimates = [signal_fraction(draws(signal, noise, steps=8, seed=seed)) for seed in range(300)]
+    assert np.mean(estimates) == pytest.approx(signal / (signal + noise), abs=0.01)
 
 
 def test_the_interval_covers_the_truth_and_a_larger_batch_raises_the_fraction():

@@ -63,6 +63,8 @@ def test_a_run_another_worker_holds_is_left_to_it_and_the_worker_ends_once_that_
     assert other_worker.__enter__()
 
     def other_worker_finishes(seconds):
+        if testbed.load(testbed.STUDY_FILE)["runs"][-1]["learning_rate"] == 3e-3:
+            raise AssertionError("the worker waited again for a run that is in the results file")
         testbed.append(testbed.STUDY_FILE, finished(3e-3, 0.2))
         other_worker.__exit__(None, None, None)
 
