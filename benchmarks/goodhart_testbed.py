@@ -518,7 +518,8 @@ def run_study(methods: tuple[str, ...], shard: int, shards: int) -> None:
 
 def study_status(methods: tuple[str, ...]) -> str:
     """Where the study stands: per method, the runs in the results file, those under way (the step of their newest
-    checkpoint) and those still to run (a seed run's rate is unknown until its method's sweep is complete)."""
+    checkpoint, and whether a worker is training them or they wait for a restart) and those still to run (a seed
+    run's rate is unknown until its method's sweep is complete)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     rows: dict[str, dict[str, list[str]]] = {}
@@ -531,7 +532,10 @@ def study_status(methods: tuple[str, ...]) -> str:
         if folder and done(STUDY_FILE, method, seed, rate):
             row["done"].append(name)
         elif checkpoint is not None:
-            row["under way"].append(f"{name} (step {checkpoint.rsplit('-', 1)[-1]})")
+            with claimed(folder) as free:
+                pass  # a worker holds the lock of the run it trains
+            state = "stopped" if free else "training"
+            row["under way"].append(f"{name} (step {checkpoint.rsplit('-', 1)[-1]}, {state})")
         else:
             row["to run"].append(name)
     count = {state: sum(len(row[state]) for row in rows.values()) for state in ("done", "under way", "to run")}

@@ -269,9 +269,10 @@ def test_the_study_runs_only_what_its_file_lacks_and_says_where_it_stands(monkey
     under_way.mkdir(parents=True)
     status = goodhart_testbed.study_status(("flow_grpo", "grpo_guard"))
     assert status.startswith("10 planned runs: 3 done, 1 under way, 6 to run.")
-    assert (
-        "| grpo_guard | 2 | seed 2 at 0.001 (step 40) | seed 1 at 0.001, seed 3 at 0.001, seed 4 at 0.001 |" in status
-    )
+    left = "seed 1 at 0.001, seed 3 at 0.001, seed 4 at 0.001"
+    assert f"| grpo_guard | 2 | seed 2 at 0.001 (step 40, stopped) | {left} |" in status
+    with goodhart_testbed.claimed(str(under_way.parent)) as held:  # as a worker training it holds it
+        assert held and "seed 2 at 0.001 (step 40, training)" in goodhart_testbed.study_status(("grpo_guard",))
 
     calls = []
     monkeypatch.setattr(
