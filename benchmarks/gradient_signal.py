@@ -57,18 +57,21 @@ class RecordAndDropGradients(TrainerCallback):
             p.grad = None  # the optimizer skips a weight without a gradient: the policy stays the base
 
 
-def signal_fraction(gradients: np.ndarray, steps: np.ndarray | None = None) -> float:
-    """`rho` from the gradients of independent steps (rows), or of the resampled `steps` of them."""
-    steps = np.arange(len(gradients)) if steps is None else steps
-    gram = gradients @ gradients.T
-    chosen = gram[np.ix_(steps, steps)]
+def signal_fraction(gradients: np.ndarray) -> float:
+    """`rho` from the gradients of independent steps (rows)."""
+    return _fraction(gradients @ gradients.T, np.arange(len(gradients)))
+
+
+def _fraction(gram: np.ndarray, steps: np.ndarray) -> float:
+    """`rho` from the steps' Gram matrix, over the (possibly resampled) `steps`."""
     distinct = steps[:, None] != steps[None, :]  # a step paired with its own copy is no independent pair
-    return float(chosen[distinct].mean() / np.diag(gram)[steps].mean())
+    return float(gram[np.ix_(steps, steps)][distinct].mean() / np.diag(gram)[steps].mean())
 
 
 def bootstrap(gradients: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
-    values = [signal_fraction(gradients, rng.integers(0, len(gradients), len(gradients))) for _ in range(draws)]
+    gram = gradients @ gradients.T  # once: every draw resamples its rows and columns
+    values = [_fraction(gram, rng.integers(0, len(gram), len(gram))) for _ in range(draws)]
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
@@ -96,21 +99,15 @@ def measure(method: str, output_dir: str) -> dict:
         raise RuntimeError("the weights moved: the gradients were not draws at the base policy")
     gradients = torch.stack(recorder.gradients).numpy()
     rho = signal_fraction(gradients)
+    norms = np.linalg.norm(gradients, axis=1)
+    cosines = gradients @ gradients.T / np.outer(norms, norms)
     return {
         "method": method,
         "steps": len(gradients),
-        "gradient_norm": float(np.linalg.norm(gradients, axis=1).mean()),
+        "gradient_norm": float(norms.mean()),
         "signal_fraction": rho,
         "interval": bootstrap(gradients),
-        "cosine_of_pairs": float(
-            np.mean(
-                [
-                    gradients[i] @ gradients[j] / np.linalg.norm(gradients[i]) / np.linalg.norm(gradients[j])
-                    for i in range(len(gradients))
-                    for j in range(i + 1, len(gradients))
-                ]
-            )
-        ),
+        "cosine_of_pairs": float(cosines[np.triu_indices(len(cosines), k=1)].mean()),
     }
 
 
