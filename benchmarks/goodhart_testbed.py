@@ -621,13 +621,19 @@ def analyse_study(study: dict, plot_dir: str | None = None) -> str:
     return text
 
 
-def sweep_table(study: dict) -> str:
-    """Every seed-0 sweep run in one table: where its held-out proxy and gold went (base, then the mean of the last 3
-    evaluations) and how far it moved from the base (the KL at its last evaluation)."""
+def all_sweep_runs(study: dict) -> list[dict]:
+    """Every seed-0 sweep run, method by method in the study's order (Flow-GRPO's are the calibration's)."""
     from analysis.overoptimization import by_method
 
     methods = [m for m in STUDY_METHODS if m not in SHARES_RATE]
-    runs = [*sweep_runs("flow_grpo"), *(r for m in methods for r in by_method(study).get(m, []) if r["seed"] == 0)]
+    return [*sweep_runs("flow_grpo"), *(r for m in methods for r in by_method(study).get(m, []) if r["seed"] == 0)]
+
+
+def sweep_table(study: dict) -> str:
+    """Every seed-0 sweep run in one table: where its held-out proxy and gold went (base, then the mean of the last 3
+    evaluations) and how far it moved from the base (the KL at its last evaluation)."""
+
+    runs = all_sweep_runs(study)
     lines = [
         "| method | rate | held-out proxy: base, last 3 | gold: base, last 3 | KL at the end |",
         "|---|---|---|---|---|",
@@ -644,11 +650,10 @@ def sweep_table(study: dict) -> str:
 def plot_sweeps(study: dict, plot_dir: str, name: str = "goodhart_sweeps.png") -> str | None:
     """Every seed-0 sweep run (Flow-GRPO's are the calibration's candidate-a runs): gold and held-out proxy over
     training, one line per method and rate, so that the runs the seeds' plot leaves out are drawn too."""
-    from analysis.overoptimization import by_method, pyplot_or_none, save_figure
+    from analysis.overoptimization import pyplot_or_none, save_figure
 
     plt = pyplot_or_none()
-    methods = [m for m in STUDY_METHODS if m not in SHARES_RATE]
-    runs = [*sweep_runs("flow_grpo"), *(r for m in methods for r in by_method(study).get(m, []) if r["seed"] == 0)]
+    runs = all_sweep_runs(study)
     if plt is None or not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
