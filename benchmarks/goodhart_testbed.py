@@ -132,6 +132,26 @@ when AWM's arrive, and one more reading:
   is Flow-GRPO's shape and has failed; and a testbed where only AWM over-optimises still gives claim 4 (GRPO-Guard
   against Flow-GRPO) nothing to prevent. The other methods' shapes are read as description: with ten methods, one
   would pass by chance.
+
+Flow-DPPO next, declared on 2026-12-08 after AWM's reading failed and before any of Flow-DPPO's seed runs. Nothing
+about the runs changes; only when Flow-DPPO's arrive, and one more reading, corrected for being the fourth:
+
+    OMP_NUM_THREADS=1 nohup sh -c 'python benchmarks/goodhart_testbed.py study --methods flow_dppo; \
+        python benchmarks/goodhart_testbed.py study' &   # two of these side by side
+
+- Why: of the 16 seed-0 sweep runs, Flow-DPPO's at 3e-3 (its pick: late proxy 0.457 against 0.438 at 1e-3) is the
+  one whose curve has the paper's shape: gold 0.482 at the base, 0.544, 0.531 and 0.513 at steps 10-30, then down to
+  0.339 at step 100 while the held-out proxy went from 0.42 (steps 10-30) to 0.464. Seed 0 is the screen; seeds 1-4, none of
+  which has run, are the test. Its seeds are also claim 4's second comparison (Flow-DPPO minus Flow-GRPO), so they
+  were due anyway.
+- The order: Flow-DPPO's seeds 1-4 at 3e-3 go first in both workers (each run locked while it trains), then the rest
+  of the plan.
+- The reading: `analysis.rise_and_fall` on Flow-DPPO's 4 seeds at 3e-3. The testbed over-optimises under Flow-DPPO
+  when the rise and the fall both have Student-t intervals above 0 at the 98.75% level, and the mean proxy gain after
+  the peak is at least 0. The level is Holm's for the fourth of four declared shape readings (0.05 / 4): the first
+  three (Flow-GRPO on candidates a and c, AWM) failed, and a fourth try at 95% would pass by chance more often than
+  one in twenty. The 95% intervals are printed beside it as description. As with AWM's, a yes here does not make
+  Flow-GRPO's declared target pass.
 """
 
 from __future__ import annotations
