@@ -89,8 +89,22 @@ def test_t_interval_matches_the_textbook():
     from analysis.overoptimization import t_interval
 
     mean, low, high = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
-    assert mean == 2.0 and high - mean == pytest.approx(4.303 / np.sqrt(3))
+    assert mean == 2.0 and high - mean == pytest.approx(4.303 / np.sqrt(3), abs=1e-3)
     assert np.isnan(t_interval([1.0])[1])
+
+
+def test_t_quantile_matches_the_tables_and_the_closed_form():
+    """The 95% two-sided quantiles of the standard tables, and at another level the closed-form CDF of t on 3
+    degrees of freedom: P(|T| <= t) = (2 / pi) (atan(t / sqrt 3) + sqrt(3) t / (3 + t^2))."""
+    from analysis.overoptimization import t_interval, t_quantile
+
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045}
+    for df, expected in table.items():
+        assert t_quantile(df) == pytest.approx(expected, abs=1e-3)
+    t = t_quantile(3, 0.9875)
+    assert 2 / np.pi * (np.arctan(t / np.sqrt(3)) + np.sqrt(3) * t / (3 + t**2)) == pytest.approx(0.9875, abs=1e-6)
+    mean, low, high = t_interval([1.0, 2.0, 3.0, 4.0], level=0.9875)
+    assert high - mean == pytest.approx(t * np.std([1, 2, 3, 4], ddof=1) / 2)
 
 
 def test_a_run_that_reaches_only_some_matched_levels_is_left_out_of_the_average():

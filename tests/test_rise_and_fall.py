@@ -167,6 +167,29 @@ def test_the_declared_shape_readings_wait_for_all_seeds_and_ask_awm_for_a_proxy_
     assert "under AWM (declared 2026-12-07): yes" in goodhart_testbed.declared_shapes({"awm": awm})
 
 
+def test_flow_dppos_declared_reading_decides_at_holms_level_for_a_fourth_reading(monkeypatch):
+    """Seeds whose rise and fall clear 0 at 95% (t = 4.3 on 3 degrees of freedom) but not at 98.75% (t needs 5.39):
+    Flow-DPPO's reading says no, and prints the 95% intervals beside as description; clearer seeds say yes."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed
+    from analysis.rise_and_fall import rise_and_fall
+
+    hump = np.array([0.45, 0.48, 0.51, 0.54, 0.56, 0.57, 0.56, 0.53, 0.49, 0.45, 0.41, 0.38, 0.36])
+    seeds = goodhart_testbed.STUDY_SEEDS
+    faint = [
+        {**run(0.45 + k * (hump - 0.45), seed=s), "method": "flow_dppo"} for s, k in zip(seeds, (0.2, 0.4, 0.5, 0.7))
+    ]
+    assert rise_and_fall(faint).rises_then_falls and not rise_and_fall(faint, level=0.9875).rises_then_falls
+    text = goodhart_testbed.declared_shapes({"flow_dppo": faint})
+    assert "under Flow-DPPO (declared 2026-12-08): no" in text
+    assert "intervals at 98.75%; at 95%, as description: rise +0.051 [+0.013, " in text, text
+    clear = [{**rising_then_falling(s), "method": "flow_dppo"} for s in seeds]
+    assert "under Flow-DPPO (declared 2026-12-08): yes" in goodhart_testbed.declared_shapes({"flow_dppo": clear})
+    assert "waits for its seeds (3 of 4)" in goodhart_testbed.declared_shapes({"flow_dppo": clear[:3]})
+
+
 def test_the_goodhart_alarm_record_counts_catches_misses_and_false_alarms(monkeypatch):
     """A run whose gold falls 0.03 below its smoothed peak is caught when the alarm fires at or after the peak, missed
     when it fires before it or never; firing in a run whose gold did not fall is a false alarm; unwatched runs are

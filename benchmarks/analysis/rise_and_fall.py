@@ -37,7 +37,8 @@ def peak_index(runs: list[dict], half_width: int = 1) -> int:
 
 @dataclass
 class Shape:
-    """The rise and fall of one method's runs: means with 95% Student-t intervals over seeds, as (mean, low, high)."""
+    """The rise and fall of one method's runs: means with Student-t intervals over seeds (95% unless asked),
+    as (mean, low, high)."""
 
     peak_step: int
     peak_gold: tuple[float, float, float]
@@ -52,8 +53,8 @@ class Shape:
         return self.rise[1] > 0 and self.fall[1] > 0
 
 
-def rise_and_fall(runs: list[dict], half_width: int = 1) -> Shape:
-    """The shape of one method's runs (at least two seeds for intervals)."""
+def rise_and_fall(runs: list[dict], half_width: int = 1, level: float = 0.95) -> Shape:
+    """The shape of one method's runs (at least two seeds for intervals), its intervals at `level`."""
     index = peak_index(runs, half_width)
     last = min(len(r["evals"]) for r in runs) - 1
     peak = [window_mean(r, index, "gold", half_width) for r in runs]
@@ -63,11 +64,11 @@ def rise_and_fall(runs: list[dict], half_width: int = 1) -> Shape:
     proxy_end = [window_mean(r, last, "proxy", half_width) for r in runs]
     return Shape(
         peak_step=int(runs[0]["evals"][index]["step"]),
-        peak_gold=t_interval(peak),
-        proxy_at_peak=t_interval(proxy_peak),
-        rise=t_interval([p - b for p, b in zip(peak, base)]),
-        fall=t_interval([p - e for p, e in zip(peak, end)]),
-        final_proxy_gain=t_interval([e - p for p, e in zip(proxy_peak, proxy_end)]),
+        peak_gold=t_interval(peak, level),
+        proxy_at_peak=t_interval(proxy_peak, level),
+        rise=t_interval([p - b for p, b in zip(peak, base)], level),
+        fall=t_interval([p - e for p, e in zip(peak, end)], level),
+        final_proxy_gain=t_interval([e - p for p, e in zip(proxy_peak, proxy_end)], level),
     )
 
 
