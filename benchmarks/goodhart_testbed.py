@@ -638,6 +638,24 @@ def declared_shapes(seeded: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def what_seeds_can_show(seeded: dict[str, list[dict]]) -> str:
+    """Per method with all its seeds, a power reading (description, computed after the verdicts): the smallest mean
+    rise 4 and 8 seeds could show with an interval above 0, given how the rises spread over these seeds, beside the
+    gold at the first three evaluations after the base (steps 10-30) minus the base. A rise that is there but small
+    would show as a positive early change below the first number; a negative one says there is no rise to see."""
+    from analysis.rise_and_fall import early_change, smallest_visible_rise
+
+    lines = [
+        "| method | smallest visible rise: 4 seeds, 8 seeds | gold at steps 10-30 minus the base |",
+        "|---|---|---|",
+    ]
+    for method, runs in seeded.items():
+        if len(runs) >= len(STUDY_SEEDS):
+            four, eight = (smallest_visible_rise(runs, n) for n in (4, 8))
+            lines.append(f"| {method} | {four:.3f}, {eight:.3f} | {_interval(early_change(runs))} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _interval(value: tuple[float, float, float]) -> str:
     mean, low, high = value
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
@@ -648,6 +666,8 @@ def analyse_study(study: dict, plot_dir: str | None = None) -> str:
     proxy and against sqrt(KL); each method's mean thick) and every sweep run in `goodhart_sweeps.png`."""
     seeded = study_seeds(study)
     text = declared_shapes(seeded) + "\n\n" + shape_and_claim4(seeded, plot_dir, "goodhart_study.png")
+    if power := what_seeds_can_show(seeded):
+        text += "\n\nWhat the seeds can show (description):\n\n" + power
     text += "\n\nThe sweeps (seed 0):\n\n" + sweep_table(study)
     if plot_dir and (path := plot_sweeps(study, plot_dir)):
         text += f"\nPlot: {path}"

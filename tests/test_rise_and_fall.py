@@ -340,3 +340,24 @@ def test_the_seeded_calibration_runs_its_declared_plan_once_and_reads_the_shape_
     text = g.analyse_seeded(g.load(g.CALIBRATION_FILE))
     assert "| 0.001 (picked) | 4 |" in text and "| 0.003 | 4 |" in text
     assert "Verdict: candidate c shows the rise-then-fall at 0.001" in text and "control raised the gold" in text
+
+
+def test_what_the_seeds_can_show_reads_the_rises_spread_and_the_early_change(monkeypatch):
+    """Four seeds whose gold steps from 0.5 to a plateau 0.01-0.04 higher: the rises' sd is 0.0129, so 4 seeds show a
+    mean rise of 3.182 * 0.0129 / 2 and 8 seeds 2.365 * 0.0129 / sqrt(8); the early change is the plateau's mean."""
+    from pathlib import Path
+
+    from analysis.rise_and_fall import early_change, smallest_visible_rise
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import goodhart_testbed
+
+    lifts = (0.01, 0.02, 0.03, 0.04)
+    runs = [{**run([0.5] + [0.5 + lift] * 12, seed=s), "method": "awm"} for s, lift in zip((1, 2, 3, 4), lifts)]
+    sd = np.std(lifts, ddof=1)
+    assert smallest_visible_rise(runs, 4) == pytest.approx(3.182 * sd / 2, abs=1e-4)
+    assert smallest_visible_rise(runs, 8) == pytest.approx(2.365 * sd / np.sqrt(8), abs=1e-4)
+    assert early_change(runs)[0] == pytest.approx(0.025)
+    table = goodhart_testbed.what_seeds_can_show({"awm": runs, "nft": runs[:3]})
+    assert "| awm | 0.021, 0.011 | +0.025 [+0.004, +0.046] |" in table and "nft" not in table
+    assert goodhart_testbed.what_seeds_can_show({"nft": runs[:3]}) == ""

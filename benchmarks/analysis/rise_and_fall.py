@@ -18,7 +18,7 @@ import numpy as np
 
 from trl_guard.overoptimization import OverOptimizationCallback
 
-from .overoptimization import means_by_step, pyplot_or_none, save_figure, t_interval
+from .overoptimization import means_by_step, pyplot_or_none, save_figure, t_interval, t_quantile
 
 
 def window_mean(run: dict, index: int, key: str, half_width: int) -> float:
@@ -69,6 +69,23 @@ def rise_and_fall(runs: list[dict], half_width: int = 1, level: float = 0.95) ->
         rise=t_interval([p - b for p, b in zip(peak, base)], level),
         fall=t_interval([p - e for p, e in zip(peak, end)], level),
         final_proxy_gain=t_interval([e - p for p, e in zip(proxy_peak, proxy_end)], level),
+    )
+
+
+def smallest_visible_rise(runs: list[dict], seeds: int, half_width: int = 1, level: float = 0.95) -> float:
+    """The smallest mean rise whose Student-t interval over `seeds` seeds would clear 0, were the per-seed rises
+    (at the seed-averaged peak, as `rise_and_fall` reads them) spread as in `runs`: t * sd / sqrt(seeds). A reading
+    of what a number of seeds can show, not a test."""
+    index = peak_index(runs, half_width)
+    rises = [window_mean(r, index, "gold", half_width) - window_mean(r, 0, "gold", 0) for r in runs]
+    return t_quantile(seeds - 1, level) * float(np.std(rises, ddof=1)) / np.sqrt(seeds)
+
+
+def early_change(runs: list[dict], half_width: int = 1) -> tuple[float, float, float]:
+    """The gold over the evaluations 1 .. 1 + 2 * half_width (the first after the base) minus the base, with its
+    Student-t interval over seeds: where a rise would begin, read at a fixed place instead of at a chosen peak."""
+    return t_interval(
+        [window_mean(r, 1 + half_width, "gold", half_width) - window_mean(r, 0, "gold", 0) for r in runs]
     )
 
 
