@@ -11,6 +11,7 @@ and the tables say how many reached it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -146,6 +147,7 @@ def analyse(study: dict, sweep: dict | None = None, plot_dir: str | None = None)
     return text
 
 
+@functools.cache
 def t_quantile(df: int, level: float = 0.95) -> float:
     """The two-sided `level` quantile of Student's t with `df` degrees of freedom: the t with P(|T| <= t) = level.
     Bisection on the density integrated with the trapezoid rule (to about 1e-5 here), which keeps scipy out."""

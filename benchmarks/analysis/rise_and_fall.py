@@ -58,7 +58,6 @@ def rise_and_fall(runs: list[dict], half_width: int = 1, level: float = 0.95) ->
     index = peak_index(runs, half_width)
     last = min(len(r["evals"]) for r in runs) - 1
     peak = [window_mean(r, index, "gold", half_width) for r in runs]
-    base = [window_mean(r, 0, "gold", 0) for r in runs]
     end = [window_mean(r, last, "gold", half_width) for r in runs]
     proxy_peak = [window_mean(r, index, "proxy", half_width) for r in runs]
     proxy_end = [window_mean(r, last, "proxy", half_width) for r in runs]
@@ -66,27 +65,29 @@ def rise_and_fall(runs: list[dict], half_width: int = 1, level: float = 0.95) ->
         peak_step=int(runs[0]["evals"][index]["step"]),
         peak_gold=t_interval(peak, level),
         proxy_at_peak=t_interval(proxy_peak, level),
-        rise=t_interval([p - b for p, b in zip(peak, base)], level),
+        rise=t_interval(per_seed_rises(runs, index, half_width), level),
         fall=t_interval([p - e for p, e in zip(peak, end)], level),
         final_proxy_gain=t_interval([e - p for p, e in zip(proxy_peak, proxy_end)], level),
     )
+
+
+def per_seed_rises(runs: list[dict], index: int, half_width: int = 1) -> list[float]:
+    """Per run, the gold smoothed over the window at evaluation `index` minus the base model's (evaluation 0)."""
+    return [window_mean(r, index, "gold", half_width) - window_mean(r, 0, "gold", 0) for r in runs]
 
 
 def smallest_visible_rise(runs: list[dict], seeds: int, half_width: int = 1, level: float = 0.95) -> float:
     """The smallest mean rise whose Student-t interval over `seeds` seeds would clear 0, were the per-seed rises
     (at the seed-averaged peak, as `rise_and_fall` reads them) spread as in `runs`: t * sd / sqrt(seeds). A reading
     of what a number of seeds can show, not a test."""
-    index = peak_index(runs, half_width)
-    rises = [window_mean(r, index, "gold", half_width) - window_mean(r, 0, "gold", 0) for r in runs]
+    rises = per_seed_rises(runs, peak_index(runs, half_width), half_width)
     return t_quantile(seeds - 1, level) * float(np.std(rises, ddof=1)) / np.sqrt(seeds)
 
 
 def early_change(runs: list[dict], half_width: int = 1) -> tuple[float, float, float]:
     """The gold over the evaluations 1 .. 1 + 2 * half_width (the first after the base) minus the base, with its
     Student-t interval over seeds: where a rise would begin, read at a fixed place instead of at a chosen peak."""
-    return t_interval(
-        [window_mean(r, 1 + half_width, "gold", half_width) - window_mean(r, 0, "gold", 0) for r in runs]
-    )
+    return t_interval(per_seed_rises(runs, 1 + half_width, half_width))
 
 
 @dataclass
