@@ -606,6 +606,7 @@ def declared_shapes(seeded: dict[str, list[dict]]) -> str:
     the rise and the fall with Student-t intervals above 0); AWM's (declared 2026-12-07: the same, and a mean proxy
     gain after the peak of at least 0); Flow-DPPO's (declared 2026-12-08: as AWM's, at Holm's 98.75% level for a
     fourth reading, its 95% intervals printed beside)."""
+    from analysis.overoptimization import fmt
     from analysis.rise_and_fall import rise_and_fall
 
     def keeps_proxy(shape) -> bool:
@@ -625,14 +626,14 @@ def declared_shapes(seeded: dict[str, list[dict]]) -> str:
         shape = rise_and_fall(runs, level=level)
         verdict = "yes" if holds(shape) else "no"
         line = (
-            f"- {claim}: {verdict} (rise {_interval(shape.rise)}, fall {_interval(shape.fall)}, proxy gain after the "
+            f"- {claim}: {verdict} (rise {fmt(shape.rise, sign=True)}, fall {fmt(shape.fall, sign=True)}, proxy gain after the "
             f"peak {shape.final_proxy_gain[0]:+.3f}"
         )
         if level != 0.95:
             described = rise_and_fall(runs)
             line += (
-                f"; intervals at {level:.2%}; at 95%, as description: rise {_interval(described.rise)}, "
-                f"fall {_interval(described.fall)}"
+                f"; intervals at {level:.2%}; at 95%, as description: rise {fmt(described.rise, sign=True)}, "
+                f"fall {fmt(described.fall, sign=True)}"
             )
         lines.append(line + ").")
     return "\n".join(lines)
@@ -643,6 +644,7 @@ def what_seeds_can_show(seeded: dict[str, list[dict]]) -> str:
     rise 4 and 8 seeds could show with an interval above 0, given how the rises spread over these seeds, beside the
     gold at the first three evaluations after the base (steps 10-30) minus the base. A rise that is there but small
     would show as a positive early change below the first number; a negative one says there is no rise to see."""
+    from analysis.overoptimization import fmt
     from analysis.rise_and_fall import early_change, smallest_visible_rise
 
     lines = [
@@ -652,13 +654,8 @@ def what_seeds_can_show(seeded: dict[str, list[dict]]) -> str:
     for method, runs in seeded.items():
         if len(runs) >= len(STUDY_SEEDS):
             four, eight = (smallest_visible_rise(runs, n) for n in (4, 8))
-            lines.append(f"| {method} | {four:.3f}, {eight:.3f} | {_interval(early_change(runs))} |")
+            lines.append(f"| {method} | {four:.3f}, {eight:.3f} | {fmt(early_change(runs), sign=True)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
-
-
-def _interval(value: tuple[float, float, float]) -> str:
-    mean, low, high = value
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def analyse_study(study: dict, plot_dir: str | None = None) -> str:

@@ -40,9 +40,11 @@ def bootstrap_difference(a: list[float], b: list[float], resamples: int = 2000, 
     return float(a.mean() - b.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
-def fmt(mean_low_high: tuple[float, float, float], digits: int = 3) -> str:
+def fmt(mean_low_high: tuple[float, float, float], digits: int = 3, sign: bool = False) -> str:
+    """ "mean [low, high]", each with a + before positive values when `sign`."""
     mean, low, high = mean_low_high
-    return "n/a" if np.isnan(mean) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    spec = f"{'+' if sign else ''}.{digits}f"
+    return "n/a" if np.isnan(mean) else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 def by_method(study: dict) -> dict[str, list[dict]]:
